@@ -1,0 +1,170 @@
+//! Types shared by rudder's BPF programs and the userspace daemon.
+//!
+//! This is the one place where the wire constants, the BPF map layouts and the counter
+//! indices are defined: the kernel programs (`src/main.rs`, built for the BPF target) and
+//! the daemon (which also uses the counters for its TUN data plane) both import them.
+#![no_std]
+
+/// flannel's udp backend port: rudder speaks the same wire format on it.
+pub const DEFAULT_UDP_PORT: u16 = 8285;
+
+/// Outer IPv4 header (20) + UDP header (8) added around every inner packet.
+pub const ENCAP_OVERHEAD: u16 = 28;
+
+/// TTL written into the outer IPv4 header.
+pub const OUTER_TTL: u8 = 64;
+
+/// What happened to a packet, as counted by both data planes.
+///
+/// The discriminants index the per-CPU counter array in the BPF programs and the counter
+/// table of the TUN path, so the two report the same names.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Counter {
+    /// Inner packet wrapped in UDP and sent to a peer.
+    Encapsulated = 0,
+    /// Overlay datagram unwrapped and delivered to the local subnet.
+    Decapsulated = 1,
+    /// Not overlay traffic: handed to the normal stack untouched (eBPF path only).
+    Passed = 2,
+    /// Payload is not an IPv4 packet.
+    DropNotIpv4 = 3,
+    /// Shorter than an IPv4 header, or than its own header/total length says.
+    DropTruncated = 4,
+    /// IHL below 5, total length below the header, or a bad header checksum.
+    DropMalformed = 5,
+    /// Inner destination is not inside our subnet.
+    DropNotOurSubnet = 6,
+    /// Inner source is not inside the sending peer's subnet (spoofed).
+    DropSpoofedSource = 7,
+    /// Datagram from an underlay address that holds no lease.
+    DropUnknownSender = 8,
+    /// TTL expired while forwarding.
+    DropTtlExceeded = 9,
+    /// No peer subnet holds the inner destination.
+    DropNoRoute = 10,
+    /// Inner packet larger than the overlay MTU allows.
+    DropTooBig = 11,
+    /// A send or receive on the device or socket failed.
+    DropIoError = 12,
+}
+
+impl Counter {
+    /// Number of counters; the length of the counter arrays.
+    pub const COUNT: usize = 13;
+
+    /// Every counter in index order.
+    pub const ALL: [Counter; Counter::COUNT] = [
+        Counter::Encapsulated,
+        Counter::Decapsulated,
+        Counter::Passed,
+        Counter::DropNotIpv4,
+        Counter::DropTruncated,
+        Counter::DropMalformed,
+        Counter::DropNotOurSubnet,
+        Counter::DropSpoofedSource,
+        Counter::DropUnknownSender,
+        Counter::DropTtlExceeded,
+        Counter::DropNoRoute,
+        Counter::DropTooBig,
+        Counter::DropIoError,
+    ];
+
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Stable name used in logs, status output and metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Encapsulated => "encapsulated",
+            Counter::Decapsulated => "decapsulated",
+            Counter::Passed => "passed",
+            Counter::DropNotIpv4 => "not_ipv4",
+            Counter::DropTruncated => "truncated",
+            Counter::DropMalformed => "malformed",
+            Counter::DropNotOurSubnet => "not_our_subnet",
+            Counter::DropSpoofedSource => "spoofed_source",
+            Counter::DropUnknownSender => "unknown_sender",
+            Counter::DropTtlExceeded => "ttl_exceeded",
+            Counter::DropNoRoute => "no_route",
+            Counter::DropTooBig => "too_big",
+            Counter::DropIoError => "io_error",
+        }
+    }
+
+    /// True for the counters that record a dropped packet.
+    pub const fn is_drop(self) -> bool {
+        !matches!(
+            self,
+            Counter::Encapsulated | Counter::Decapsulated | Counter::Passed
+        )
+    }
+}
+
+/// Key of the peer LPM trie: a prefix length and an IPv4 address in network byte order.
+/// Layout matches the kernel's `struct bpf_lpm_trie_key` followed by 4 address bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerKey {
+    pub prefix_len: u32,
+    pub addr: [u8; 4],
+}
+
+/// Value of the peer LPM trie: where the subnet's host is on the underlay.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerValue {
+    /// The peer's public (underlay) IPv4 address, network byte order.
+    pub public_ip: [u8; 4],
+}
+
+/// Per-host settings the daemon writes into a single-entry array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// Our own subnet: only inner destinations inside it are decapsulated.
+    pub local_subnet: [u8; 4],
+    pub local_prefix_len: u32,
+    /// The overlay network as a whole.
+    pub network: [u8; 4],
+    pub network_prefix_len: u32,
+    /// Our underlay address: the outer source of encapsulated packets.
+    pub public_ip: [u8; 4],
+    /// UDP port of the overlay, host byte order.
+    pub udp_port: u16,
+    /// Overlay MTU: inner packets larger than this are not encapsulated.
+    pub overlay_mtu: u16,
+}
+
+/// True when `addr` lies inside `net`/`prefix_len` (all in network byte order).
+pub const fn ipv4_in_subnet(addr: [u8; 4], net: [u8; 4], prefix_len: u32) -> bool {
+    if prefix_len == 0 {
+        return true;
+    }
+    if prefix_len > 32 {
+        return false;
+    }
+    let mask = u32::MAX << (32 - prefix_len);
+    (u32::from_be_bytes(addr) & mask) == (u32::from_be_bytes(net) & mask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_indices_are_dense_and_ordered() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(c.index(), i, "{} out of place", c.name());
+        }
+    }
+
+    #[test]
+    fn subnet_membership() {
+        assert!(ipv4_in_subnet([10, 5, 34, 7], [10, 5, 34, 0], 24));
+        assert!(!ipv4_in_subnet([10, 5, 35, 7], [10, 5, 34, 0], 24));
+        assert!(ipv4_in_subnet([1, 2, 3, 4], [0, 0, 0, 0], 0));
+        assert!(!ipv4_in_subnet([10, 5, 34, 7], [10, 5, 34, 0], 33));
+    }
+}

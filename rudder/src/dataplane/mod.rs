@@ -1,0 +1,59 @@
+//! The data plane: moves overlay packets between this host and its peers.
+//!
+//! Two implementations sit behind one trait: `tun` (portable: a TUN device and a UDP
+//! socket in the daemon) and `ebpf` (in-kernel encapsulation). The reconciler only ever
+//! tells a data plane which peers exist; it never waits on etcd, so installed state stays
+//! as it is while etcd is unreachable.
+
+pub mod tun;
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use rudder_ebpf::Counter;
+
+/// Which implementation carries the traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataplaneKind {
+    /// Try eBPF, fall back to TUN on any failure.
+    Auto,
+    /// eBPF only: fail when it cannot load.
+    Ebpf,
+    /// TUN device and UDP socket in the daemon.
+    Tun,
+}
+
+impl DataplaneKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataplaneKind::Auto => "auto",
+            DataplaneKind::Ebpf => "ebpf",
+            DataplaneKind::Tun => "tun",
+        }
+    }
+}
+
+/// Packet counters indexed by [`Counter`], summed over CPUs/queues.
+pub type CounterSnapshot = [u64; Counter::COUNT];
+
+/// What every data plane does. Methods are idempotent: applying the same peer twice, or
+/// removing an absent one, is not an error.
+pub trait Dataplane: Send + Sync {
+    /// `ebpf` or `tun`.
+    fn kind(&self) -> DataplaneKind;
+
+    /// Our own subnet changed (first acquisition, or a re-acquire that got another one).
+    fn set_local_subnet(&self, subnet: Ipv4Net) -> anyhow::Result<()>;
+
+    /// Add or update the host owning `subnet`.
+    fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> anyhow::Result<()>;
+
+    /// Forget the host that owned `subnet`.
+    fn remove_peer(&self, subnet: Ipv4Net) -> anyhow::Result<()>;
+
+    /// Current packet counters.
+    fn counters(&self) -> CounterSnapshot;
+
+    /// Stop forwarding and remove what this data plane created in the kernel.
+    fn shutdown(&self) -> anyhow::Result<()>;
+}
