@@ -8,6 +8,7 @@
 pub mod tun;
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use rudder_ebpf::Counter;
@@ -56,4 +57,55 @@ pub trait Dataplane: Send + Sync {
 
     /// Stop forwarding and remove what this data plane created in the kernel.
     fn shutdown(&self) -> anyhow::Result<()>;
+}
+
+/// Everything a data plane needs to start.
+#[derive(Debug, Clone)]
+pub struct DataplaneOptions {
+    pub kind: DataplaneKind,
+    pub underlay: crate::host::Underlay,
+    pub network: Ipv4Net,
+    pub local_subnet: Ipv4Net,
+    /// Overlay UDP port (from the network config's Backend.Port).
+    pub port: u16,
+    /// Underlay MTU minus the encapsulation overhead.
+    pub overlay_mtu: u16,
+    pub tun_name: String,
+    pub bridge: Option<String>,
+}
+
+/// Starts the requested data plane; returns it with a line saying why it was chosen.
+pub async fn create(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplane>, String)> {
+    match opts.kind {
+        DataplaneKind::Tun => Ok((
+            start_tun(opts).await?,
+            "tun data plane (--dataplane tun)".into(),
+        )),
+        DataplaneKind::Ebpf | DataplaneKind::Auto => {
+            let why = "the eBPF data plane is not built into this rudder";
+            if opts.kind == DataplaneKind::Ebpf {
+                anyhow::bail!("--dataplane ebpf: {why}");
+            }
+            tracing::warn!(
+                "eBPF data plane unavailable ({why}); falling back to the TUN data plane"
+            );
+            Ok((
+                start_tun(opts).await?,
+                format!("tun data plane (auto: eBPF unavailable: {why})"),
+            ))
+        }
+    }
+}
+
+async fn start_tun(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>> {
+    let tun = tun::TunDataplane::start(tun::TunOptions {
+        name: opts.tun_name.clone(),
+        mtu: opts.overlay_mtu,
+        local_subnet: opts.local_subnet,
+        network: opts.network,
+        port: opts.port,
+        public_ip: opts.underlay.public_ip,
+    })
+    .await?;
+    Ok(Arc::new(tun))
 }

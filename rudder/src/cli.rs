@@ -1,0 +1,171 @@
+//! Command line: flannel's flag names, each also read from `RUDDER_<FLAG>`.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::dataplane::DataplaneKind;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rudder",
+    version,
+    about = "IP-in-UDP overlay network for containers, leased through etcd (flannel-compatible)",
+    long_about = "rudder gives every host a subnet of one cluster network, leased through etcd, and \
+                  carries container traffic between hosts as IP-in-UDP (flannel's udp wire format), \
+                  encapsulated in the kernel by eBPF or, where BPF is unavailable, by a TUN device."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: lease a subnet, program the data plane, follow the other hosts.
+    Run(Box<RunArgs>),
+}
+
+/// How to reach etcd; shared by every command that talks to it.
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        env = "RUDDER_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// etcd key prefix holding `config` and `subnets/` (flannel's default).
+    #[arg(
+        long,
+        env = "RUDDER_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
+    pub etcd_prefix: String,
+
+    /// Client private key (PEM) for etcd TLS; needs --etcd-certfile.
+    #[arg(long, env = "RUDDER_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd TLS; needs --etcd-keyfile.
+    #[arg(long, env = "RUDDER_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<PathBuf>,
+
+    /// CA certificate (PEM) to verify etcd's server certificate.
+    #[arg(long, env = "RUDDER_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+
+    /// etcd user name (with --etcd-password).
+    #[arg(long, env = "RUDDER_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+
+    /// etcd password.
+    #[arg(long, env = "RUDDER_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// Underlay interface (default: the interface of the default route).
+    #[arg(long, env = "RUDDER_IFACE")]
+    pub iface: Option<String>,
+
+    /// Address other hosts reach us at (default: the first IPv4 address of --iface).
+    #[arg(long, env = "RUDDER_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+
+    /// Masquerade traffic from the overlay to destinations outside it (nftables).
+    #[arg(long, env = "RUDDER_IP_MASQ")]
+    pub ip_masq: bool,
+
+    /// Where to write the subnet file docker and the flannel CNI plugin read.
+    #[arg(
+        long,
+        env = "RUDDER_SUBNET_FILE",
+        default_value = "/run/rudder/subnet.env"
+    )]
+    pub subnet_file: PathBuf,
+
+    /// Lifetime of the subnet lease in etcd (e.g. 24h, 90s).
+    #[arg(long, env = "RUDDER_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub subnet_lease_ttl: Duration,
+
+    /// Renew the lease this many minutes before it expires.
+    #[arg(long, env = "RUDDER_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=1439))]
+    pub subnet_lease_renew_margin: u64,
+
+    /// Address of the health/metrics HTTP server.
+    #[arg(long, env = "RUDDER_HEALTHZ_IP", default_value = "0.0.0.0")]
+    pub healthz_ip: Ipv4Addr,
+
+    /// Port of the health/metrics HTTP server (0 = off). Serves /healthz, /readyz, /status, /metrics.
+    #[arg(long, env = "RUDDER_HEALTHZ_PORT", default_value_t = 0)]
+    pub healthz_port: u16,
+
+    /// Name of the TUN device (TUN data plane).
+    #[arg(long, env = "RUDDER_TUN_NAME", default_value = "rudder0")]
+    pub tun_name: String,
+
+    /// Create this bridge with our subnet's first address (what docker0 or cni0 would be).
+    #[arg(long, env = "RUDDER_BRIDGE")]
+    pub bridge: Option<String>,
+
+    /// Delete our lease from etcd on a clean exit (default: keep it, so a restart gets the same subnet).
+    #[arg(long, env = "RUDDER_RELEASE_LEASE_ON_EXIT")]
+    pub release_lease_on_exit: bool,
+
+    /// Data plane: auto (eBPF, falling back to TUN), ebpf, or tun.
+    #[arg(long, env = "RUDDER_DATAPLANE", value_enum, default_value = "auto")]
+    pub dataplane: DataplaneKind,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 24h, 90s)"))?;
+    if d < Duration::from_secs(5) {
+        return Err(format!("{s:?} is too short: a lease must live at least 5s"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut full = vec!["rudder", "run"];
+        full.extend_from_slice(args);
+        Cli::try_parse_from(full).map(|c| match c.command {
+            Command::Run(r) => *r,
+        })
+    }
+
+    #[test]
+    fn defaults_match_flannel() {
+        let r = run(&[]).unwrap();
+        assert_eq!(r.etcd.etcd_endpoints, vec!["http://127.0.0.1:2379"]);
+        assert_eq!(r.etcd.etcd_prefix, "/coreos.com/network");
+        assert_eq!(r.subnet_lease_ttl, Duration::from_secs(86400));
+        assert_eq!(r.subnet_lease_renew_margin, 60);
+        assert_eq!(r.healthz_port, 0);
+        assert_eq!(r.dataplane, DataplaneKind::Auto);
+    }
+
+    #[test]
+    fn endpoints_split_on_commas_and_bad_values_are_rejected() {
+        let r = run(&["--etcd-endpoints", "http://a:2379,http://b:2379"]).unwrap();
+        assert_eq!(r.etcd.etcd_endpoints.len(), 2);
+        assert!(run(&["--subnet-lease-renew-margin", "0"]).is_err());
+        assert!(run(&["--subnet-lease-ttl", "1s"]).is_err());
+        assert!(run(&["--public-ip", "300.1.1.1"]).is_err());
+        assert!(run(&["--dataplane", "vxlan"]).is_err());
+    }
+}

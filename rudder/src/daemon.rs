@@ -1,0 +1,399 @@
+//! `rudder run`: wires config, lease, peers, reconciler and data plane together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use etcd_client::Client;
+use ipnet::Ipv4Net;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use crate::cli::RunArgs;
+use crate::config::NetworkConfig;
+use crate::dataplane::{self, Dataplane, DataplaneOptions};
+use crate::etcd::{self, Backoff};
+use crate::host::{self, Netlink};
+use crate::lease::{renew_after, AcquireError, Lease, LeaseManager, Renewal};
+use crate::metrics::State;
+use crate::peers::PeerRegistry;
+use crate::reconcile::Reconciler;
+use crate::subnet::gateway;
+use crate::subnet_file::{self, SubnetFile};
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let state = State::default();
+    let netlink = Netlink::new()?;
+    let underlay = netlink
+        .underlay(args.iface.as_deref(), args.public_ip)
+        .await?;
+    let overlay_mtu = u16::try_from(
+        underlay
+            .mtu
+            .saturating_sub(u32::from(rudder_ebpf::ENCAP_OVERHEAD)),
+    )
+    .unwrap_or(u16::MAX);
+    tracing::info!(
+        iface = %underlay.name, public_ip = %underlay.public_ip, mtu = underlay.mtu,
+        overlay_mtu, "underlay"
+    );
+    state.update(|s| {
+        s.public_ip = Some(underlay.public_ip);
+        s.iface = Some(underlay.name.clone());
+        s.mtu = Some(overlay_mtu);
+    });
+
+    if args.healthz_port != 0 {
+        crate::http::serve(
+            SocketAddr::from((args.healthz_ip, args.healthz_port)),
+            state.clone(),
+        )
+        .await?;
+    }
+
+    // Partial TLS/auth flags fail here, before any network traffic.
+    etcd::connect_options(&args.etcd)?;
+    let mut shutdown = Shutdown::new()?;
+    let client = tokio::select! {
+        client = etcd::connect(&args.etcd) => client?,
+        _ = shutdown.wait() => return Ok(()),
+    };
+    let prefix = args.etcd.etcd_prefix.trim_end_matches('/').to_string();
+    let config = tokio::select! {
+        config = load_config(client.clone(), &prefix, &state) => config,
+        _ = shutdown.wait() => return Ok(()),
+    };
+    state.update(|s| s.network = Some(config.network));
+
+    let mut leases = LeaseManager::new(
+        client.clone(),
+        &prefix,
+        config.clone(),
+        underlay.public_ip,
+        args.subnet_lease_ttl,
+    );
+    let hint = subnet_file::previous_subnet(&args.subnet_file);
+    let lease = tokio::select! {
+        lease = acquire_until_done(&mut leases, hint, &state) => lease,
+        _ = shutdown.wait() => return Ok(()),
+    };
+
+    let local = LocalSetup {
+        args: args.clone(),
+        network: config.network,
+        overlay_mtu,
+        netlink: netlink.clone(),
+    };
+    local.apply(lease.subnet).await?;
+
+    let opts = DataplaneOptions {
+        kind: args.dataplane,
+        underlay: underlay.clone(),
+        network: config.network,
+        local_subnet: lease.subnet,
+        port: config.port,
+        overlay_mtu,
+        tun_name: args.tun_name.clone(),
+        bridge: args.bridge.clone(),
+    };
+    let (dp, reason) = match dataplane::create(&opts).await {
+        Ok(created) => created,
+        Err(e) => {
+            local.undo().await;
+            return Err(e);
+        }
+    };
+    tracing::info!(dataplane = dp.kind().as_str(), "{reason}");
+    state.update(|s| {
+        s.dataplane = Some(dp.kind().as_str().to_string());
+        s.dataplane_reason = Some(reason);
+    });
+    *state.dataplane.write().expect("dataplane lock poisoned") = Some(dp.clone());
+
+    let (subnet_tx, subnet_rx) = watch::channel(lease.subnet);
+    let lease_check = Arc::new(Notify::new());
+    let (peer_tx, peer_rx) = mpsc::channel(1024);
+    let registry = PeerRegistry::new(
+        client.clone(),
+        leases.subnets_prefix(),
+        config.network,
+        peer_tx,
+        state.metrics.clone(),
+    );
+    let reconciler = Reconciler::new(
+        dp.clone(),
+        state.clone(),
+        underlay.public_ip,
+        subnet_rx,
+        lease_check.clone(),
+    );
+    let keeper = LeaseKeeper {
+        leases,
+        lease,
+        renew_margin: Duration::from_secs(args.subnet_lease_renew_margin * 60),
+        check: lease_check,
+        subnet_tx,
+        local,
+        dataplane: dp.clone(),
+        state: state.clone(),
+    };
+
+    let registry_task = tokio::spawn(registry.run());
+    let reconcile_task = tokio::spawn(reconciler.run(peer_rx));
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let keeper_task = tokio::spawn(keeper.run(stop_rx));
+    tracing::info!("rudder is running");
+
+    shutdown.wait().await;
+    tracing::info!("shutting down");
+    registry_task.abort();
+    reconcile_task.abort();
+    let _ = stop_tx.send(());
+    let keeper = keeper_task.await.context("the lease keeper panicked")?;
+    keeper.finish(args.release_lease_on_exit).await;
+    Ok(())
+}
+
+/// Reads `<prefix>/config` until it exists and is valid; every failure is logged and kept in
+/// the status so `/readyz` says why.
+async fn load_config(mut client: Client, prefix: &str, state: &State) -> NetworkConfig {
+    let key = format!("{prefix}/config");
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let problem = match client.get(key.as_str(), None).await {
+            Ok(resp) => match resp.kvs().first() {
+                Some(kv) => match NetworkConfig::parse(kv.value()) {
+                    Ok(config) => {
+                        tracing::info!(
+                            network = %config.network, subnet_len = config.subnet_len,
+                            subnet_min = %config.subnet_min, subnet_max = %config.subnet_max,
+                            port = config.port, "network config"
+                        );
+                        state.update(|s| s.config_error = None);
+                        return config;
+                    }
+                    Err(e) => format!("invalid network config at {key}: {e}"),
+                },
+                None => format!(
+                    "no network config at {key}: write one, e.g. etcdctl put {key} '{{\"Network\":\"10.5.0.0/16\"}}'"
+                ),
+            },
+            Err(e) => format!("reading {key} from etcd: {e}"),
+        };
+        let wait = backoff.next_delay();
+        tracing::error!("{problem}; retrying in {wait:?}");
+        state.update(|s| s.config_error = Some(problem));
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Acquires until it succeeds: exhaustion and etcd errors are logged and retried with back-off.
+async fn acquire_until_done(
+    leases: &mut LeaseManager,
+    hint: Option<Ipv4Net>,
+    state: &State,
+) -> Lease {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        match leases.acquire(hint).await {
+            Ok(lease) => {
+                tracing::info!(subnet = %lease.subnet, ttl = ?lease.ttl, "lease acquired");
+                state.metrics.lease_acquisitions.inc();
+                state.update(|s| {
+                    s.subnet = Some(lease.subnet);
+                    s.lease_expires_unix = Some(unix_now() + lease.ttl.as_secs());
+                });
+                return lease;
+            }
+            Err(e @ AcquireError::Exhausted { .. }) => {
+                let wait = backoff.next_delay();
+                tracing::error!("{e}; retrying in {wait:?}");
+            }
+            Err(e) => {
+                let wait = backoff.next_delay();
+                tracing::warn!("acquiring a subnet lease failed: {e}; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What depends on our subnet outside the data plane: subnet file, bridge, masquerade.
+struct LocalSetup {
+    args: RunArgs,
+    network: Ipv4Net,
+    overlay_mtu: u16,
+    netlink: Netlink,
+}
+
+impl LocalSetup {
+    async fn apply(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
+        host::enable_ip_forwarding()?;
+        if let Some(bridge) = &self.args.bridge {
+            let address = Ipv4Net::new(gateway(subnet), subnet.prefix_len())?;
+            self.netlink
+                .ensure_bridge(bridge, address, u32::from(self.overlay_mtu))
+                .await?;
+        }
+        if self.args.ip_masq {
+            host::install_masquerade(self.network, subnet)?;
+        } else {
+            // A previous run with --ip-masq may have left its table.
+            host::remove_masquerade().ok();
+        }
+        SubnetFile {
+            network: self.network,
+            subnet,
+            mtu: self.overlay_mtu,
+            ip_masq: self.args.ip_masq,
+        }
+        .write(&self.args.subnet_file)?;
+        tracing::info!(file = %self.args.subnet_file.display(), %subnet, "subnet file written");
+        Ok(())
+    }
+
+    async fn undo(&self) {
+        if let Some(bridge) = &self.args.bridge {
+            if let Err(e) = self.netlink.delete_link(bridge).await {
+                tracing::warn!("removing bridge {bridge}: {e:#}");
+            }
+        }
+        if self.args.ip_masq {
+            if let Err(e) = host::remove_masquerade() {
+                tracing::warn!("removing masquerade rules: {e:#}");
+            }
+        }
+    }
+}
+
+/// Owns our lease after start: renews it, and re-acquires it when it is lost.
+struct LeaseKeeper {
+    leases: LeaseManager,
+    lease: Lease,
+    renew_margin: Duration,
+    check: Arc<Notify>,
+    subnet_tx: watch::Sender<Ipv4Net>,
+    local: LocalSetup,
+    dataplane: Arc<dyn Dataplane>,
+    state: State,
+}
+
+impl LeaseKeeper {
+    /// Runs until `stop` fires, then hands itself back for [`LeaseKeeper::finish`].
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) -> Self {
+        let mut next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
+        let mut backoff = Backoff::default();
+        loop {
+            tokio::select! {
+                _ = &mut stop => return self,
+                _ = tokio::time::sleep_until(next_renewal.into()) => {
+                    match self.leases.renew(&self.lease).await {
+                        Ok(Renewal::Renewed(ttl)) => {
+                            backoff.reset();
+                            next_renewal = Instant::now() + renew_after(ttl, self.renew_margin);
+                            self.state.metrics.lease_renewals.inc();
+                            self.state.update(|s| s.lease_expires_unix = Some(unix_now() + ttl.as_secs()));
+                            tracing::debug!(subnet = %self.lease.subnet, ?ttl, "lease renewed");
+                        }
+                        Ok(Renewal::Lost) => {
+                            tracing::warn!(subnet = %self.lease.subnet, "etcd lease expired or revoked");
+                            self.reacquire().await;
+                            next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
+                        }
+                        Err(e) => {
+                            // Keep trying until the lease would have expired; the data plane
+                            // is untouched meanwhile.
+                            let wait = backoff.next_delay();
+                            tracing::warn!(subnet = %self.lease.subnet, "renewing the lease failed: {e}; retrying in {wait:?}");
+                            next_renewal = Instant::now() + wait;
+                        }
+                    }
+                }
+                _ = self.check.notified() => {
+                    match self.leases.holds(&self.lease).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(subnet = %self.lease.subnet, "our lease key is gone from etcd (expired or deleted); re-acquiring");
+                            self.reacquire().await;
+                            next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
+                        }
+                        // etcd unreachable: the next snapshot after it returns asks again.
+                        Err(e) => tracing::warn!("checking our lease failed: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gets a lease again (the same subnet when still free) without tearing down the data plane.
+    async fn reacquire(&mut self) {
+        let old = self.lease.subnet;
+        let lease = acquire_until_done(&mut self.leases, Some(old), &self.state).await;
+        if lease.subnet == old {
+            tracing::info!(subnet = %old, "lease re-acquired: same subnet");
+        } else {
+            tracing::error!(
+                old = %old, new = %lease.subnet,
+                "our subnet was taken by another host while we had lost our lease; moved to a new \
+                 subnet: containers must be re-addressed"
+            );
+            if let Err(e) = self.local.apply(lease.subnet).await {
+                tracing::error!("applying the new subnet locally failed: {e:#}");
+            }
+            if let Err(e) = self.dataplane.set_local_subnet(lease.subnet) {
+                tracing::error!("moving the data plane to the new subnet failed: {e:#}");
+            }
+            self.subnet_tx.send_replace(lease.subnet);
+        }
+        self.lease = lease;
+    }
+
+    async fn finish(mut self, release: bool) {
+        if let Err(e) = self.dataplane.shutdown() {
+            tracing::warn!("stopping the data plane: {e:#}");
+        }
+        self.local.undo().await;
+        if release {
+            match self.leases.release(&self.lease).await {
+                Ok(()) => tracing::info!(subnet = %self.lease.subnet, "lease released"),
+                Err(e) => {
+                    tracing::warn!(subnet = %self.lease.subnet, "releasing the lease failed: {e}")
+                }
+            }
+        } else {
+            tracing::info!(subnet = %self.lease.subnet, "lease kept for the next start");
+        }
+    }
+}
+
+/// SIGTERM or SIGINT.
+struct Shutdown {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Shutdown {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! etcd connection (endpoints, TLS, auth) and the back-off every etcd loop uses.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use rand::Rng;
+
+use crate::cli::EtcdArgs;
+
+/// Builds the connect options; partial TLS flags are an error, never a plain-text fall-back.
+pub fn connect_options(args: &EtcdArgs) -> anyhow::Result<ConnectOptions> {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(10))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+
+    match (&args.etcd_username, &args.etcd_password) {
+        (Some(user), Some(password)) => opts = opts.with_user(user, password),
+        (None, None) => {}
+        _ => bail!("--etcd-username and --etcd-password must be given together"),
+    }
+
+    let identity = match (&args.etcd_certfile, &args.etcd_keyfile) {
+        (Some(cert), Some(key)) => {
+            let cert = std::fs::read(cert)
+                .with_context(|| format!("reading --etcd-certfile {}", cert.display()))?;
+            let key = std::fs::read(key)
+                .with_context(|| format!("reading --etcd-keyfile {}", key.display()))?;
+            Some(Identity::from_pem(cert, key))
+        }
+        (None, None) => None,
+        _ => bail!("--etcd-certfile and --etcd-keyfile must be given together"),
+    };
+    let ca = match &args.etcd_cafile {
+        Some(path) => Some(Certificate::from_pem(
+            std::fs::read(path)
+                .with_context(|| format!("reading --etcd-cafile {}", path.display()))?,
+        )),
+        None => None,
+    };
+    let wants_tls = identity.is_some()
+        || ca.is_some()
+        || args
+            .etcd_endpoints
+            .iter()
+            .any(|e| e.starts_with("https://"));
+    if wants_tls {
+        if let Some(plain) = args
+            .etcd_endpoints
+            .iter()
+            .find(|e| !e.starts_with("https://"))
+        {
+            bail!(
+                "TLS flags are set but endpoint {plain} is not https://: use https:// endpoints \
+                 (rudder never falls back to plain text)"
+            );
+        }
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = ca {
+            tls = tls.ca_certificate(ca);
+        }
+        if let Some(identity) = identity {
+            tls = tls.identity(identity);
+        }
+        opts = opts.with_tls(tls);
+    }
+    Ok(opts)
+}
+
+/// Connects, retrying with back-off until etcd answers. Never gives up: the daemon must
+/// outlive an etcd outage at start.
+pub async fn connect(args: &EtcdArgs) -> anyhow::Result<Client> {
+    let opts = connect_options(args)?;
+    let mut backoff = Backoff::default();
+    loop {
+        match Client::connect(&args.etcd_endpoints, Some(opts.clone())).await {
+            Ok(client) => return Ok(client),
+            Err(e) => {
+                let wait = backoff.next_delay();
+                tracing::warn!(
+                    endpoints = %args.etcd_endpoints.join(","),
+                    "cannot reach etcd: {e}; retrying in {wait:?}"
+                );
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Capped exponential back-off with jitter: no busy loop while etcd is down.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    initial: Duration,
+    max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
+    }
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            next: initial,
+            initial,
+            max,
+        }
+    }
+
+    /// The delay to wait now; doubles each call up to the cap, with +-20% jitter.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter = rand::rng().random_range(0.8..1.2);
+        base.mul_f64(jitter).min(self.max)
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.initial;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(endpoints: &[&str]) -> EtcdArgs {
+        EtcdArgs {
+            etcd_endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+            etcd_prefix: "/coreos.com/network".into(),
+            etcd_keyfile: None,
+            etcd_certfile: None,
+            etcd_cafile: None,
+            etcd_username: None,
+            etcd_password: None,
+        }
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(120));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(1)));
+        assert!(delays[7] >= Duration::from_millis(800));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(120));
+    }
+
+    #[test]
+    fn partial_credentials_are_errors() {
+        let mut a = args(&["http://127.0.0.1:2379"]);
+        a.etcd_username = Some("root".into());
+        let err = connect_options(&a).unwrap_err().to_string();
+        assert!(err.contains("--etcd-username and --etcd-password"), "{err}");
+
+        let mut a = args(&["https://127.0.0.1:2379"]);
+        a.etcd_certfile = Some("/nonexistent.pem".into());
+        let err = connect_options(&a).unwrap_err().to_string();
+        assert!(err.contains("--etcd-certfile and --etcd-keyfile"), "{err}");
+    }
+
+    #[test]
+    fn tls_flags_with_plain_endpoint_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not checked here").unwrap();
+        let mut a = args(&["http://127.0.0.1:2379"]);
+        a.etcd_cafile = Some(ca);
+        let err = connect_options(&a).unwrap_err().to_string();
+        assert!(err.contains("is not https://"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_ca_names_the_file() {
+        let mut a = args(&["https://127.0.0.1:2379"]);
+        a.etcd_cafile = Some("/nonexistent/ca.pem".into());
+        let err = format!("{:#}", connect_options(&a).unwrap_err());
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+}

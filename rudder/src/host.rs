@@ -1,0 +1,371 @@
+//! Host plumbing over netlink and nftables: the underlay interface, the bridge, forwarding
+//! and masquerading. Data planes add their own devices and routes through [`Netlink`].
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command, Stdio};
+
+use anyhow::{anyhow, bail, Context};
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, RouteMessageBuilder};
+
+/// The interface other hosts reach us through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Underlay {
+    pub name: String,
+    pub index: u32,
+    pub mtu: u32,
+    pub public_ip: Ipv4Addr,
+}
+
+#[derive(Debug, Clone)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+}
+
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a netlink connection in the current network namespace.
+    pub fn new() -> anyhow::Result<Self> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection().context("opening a netlink socket")?;
+        tokio::spawn(connection);
+        Ok(Netlink { handle })
+    }
+
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> anyhow::Result<Option<LinkInfo>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(Some(link_info(msg))),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => Ok(None),
+            Err(e) => Err(anyhow!("looking up interface {name}: {e}")),
+        }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> anyhow::Result<LinkInfo> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let msg = links
+            .try_next()
+            .await
+            .with_context(|| format!("looking up interface #{index}"))?
+            .ok_or_else(|| anyhow!("no interface #{index}"))?;
+        Ok(link_info(msg))
+    }
+
+    /// The output interface of the IPv4 default route in the main table.
+    pub async fn default_route_iface(&self) -> anyhow::Result<Option<u32>> {
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(route) = routes.try_next().await.context("listing routes")? {
+            if route.header.destination_prefix_length == 0 {
+                if let Some(oif) = route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                }) {
+                    return Ok(Some(oif));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn ipv4_addresses(&self, index: u32) -> anyhow::Result<Vec<Ipv4Net>> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut found = Vec::new();
+        while let Some(msg) = addrs.try_next().await.context("listing addresses")? {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
+                    found.push(Ipv4Net::new(*ip, msg.header.prefix_len)?);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Resolves `--iface`/`--public-ip`, defaulting to the default route's interface and
+    /// its first IPv4 address.
+    pub async fn underlay(
+        &self,
+        iface: Option<&str>,
+        public_ip: Option<Ipv4Addr>,
+    ) -> anyhow::Result<Underlay> {
+        let link = match iface {
+            Some(name) => self.link_by_name(name).await?.ok_or_else(|| {
+                anyhow!("--iface {name}: no such interface; list them with `ip link`")
+            })?,
+            None => {
+                let index = self.default_route_iface().await?.ok_or_else(|| {
+                    anyhow!(
+                        "no IPv4 default route to pick the underlay interface from: pass --iface"
+                    )
+                })?;
+                self.link_by_index(index).await?
+            }
+        };
+        let public_ip = match public_ip {
+            Some(ip) => ip,
+            None => self
+                .ipv4_addresses(link.index)
+                .await?
+                .first()
+                .map(|n| n.addr())
+                .ok_or_else(|| {
+                    anyhow!(
+                        "interface {} has no IPv4 address: give it one or pass --public-ip",
+                        link.name
+                    )
+                })?,
+        };
+        Ok(Underlay {
+            name: link.name,
+            index: link.index,
+            mtu: link.mtu,
+            public_ip,
+        })
+    }
+
+    /// Creates (or adopts) a bridge holding exactly `address`, with `mtu`, and brings it up.
+    pub async fn ensure_bridge(
+        &self,
+        name: &str,
+        address: Ipv4Net,
+        mtu: u32,
+    ) -> anyhow::Result<u32> {
+        if self.link_by_name(name).await?.is_none() {
+            self.handle
+                .link()
+                .add(LinkBridge::new(name).mtu(mtu).build())
+                .execute()
+                .await
+                .with_context(|| format!("creating bridge {name}"))?;
+        }
+        let link = self
+            .link_by_name(name)
+            .await?
+            .ok_or_else(|| anyhow!("bridge {name} vanished right after creation"))?;
+        self.set_only_address(link.index, address).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(link.index).mtu(mtu).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("bringing bridge {name} up"))?;
+        Ok(link.index)
+    }
+
+    /// Makes `address` the only IPv4 address of the interface.
+    pub async fn set_only_address(&self, index: u32, address: Ipv4Net) -> anyhow::Result<()> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut present = false;
+        let mut stale = Vec::new();
+        while let Some(msg) = addrs.try_next().await.context("listing addresses")? {
+            let ip = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            match ip {
+                Some(ip)
+                    if ip == address.addr() && msg.header.prefix_len == address.prefix_len() =>
+                {
+                    present = true
+                }
+                Some(_) => stale.push(msg),
+                None => {}
+            }
+        }
+        for msg in stale {
+            self.handle.address().del(msg).execute().await.ok();
+        }
+        if !present {
+            self.handle
+                .address()
+                .add(index, IpAddr::V4(address.addr()), address.prefix_len())
+                .execute()
+                .await
+                .with_context(|| format!("adding address {address}"))?;
+        }
+        Ok(())
+    }
+
+    /// Adds or replaces a route to `dest` out of interface `oif`.
+    pub async fn replace_route(
+        &self,
+        dest: Ipv4Net,
+        oif: u32,
+        gateway: Option<Ipv4Addr>,
+    ) -> anyhow::Result<()> {
+        let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dest.network(), dest.prefix_len())
+            .output_interface(oif);
+        if let Some(gw) = gateway {
+            route = route.gateway(gw);
+        }
+        self.handle
+            .route()
+            .add(route.build())
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding route {dest} via interface #{oif}"))
+    }
+
+    pub async fn delete_route(&self, route: RouteMessage) -> anyhow::Result<()> {
+        self.handle.route().del(route).execute().await?;
+        Ok(())
+    }
+
+    /// Deletes an interface by name; absent is fine.
+    pub async fn delete_link(&self, name: &str) -> anyhow::Result<()> {
+        if let Some(link) = self.link_by_name(name).await? {
+            self.handle
+                .link()
+                .del(link.index)
+                .execute()
+                .await
+                .with_context(|| format!("deleting interface {name}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn link_info(msg: rtnetlink::packet_route::link::LinkMessage) -> LinkInfo {
+    let mut info = LinkInfo {
+        index: msg.header.index,
+        name: String::new(),
+        mtu: 1500,
+    };
+    for attr in msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => info.name = n,
+            LinkAttribute::Mtu(m) => info.mtu = m,
+            _ => {}
+        }
+    }
+    info
+}
+
+const fn libc_enodev() -> i32 {
+    19
+}
+
+/// Routing between the bridge and the overlay needs forwarding on.
+pub fn enable_ip_forwarding() -> anyhow::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+        .context("enabling net.ipv4.ip_forward (needs CAP_NET_ADMIN)")
+}
+
+/// The nftables table rudder owns; replaced as a whole, so a crash leaves nothing to merge.
+pub const NFT_TABLE: &str = "rudder";
+
+/// flannel's masquerade semantics: overlay to outside is masqueraded, overlay to overlay is not.
+pub fn masquerade_ruleset(network: Ipv4Net, subnet: Ipv4Net) -> String {
+    format!(
+        "table ip {NFT_TABLE}
+delete table ip {NFT_TABLE}
+table ip {NFT_TABLE} {{
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    meta mark & 0x4000 == 0x4000 return
+    ip saddr {subnet} ip daddr {network} return
+    ip saddr {network} ip daddr {subnet} return
+    ip saddr != {network} ip daddr {subnet} return
+    ip saddr {network} ip daddr != 224.0.0.0/4 masquerade fully-random
+    ip saddr != {network} ip daddr {network} masquerade fully-random
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    ip saddr {network} accept
+    ip daddr {network} accept
+  }}
+}}
+"
+    )
+}
+
+pub fn install_masquerade(network: Ipv4Net, subnet: Ipv4Net) -> anyhow::Result<()> {
+    nft(&masquerade_ruleset(network, subnet)).context("installing the --ip-masq rules")
+}
+
+/// Removes rudder's nftables table if present.
+pub fn remove_masquerade() -> anyhow::Result<()> {
+    nft(&format!(
+        "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
+    ))
+}
+
+fn nft(script: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (install the nftables package)")?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masquerade_rules_follow_flannel() {
+        let rules = masquerade_ruleset(
+            "10.5.0.0/16".parse().unwrap(),
+            "10.5.7.0/24".parse().unwrap(),
+        );
+        assert!(rules.contains("ip saddr 10.5.7.0/24 ip daddr 10.5.0.0/16 return"));
+        assert!(
+            rules.contains("ip saddr 10.5.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random")
+        );
+        assert!(
+            rules.contains("ip saddr != 10.5.0.0/16 ip daddr 10.5.0.0/16 masquerade fully-random")
+        );
+        // Replaces the whole table in one transaction.
+        assert!(rules.starts_with("table ip rudder\ndelete table ip rudder\n"));
+    }
+}

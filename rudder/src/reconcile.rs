@@ -1,0 +1,249 @@
+//! Keeps the data plane in step with the peer registry: desired peers vs installed peers.
+//!
+//! A snapshot after a resync is applied as a diff, so an etcd outage or compaction costs
+//! nothing when nothing changed; while etcd is unreachable no events arrive and installed
+//! state stays as it is.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::dataplane::Dataplane;
+use crate::metrics::State;
+use crate::peers::{PeerEvent, PeerMap};
+
+pub struct Reconciler {
+    dataplane: Arc<dyn Dataplane>,
+    state: State,
+    public_ip: Ipv4Addr,
+    own_subnet: watch::Receiver<Ipv4Net>,
+    /// Poked when etcd no longer shows our lease as ours.
+    lease_check: Arc<Notify>,
+    /// Every usable lease etcd holds, ours included.
+    desired: PeerMap,
+    /// What the data plane has been given.
+    installed: PeerMap,
+}
+
+impl Reconciler {
+    pub fn new(
+        dataplane: Arc<dyn Dataplane>,
+        state: State,
+        public_ip: Ipv4Addr,
+        own_subnet: watch::Receiver<Ipv4Net>,
+        lease_check: Arc<Notify>,
+    ) -> Self {
+        Reconciler {
+            dataplane,
+            state,
+            public_ip,
+            own_subnet,
+            lease_check,
+            desired: BTreeMap::new(),
+            installed: BTreeMap::new(),
+        }
+    }
+
+    pub async fn run(mut self, mut events: mpsc::Receiver<PeerEvent>) {
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event),
+                    None => return,
+                },
+                changed = self.own_subnet.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.apply();
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, event: PeerEvent) {
+        let own = *self.own_subnet.borrow();
+        let check_own = match event {
+            PeerEvent::Snapshot(all) => {
+                self.desired = all;
+                true
+            }
+            PeerEvent::Upsert(subnet, ip) => {
+                self.desired.insert(subnet, ip);
+                subnet == own
+            }
+            PeerEvent::Remove(subnet) => {
+                self.desired.remove(&subnet);
+                subnet == own
+            }
+        };
+        if check_own && self.desired.get(&own) != Some(&self.public_ip) {
+            tracing::warn!(subnet = %own, "our lease is gone from etcd or names another host; checking");
+            self.lease_check.notify_one();
+        }
+        self.apply();
+    }
+
+    /// Applies the difference between desired (minus our own subnet) and installed.
+    fn apply(&mut self) {
+        let own = *self.own_subnet.borrow();
+        let target: PeerMap = self
+            .desired
+            .iter()
+            // A lease naming our own address is ours (current or stale): never route to self.
+            .filter(|(subnet, ip)| **subnet != own && **ip != self.public_ip)
+            .map(|(s, ip)| (*s, *ip))
+            .collect();
+        let stale: Vec<Ipv4Net> = self
+            .installed
+            .keys()
+            .filter(|s| !target.contains_key(s))
+            .copied()
+            .collect();
+        for subnet in stale {
+            match self.dataplane.remove_peer(subnet) {
+                Ok(()) => {
+                    tracing::info!(%subnet, "peer removed");
+                    self.installed.remove(&subnet);
+                }
+                Err(e) => tracing::error!(%subnet, "removing peer failed: {e:#}"),
+            }
+        }
+        for (subnet, ip) in &target {
+            if self.installed.get(subnet) == Some(ip) {
+                continue;
+            }
+            match self.dataplane.upsert_peer(*subnet, *ip) {
+                Ok(()) => {
+                    tracing::info!(%subnet, public_ip = %ip, "peer programmed");
+                    self.installed.insert(*subnet, *ip);
+                }
+                Err(e) => {
+                    tracing::error!(%subnet, public_ip = %ip, "programming peer failed: {e:#}")
+                }
+            }
+        }
+        let installed = self.installed.clone();
+        self.state.update(|s| s.peers = installed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{CounterSnapshot, DataplaneKind};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder {
+        peers: Mutex<PeerMap>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl Dataplane for Recorder {
+        fn kind(&self) -> DataplaneKind {
+            DataplaneKind::Tun
+        }
+        fn set_local_subnet(&self, _: Ipv4Net) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn upsert_peer(&self, subnet: Ipv4Net, ip: Ipv4Addr) -> anyhow::Result<()> {
+            self.calls.lock().unwrap().push(format!("+{subnet}"));
+            self.peers.lock().unwrap().insert(subnet, ip);
+            Ok(())
+        }
+        fn remove_peer(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
+            self.calls.lock().unwrap().push(format!("-{subnet}"));
+            self.peers.lock().unwrap().remove(&subnet);
+            Ok(())
+        }
+        fn counters(&self) -> CounterSnapshot {
+            [0; rudder_ebpf::Counter::COUNT]
+        }
+        fn shutdown(&self) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    const ME: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
+    const PEER: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 2);
+
+    fn setup() -> (
+        Reconciler,
+        Arc<Recorder>,
+        Arc<Notify>,
+        watch::Sender<Ipv4Net>,
+    ) {
+        let recorder = Arc::new(Recorder::default());
+        let notify = Arc::new(Notify::new());
+        let (tx, rx) = watch::channel(net("10.5.1.0/24"));
+        let r = Reconciler::new(recorder.clone(), State::default(), ME, rx, notify.clone());
+        (r, recorder, notify, tx)
+    }
+
+    #[test]
+    fn snapshot_is_applied_as_a_diff_without_our_own_subnet() {
+        let (mut r, dp, _, _tx) = setup();
+        let snap: PeerMap = [(net("10.5.1.0/24"), ME), (net("10.5.2.0/24"), PEER)].into();
+        r.handle(PeerEvent::Snapshot(snap.clone()));
+        assert_eq!(*dp.calls.lock().unwrap(), vec!["+10.5.2.0/24"]);
+        // The same snapshot again (a resync after an outage) changes nothing.
+        r.handle(PeerEvent::Snapshot(snap));
+        assert_eq!(dp.calls.lock().unwrap().len(), 1);
+        // A resync that misses a peer removes exactly that one.
+        r.handle(PeerEvent::Snapshot([(net("10.5.1.0/24"), ME)].into()));
+        assert_eq!(
+            *dp.calls.lock().unwrap(),
+            vec!["+10.5.2.0/24", "-10.5.2.0/24"]
+        );
+        assert!(r.state.snapshot().peers.is_empty());
+    }
+
+    #[test]
+    fn changed_public_ip_is_reprogrammed() {
+        let (mut r, dp, _, _tx) = setup();
+        r.handle(PeerEvent::Upsert(net("10.5.2.0/24"), PEER));
+        r.handle(PeerEvent::Upsert(
+            net("10.5.2.0/24"),
+            Ipv4Addr::new(192, 168, 0, 9),
+        ));
+        assert_eq!(
+            dp.peers.lock().unwrap().get(&net("10.5.2.0/24")),
+            Some(&Ipv4Addr::new(192, 168, 0, 9))
+        );
+        assert_eq!(dp.calls.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn losing_our_key_triggers_a_lease_check() {
+        let (mut r, _, notify, _tx) = setup();
+        r.handle(PeerEvent::Snapshot([(net("10.5.1.0/24"), ME)].into()));
+        r.handle(PeerEvent::Remove(net("10.5.1.0/24")));
+        tokio::time::timeout(std::time::Duration::from_secs(1), notify.notified())
+            .await
+            .expect("lease check requested");
+    }
+
+    #[test]
+    fn a_new_own_subnet_removes_it_from_peers() {
+        let (mut r, dp, _, tx) = setup();
+        r.handle(PeerEvent::Snapshot(
+            [(net("10.5.1.0/24"), ME), (net("10.5.3.0/24"), PEER)].into(),
+        ));
+        tx.send(net("10.5.3.0/24")).unwrap();
+        r.apply();
+        let peers = dp.peers.lock().unwrap().clone();
+        assert!(!peers.contains_key(&net("10.5.3.0/24")));
+        assert!(
+            !peers.contains_key(&net("10.5.1.0/24")),
+            "our stale lease is no peer"
+        );
+    }
+}
