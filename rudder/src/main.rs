@@ -1,23 +1,10 @@
-//! rudder: an IP-in-UDP overlay network for containers, leased through etcd.
-
-mod cli;
-mod config;
-mod daemon;
-mod dataplane;
-mod etcd;
-mod host;
-mod http;
-mod lease;
-mod metrics;
-mod peers;
-mod reconcile;
-mod subnet;
-mod subnet_file;
+//! The `rudder` command: parses flags, sets up logging, runs the chosen subcommand.
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command};
+use rudder::cli::{Cli, Command};
+use rudder::daemon;
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -25,6 +12,7 @@ fn main() -> std::process::ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

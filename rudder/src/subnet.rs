@@ -62,7 +62,7 @@ impl SubnetRange {
             && subnet.addr() == subnet.network()
             && addr >= self.first
             && (addr - self.first) / step < self.count
-            && (addr - self.first) % step == 0
+            && (addr - self.first).is_multiple_of(step)
     }
 
     /// A random subnet of the range not in `taken`, or `None` when all are taken.
