@@ -26,7 +26,99 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: lease a subnet, program the data plane, follow the other hosts.
     Run(Box<RunArgs>),
+    /// Show the running daemon's subnet, lease, data plane and peers.
+    Status(StatusArgs),
+    /// Read or write the network config in etcd (replaces hand-written JSON with etcdctl).
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// List the subnet leases in etcd with their remaining time to live.
+    Leases(LeasesArgs),
+    /// Write docker's options from the subnet file, as flannel's mk-docker-opts.sh does.
+    DockerOpts(DockerOptsArgs),
 }
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// The daemon's status socket (its --status-socket).
+    #[arg(long, env = "RUDDER_STATUS_SOCKET", default_value = DEFAULT_STATUS_SOCKET)]
+    pub status_socket: PathBuf,
+
+    /// Print JSON for scripts instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Validate a network config and write it to `<prefix>/config`.
+    Init(Box<NetworkInitArgs>),
+    /// Print the network config with every default filled in.
+    Show(EtcdOnlyArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EtcdOnlyArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NetworkInitArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// The overlay network, e.g. 10.5.0.0/16.
+    #[arg(long)]
+    pub network: String,
+
+    /// Length of each host's subnet (default: 24, or the network's length + 2 above /22).
+    #[arg(long)]
+    pub subnet_len: Option<u8>,
+
+    /// First subnet handed out (default: the second subnet of the network).
+    #[arg(long)]
+    pub subnet_min: Option<String>,
+
+    /// Last subnet handed out (default: the last subnet of the network).
+    #[arg(long)]
+    pub subnet_max: Option<String>,
+
+    /// UDP port of the overlay.
+    #[arg(long, default_value_t = rudder_ebpf::DEFAULT_UDP_PORT)]
+    pub port: u16,
+
+    /// Replace an existing config (leases made under the old one are not moved).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LeasesArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// Print JSON for scripts instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DockerOptsArgs {
+    /// The subnet file the daemon writes.
+    #[arg(long, env = "RUDDER_SUBNET_FILE", default_value = DEFAULT_SUBNET_FILE)]
+    pub subnet_file: PathBuf,
+
+    /// Where to write docker's options.
+    #[arg(long, default_value = "/run/docker_opts.env")]
+    pub output: PathBuf,
+
+    /// Name of the variable holding all options together.
+    #[arg(long, default_value = "DOCKER_OPTS")]
+    pub combined_key: String,
+}
+
+pub const DEFAULT_STATUS_SOCKET: &str = "/run/rudder/rudder.sock";
+pub const DEFAULT_SUBNET_FILE: &str = "/run/rudder/subnet.env";
 
 /// How to reach etcd; shared by every command that talks to it.
 #[derive(Debug, Clone, Args)]
@@ -94,6 +186,10 @@ pub struct RunArgs {
     )]
     pub subnet_file: PathBuf,
 
+    /// Unix socket serving /status for `rudder status` (mode 0660).
+    #[arg(long, env = "RUDDER_STATUS_SOCKET", default_value = DEFAULT_STATUS_SOCKET)]
+    pub status_socket: PathBuf,
+
     /// Lifetime of the subnet lease in etcd (e.g. 24h, 90s).
     #[arg(long, env = "RUDDER_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub subnet_lease_ttl: Duration,
@@ -145,6 +241,7 @@ mod tests {
         full.extend_from_slice(args);
         Cli::try_parse_from(full).map(|c| match c.command {
             Command::Run(r) => *r,
+            other => panic!("parsed as {other:?}"),
         })
     }
 

@@ -1,6 +1,8 @@
 //! The health, status and metrics HTTP server (`--healthz-ip`/`--healthz-port`).
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use anyhow::Context;
 use axum::extract::State as AxumState;
@@ -9,26 +11,141 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::metrics::State;
 
+fn router(state: State) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Serves on `--healthz-ip:--healthz-port`.
 pub async fn serve(addr: SocketAddr, state: State) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("binding the health server to {addr} (--healthz-ip/--healthz-port)")
     })?;
     tracing::info!(%addr, "serving /healthz /readyz /status /metrics");
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
-        .with_state(state);
+    let app = router(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("health server stopped: {e}");
         }
     });
     Ok(())
+}
+
+/// Serves the same endpoints on a Unix socket for `rudder status` (mode 0660).
+pub async fn serve_unix(path: &Path, state: State) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {} for --status-socket", dir.display()))?;
+    }
+    // A crashed daemon leaves its socket file behind.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding --status-socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let app = router(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("status socket stopped: {e}");
+        }
+    });
+    Ok(())
+}
+
+/// `GET path` over the daemon's Unix socket; returns the body of a 200 answer.
+pub async fn get_unix(socket: &Path, path: &str) -> anyhow::Result<String> {
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to {}: is `rudder run` running (and is this its --status-socket)?",
+                socket.display()
+            )
+        })?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: rudder\r\n\r\n").as_bytes())
+        .await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .context("the daemon's answer has no HTTP header")?;
+    let status_line = head.lines().next().unwrap_or_default();
+    if !status_line.contains(" 200 ") {
+        anyhow::bail!("{path}: {status_line}: {}", body.trim());
+    }
+    Ok(body.to_string())
+}
+
+/// The human view of `/status`.
+pub fn status_table(status: &serde_json::Value) -> String {
+    let text = |k: &str| match &status[k] {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut out = String::new();
+    out += &format!("ready:      {}\n", text("ready"));
+    out += &format!("network:    {}\n", text("network"));
+    out += &format!("subnet:     {}\n", text("subnet"));
+    out += &format!(
+        "public ip:  {} on {} (overlay MTU {})\n",
+        text("public_ip"),
+        text("iface"),
+        text("mtu")
+    );
+    out += &format!(
+        "data plane: {} ({})\n",
+        text("dataplane"),
+        text("dataplane_reason")
+    );
+    if let Some(expires) = status["lease_expires_unix"].as_u64() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let left = std::time::Duration::from_secs(expires.saturating_sub(now));
+        out += &format!(
+            "lease:      expires in {}\n",
+            humantime::format_duration(left)
+        );
+    }
+    if status["config_error"].is_string() {
+        out += &format!("config:     {}\n", text("config_error"));
+    }
+    out += "counters:  ";
+    if let Some(counters) = status["counters"].as_object() {
+        for (name, v) in counters.iter().filter(|(_, v)| v.as_u64() != Some(0)) {
+            out += &format!(" {name}={v}");
+        }
+    }
+    out += "\n";
+    let peers = status["peers"].as_array().cloned().unwrap_or_default();
+    out += &format!(
+        "peers ({}):\n  {:<20} {}\n",
+        peers.len(),
+        "SUBNET",
+        "PUBLIC IP"
+    );
+    for p in peers {
+        out += &format!(
+            "  {:<20} {}\n",
+            p["subnet"].as_str().unwrap_or("-"),
+            p["public_ip"].as_str().unwrap_or("-")
+        );
+    }
+    out
 }
 
 async fn readyz(AxumState(state): AxumState<State>) -> impl IntoResponse {
@@ -100,5 +217,55 @@ async fn metrics(AxumState(state): AxumState<State>) -> impl IntoResponse {
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             format!("encoding metrics failed: {e}\n"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn status_is_served_on_the_unix_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("rudder.sock");
+        let state = State::default();
+        state.update(|s| {
+            s.subnet = Some("10.5.7.0/24".parse().unwrap());
+            s.peers.insert(
+                "10.5.8.0/24".parse().unwrap(),
+                "192.168.77.12".parse().unwrap(),
+            );
+        });
+        serve_unix(&socket, state.clone()).await.unwrap();
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+
+        let body = get_unix(&socket, "/status").await.unwrap();
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status["subnet"], "10.5.7.0/24");
+        assert_eq!(status["peers"][0]["public_ip"], "192.168.77.12");
+        assert_eq!(status["counters"]["spoofed_source"], 0);
+        let table = status_table(&status);
+        assert!(table.contains("10.5.8.0/24"), "{table}");
+
+        // No data plane yet: not ready, and the answer says why.
+        let err = get_unix(&socket, "/readyz").await.unwrap_err().to_string();
+        assert!(err.contains("503"), "{err}");
+
+        let metrics = get_unix(&socket, "/metrics").await.unwrap();
+        assert!(metrics.contains("rudder_peers 1"), "{metrics}");
+        assert!(
+            metrics.contains("rudder_packets_total{dataplane=\"\",result=\"spoofed_source\"} 0"),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn status_without_a_daemon_says_what_to_do() {
+        let err = get_unix(Path::new("/nonexistent/rudder.sock"), "/status")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is `rudder run` running"), "{err}");
     }
 }

@@ -6,10 +6,12 @@
 //! trait), `host` (netlink, nftables), `subnet_file`, `metrics` and `http` (status and
 //! health), `cli` and `daemon` (the `rudder` command).
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod docker_opts;
 pub mod etcd;
 pub mod host;
 pub mod http;

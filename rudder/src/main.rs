@@ -3,8 +3,8 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use rudder::cli::{Cli, Command};
-use rudder::daemon;
+use rudder::cli::{Cli, Command, NetworkCommand};
+use rudder::{admin, daemon, docker_opts, http};
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -28,6 +28,21 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => daemon::run(*args).await,
+            Command::Status(args) => {
+                let body = http::get_unix(&args.status_socket, "/status").await?;
+                if args.json {
+                    println!("{body}");
+                } else {
+                    print!("{}", http::status_table(&serde_json::from_str(&body)?));
+                }
+                Ok(())
+            }
+            Command::Network(NetworkCommand::Init(args)) => admin::network_init(&args).await,
+            Command::Network(NetworkCommand::Show(args)) => admin::network_show(&args.etcd).await,
+            Command::Leases(args) => admin::leases(&args).await,
+            Command::DockerOpts(args) => {
+                docker_opts::write(&args.subnet_file, &args.output, &args.combined_key)
+            }
         }
     });
     match result {

@@ -1,0 +1,68 @@
+//! `rudder docker-opts`: docker's options from the subnet file, as flannel's mk-docker-opts.sh.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+
+/// Renders the options file from the subnet file's text.
+pub fn render(subnet_env: &str, combined_key: &str) -> anyhow::Result<String> {
+    let get = |name: &str| {
+        subnet_env
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .map(str::trim)
+    };
+    let (Some(subnet), Some(mtu)) = (get("FLANNEL_SUBNET"), get("FLANNEL_MTU")) else {
+        bail!("the subnet file lacks FLANNEL_SUBNET or FLANNEL_MTU: is the daemon running?");
+    };
+    // With rudder masquerading, docker must not masquerade as well.
+    let masq_by_rudder = get("FLANNEL_IPMASQ") == Some("true");
+    let mut out = format!("DOCKER_OPT_BIP=\"--bip={subnet}\"\n");
+    let mut combined = format!(" --bip={subnet}");
+    if masq_by_rudder {
+        out += "DOCKER_OPT_IPMASQ=\"--ip-masq=false\"\n";
+        combined += " --ip-masq=false";
+    }
+    out += &format!("DOCKER_OPT_MTU=\"--mtu={mtu}\"\n");
+    combined += &format!(" --mtu={mtu}");
+    out += &format!("{combined_key}=\"{combined}\"\n");
+    Ok(out)
+}
+
+pub fn write(subnet_file: &Path, output: &Path, combined_key: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(subnet_file)
+        .with_context(|| format!("reading the subnet file {}", subnet_file.display()))?;
+    let rendered = render(&text, combined_key)?;
+    if let Some(dir) = output.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(output, &rendered).with_context(|| format!("writing {}", output.display()))?;
+    print!("{rendered}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_mk_docker_opts_line_by_line() {
+        let env = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n";
+        assert_eq!(
+            render(env, "DOCKER_OPTS").unwrap(),
+            "DOCKER_OPT_BIP=\"--bip=10.1.74.1/24\"\n\
+             DOCKER_OPT_IPMASQ=\"--ip-masq=false\"\n\
+             DOCKER_OPT_MTU=\"--mtu=1472\"\n\
+             DOCKER_OPTS=\" --bip=10.1.74.1/24 --ip-masq=false --mtu=1472\"\n"
+        );
+        let no_masq = env.replace("IPMASQ=true", "IPMASQ=false");
+        let out = render(&no_masq, "DOCKER_OPTS").unwrap();
+        assert!(!out.contains("ip-masq"), "{out}");
+    }
+
+    #[test]
+    fn incomplete_subnet_file_is_an_error() {
+        let err = render("FLANNEL_NETWORK=10.1.0.0/16\n", "DOCKER_OPTS").unwrap_err();
+        assert!(err.to_string().contains("FLANNEL_SUBNET"), "{err}");
+    }
+}
