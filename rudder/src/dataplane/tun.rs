@@ -1140,3 +1140,7 @@ mod tests {
         assert!(bad.validate().is_err());
     }
 }
+
+#[cfg(test)]
+#[path = "tun_device_tests.rs"]
+mod device_tests;
