@@ -24,7 +24,7 @@ use anyhow::{bail, Context};
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use rudder_ebpf::{Counter, DEFAULT_UDP_PORT, ENCAP_OVERHEAD};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
@@ -60,8 +60,15 @@ pub struct TunOptions {
     pub network: Ipv4Net,
     /// Local address of the UDP socket. Its port is also the port every peer listens on.
     pub bind: SocketAddrV4,
-    /// Source of the ICMP errors we originate (normally our subnet's first host address).
+    /// Source of the ICMP errors we send to peers over the underlay (time exceeded on
+    /// arrival): our subnet's first host address, so the peer's anti-spoofing accepts it.
     pub gateway: Ipv4Addr,
+    /// Source of the ICMP errors we write back into the device (no lease, TTL expired
+    /// on the way out). It must not be a local address: on a real host the gateway
+    /// address sits on the container bridge, and the kernel drops a packet arriving on
+    /// the TUN device with a local source as a martian. An unleased address of the
+    /// network is routed back through the device, so it also passes strict rp_filter.
+    pub device_icmp_source: Ipv4Addr,
 }
 
 impl TunOptions {
@@ -75,6 +82,7 @@ impl TunOptions {
             network,
             bind: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, DEFAULT_UDP_PORT),
             gateway: first_host(local_subnet),
+            device_icmp_source: default_device_icmp_source(network, local_subnet),
         }
     }
 
@@ -98,6 +106,16 @@ impl TunOptions {
                 self.network
             );
         }
+        if !self.network.contains(&self.device_icmp_source)
+            || self.local_subnet.contains(&self.device_icmp_source)
+        {
+            bail!(
+                "ICMP source {} for the TUN device must be inside the overlay network {} but outside our subnet {} (a local address would be dropped as martian)",
+                self.device_icmp_source,
+                self.network,
+                self.local_subnet
+            );
+        }
         if self.bind.port() == 0 {
             bail!(
                 "UDP port 0 cannot be used: every peer sends to the same fixed port (default 8285)"
@@ -110,6 +128,28 @@ impl TunOptions {
 /// First host address of a subnet: flannel's FLANNEL_SUBNET address, the bridge gateway.
 pub fn first_host(subnet: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.network()).saturating_add(1))
+}
+
+/// The overlay's "router" address for ICMP errors written into the device: the network's
+/// first host address, in the first subnet, which flannel never leases by default
+/// (SubnetMin skips it). If our own lease is that subnet, the network's last host
+/// address instead.
+pub fn default_device_icmp_source(network: Ipv4Net, local_subnet: Ipv4Net) -> Ipv4Addr {
+    let first = first_host(network);
+    if local_subnet.contains(&first) {
+        Ipv4Addr::from(u32::from(network.broadcast()).saturating_sub(1))
+    } else {
+        first
+    }
+}
+
+/// Where the ICMP errors we originate come from (see [`TunOptions`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpSources {
+    /// For errors sent to peers: inside our subnet.
+    pub to_peers: Ipv4Addr,
+    /// For errors written into the device: not a local address.
+    pub into_device: Ipv4Addr,
 }
 
 /// Packet counters shared by the forwarding tasks: relaxed atomics, no locks.
@@ -132,7 +172,7 @@ impl Counters {
 pub struct ForwardingTable {
     local_subnet: Ipv4Net,
     network: Ipv4Net,
-    gateway: Ipv4Addr,
+    icmp_sources: IcmpSources,
     /// Peer subnets grouped by prefix length, longest first: a lookup masks the
     /// destination once per length and binary-searches, O(k log n) with k distinct
     /// lengths (one in a flannel network, where every lease has the same length).
@@ -154,7 +194,7 @@ impl ForwardingTable {
     pub fn new(
         local_subnet: Ipv4Net,
         network: Ipv4Net,
-        gateway: Ipv4Addr,
+        icmp_sources: IcmpSources,
         peers: &BTreeMap<Ipv4Net, Ipv4Addr>,
     ) -> Self {
         let mut by_prefix: Vec<(u8, PrefixBucket)> = Vec::new();
@@ -189,7 +229,7 @@ impl ForwardingTable {
         ForwardingTable {
             local_subnet,
             network,
-            gateway,
+            icmp_sources,
             by_prefix: by_prefix.into_iter().map(|(_, bucket)| bucket).collect(),
             public_ips: by_public.iter().map(|(ip, _)| *ip).collect(),
             public_subnets: by_public.iter().map(|(_, net)| *net).collect(),
@@ -273,7 +313,8 @@ pub fn decide_outbound(
         };
     }
     if let Err(reason) = packet::decrement_ttl(packet) {
-        let icmp_len = icmp_error(IcmpError::TimeExceeded, packet, &view, table, icmp);
+        let source = table.icmp_sources.into_device;
+        let icmp_len = icmp_error(IcmpError::TimeExceeded, packet, &view, source, table, icmp);
         return Outbound::Drop { reason, icmp_len };
     }
     match table.lookup(view.dst) {
@@ -284,7 +325,15 @@ pub fn decide_outbound(
         None => {
             // Outside the overlay network the kernel misrouted: nothing to tell the sender.
             let icmp_len = if table.network.contains(&view.dst) {
-                icmp_error(IcmpError::NetUnreachable, packet, &view, table, icmp)
+                let source = table.icmp_sources.into_device;
+                icmp_error(
+                    IcmpError::NetUnreachable,
+                    packet,
+                    &view,
+                    source,
+                    table,
+                    icmp,
+                )
             } else {
                 None
             };
@@ -324,7 +373,8 @@ pub fn decide_inbound(
     if let Err(reason) = packet::decrement_ttl(packet) {
         // The source is inside the sender's subnet (checked above), so the error can go
         // straight back to the sender.
-        let icmp_len = icmp_error(IcmpError::TimeExceeded, packet, &view, table, icmp);
+        let source = table.icmp_sources.to_peers;
+        let icmp_len = icmp_error(IcmpError::TimeExceeded, packet, &view, source, table, icmp);
         return Inbound::Drop { reason, icmp_len };
     }
     Inbound::Deliver {
@@ -336,23 +386,17 @@ fn icmp_error(
     kind: IcmpError,
     packet: &[u8],
     view: &packet::Ipv4View,
+    source: Ipv4Addr,
     table: &ForwardingTable,
     icmp: &mut [u8; ICMP_ERROR_MAX_LEN],
 ) -> Option<usize> {
-    packet::build_icmp_error(
-        kind,
-        packet,
-        view,
-        table.gateway,
-        table.subnet_prefix_len(),
-        icmp,
-    )
+    packet::build_icmp_error(kind, packet, view, source, table.subnet_prefix_len(), icmp)
 }
 
 /// The control plane's copy of the peers, from which snapshots are built.
 struct PeerState {
     local_subnet: Ipv4Net,
-    gateway: Ipv4Addr,
+    icmp_sources: IcmpSources,
     peers: BTreeMap<Ipv4Net, Ipv4Addr>,
 }
 
@@ -500,7 +544,8 @@ impl TunDataplane {
         let device = tun_rs::DeviceBuilder::new()
             .name(&options.device_name)
             .mtu(options.mtu)
-            .enable(true)
+            // Up only once configured: IPv6 must be off before the link comes up.
+            .enable(false)
             .build_async()
             .with_context(|| {
                 format!(
@@ -527,7 +572,10 @@ impl TunDataplane {
 
         let state = PeerState {
             local_subnet: options.local_subnet,
-            gateway: options.gateway,
+            icmp_sources: IcmpSources {
+                to_peers: options.gateway,
+                into_device: options.device_icmp_source,
+            },
             peers: BTreeMap::new(),
         };
         let shared = Arc::new(Shared {
@@ -576,7 +624,12 @@ impl TunDataplane {
 }
 
 fn build_table(state: &PeerState, network: Ipv4Net) -> ForwardingTable {
-    ForwardingTable::new(state.local_subnet, network, state.gateway, &state.peers)
+    ForwardingTable::new(
+        state.local_subnet,
+        network,
+        state.icmp_sources,
+        &state.peers,
+    )
 }
 
 impl Dataplane for TunDataplane {
@@ -585,7 +638,8 @@ impl Dataplane for TunDataplane {
     }
 
     /// Moves the device address to the new subnet's network address and re-targets the
-    /// receive checks. ICMP errors then come from the new subnet's first host address.
+    /// receive checks. ICMP errors to peers then come from the new subnet's first host
+    /// address.
     fn set_local_subnet(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
         if !self.options.network.contains(&subnet) {
             bail!(
@@ -611,7 +665,11 @@ impl Dataplane for TunDataplane {
         })?;
         self.update(|state| {
             state.local_subnet = subnet;
-            state.gateway = first_host(subnet);
+            state.icmp_sources.to_peers = first_host(subnet);
+            if subnet.contains(&state.icmp_sources.into_device) {
+                state.icmp_sources.into_device =
+                    default_device_icmp_source(self.options.network, subnet);
+            }
         });
         Ok(())
     }
@@ -817,11 +875,37 @@ async fn delete_link(handle: &Handle, index: u32, name: &str) -> anyhow::Result<
     })
 }
 
-/// Puts the subnet's network address /32 on the device and routes the whole overlay
-/// network into it (flannel's udp backend layout).
+/// Puts the subnet's network address /32 on the device, brings it up and routes the whole
+/// overlay network into it (flannel's udp backend layout).
 async fn configure_device(handle: &Handle, index: u32, options: &TunOptions) -> anyhow::Result<()> {
+    disable_ipv6(&options.device_name)?;
     add_device_address(handle, index, options.local_subnet.network()).await?;
+    set_link_up(handle, index, &options.device_name).await?;
     add_network_route(handle, index, options.network).await
+}
+
+/// The overlay is IPv4 only. With IPv6 on, the kernel sends router solicitations and
+/// MLD reports from the link-local address into the device, which would only show up
+/// as `not_ipv4` drops.
+fn disable_ipv6(device: &str) -> anyhow::Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{device}/disable_ipv6");
+    match std::fs::write(&path, "1") {
+        Ok(()) => Ok(()),
+        // IPv6 is not in this kernel at all: nothing to disable.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => {
+            Err(e).with_context(|| format!("writing 1 to {path} failed; is /proc/sys writable?"))
+        }
+    }
+}
+
+async fn set_link_up(handle: &Handle, index: u32, name: &str) -> anyhow::Result<()> {
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .with_context(|| format!("bringing network device {name:?} (index {index}) up failed"))
 }
 
 async fn add_device_address(handle: &Handle, index: u32, address: Ipv4Addr) -> anyhow::Result<()> {
@@ -893,14 +977,14 @@ mod tests {
         s.parse().unwrap()
     }
 
+    const SOURCES: IcmpSources = IcmpSources {
+        to_peers: Ipv4Addr::new(10, 5, 1, 1),
+        into_device: Ipv4Addr::new(10, 5, 0, 1),
+    };
+
     fn table(peers: &[(&str, &str)]) -> ForwardingTable {
         let peers = peers.iter().map(|(n, p)| (net(n), ip(p))).collect();
-        ForwardingTable::new(
-            net("10.5.1.0/24"),
-            net("10.5.0.0/16"),
-            ip("10.5.1.1"),
-            &peers,
-        )
+        ForwardingTable::new(net("10.5.1.0/24"), net("10.5.0.0/16"), SOURCES, &peers)
     }
 
     /// IPv4/UDP packet with a correct header checksum (recomputed from scratch).
@@ -946,12 +1030,7 @@ mod tests {
                 (subnet, Ipv4Addr::from(0xc0a8_0000 + i))
             })
             .collect();
-        let t = ForwardingTable::new(
-            net("10.200.0.0/24"),
-            net("10.0.0.0/8"),
-            ip("10.200.0.1"),
-            &peers,
-        );
+        let t = ForwardingTable::new(net("10.200.0.0/24"), net("10.0.0.0/8"), SOURCES, &peers);
         for i in (0..10_000u32).step_by(97) {
             let dst = Ipv4Addr::from(0x0a00_0000 + (i << 8) + 42);
             assert_eq!(t.lookup(dst), Some(Ipv4Addr::from(0xc0a8_0000 + i)));
@@ -1004,7 +1083,7 @@ mod tests {
             panic!("expected a no-route drop with an ICMP error");
         };
         let v = parse_ipv4(&icmp[..n]).unwrap();
-        assert_eq!((v.src, v.dst), (ip("10.5.1.1"), ip("10.5.1.7")));
+        assert_eq!((v.src, v.dst), (ip("10.5.0.1"), ip("10.5.1.7")));
         assert_eq!((icmp[20], icmp[21]), (3, 0));
         // Outside the overlay: dropped silently.
         let mut p = udp_packet("10.5.1.7", "8.8.8.8", 64, b"hi");
@@ -1131,10 +1210,21 @@ mod tests {
         assert_eq!(o.mtu, 1472);
         assert_eq!(o.bind, "0.0.0.0:8285".parse().unwrap());
         assert_eq!(o.gateway, ip("10.5.34.1"));
+        assert_eq!(o.device_icmp_source, ip("10.5.0.1"));
+        assert_eq!(
+            default_device_icmp_source(net("10.5.0.0/16"), net("10.5.0.0/24")),
+            ip("10.5.255.254")
+        );
         o.validate().unwrap();
         let mut bad = o.clone();
         bad.local_subnet = net("10.6.0.0/24");
         assert!(bad.validate().is_err());
+        let mut bad = o.clone();
+        bad.device_icmp_source = ip("10.5.34.1");
+        assert!(
+            bad.validate().is_err(),
+            "a local ICMP source would be martian"
+        );
         let mut bad = o;
         bad.device_name = "a-name-that-is-too-long".into();
         assert!(bad.validate().is_err());

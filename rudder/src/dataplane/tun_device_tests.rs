@@ -140,6 +140,47 @@ async fn wait_for_counter(dp: &TunDataplane, which: Counter, expected: u64) {
     }
 }
 
+/// The host layout of flannel/docker: a container bridge holding our gateway address
+/// (10.5.1.1/24). It matters for the ICMP errors written into the device, whose source
+/// must not be a local address.
+async fn add_container_bridge(handle: &Handle) -> anyhow::Result<()> {
+    const BRIDGE: &str = "rudder-tbr";
+    handle
+        .link()
+        .add(LinkBridge::new(BRIDGE).up().build())
+        .execute()
+        .await
+        .context("creating the container bridge failed")?;
+    let index = link_index(handle, BRIDGE)
+        .await?
+        .context("the bridge just created is missing")?;
+    handle
+        .address()
+        .add(index, Ipv4Addr::new(10, 5, 1, 1).into(), 24)
+        .execute()
+        .await
+        .context("adding the gateway address to the bridge failed")?;
+    Ok(())
+}
+
+/// A UDP socket that hears about ICMP errors for its traffic: Linux reports soft errors
+/// (net unreachable, time exceeded) only to sockets with IP_RECVERR.
+async fn error_reporting_socket() -> anyhow::Result<UdpSocket> {
+    let socket = UdpSocket::bind("0.0.0.0:0").await?;
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Ipv4RecvErr, &true)?;
+    Ok(socket)
+}
+
+async fn expect_socket_error(socket: &UdpSocket, errno: nix::errno::Errno) -> anyhow::Result<()> {
+    let mut buf = [0u8; 64];
+    let error = tokio::time::timeout(WAIT, socket.recv(&mut buf))
+        .await
+        .context("no ICMP error reached the application within 5 s")?
+        .expect_err("a connected UDP socket reports the ICMP error");
+    assert_eq!(error.raw_os_error(), Some(errno as i32), "{error}");
+    Ok(())
+}
+
 #[test]
 fn device_forwards_both_ways_and_counts_drops() {
     in_private_netns(|| async {
@@ -151,6 +192,7 @@ fn device_forwards_both_ways_and_counts_drops() {
             .execute()
             .await
             .context("creating the stale bridge link failed")?;
+        add_container_bridge(&handle).await?;
 
         let dp = TunDataplane::start(options()).await?;
         dp.upsert_peer(net(PEER_SUBNET), PEER)?;
@@ -231,21 +273,20 @@ fn device_forwards_both_ways_and_counts_drops() {
 
         // An overlay destination no lease holds: the application hears "network
         // unreachable" from the ICMP error we wrote back into the device.
-        let app = UdpSocket::bind("0.0.0.0:0").await?;
-        // Linux reports "net unreachable" (a soft error) only to sockets with IP_RECVERR.
-        nix::sys::socket::setsockopt(&app, nix::sys::socket::sockopt::Ipv4RecvErr, &true)?;
+        let app = error_reporting_socket().await?;
         app.connect("10.5.77.1:9999").await?;
         app.send(b"anyone?").await?;
-        let error = tokio::time::timeout(WAIT, app.recv(&mut buf))
-            .await
-            .context("no ICMP error reached the application within 5 s")?
-            .expect_err("a connected UDP socket reports the ICMP error");
-        assert_eq!(
-            error.raw_os_error(),
-            Some(nix::errno::Errno::ENETUNREACH as i32),
-            "{error}"
-        );
+        expect_socket_error(&app, nix::errno::Errno::ENETUNREACH).await?;
         wait_for_counter(&dp, Counter::DropNoRoute, 1).await;
+
+        // TTL 1 on the way out: dropped, and "time exceeded" (EHOSTUNREACH) comes back.
+        let app = error_reporting_socket().await?;
+        nix::sys::socket::setsockopt(&app, nix::sys::socket::sockopt::Ipv4Ttl, &1)?;
+        app.connect("10.5.2.7:9999").await?;
+        app.send(b"short-lived").await?;
+        expect_socket_error(&app, nix::errno::Errno::EHOSTUNREACH).await?;
+        wait_for_counter(&dp, Counter::DropTtlExceeded, 2).await;
+        assert_eq!(dp.counters()[Counter::Encapsulated.index()], 1);
 
         // A removed peer is a stranger.
         dp.remove_peer(net(PEER_SUBNET))?;
