@@ -73,7 +73,8 @@ pub struct TunOptions {
 
 impl TunOptions {
     /// Defaults for a host: device `rudder0`, UDP on 0.0.0.0:8285, MTU from the underlay
-    /// interface's MTU, ICMP errors from the subnet's first host address.
+    /// interface's MTU, ICMP errors to peers from the subnet's first host address and
+    /// into the device from [`default_device_icmp_source`].
     pub fn new(local_subnet: Ipv4Net, network: Ipv4Net, underlay_mtu: u16) -> Self {
         TunOptions {
             device_name: DEFAULT_DEVICE_NAME.to_owned(),
@@ -166,8 +167,9 @@ impl Counters {
     }
 }
 
-/// An immutable snapshot of everything a forwarding decision needs. Rebuilt on every
-/// change (control-plane rate, O(n)); read on every packet without locking.
+/// Everything a forwarding decision needs. The control plane updates a master copy in
+/// place and publishes a clone per change (control-plane rate, O(n) memcpy); the
+/// forwarding tasks read their snapshot on every packet without locking.
 #[derive(Clone, Debug)]
 pub struct ForwardingTable {
     local_subnet: Ipv4Net,
@@ -444,7 +446,7 @@ fn icmp_error(
     packet::build_icmp_error(kind, packet, view, source, table.subnet_prefix_len(), icmp)
 }
 
-/// The control plane's copy of the peers, from which snapshots are built.
+/// The control plane's copy of the peers and the master forwarding table.
 struct PeerState {
     local_subnet: Ipv4Net,
     icmp_sources: IcmpSources,
@@ -457,7 +459,7 @@ struct PeerState {
 ///
 /// Writers replace the `Arc` under the lock, then bump `version`. Readers keep their own
 /// `Arc` and only take the (uncontended) read lock when `version` moved, so the hot
-/// path costs one relaxed-ish atomic load per packet.
+/// path costs one atomic load per packet.
 struct PublishedTable {
     version: AtomicU64,
     current: RwLock<Arc<ForwardingTable>>,
@@ -553,7 +555,7 @@ impl TaskLogs {
         }
     }
 
-    fn drop(&mut self, direction: &str, reason: Counter, detail: impl std::fmt::Display) {
+    fn dropped(&mut self, direction: &str, reason: Counter, detail: impl std::fmt::Display) {
         if let Some(suppressed) = self.drops.allow() {
             tracing::debug!(
                 direction,
@@ -585,6 +587,15 @@ impl TunDataplane {
     /// Must be called inside a tokio runtime (the forwarding tasks run on it).
     pub async fn start(options: TunOptions) -> anyhow::Result<Self> {
         options.validate()?;
+        // Bound first: a busy port should fail the start before any device is touched.
+        let socket = UdpSocket::bind(options.bind).await.with_context(|| {
+            format!(
+                "binding the overlay UDP socket to {} failed; is another flanneld/rudder using the port?",
+                options.bind
+            )
+        })?;
+        let socket = Arc::new(socket);
+
         let handle = netlink_connect()?;
         if let Some(stale) = link_index(&handle, &options.device_name).await? {
             tracing::warn!(
@@ -614,14 +625,6 @@ impl TunDataplane {
             )
         })?;
         configure_device(&handle, index, &options).await?;
-
-        let socket = UdpSocket::bind(options.bind).await.with_context(|| {
-            format!(
-                "binding the overlay UDP socket to {} failed; is another flanneld/rudder using the port?",
-                options.bind
-            )
-        })?;
-        let socket = Arc::new(socket);
 
         let icmp_sources = IcmpSources {
             to_peers: options.gateway,
@@ -824,7 +827,7 @@ async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<UdpSocket>, shared: Ar
             }
             Outbound::Drop { reason, icmp_len } => {
                 shared.counters.add(reason);
-                logs.drop(
+                logs.dropped(
                     "tun->udp",
                     reason,
                     format_args!("{n} bytes from the TUN device"),
@@ -874,7 +877,7 @@ async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<UdpSocket>, shared: Ar
             },
             Inbound::Drop { reason, icmp_len } => {
                 shared.counters.add(reason);
-                logs.drop("udp->tun", reason, format_args!("{n} bytes from {from}"));
+                logs.dropped("udp->tun", reason, format_args!("{n} bytes from {from}"));
                 if let Some(len) = icmp_len {
                     if let Err(error) = socket.send_to(&icmp[..len], from).await {
                         logs.io("sending an ICMP error to a peer", &error);

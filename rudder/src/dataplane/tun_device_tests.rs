@@ -326,3 +326,18 @@ fn local_subnet_change_moves_the_device_address() {
         dp.shutdown()
     });
 }
+
+#[test]
+fn busy_port_fails_the_start_without_a_device() {
+    in_private_netns(|| async {
+        let _squatter = UdpSocket::bind((OURS, PORT)).await?;
+        let error = match TunDataplane::start(options()).await {
+            Ok(_) => anyhow::bail!("start succeeded although the UDP port is taken"),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(error.contains("binding the overlay UDP socket"), "{error}");
+        let handle = netlink_connect()?;
+        assert_eq!(link_index(&handle, DEVICE).await?, None);
+        Ok(())
+    });
+}
