@@ -671,6 +671,50 @@ mod tests {
         assert!(build(IcmpError::TimeExceeded, &p).is_some());
     }
 
+    /// Mutated and random inputs: no panic, and whatever is accepted is self-consistent
+    /// (a cheap stand-in for the fuzzing the design asks for).
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let valid = udp_packet(SRC, DST, 2, b"0123456789");
+        let mut out = [0u8; ICMP_ERROR_MAX_LEN];
+        for round in 0..20_000 {
+            let mut p = if round % 2 == 0 {
+                let mut p = valid.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = (next() as usize) % p.len();
+                    p[at] = next() as u8;
+                }
+                p.truncate((next() as usize) % (p.len() + 8));
+                p
+            } else {
+                let len = (next() as usize) % 80;
+                (0..len).map(|_| next() as u8).collect()
+            };
+            if let Ok(v) = parse_ipv4(&p) {
+                assert!(
+                    v.header_len >= 20 && v.header_len <= v.total_len && v.total_len <= p.len()
+                );
+                assert!(header_checksum_ok(&p));
+                for kind in [IcmpError::NetUnreachable, IcmpError::TimeExceeded] {
+                    if let Some(n) = build_icmp_error(kind, &p, &v, GATEWAY, 24, &mut out) {
+                        assert_eq!(reference_checksum(&out[20..n]), 0);
+                        assert!(header_checksum_ok(&out[..n]));
+                    }
+                }
+                if decrement_ttl(&mut p).is_ok() {
+                    assert!(header_checksum_ok(&p));
+                }
+            }
+        }
+    }
+
     #[test]
     fn never_an_error_about_broadcast_or_multicast() {
         for dst in [
