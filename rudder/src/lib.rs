@@ -17,6 +17,7 @@ pub mod host;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod packet;
 pub mod peers;
 pub mod reconcile;
 pub mod subnet;

@@ -98,14 +98,9 @@ pub async fn create(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplan
 }
 
 async fn start_tun(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>> {
-    let tun = tun::TunDataplane::start(tun::TunOptions {
-        name: opts.tun_name.clone(),
-        mtu: opts.overlay_mtu,
-        local_subnet: opts.local_subnet,
-        network: opts.network,
-        port: opts.port,
-        public_ip: opts.underlay.public_ip,
-    })
-    .await?;
-    Ok(Arc::new(tun))
+    let mut tun_opts = tun::TunOptions::new(opts.local_subnet, opts.network, 0);
+    tun_opts.mtu = opts.overlay_mtu;
+    tun_opts.device_name = opts.tun_name.clone();
+    tun_opts.bind = std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, opts.port);
+    Ok(Arc::new(tun::TunDataplane::start(tun_opts).await?))
 }
