@@ -47,49 +47,61 @@ impl Netlink {
         &self.handle
     }
 
+    // Netlink dumps are always read to the end: a dropped half-read stream makes the
+    // connection task log a warning for every unread message.
+
     pub async fn link_by_name(&self, name: &str) -> anyhow::Result<Option<LinkInfo>> {
-        let mut links = self
+        let links = self
             .handle
             .link()
             .get()
             .match_name(name.to_string())
-            .execute();
-        match links.try_next().await {
-            Ok(Some(msg)) => Ok(Some(link_info(msg))),
-            Ok(None) => Ok(None),
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await;
+        match links {
+            Ok(links) => Ok(links.into_iter().next().map(link_info)),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => Ok(None),
             Err(e) => Err(anyhow!("looking up interface {name}: {e}")),
         }
     }
 
     pub async fn link_by_index(&self, index: u32) -> anyhow::Result<LinkInfo> {
-        let mut links = self.handle.link().get().match_index(index).execute();
-        let msg = links
-            .try_next()
+        let links: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_collect()
             .await
-            .with_context(|| format!("looking up interface #{index}"))?
-            .ok_or_else(|| anyhow!("no interface #{index}"))?;
-        Ok(link_info(msg))
+            .with_context(|| format!("looking up interface #{index}"))?;
+        links
+            .into_iter()
+            .next()
+            .map(link_info)
+            .ok_or_else(|| anyhow!("no interface #{index}"))
     }
 
     /// The output interface of the IPv4 default route in the main table.
     pub async fn default_route_iface(&self) -> anyhow::Result<Option<u32>> {
-        let mut routes = self
+        let routes: Vec<_> = self
             .handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
-        while let Some(route) = routes.try_next().await.context("listing routes")? {
-            if route.header.destination_prefix_length == 0 {
-                if let Some(oif) = route.attributes.iter().find_map(|a| match a {
+            .execute()
+            .try_collect()
+            .await
+            .context("listing routes")?;
+        Ok(routes
+            .iter()
+            .filter(|r| r.header.destination_prefix_length == 0)
+            .find_map(|r| {
+                r.attributes.iter().find_map(|a| match a {
                     RouteAttribute::Oif(i) => Some(*i),
                     _ => None,
-                }) {
-                    return Ok(Some(oif));
-                }
-            }
-        }
-        Ok(None)
+                })
+            }))
     }
 
     pub async fn ipv4_addresses(&self, index: u32) -> anyhow::Result<Vec<Ipv4Net>> {
