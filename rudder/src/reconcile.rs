@@ -26,6 +26,8 @@ pub struct Reconciler {
     desired: PeerMap,
     /// What the data plane has been given.
     installed: PeerMap,
+    /// Public IPs held by several leases, as last reported (to warn once per change).
+    shared_ips_warned: BTreeMap<Ipv4Addr, Vec<Ipv4Net>>,
 }
 
 impl Reconciler {
@@ -44,6 +46,7 @@ impl Reconciler {
             lease_check,
             desired: BTreeMap::new(),
             installed: BTreeMap::new(),
+            shared_ips_warned: BTreeMap::new(),
         }
     }
 
@@ -97,6 +100,7 @@ impl Reconciler {
             .filter(|(subnet, ip)| **subnet != own && **ip != self.public_ip)
             .map(|(s, ip)| (*s, *ip))
             .collect();
+        self.warn_on_shared_public_ips(&target);
         let stale: Vec<Ipv4Net> = self
             .installed
             .keys()
@@ -128,6 +132,22 @@ impl Reconciler {
         }
         let installed = self.installed.clone();
         self.state.update(|s| s.peers = installed);
+    }
+
+    /// Two leases naming one address usually mean a stale lease or a misconfigured host; both
+    /// subnets are routed to it, which is what etcd says, but an operator should look.
+    fn warn_on_shared_public_ips(&mut self, target: &PeerMap) {
+        let mut by_ip: BTreeMap<Ipv4Addr, Vec<Ipv4Net>> = BTreeMap::new();
+        for (subnet, ip) in target {
+            by_ip.entry(*ip).or_default().push(*subnet);
+        }
+        by_ip.retain(|_, subnets| subnets.len() > 1);
+        if by_ip != self.shared_ips_warned {
+            for (ip, subnets) in &by_ip {
+                tracing::warn!(public_ip = %ip, ?subnets, "several leases name the same public IP; check for a stale lease (rudder leases)");
+            }
+            self.shared_ips_warned = by_ip;
+        }
     }
 }
 
@@ -204,6 +224,18 @@ mod tests {
             vec!["+10.5.2.0/24", "-10.5.2.0/24"]
         );
         assert!(r.state.snapshot().peers.is_empty());
+    }
+
+    #[test]
+    fn two_leases_on_one_address_are_both_routed_and_reported() {
+        let (mut r, dp, _, _tx) = setup();
+        r.handle(PeerEvent::Snapshot(
+            [(net("10.5.2.0/24"), PEER), (net("10.5.3.0/24"), PEER)].into(),
+        ));
+        assert_eq!(dp.peers.lock().unwrap().len(), 2);
+        assert_eq!(r.shared_ips_warned.get(&PEER).map(Vec::len), Some(2));
+        r.handle(PeerEvent::Remove(net("10.5.3.0/24")));
+        assert!(r.shared_ips_warned.is_empty());
     }
 
     #[test]
