@@ -5,6 +5,7 @@
 //! tells a data plane which peers exist; it never waits on etcd, so installed state stays
 //! as it is while etcd is unreachable.
 
+pub mod ebpf;
 pub mod tun;
 
 use std::net::Ipv4Addr;
