@@ -54,6 +54,8 @@ use rudder_ebpf::{names, Counter, DataplaneConfig, LocalEndpoint, PeerValue};
 use super::{CounterSnapshot, Dataplane, DataplaneKind};
 
 #[cfg(test)]
+mod smoke_tests;
+#[cfg(test)]
 mod tests;
 
 /// Route protocol number marking the routes this data plane owns (`ip route show proto 211`).
