@@ -112,6 +112,9 @@ impl EbpfDataplane {
             bail!("eBPF data plane load failed on purpose (force_fail test hook)");
         }
         validate(&opts)?;
+        let mut kernel = Kernel::load()?;
+        // Before touching any route: a running instance must keep its state.
+        Kernel::ensure_not_attached(&opts.underlay_ifname)?;
         let routes = Routes::connect(opts.underlay_ifindex)?;
         let removed = routes.remove_stale()?;
         if removed > 0 {
@@ -120,7 +123,6 @@ impl EbpfDataplane {
                 "removed routes left by a previous rudder (proto {RTPROT_RUDDER})"
             );
         }
-        let mut kernel = Kernel::load()?;
         kernel.set_config(&config_of(&opts))?;
         kernel.attach(&opts.underlay_ifname)?;
         routes
@@ -388,6 +390,23 @@ impl Kernel {
         self.config
             .set(0, config, 0)
             .context("writing the data plane config map")
+    }
+
+    /// Our links are not pinned, so programs of ours already on `ifname` mean a live
+    /// second instance in this namespace.
+    fn ensure_not_attached(ifname: &str) -> anyhow::Result<()> {
+        for (name, direction) in [
+            (names::PROG_INGRESS, TcAttachType::Ingress),
+            (names::PROG_EGRESS, TcAttachType::Egress),
+        ] {
+            let (_, attached) = SchedClassifier::query_tcx(ifname, direction).with_context(|| {
+                format!("listing TCX programs on {ifname} ({direction:?}): does the interface exist in this namespace?")
+            })?;
+            if attached.iter().any(|info| info.name_as_str() == Some(name)) {
+                bail!("{name} is already attached to {ifname} ({direction:?}): another rudder runs in this namespace; stop it first");
+            }
+        }
+        Ok(())
     }
 
     /// TCX attach (kernel >= 6.6) to ingress and egress of the underlay.

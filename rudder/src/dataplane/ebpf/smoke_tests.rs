@@ -420,3 +420,79 @@ fn force_fail_reports_a_load_error() {
         .expect("force_fail must fail");
     assert!(format!("{err:#}").contains("force_fail"), "{err:#}");
 }
+
+/// Container A → B TCP throughput with iperf3 (single stream, `seconds` long), bit/s.
+fn iperf3(topo: &Topology, seconds: u32) -> f64 {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &topo.ns("cB"), "iperf3", "-s", "-1", "-B"])
+        .arg(CONTAINER_B.to_string())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    let report = Command::new("ip")
+        .args(["netns", "exec", &topo.ns("cA"), "iperf3", "-J", "-t"])
+        .arg(seconds.to_string())
+        .arg("-c")
+        .arg(CONTAINER_B.to_string())
+        .output()
+        .expect("iperf3 client");
+    let _ = server.kill();
+    let _ = server.wait();
+    let json: serde_json::Value = serde_json::from_slice(&report.stdout).expect("iperf3 JSON");
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 gave no result: {json}"))
+}
+
+/// Compares plain routing (no encapsulation) with the overlay, stack and redirect paths.
+/// Run with `cargo test -p rudder throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark (about 30 s, needs iperf3): run explicitly with --ignored"]
+fn throughput_vs_plain_routing() {
+    super::tests::require_root();
+    let topo = Topology::build();
+    topo.ip(
+        "hA",
+        &format!("route add 10.5.2.0/24 via {UNDERLAY_B} dev eth0"),
+    );
+    topo.ip(
+        "hB",
+        &format!("route add 10.5.1.0/24 via {UNDERLAY_A} dev eth0"),
+    );
+    let plain = iperf3(&topo, 5);
+    topo.ip("hA", "route del 10.5.2.0/24");
+    topo.ip("hB", "route del 10.5.1.0/24");
+
+    let a = topo.load("hA", UNDERLAY_A, "10.5.1.0/24");
+    let b = topo.load("hB", UNDERLAY_B, "10.5.2.0/24");
+    a.upsert_peer("10.5.2.0/24".parse().unwrap(), UNDERLAY_B)
+        .unwrap();
+    b.upsert_peer("10.5.1.0/24".parse().unwrap(), UNDERLAY_A)
+        .unwrap();
+    let stack = iperf3(&topo, 5);
+
+    for (host, container, dp) in [("hA", "cA", &a), ("hB", "cB", &b)] {
+        let (_, bridge_mac) = topo.link(host, "br0");
+        let (veth, _) = topo.link(host, "veth-c");
+        let (_, mac) = topo.link(container, "eth0");
+        let ip = if container == "cA" {
+            CONTAINER_A
+        } else {
+            CONTAINER_B
+        };
+        dp.upsert_local_endpoint(ip, veth, mac, bridge_mac).unwrap();
+    }
+    let redirect = iperf3(&topo, 5);
+    let gbit = |bps: f64| bps / 1e9;
+    eprintln!(
+        "TCP 1 stream: plain routing {:.2} Gbit/s; overlay via host stack {:.2} ({:.2}x); overlay with redirect_peer {:.2} ({:.2}x)",
+        gbit(plain),
+        gbit(stack),
+        stack / plain,
+        gbit(redirect),
+        redirect / plain
+    );
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+}
