@@ -10,6 +10,7 @@
 pub mod names {
     pub const PROG_EGRESS: &str = "rudder_egress";
     pub const PROG_INGRESS: &str = "rudder_ingress";
+    pub const PROG_BRIDGE: &str = "rudder_br_in";
     pub const MAP_CONFIG: &str = "RUDDER_CONFIG";
     pub const MAP_PEERS: &str = "RUDDER_PEERS";
     pub const MAP_SENDERS: &str = "RUDDER_SENDERS";
@@ -174,6 +175,8 @@ pub struct DataplaneConfig {
     pub udp_port: u16,
     /// Overlay MTU: inner packets larger than this are not encapsulated.
     pub overlay_mtu: u16,
+    /// Underlay device: where the bridge fast path redirects encapsulated packets.
+    pub underlay_ifindex: u32,
 }
 
 #[cfg(feature = "user")]
@@ -189,7 +192,7 @@ mod user {
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PeerValue>() == 4);
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 16);
-const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 28);
 
 /// True when `addr` lies inside `net`/`prefix_len` (all in network byte order).
 pub const fn ipv4_in_subnet(addr: [u8; 4], net: [u8; 4], prefix_len: u32) -> bool {

@@ -14,6 +14,14 @@
 //!   forwarding and bridge, where a still tunnel-marked GSO packet would be segmented in
 //!   software. Unknown local addresses fall back to the normal stack (correct, slower).
 //!
+//! - `rudder_br_in`, TCX ingress of the containers' bridge (optional): a container's packet
+//!   for a peer subnet reaches the bridge device because it is addressed to the gateway
+//!   MAC; the program decrements its TTL, encapsulates it and sends it with
+//!   `bpf_redirect_neigh` straight to the underlay (FIB + neighbour lookup on the outer
+//!   destination), skipping the host's forwarding path. Whatever it does not handle
+//!   (TTL about to expire, too big, not for a peer) continues to the stack, which answers
+//!   with the proper ICMP error and then reaches `rudder_egress` through the peer route.
+//!
 //! All packet access goes through `bpf_skb_load_bytes`/`store_bytes`, so non-linear skbs
 //! need no pulls and the verifier sees no packet-pointer arithmetic.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]

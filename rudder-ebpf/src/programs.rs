@@ -6,7 +6,10 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
         TC_ACT_UNSPEC,
     },
-    helpers::generated::{bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect_peer},
+    bindings::bpf_redir_neigh,
+    helpers::generated::{
+        bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect_neigh, bpf_redirect_peer,
+    },
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
     programs::TcContext,
@@ -105,6 +108,11 @@ fn sum_header(hdr: &[u8; IPV4_HLEN]) -> u32 {
 }
 
 #[inline(always)]
+fn in_overlay_range(dst: [u8; 4], cfg: &DataplaneConfig) -> bool {
+    ipv4_in_subnet(dst, cfg.network, cfg.network_prefix_len)
+}
+
+#[inline(always)]
 fn be16(b: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([b[off], b[off + 1]])
 }
@@ -133,6 +141,14 @@ fn egress(ctx: &TcContext) -> i32 {
         return pass();
     }
     let dst = addr(&inner, 16);
+    if inner[9] == IPPROTO_UDP
+        && addr(&inner, 12) == cfg.public_ip
+        && !in_overlay_range(dst, &cfg)
+        && ctx.load::<[u8; 4]>(UDP_OFF).map(|udp| be16(&udp, 2)) == Ok(cfg.udp_port)
+    {
+        // Already encapsulated by `rudder_br_in`: counted there.
+        return TCX_NEXT;
+    }
     let Some(peer) = PEERS.get(Key::new(32, dst)).copied() else {
         // Overlay traffic without a peer must not leak unencapsulated onto the underlay.
         if ipv4_in_subnet(dst, cfg.network, cfg.network_prefix_len)
@@ -144,17 +160,37 @@ fn egress(ctx: &TcContext) -> i32 {
     };
 
     let inner_len = be16(&inner, 2);
-    // SAFETY: the context pointer is valid for the whole program run.
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     // The peer routes carry the overlay MTU, so the kernel already answered with
     // "fragmentation needed" (or fragmented); this only catches bypasses of those routes.
-    if gso_size == 0 && inner_len > cfg.overlay_mtu {
+    if !is_gso(ctx) && inner_len > cfg.overlay_mtu {
         return drop_with(Counter::DropTooBig);
     }
+    if let Err(counter) = encapsulate(ctx, &cfg, &inner, peer) {
+        return drop_with(counter);
+    }
+    count(Counter::Encapsulated);
+    TC_ACT_OK as i32
+}
 
+#[inline(always)]
+fn is_gso(ctx: &TcContext) -> bool {
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe { (*ctx.skb.skb).gso_size != 0 }
+}
+
+/// Inserts outer IPv4 + UDP between the Ethernet header and `inner` (the packet's
+/// current IPv4 header).
+#[inline(always)]
+fn encapsulate(
+    ctx: &TcContext,
+    cfg: &DataplaneConfig,
+    inner: &[u8; IPV4_HLEN],
+    peer: PeerValue,
+) -> Result<(), Counter> {
+    let inner_len = be16(inner, 2);
     // SAFETY: helper calls on the program's own context.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
-    let inner_frag = be16(&inner, 6);
+    let inner_frag = be16(inner, 6);
     let outer_id: u16 = if inner_frag & IP_DF != 0 {
         0
     } else {
@@ -163,20 +199,14 @@ fn egress(ctx: &TcContext) -> i32 {
         unsafe { bpf_get_prandom_u32() as u16 }
     };
 
-    if ctx
-        .adjust_room(
-            i32::from(ENCAP_OVERHEAD),
-            BPF_ADJ_ROOM_MAC,
-            u64::from(
-                BPF_F_ADJ_ROOM_FIXED_GSO
-                    | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
-                    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-            ),
-        )
-        .is_err()
-    {
-        return drop_with(Counter::DropIoError);
-    }
+    ctx.adjust_room(
+        i32::from(ENCAP_OVERHEAD),
+        BPF_ADJ_ROOM_MAC,
+        u64::from(
+            BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        ),
+    )
+    .map_err(|_| Counter::DropIoError)?;
 
     // A GSO packet's lengths are rewritten per segment; clamp the super-packet's value.
     let outer_len = (u32::from(inner_len) + u32::from(ENCAP_OVERHEAD)).min(0xffff) as u16;
@@ -203,10 +233,78 @@ fn egress(ctx: &TcContext) -> i32 {
     // udp[6..8] = 0: no UDP checksum, legal over IPv4 and what keeps GSO cheap.
 
     if ctx.store(L3_OFF, &ip, 0).is_err() || ctx.store(UDP_OFF, &udp, 0).is_err() {
-        return drop_with(Counter::DropIoError);
+        return Err(Counter::DropIoError);
+    }
+    Ok(())
+}
+
+/// Writes `ttl - 1` into the IPv4 header at `l3_off` and patches its checksum
+/// (TTL is the high byte of the TTL/protocol word).
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, l3_off: usize, ttl: u8, protocol: u8) -> Result<(), Counter> {
+    let old_word = u16::from_be_bytes([ttl, protocol]);
+    let new_word = u16::from_be_bytes([ttl - 1, protocol]);
+    if ctx.store(l3_off + 8, &(ttl - 1), 0).is_err()
+        || ctx
+            .l3_csum_replace(
+                l3_off + 10,
+                u64::from(old_word.to_be()),
+                u64::from(new_word.to_be()),
+                2,
+            )
+            .is_err()
+    {
+        return Err(Counter::DropIoError);
+    }
+    Ok(())
+}
+
+#[classifier]
+pub fn rudder_br_in(ctx: TcContext) -> i32 {
+    bridge_ingress(&ctx)
+}
+
+/// Fast path for container → peer traffic; anything unusual goes on to the stack.
+fn bridge_ingress(ctx: &TcContext) -> i32 {
+    let Some(cfg) = config() else {
+        return TCX_NEXT;
+    };
+    if cfg.underlay_ifindex == 0 || ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
+        return TCX_NEXT;
+    }
+    let Ok(mut inner) = ctx.load::<[u8; IPV4_HLEN]>(L3_OFF) else {
+        return TCX_NEXT;
+    };
+    if inner[0] >> 4 != 4 || inner[0] & 0x0f < 5 {
+        return TCX_NEXT;
+    }
+    let Some(peer) = PEERS.get(Key::new(32, addr(&inner, 16))).copied() else {
+        return TCX_NEXT;
+    };
+    let ttl = inner[8];
+    // The stack sends "time exceeded" and "fragmentation needed" for these.
+    if ttl <= 1 || (!is_gso(ctx) && be16(&inner, 2) > cfg.overlay_mtu) {
+        return TCX_NEXT;
+    }
+    if let Err(counter) = decrement_ttl(ctx, L3_OFF, ttl, inner[9]) {
+        return drop_with(counter);
+    }
+    inner[8] = ttl - 1;
+    if let Err(counter) = encapsulate(ctx, &cfg, &inner, peer) {
+        return drop_with(counter);
     }
     count(Counter::Encapsulated);
-    TC_ACT_OK as i32
+    // No parameters: the kernel looks the outer destination up in the FIB and fills in
+    // the Ethernet header from the neighbour table (resolving it if needed).
+    // SAFETY: a null params pointer with length 0 is the documented "do the lookup" form.
+    unsafe {
+        bpf_redirect_neigh(
+            cfg.underlay_ifindex,
+            core::ptr::null_mut::<bpf_redir_neigh>(),
+            0,
+            0,
+        ) as i32
+    }
 }
 
 #[classifier]
@@ -289,21 +387,9 @@ fn ingress(ctx: &TcContext) -> i32 {
     {
         return drop_with(Counter::DropIoError);
     }
-    // The tunnel is a router hop: TTL - 1, header checksum patched incrementally
-    // (TTL is the high byte of the TTL/protocol word).
-    let old_word = u16::from_be_bytes([ttl, inner[9]]);
-    let new_word = u16::from_be_bytes([ttl - 1, inner[9]]);
-    if ctx.store(L3_OFF + 8, &(ttl - 1), 0).is_err()
-        || ctx
-            .l3_csum_replace(
-                L3_OFF + 10,
-                u64::from(old_word.to_be()),
-                u64::from(new_word.to_be()),
-                2,
-            )
-            .is_err()
-    {
-        return drop_with(Counter::DropIoError);
+    // The tunnel is a router hop: TTL - 1.
+    if let Err(counter) = decrement_ttl(ctx, L3_OFF, ttl, inner[9]) {
+        return drop_with(counter);
     }
 
     // SAFETY: the value is copied out before any other map call.

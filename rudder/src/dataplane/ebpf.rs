@@ -114,7 +114,7 @@ impl EbpfDataplane {
         validate(&opts)?;
         let mut kernel = Kernel::load()?;
         // Before touching any route: a running instance must keep its state.
-        Kernel::ensure_not_attached(&opts.underlay_ifname)?;
+        Kernel::ensure_not_attached(&opts.underlay_ifname, opts.bridge.as_deref())?;
         let routes = Routes::connect(opts.underlay_ifindex)?;
         let removed = routes.remove_stale()?;
         if removed > 0 {
@@ -124,7 +124,7 @@ impl EbpfDataplane {
             );
         }
         kernel.set_config(&config_of(&opts))?;
-        kernel.attach(&opts.underlay_ifname)?;
+        kernel.attach(&opts.underlay_ifname, opts.bridge.as_deref())?;
         routes
             .add_unreachable(opts.network)
             .with_context(|| format!("adding the route `unreachable {}`", opts.network))?;
@@ -330,6 +330,7 @@ fn config_of(opts: &EbpfOptions) -> DataplaneConfig {
         public_ip: opts.public_ip.octets(),
         udp_port: opts.udp_port,
         overlay_mtu: opts.overlay_mtu,
+        underlay_ifindex: opts.underlay_ifindex,
     }
 }
 
@@ -362,7 +363,7 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new().load(BPF_OBJECT).context(
             "loading the BPF object failed: needs root (CAP_BPF + CAP_NET_ADMIN) and a kernel with BTF",
         )?;
-        for name in [names::PROG_EGRESS, names::PROG_INGRESS] {
+        for name in [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_BRIDGE] {
             classifier(&mut ebpf, name)?
                 .load()
                 .with_context(|| format!("the kernel rejected BPF program {name}"))?;
@@ -392,13 +393,25 @@ impl Kernel {
             .context("writing the data plane config map")
     }
 
-    /// Our links are not pinned, so programs of ours already on `ifname` mean a live
-    /// second instance in this namespace.
-    fn ensure_not_attached(ifname: &str) -> anyhow::Result<()> {
-        for (name, direction) in [
-            (names::PROG_INGRESS, TcAttachType::Ingress),
-            (names::PROG_EGRESS, TcAttachType::Egress),
-        ] {
+    /// The (program, interface, direction) triples this data plane attaches.
+    fn attachments<'a>(
+        underlay: &'a str,
+        bridge: Option<&'a str>,
+    ) -> Vec<(&'static str, &'a str, TcAttachType)> {
+        let mut list = vec![
+            (names::PROG_INGRESS, underlay, TcAttachType::Ingress),
+            (names::PROG_EGRESS, underlay, TcAttachType::Egress),
+        ];
+        if let Some(bridge) = bridge.filter(|b| interface_exists(b)) {
+            list.push((names::PROG_BRIDGE, bridge, TcAttachType::Ingress));
+        }
+        list
+    }
+
+    /// Our links are not pinned, so programs of ours already attached mean a live second
+    /// instance in this namespace.
+    fn ensure_not_attached(underlay: &str, bridge: Option<&str>) -> anyhow::Result<()> {
+        for (name, ifname, direction) in Self::attachments(underlay, bridge) {
             let (_, attached) = SchedClassifier::query_tcx(ifname, direction).with_context(|| {
                 format!("listing TCX programs on {ifname} ({direction:?}): does the interface exist in this namespace?")
             })?;
@@ -409,12 +422,15 @@ impl Kernel {
         Ok(())
     }
 
-    /// TCX attach (kernel >= 6.6) to ingress and egress of the underlay.
-    fn attach(&mut self, ifname: &str) -> anyhow::Result<()> {
-        for (name, direction) in [
-            (names::PROG_INGRESS, TcAttachType::Ingress),
-            (names::PROG_EGRESS, TcAttachType::Egress),
-        ] {
+    /// TCX attach (kernel >= 6.6): ingress and egress of the underlay, and ingress of the
+    /// bridge for the container → peer fast path when the bridge exists. Without it,
+    /// container traffic takes the host's forwarding path to `rudder_egress` (correct,
+    /// slower).
+    fn attach(&mut self, underlay: &str, bridge: Option<&str>) -> anyhow::Result<()> {
+        if let Some(missing) = bridge.filter(|b| !interface_exists(b)) {
+            tracing::warn!(bridge = missing, "bridge not found: container traffic to peers takes the host's forwarding path");
+        }
+        for (name, ifname, direction) in Self::attachments(underlay, bridge) {
             classifier(&mut self.ebpf, name)?
                 .attach(ifname, direction)
                 .with_context(|| format!("attaching {name} to {ifname} ({direction:?}) failed: does the interface exist in this namespace?"))?;
@@ -445,6 +461,15 @@ impl Kernel {
             .or(info.size_translated().map(|bytes| bytes / 8))
             .with_context(|| format!("kernel reports no size for {name}"))
     }
+}
+
+/// In the calling thread's network namespace (sysfs would show the mounter's).
+fn interface_exists(ifname: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(ifname) else {
+        return false;
+    };
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {

@@ -49,6 +49,7 @@ fn fixture() -> Kernel {
             public_ip: OUR_PUBLIC.octets(),
             udp_port: PORT,
             overlay_mtu: MTU,
+            underlay_ifindex: 1,
         })
         .unwrap();
     kernel
@@ -269,6 +270,17 @@ fn encap_passes_non_overlay_traffic_untouched() {
         Counter::Passed,
     );
     assert_eq!(out, frame);
+}
+
+#[test]
+fn encap_lets_fast_path_output_through_uncounted() {
+    let kernel = fixture();
+    let inner = ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 63, true, 20);
+    let frame = overlay_frame(OUR_PUBLIC, PEER_PUBLIC, PORT, &inner);
+    let before = kernel.counters();
+    let (ret, out) = run(&kernel, names::PROG_EGRESS, &frame);
+    assert_eq!((ret, &out), (TC_ACT_UNSPEC, &frame), "already encapsulated: untouched");
+    assert_eq!(kernel.counters(), before, "counted once, by rudder_br_in");
 }
 
 #[test]
@@ -592,9 +604,47 @@ fn decap_drops_expiring_ttl() {
 }
 
 #[test]
+fn bridge_fast_path_encapsulates_with_ttl_decremented_and_redirects() {
+    let kernel = fixture();
+    let inner = ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 64, true, 100);
+    let frame = ethernet(OUR_MAC, PEER_MAC, &inner);
+    let out = expect_counted(&kernel, names::PROG_BRIDGE, &frame, TC_ACT_REDIRECT, Counter::Encapsulated);
+    assert_eq!(out.len(), frame.len() + 28);
+    let outer = &out[14..42];
+    assert_eq!(outer[12..16], OUR_PUBLIC.octets());
+    assert_eq!(outer[16..20], PEER_PUBLIC.octets());
+    assert_eq!(checksum(&outer[..20]), 0);
+    assert_eq!(u16::from_be_bytes([outer[22], outer[23]]), PORT);
+    let mut expected = inner.clone();
+    expected[8] = 63;
+    expected[10..12].copy_from_slice(&[0, 0]);
+    let csum = checksum(&expected[..20]);
+    expected[10..12].copy_from_slice(&csum.to_be_bytes());
+    assert_eq!(out[42..], expected[..], "inner packet with TTL - 1");
+}
+
+#[test]
+fn bridge_fast_path_leaves_exceptions_to_the_stack() {
+    let kernel = fixture();
+    let cases = [
+        ("not for a peer", ipv4_udp(LOCAL_CONTAINER, Ipv4Addr::new(8, 8, 8, 8), 64, true, 20)),
+        ("TTL expiring", ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 1, true, 20)),
+        ("above the overlay MTU", ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 64, true, usize::from(MTU))),
+    ];
+    for (what, packet) in cases {
+        let frame = ethernet(OUR_MAC, PEER_MAC, &packet);
+        let before = kernel.counters();
+        let (ret, out) = run(&kernel, names::PROG_BRIDGE, &frame);
+        assert_eq!(ret, TC_ACT_UNSPEC, "{what}: verdict");
+        assert_eq!(out, frame, "{what}: packet changed");
+        assert_eq!(kernel.counters(), before, "{what}: counters moved");
+    }
+}
+
+#[test]
 fn programs_pass_the_verifier_within_budget() {
     let kernel = fixture();
-    for name in [names::PROG_EGRESS, names::PROG_INGRESS] {
+    for name in [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_BRIDGE] {
         let count = kernel.instruction_count(name).unwrap();
         eprintln!("{name}: {count} instructions");
         assert!(count > 0 && count < 4096, "{name} has {count} instructions");
