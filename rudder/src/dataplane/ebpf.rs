@@ -428,7 +428,10 @@ impl Kernel {
     /// slower).
     fn attach(&mut self, underlay: &str, bridge: Option<&str>) -> anyhow::Result<()> {
         if let Some(missing) = bridge.filter(|b| !interface_exists(b)) {
-            tracing::warn!(bridge = missing, "bridge not found: container traffic to peers takes the host's forwarding path");
+            tracing::warn!(
+                bridge = missing,
+                "bridge not found: container traffic to peers takes the host's forwarding path"
+            );
         }
         for (name, ifname, direction) in Self::attachments(underlay, bridge) {
             classifier(&mut self.ebpf, name)?

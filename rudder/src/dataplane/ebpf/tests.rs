@@ -279,7 +279,11 @@ fn encap_lets_fast_path_output_through_uncounted() {
     let frame = overlay_frame(OUR_PUBLIC, PEER_PUBLIC, PORT, &inner);
     let before = kernel.counters();
     let (ret, out) = run(&kernel, names::PROG_EGRESS, &frame);
-    assert_eq!((ret, &out), (TC_ACT_UNSPEC, &frame), "already encapsulated: untouched");
+    assert_eq!(
+        (ret, &out),
+        (TC_ACT_UNSPEC, &frame),
+        "already encapsulated: untouched"
+    );
     assert_eq!(kernel.counters(), before, "counted once, by rudder_br_in");
 }
 
@@ -608,7 +612,13 @@ fn bridge_fast_path_encapsulates_with_ttl_decremented_and_redirects() {
     let kernel = fixture();
     let inner = ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 64, true, 100);
     let frame = ethernet(OUR_MAC, PEER_MAC, &inner);
-    let out = expect_counted(&kernel, names::PROG_BRIDGE, &frame, TC_ACT_REDIRECT, Counter::Encapsulated);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_BRIDGE,
+        &frame,
+        TC_ACT_REDIRECT,
+        Counter::Encapsulated,
+    );
     assert_eq!(out.len(), frame.len() + 28);
     let outer = &out[14..42];
     assert_eq!(outer[12..16], OUR_PUBLIC.octets());
@@ -627,9 +637,18 @@ fn bridge_fast_path_encapsulates_with_ttl_decremented_and_redirects() {
 fn bridge_fast_path_leaves_exceptions_to_the_stack() {
     let kernel = fixture();
     let cases = [
-        ("not for a peer", ipv4_udp(LOCAL_CONTAINER, Ipv4Addr::new(8, 8, 8, 8), 64, true, 20)),
-        ("TTL expiring", ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 1, true, 20)),
-        ("above the overlay MTU", ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 64, true, usize::from(MTU))),
+        (
+            "not for a peer",
+            ipv4_udp(LOCAL_CONTAINER, Ipv4Addr::new(8, 8, 8, 8), 64, true, 20),
+        ),
+        (
+            "TTL expiring",
+            ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 1, true, 20),
+        ),
+        (
+            "above the overlay MTU",
+            ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 64, true, usize::from(MTU)),
+        ),
     ];
     for (what, packet) in cases {
         let frame = ethernet(OUR_MAC, PEER_MAC, &packet);
