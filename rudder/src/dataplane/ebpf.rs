@@ -98,6 +98,8 @@ struct State {
     kernel: Option<Kernel>,
     routes: Option<Routes>,
     peers: BTreeMap<Ipv4Net, Ipv4Addr>,
+    /// Endpoints installed by `refresh_local_endpoints` (container IP → entry).
+    discovered: BTreeMap<Ipv4Addr, LocalEndpoint>,
 }
 
 impl EbpfDataplane {
@@ -134,6 +136,7 @@ impl EbpfDataplane {
                 kernel: Some(kernel),
                 routes: Some(routes),
                 peers: BTreeMap::new(),
+                discovered: BTreeMap::new(),
             }),
         })
     }
@@ -161,6 +164,46 @@ impl EbpfDataplane {
             .with_context(|| {
                 format!("adding local endpoint {ip} (ifindex {host_veth_ifindex}) to the BPF map")
             })
+    }
+
+    /// Finds the containers behind the bridge ([`EbpfOptions::bridge`]) and installs them
+    /// as local endpoints, removing those that vanished since the last call; returns how
+    /// many there are. A container is an IPv4 neighbour of the bridge inside the local
+    /// subnet whose MAC the bridge's FDB places on a veth port. Call it periodically (e.g.
+    /// every few seconds) or on netlink neighbour events; endpoints added with
+    /// [`Self::upsert_local_endpoint`] for the same IP are overwritten.
+    pub fn refresh_local_endpoints(&self) -> anyhow::Result<usize> {
+        let mut state = self.lock();
+        let bridge = state
+            .opts
+            .bridge
+            .clone()
+            .context("refreshing local endpoints needs EbpfOptions::bridge")?;
+        let subnet = state.opts.local_subnet;
+        let found: BTreeMap<Ipv4Addr, LocalEndpoint> = state
+            .routes()?
+            .discover_endpoints(&bridge, subnet)?
+            .into_iter()
+            .collect();
+        let State {
+            kernel, discovered, ..
+        } = &mut *state;
+        let kernel = kernel.as_mut().context("eBPF data plane is shut down")?;
+        for (ip, endpoint) in &found {
+            if discovered.get(ip) != Some(endpoint) {
+                kernel
+                    .endpoints
+                    .insert(ip.octets(), *endpoint, 0)
+                    .with_context(|| format!("adding local endpoint {ip} to the BPF map"))?;
+            }
+        }
+        for ip in discovered.keys().filter(|ip| !found.contains_key(ip)) {
+            ignore_missing(kernel.endpoints.remove(&ip.octets()))
+                .with_context(|| format!("removing vanished local endpoint {ip}"))?;
+        }
+        let count = found.len();
+        *discovered = found;
+        Ok(count)
     }
 
     /// Forgets a local container; absent ones are not an error.
@@ -241,7 +284,8 @@ impl Dataplane for EbpfDataplane {
     fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> anyhow::Result<()> {
         let mut state = self.lock();
         let subnet = subnet.trunc();
-        if subnet.contains(&state.opts.local_subnet.network()) {
+        let local = state.opts.local_subnet;
+        if subnet.contains(&local.network()) || local.contains(&subnet.network()) {
             bail!(
                 "peer subnet {subnet} overlaps our own subnet {}; not installing it",
                 state.opts.local_subnet
@@ -292,6 +336,7 @@ impl Dataplane for EbpfDataplane {
         // Dropping the programs releases the (unpinned) TCX links: traffic stops here.
         drop(state.kernel.take());
         state.peers.clear();
+        state.discovered.clear();
         if let Some(routes) = state.routes.take() {
             routes
                 .remove_stale()
@@ -620,6 +665,129 @@ impl Routes {
             .build();
         message.header.scope = rtnetlink::packet_route::route::RouteScope::Universe;
         Ok(self.run(self.handle.route().add(message).replace().execute())?)
+    }
+
+    /// Containers behind `bridge` with an address in `subnet`; see
+    /// [`EbpfDataplane::refresh_local_endpoints`].
+    fn discover_endpoints(
+        &self,
+        bridge: &str,
+        subnet: Ipv4Net,
+    ) -> anyhow::Result<Vec<(Ipv4Addr, LocalEndpoint)>> {
+        use rtnetlink::packet_route::{
+            link::{InfoKind, LinkAttribute, LinkInfo},
+            neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+            AddressFamily,
+        };
+        fn lladdr(entry: &NeighbourMessage) -> Option<[u8; 6]> {
+            entry.attributes.iter().find_map(|attr| match attr {
+                NeighbourAttribute::LinkLayerAddress(mac) => mac.as_slice().try_into().ok(),
+                _ => None,
+            })
+        }
+        self.run(async {
+            let bridge_link = self
+                .handle
+                .link()
+                .get()
+                .match_name(bridge.to_owned())
+                .execute()
+                .try_next()
+                .await
+                .with_context(|| format!("looking up bridge {bridge}"))?
+                .with_context(|| format!("bridge {bridge} not found"))?;
+            let bridge_index = bridge_link.header.index;
+            let gateway_mac: [u8; 6] = bridge_link
+                .attributes
+                .iter()
+                .find_map(|attr| match attr {
+                    LinkAttribute::Address(mac) => mac.as_slice().try_into().ok(),
+                    _ => None,
+                })
+                .with_context(|| format!("bridge {bridge} has no MAC address"))?;
+
+            // Bridge FDB: which port each MAC sits behind.
+            let fdb: Vec<NeighbourMessage> = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(AddressFamily::Bridge)
+                .execute()
+                .try_collect()
+                .await
+                .context("dumping the bridge FDB")?;
+            let port_of_mac: std::collections::HashMap<[u8; 6], u32> = fdb
+                .iter()
+                .filter(|entry| {
+                    entry.header.ifindex != bridge_index
+                        && entry
+                            .attributes
+                            .contains(&NeighbourAttribute::Controller(bridge_index))
+                })
+                .filter_map(|entry| Some((lladdr(entry)?, entry.header.ifindex)))
+                .collect();
+
+            let neighbours: Vec<NeighbourMessage> = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(AddressFamily::Inet)
+                .execute()
+                .try_collect()
+                .await
+                .context("dumping IPv4 neighbours")?;
+            let mut found = Vec::new();
+            for neighbour in neighbours.iter().filter(|n| {
+                n.header.ifindex == bridge_index
+                    && !matches!(
+                        n.header.state,
+                        NeighbourState::Incomplete
+                            | NeighbourState::Failed
+                            | NeighbourState::Noarp
+                            | NeighbourState::None
+                    )
+            }) {
+                let Some(ip) = neighbour.attributes.iter().find_map(|attr| match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                    _ => None,
+                }) else {
+                    continue;
+                };
+                let (Some(mac), true) = (lladdr(neighbour), subnet.contains(&ip)) else {
+                    continue;
+                };
+                let Some(&port) = port_of_mac.get(&mac) else {
+                    continue;
+                };
+                // bpf_redirect_peer only works for veth (and netkit) ports.
+                let port_link = self
+                    .handle
+                    .link()
+                    .get()
+                    .match_index(port)
+                    .execute()
+                    .try_next()
+                    .await
+                    .with_context(|| format!("looking up bridge port {port}"))?;
+                let is_veth = port_link.is_some_and(|link| {
+                    link.attributes.iter().any(|attr| {
+                        matches!(attr, LinkAttribute::LinkInfo(infos)
+                            if infos.contains(&LinkInfo::Kind(InfoKind::Veth)))
+                    })
+                });
+                if is_veth {
+                    found.push((
+                        ip,
+                        LocalEndpoint {
+                            host_ifindex: port,
+                            container_mac: mac,
+                            gateway_mac,
+                        },
+                    ));
+                }
+            }
+            Ok(found)
+        })
     }
 
     /// Deletes every IPv4 route with our protocol number; returns how many.

@@ -287,14 +287,20 @@ fn containers_talk_through_the_ebpf_overlay() {
     let slow = tcp_transfer(&topo, 8 << 20);
 
     // Fast delivery: bpf_redirect_peer into the containers' namespaces.
-    let (_, bridge_a_mac) = topo.link("hA", "br0");
+    // Host A discovers its container from the bridge (neighbour + FDB); B is told.
+    assert_eq!(
+        a.refresh_local_endpoints().unwrap(),
+        1,
+        "containers found behind hA's bridge"
+    );
+    assert_eq!(
+        a.refresh_local_endpoints().unwrap(),
+        1,
+        "refresh is idempotent"
+    );
     let (_, bridge_b_mac) = topo.link("hB", "br0");
-    let (veth_a, _) = topo.link("hA", "veth-c");
     let (veth_b, _) = topo.link("hB", "veth-c");
-    let (_, mac_a) = topo.link("cA", "eth0");
     let (_, mac_b) = topo.link("cB", "eth0");
-    a.upsert_local_endpoint(CONTAINER_A, veth_a, mac_a, bridge_a_mac)
-        .unwrap();
     b.upsert_local_endpoint(CONTAINER_B, veth_b, mac_b, bridge_b_mac)
         .unwrap();
     topo.exec(
