@@ -1,9 +1,8 @@
-//! The BPF side: maps and the two classifiers. Only compiled for `target_arch = "bpf"`.
+//! The BPF side: maps and the three classifiers. Only compiled for `target_arch = "bpf"`.
 
 use aya_ebpf::{
-    bindings::bpf_redir_neigh,
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
         TC_ACT_UNSPEC,
     },

@@ -214,17 +214,21 @@ impl EbpfDataplane {
             .with_context(|| format!("removing local endpoint {ip} from the BPF map"))
     }
 
-    /// Verifier-reported instruction counts of (egress, ingress), for status output.
-    pub fn program_sizes(&self) -> anyhow::Result<(u32, u32)> {
+    /// For status output: (program name, instructions after translation, instructions
+    /// the verifier processed) of every loaded program.
+    pub fn program_sizes(&self) -> anyhow::Result<Vec<(&'static str, u32, u32)>> {
         let state = self.lock();
         let kernel = state
             .kernel
             .as_ref()
             .context("eBPF data plane is shut down")?;
-        Ok((
-            kernel.instruction_count(names::PROG_EGRESS)?,
-            kernel.instruction_count(names::PROG_INGRESS)?,
-        ))
+        [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_BRIDGE]
+            .into_iter()
+            .map(|name| {
+                let (verified, size) = kernel.program_sizes(name)?;
+                Ok((name, size, verified))
+            })
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -496,7 +500,8 @@ impl Kernel {
         snapshot
     }
 
-    fn instruction_count(&self, name: &str) -> anyhow::Result<u32> {
+    /// (instructions the verifier processed, instructions after translation).
+    fn program_sizes(&self, name: &str) -> anyhow::Result<(u32, u32)> {
         let program: &SchedClassifier = self
             .ebpf
             .program(name)
@@ -505,9 +510,10 @@ impl Kernel {
         let info = program
             .info()
             .with_context(|| format!("reading info of {name}"))?;
-        info.verified_instruction_count()
-            .or(info.size_translated().map(|bytes| bytes / 8))
-            .with_context(|| format!("kernel reports no size for {name}"))
+        Ok((
+            info.verified_instruction_count().unwrap_or(0),
+            info.size_translated().unwrap_or(0) / 8,
+        ))
     }
 }
 
