@@ -422,6 +422,12 @@ fn load_removes_routes_left_by_a_crashed_instance() {
         !routes.contains("10.5.99.0"),
         "stale route survived: {routes}"
     );
+    let sizes = a.program_sizes().unwrap();
+    assert_eq!(
+        sizes.len(),
+        3,
+        "egress, ingress and bridge programs: {sizes:?}"
+    );
     assert!(
         routes.contains("unreachable 10.5.0.0/16"),
         "network route: {routes}"
