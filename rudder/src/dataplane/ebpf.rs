@@ -1,31 +1,42 @@
-//! In-kernel data plane: TC (TCX) programs from `rudder-ebpf` on the underlay interface.
+//! In-kernel data plane: TC (TCX) programs from `rudder-ebpf` on the underlay interface
+//! and, when it exists, the containers' bridge.
 //!
 //! # Design
 //! - **Egress** (`rudder_egress`, TCX egress of the underlay device): every peer subnet gets
 //!   a route `<subnet> via <next hop> dev <underlay> onlink mtu <overlay MTU> proto 211`,
 //!   where the next hop is the peer's public IP, or the underlay gateway the kernel uses to
-//!   reach it. The kernel forwards a container's packet onto the underlay with the right
-//!   MAC already resolved; the program looks the inner destination up in the peer LPM trie
-//!   and inserts outer IPv4 + UDP after the Ethernet header (GSO kept).
+//!   reach it (looked up when the peer is added). The kernel forwards a container's packet
+//!   onto the underlay with the right MAC already resolved; the program looks the inner
+//!   destination up in the peer LPM trie and inserts outer IPv4 + UDP after the Ethernet
+//!   header (GSO kept). This path also carries host-originated overlay traffic.
+//! - **Bridge fast path** (`rudder_br_in`, TCX ingress of the bridge): container packets
+//!   for a peer reach the bridge device (they are addressed to the gateway MAC); the
+//!   program decrements the TTL, encapsulates and `bpf_redirect_neigh`s them to the
+//!   underlay, skipping the host's forwarding path. Exceptions (TTL 1, too big, no peer)
+//!   continue to the stack and then to `rudder_egress`.
 //! - **Ingress** (`rudder_ingress`, TCX ingress of the underlay device): checks and
 //!   decapsulates overlay datagrams, decrements the inner TTL and hands packets for known
 //!   local containers to `bpf_redirect_peer` (straight into the container's namespace,
-//!   GSO kept); other local destinations go up the host stack.
+//!   GSO kept); other local destinations go up the host stack (correct, ~4x slower for
+//!   TCP here, because the still tunnel-marked GSO packet is segmented in software).
 //! - **MTU**: the peer routes carry the overlay MTU, so the kernel itself sends
 //!   "fragmentation needed" to senders (or fragments DF-less packets) before the program
 //!   sees them; a non-GSO packet still larger than the overlay MTU is dropped and counted
-//!   as `too_big` (only possible when something bypasses those routes).
+//!   as `too_big` (only possible when something bypasses those routes). The bridge fast
+//!   path leaves such packets to the stack for the same ICMP answer.
 //! - **Unknown overlay destinations**: an `unreachable <network> proto 211` route makes the
 //!   kernel answer with ICMP "destination unreachable" instead of leaking the packet onto
 //!   the underlay; the egress program also drops (and counts `no_route`) any such packet.
 //!
 //! # What the daemon must provide
-//! - `net.ipv4.ip_forward=1`; containers' MTU = the overlay MTU.
-//! - Local endpoints (container IP → host-side veth ifindex, container MAC, bridge MAC)
-//!   through [`EbpfDataplane::upsert_local_endpoint`] for the fast delivery path; without
-//!   them delivery falls back to the host stack (correct, about 3x slower for TCP).
+//! - `net.ipv4.ip_forward=1`; containers' MTU = the overlay MTU; the bridge (with the
+//!   subnet's first host address) before `load` to get the bridge fast path and the
+//!   peer routes' preferred source.
+//! - Local endpoints for the fast delivery path: call
+//!   [`EbpfDataplane::refresh_local_endpoints`] every few seconds (it reads the bridge's
+//!   neighbours and FDB), or feed [`EbpfDataplane::upsert_local_endpoint`] yourself.
 //! - Redirected packets bypass the host's forwarding path: host netfilter (forward chain,
-//!   conntrack) does not see overlay packets delivered to known local endpoints.
+//!   conntrack) does not see container ↔ peer traffic on the fast paths.
 //!
 //! Kernel state is owned by this process: the TCX links vanish with it (they are not
 //! pinned) and routes carry protocol [`RTPROT_RUDDER`], so the next `load` removes a
