@@ -5,6 +5,25 @@
 //! the daemon (which also uses the counters for its TUN data plane) both import them.
 #![no_std]
 
+/// Names of the BPF programs and maps in the object built from `src/main.rs`; userspace
+/// looks them up by these names.
+pub mod names {
+    pub const PROG_EGRESS: &str = "rudder_egress";
+    pub const PROG_INGRESS: &str = "rudder_ingress";
+    pub const PROG_BRIDGE: &str = "rudder_br_in";
+    pub const MAP_CONFIG: &str = "RUDDER_CONFIG";
+    pub const MAP_PEERS: &str = "RUDDER_PEERS";
+    pub const MAP_SENDERS: &str = "RUDDER_SENDERS";
+    pub const MAP_ENDPOINTS: &str = "RUDDER_ENDPTS";
+    pub const MAP_COUNTERS: &str = "RUDDER_COUNTERS";
+}
+
+/// Capacity of the peer maps: a /8 network cut into /24 subnets has 65536 of them.
+pub const MAX_PEERS: u32 = 65536;
+
+/// Capacity of the local endpoint map (containers on this host).
+pub const MAX_LOCAL_ENDPOINTS: u32 = 4096;
+
 /// flannel's udp backend port: rudder speaks the same wire format on it.
 pub const DEFAULT_UDP_PORT: u16 = 8285;
 
@@ -103,12 +122,20 @@ impl Counter {
 }
 
 /// Key of the peer LPM trie: a prefix length and an IPv4 address in network byte order.
-/// Layout matches the kernel's `struct bpf_lpm_trie_key` followed by 4 address bytes.
+/// Layout matches the kernel's `struct bpf_lpm_trie_key` followed by 4 address bytes, and
+/// aya's `lpm_trie::Key<[u8; 4]>` on both sides (the maps are declared with that type).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerKey {
     pub prefix_len: u32,
     pub addr: [u8; 4],
+}
+
+impl PeerKey {
+    /// Key for `addr`/`prefix_len`; a lookup uses prefix length 32.
+    pub const fn new(addr: [u8; 4], prefix_len: u32) -> Self {
+        PeerKey { prefix_len, addr }
+    }
 }
 
 /// Value of the peer LPM trie: where the subnet's host is on the underlay.
@@ -117,6 +144,19 @@ pub struct PeerKey {
 pub struct PeerValue {
     /// The peer's public (underlay) IPv4 address, network byte order.
     pub public_ip: [u8; 4],
+}
+
+/// Value of the local endpoint map, keyed by a container's IPv4 address (network byte
+/// order): where the ingress program hands a decapsulated packet with `bpf_redirect_peer`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    /// Host-side veth of the container (its peer is the container's interface).
+    pub host_ifindex: u32,
+    /// The container interface's MAC: the Ethernet destination written before the redirect.
+    pub container_mac: [u8; 6],
+    /// The container's gateway MAC (the bridge): the Ethernet source.
+    pub gateway_mac: [u8; 6],
 }
 
 /// Per-host settings the daemon writes into a single-entry array map.
@@ -135,7 +175,24 @@ pub struct DataplaneConfig {
     pub udp_port: u16,
     /// Overlay MTU: inner packets larger than this are not encapsulated.
     pub overlay_mtu: u16,
+    /// Underlay device: where the bridge fast path redirects encapsulated packets.
+    pub underlay_ifindex: u32,
 }
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all are `repr(C)`, made only of integers and byte arrays, without padding.
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::PeerValue {}
+    unsafe impl aya::Pod for super::LocalEndpoint {}
+    unsafe impl aya::Pod for super::DataplaneConfig {}
+}
+
+// The kernel reads these with fixed layouts; a changed size is a wire break.
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 8);
+const _: () = assert!(core::mem::size_of::<PeerValue>() == 4);
+const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 16);
+const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 28);
 
 /// True when `addr` lies inside `net`/`prefix_len` (all in network byte order).
 pub const fn ipv4_in_subnet(addr: [u8; 4], net: [u8; 4], prefix_len: u32) -> bool {

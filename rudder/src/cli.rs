@@ -222,6 +222,10 @@ pub struct RunArgs {
     /// Data plane: auto (eBPF, falling back to TUN), ebpf, or tun.
     #[arg(long, env = "RUDDER_DATAPLANE", value_enum, default_value = "auto")]
     pub dataplane: DataplaneKind,
+
+    /// Test hook: make the eBPF load fail, to exercise `--dataplane auto`'s fall-back.
+    #[arg(long, env = "RUDDER_EBPF_FORCE_FAIL", hide = true)]
+    pub ebpf_force_fail: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

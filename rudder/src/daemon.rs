@@ -97,6 +97,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         overlay_mtu,
         tun_name: args.tun_name.clone(),
         bridge: args.bridge.clone(),
+        ebpf_force_fail: args.ebpf_force_fail,
     };
     let (dp, reason) = match dataplane::create(&opts).await {
         Ok(created) => created,
@@ -140,6 +141,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         state: state.clone(),
     };
 
+    let refresh_task = tokio::spawn(refresh_host_state(dp.clone()));
     let config_task = tokio::spawn(watch_config(client.clone(), prefix.clone(), config.clone()));
     let registry_task = tokio::spawn(registry.run());
     let reconcile_task = tokio::spawn(reconciler.run(peer_rx));
@@ -150,12 +152,34 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     shutdown.wait().await;
     tracing::info!("shutting down");
     config_task.abort();
+    refresh_task.abort();
     registry_task.abort();
     reconcile_task.abort();
     let _ = stop_tx.send(());
     let keeper = keeper_task.await.context("the lease keeper panicked")?;
     keeper.finish(args.release_lease_on_exit).await;
     Ok(())
+}
+
+/// Lets the data plane re-read host state (local containers) every few seconds.
+async fn refresh_host_state(dp: Arc<dyn Dataplane>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let dp = dp.clone();
+        let result = tokio::task::spawn_blocking(move || dp.refresh_host_state()).await;
+        match result {
+            Ok(Ok(())) => failing = false,
+            // Log the first failure of a run of failures, not every tick.
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                tracing::warn!("refreshing the data plane's host state failed: {e:#}");
+            }
+            Ok(Err(_)) => {}
+            Err(e) => tracing::error!("data plane refresh panicked: {e}"),
+        }
+    }
 }
 
 /// Reads `<prefix>/config` until it exists and is valid; every failure is logged and kept in

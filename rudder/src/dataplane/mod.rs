@@ -5,11 +5,13 @@
 //! tells a data plane which peers exist; it never waits on etcd, so installed state stays
 //! as it is while etcd is unreachable.
 
+pub mod ebpf;
 pub mod tun;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use anyhow::Context;
 use ipnet::Ipv4Net;
 use rudder_ebpf::Counter;
 
@@ -57,6 +59,12 @@ pub trait Dataplane: Send + Sync {
 
     /// Stop forwarding and remove what this data plane created in the kernel.
     fn shutdown(&self) -> anyhow::Result<()>;
+
+    /// Re-reads what the data plane learns from the host rather than from etcd (the eBPF
+    /// path's local containers); called every few seconds. Nothing by default.
+    fn refresh_host_state(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// Everything a data plane needs to start.
@@ -72,29 +80,54 @@ pub struct DataplaneOptions {
     pub overlay_mtu: u16,
     pub tun_name: String,
     pub bridge: Option<String>,
+    /// Test hook: make the eBPF load fail (exercises the `auto` fall-back).
+    pub ebpf_force_fail: bool,
 }
 
 /// Starts the requested data plane; returns it with a line saying why it was chosen.
+/// `auto` tries eBPF and falls back to TUN on any failure, logging the reason once.
 pub async fn create(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplane>, String)> {
     match opts.kind {
-        DataplaneKind::Tun => Ok((
-            start_tun(opts).await?,
-            "tun data plane (--dataplane tun)".into(),
-        )),
-        DataplaneKind::Ebpf | DataplaneKind::Auto => {
-            let why = "the eBPF data plane is not built into this rudder";
-            if opts.kind == DataplaneKind::Ebpf {
-                anyhow::bail!("--dataplane ebpf: {why}");
-            }
-            tracing::warn!(
-                "eBPF data plane unavailable ({why}); falling back to the TUN data plane"
-            );
-            Ok((
-                start_tun(opts).await?,
-                format!("tun data plane (auto: eBPF unavailable: {why})"),
-            ))
+        DataplaneKind::Tun => Ok((start_tun(opts).await?, "--dataplane tun".into())),
+        DataplaneKind::Ebpf => {
+            let dp = load_ebpf(opts)
+                .await
+                .context("--dataplane ebpf: the eBPF data plane could not start (use --dataplane auto to fall back to TUN)")?;
+            Ok((dp, "--dataplane ebpf".into()))
         }
+        DataplaneKind::Auto => match load_ebpf(opts).await {
+            Ok(dp) => Ok((dp, "auto: eBPF loaded".into())),
+            Err(e) => {
+                let why = format!("{e:#}");
+                tracing::warn!(
+                    "eBPF data plane unavailable ({why}); falling back to the TUN data plane"
+                );
+                Ok((
+                    start_tun(opts).await?,
+                    format!("auto: eBPF unavailable: {why}"),
+                ))
+            }
+        },
     }
+}
+
+async fn load_ebpf(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>> {
+    let ebpf_opts = ebpf::EbpfOptions {
+        underlay_ifname: opts.underlay.name.clone(),
+        underlay_ifindex: opts.underlay.index,
+        public_ip: opts.underlay.public_ip,
+        network: opts.network,
+        local_subnet: opts.local_subnet,
+        udp_port: opts.port,
+        overlay_mtu: opts.overlay_mtu,
+        bridge: opts.bridge.clone(),
+        force_fail: opts.ebpf_force_fail,
+    };
+    // Loading talks to the kernel synchronously (verifier, netlink): keep it off the runtime.
+    let dp = tokio::task::spawn_blocking(move || ebpf::EbpfDataplane::load(ebpf_opts))
+        .await
+        .context("the eBPF loader panicked")??;
+    Ok(Arc::new(dp))
 }
 
 async fn start_tun(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>> {

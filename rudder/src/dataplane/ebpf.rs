@@ -1,0 +1,856 @@
+//! In-kernel data plane: TC (TCX) programs from `rudder-ebpf` on the underlay interface
+//! and, when it exists, the containers' bridge.
+//!
+//! # Design
+//! - **Egress** (`rudder_egress`, TCX egress of the underlay device): every peer subnet gets
+//!   a route `<subnet> via <next hop> dev <underlay> onlink mtu <overlay MTU> proto 211`,
+//!   where the next hop is the peer's public IP, or the underlay gateway the kernel uses to
+//!   reach it (looked up when the peer is added). The kernel forwards a container's packet
+//!   onto the underlay with the right MAC already resolved; the program looks the inner
+//!   destination up in the peer LPM trie and inserts outer IPv4 + UDP after the Ethernet
+//!   header (GSO kept). This path also carries host-originated overlay traffic.
+//! - **Bridge fast path** (`rudder_br_in`, TCX ingress of the bridge): container packets
+//!   for a peer reach the bridge device (they are addressed to the gateway MAC); the
+//!   program decrements the TTL, encapsulates and `bpf_redirect_neigh`s them to the
+//!   underlay, skipping the host's forwarding path. Exceptions (TTL 1, too big, no peer)
+//!   continue to the stack and then to `rudder_egress`.
+//! - **Ingress** (`rudder_ingress`, TCX ingress of the underlay device): checks and
+//!   decapsulates overlay datagrams, decrements the inner TTL and hands packets for known
+//!   local containers to `bpf_redirect_peer` (straight into the container's namespace,
+//!   GSO kept); other local destinations go up the host stack (correct, ~4x slower for
+//!   TCP here, because the still tunnel-marked GSO packet is segmented in software).
+//! - **MTU**: the peer routes carry the overlay MTU, so the kernel itself sends
+//!   "fragmentation needed" to senders (or fragments DF-less packets) before the program
+//!   sees them; a non-GSO packet still larger than the overlay MTU is dropped and counted
+//!   as `too_big` (only possible when something bypasses those routes). The bridge fast
+//!   path leaves such packets to the stack for the same ICMP answer.
+//! - **Unknown overlay destinations**: an `unreachable <network> proto 211` route makes the
+//!   kernel answer with ICMP "destination unreachable" instead of leaking the packet onto
+//!   the underlay; the egress program also drops (and counts `no_route`) any such packet.
+//!
+//! # What the daemon must provide
+//! - `net.ipv4.ip_forward=1`; containers' MTU = the overlay MTU; the bridge (with the
+//!   subnet's first host address) before `load` to get the bridge fast path and the
+//!   peer routes' preferred source.
+//! - Local endpoints for the fast delivery path: call
+//!   [`EbpfDataplane::refresh_local_endpoints`] every few seconds (it reads the bridge's
+//!   neighbours and FDB), or feed [`EbpfDataplane::upsert_local_endpoint`] yourself.
+//! - Redirected packets bypass the host's forwarding path: host netfilter (forward chain,
+//!   conntrack) does not see container ↔ peer traffic on the fast paths.
+//!
+//! Kernel state is owned by this process: the TCX links vanish with it (they are not
+//! pinned) and routes carry protocol [`RTPROT_RUDDER`], so the next `load` removes a
+//! crashed daemon's routes.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::{Mutex, MutexGuard},
+};
+
+use anyhow::{bail, Context as _};
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType},
+    Ebpf, EbpfLoader,
+};
+use futures::TryStreamExt as _;
+use ipnet::Ipv4Net;
+use rtnetlink::{
+    packet_route::route::{RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteType},
+    RouteMessageBuilder,
+};
+use rudder_ebpf::{names, Counter, DataplaneConfig, LocalEndpoint, PeerValue};
+
+use super::{CounterSnapshot, Dataplane, DataplaneKind};
+
+#[cfg(test)]
+mod smoke_tests;
+#[cfg(test)]
+mod tests;
+
+/// Route protocol number marking the routes this data plane owns (`ip route show proto 211`).
+pub const RTPROT_RUDDER: u8 = 211;
+
+/// The BPF object built by `build.rs`.
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rudder-ebpf"));
+
+/// What [`EbpfDataplane::load`] needs to know about this host.
+#[derive(Clone, Debug)]
+pub struct EbpfOptions {
+    /// Underlay interface: both programs attach to it, peer routes point out of it.
+    pub underlay_ifname: String,
+    pub underlay_ifindex: u32,
+    /// Our underlay address: the outer source of encapsulated packets.
+    pub public_ip: Ipv4Addr,
+    /// The whole overlay network (e.g. 10.5.0.0/16).
+    pub network: Ipv4Net,
+    /// Our leased subnet (e.g. 10.5.34.0/24).
+    pub local_subnet: Ipv4Net,
+    pub udp_port: u16,
+    /// Underlay MTU − 28.
+    pub overlay_mtu: u16,
+    /// Bridge holding the local subnet's gateway address (first host address, as in
+    /// flannel's subnet file). When set, peer routes use that address as preferred
+    /// source, so host-originated overlay traffic passes the peers' anti-spoofing check.
+    pub bridge: Option<String>,
+    /// Test hook: fail as if the kernel refused the programs.
+    pub force_fail: bool,
+}
+
+/// The eBPF data plane. See the module documentation for the design.
+pub struct EbpfDataplane {
+    state: Mutex<State>,
+}
+
+struct State {
+    opts: EbpfOptions,
+    /// `None` after `shutdown`.
+    kernel: Option<Kernel>,
+    routes: Option<Routes>,
+    peers: BTreeMap<Ipv4Net, Ipv4Addr>,
+    /// Endpoints installed by `refresh_local_endpoints` (container IP → entry).
+    discovered: BTreeMap<Ipv4Addr, LocalEndpoint>,
+}
+
+impl EbpfDataplane {
+    /// Loads the programs, attaches them to the underlay (TCX ingress and egress), fills the
+    /// config map and installs the network's unreachable route. Removes routes a previous
+    /// (crashed) instance left behind first.
+    ///
+    /// Must run in the host's network namespace (the calling thread's is used for the
+    /// interface lookup, the TCX attach and the netlink socket).
+    pub fn load(opts: EbpfOptions) -> anyhow::Result<Self> {
+        if opts.force_fail {
+            bail!("eBPF data plane load failed on purpose (force_fail test hook)");
+        }
+        validate(&opts)?;
+        let mut kernel = Kernel::load()?;
+        // Before touching any route: a running instance must keep its state.
+        Kernel::ensure_not_attached(&opts.underlay_ifname, opts.bridge.as_deref())?;
+        let routes = Routes::connect(opts.underlay_ifindex)?;
+        let removed = routes.remove_stale()?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed routes left by a previous rudder (proto {RTPROT_RUDDER})"
+            );
+        }
+        kernel.set_config(&config_of(&opts))?;
+        kernel.attach(&opts.underlay_ifname, opts.bridge.as_deref())?;
+        routes
+            .add_unreachable(opts.network)
+            .with_context(|| format!("adding the route `unreachable {}`", opts.network))?;
+        Ok(EbpfDataplane {
+            state: Mutex::new(State {
+                opts,
+                kernel: Some(kernel),
+                routes: Some(routes),
+                peers: BTreeMap::new(),
+                discovered: BTreeMap::new(),
+            }),
+        })
+    }
+
+    /// Registers a container on this host for the fast delivery path: decapsulated packets
+    /// for `ip` go straight into the namespace of `host_veth_ifindex`'s peer, with Ethernet
+    /// destination `container_mac` and source `gateway_mac` (the bridge's MAC).
+    pub fn upsert_local_endpoint(
+        &self,
+        ip: Ipv4Addr,
+        host_veth_ifindex: u32,
+        container_mac: [u8; 6],
+        gateway_mac: [u8; 6],
+    ) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let kernel = state.kernel_mut()?;
+        let endpoint = LocalEndpoint {
+            host_ifindex: host_veth_ifindex,
+            container_mac,
+            gateway_mac,
+        };
+        kernel
+            .endpoints
+            .insert(ip.octets(), endpoint, 0)
+            .with_context(|| {
+                format!("adding local endpoint {ip} (ifindex {host_veth_ifindex}) to the BPF map")
+            })
+    }
+
+    /// Finds the containers behind the bridge ([`EbpfOptions::bridge`]) and installs them
+    /// as local endpoints, removing those that vanished since the last call; returns how
+    /// many there are. A container is an IPv4 neighbour of the bridge inside the local
+    /// subnet whose MAC the bridge's FDB places on a veth port. Call it periodically (e.g.
+    /// every few seconds) or on netlink neighbour events; endpoints added with
+    /// [`Self::upsert_local_endpoint`] for the same IP are overwritten.
+    pub fn refresh_local_endpoints(&self) -> anyhow::Result<usize> {
+        let mut state = self.lock();
+        let bridge = state
+            .opts
+            .bridge
+            .clone()
+            .context("refreshing local endpoints needs EbpfOptions::bridge")?;
+        let subnet = state.opts.local_subnet;
+        let found: BTreeMap<Ipv4Addr, LocalEndpoint> = state
+            .routes()?
+            .discover_endpoints(&bridge, subnet)?
+            .into_iter()
+            .collect();
+        let State {
+            kernel, discovered, ..
+        } = &mut *state;
+        let kernel = kernel.as_mut().context("eBPF data plane is shut down")?;
+        for (ip, endpoint) in &found {
+            if discovered.get(ip) != Some(endpoint) {
+                kernel
+                    .endpoints
+                    .insert(ip.octets(), *endpoint, 0)
+                    .with_context(|| format!("adding local endpoint {ip} to the BPF map"))?;
+            }
+        }
+        for ip in discovered.keys().filter(|ip| !found.contains_key(ip)) {
+            ignore_missing(kernel.endpoints.remove(&ip.octets()))
+                .with_context(|| format!("removing vanished local endpoint {ip}"))?;
+        }
+        let count = found.len();
+        *discovered = found;
+        Ok(count)
+    }
+
+    /// Forgets a local container; absent ones are not an error.
+    pub fn remove_local_endpoint(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let kernel = state.kernel_mut()?;
+        ignore_missing(kernel.endpoints.remove(&ip.octets()))
+            .with_context(|| format!("removing local endpoint {ip} from the BPF map"))
+    }
+
+    /// For status output: (program name, instructions after translation, instructions
+    /// the verifier processed) of every loaded program.
+    pub fn program_sizes(&self) -> anyhow::Result<Vec<(&'static str, u32, u32)>> {
+        let state = self.lock();
+        let kernel = state
+            .kernel
+            .as_ref()
+            .context("eBPF data plane is shut down")?;
+        [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_BRIDGE]
+            .into_iter()
+            .map(|name| {
+                let (verified, size) = kernel.program_sizes(name)?;
+                Ok((name, size, verified))
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent maps: keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl State {
+    fn kernel_mut(&mut self) -> anyhow::Result<&mut Kernel> {
+        self.kernel.as_mut().context("eBPF data plane is shut down")
+    }
+
+    fn routes(&self) -> anyhow::Result<&Routes> {
+        self.routes.as_ref().context("eBPF data plane is shut down")
+    }
+
+    /// Preferred source for peer routes: the local subnet's gateway address.
+    fn pref_source(&self) -> Option<Ipv4Addr> {
+        self.opts.bridge.as_ref()?;
+        self.opts.local_subnet.hosts().next()
+    }
+
+    /// Keeps the sender map in step with `peers` for one public IP.
+    fn sync_sender(&mut self, public_ip: Ipv4Addr) -> anyhow::Result<()> {
+        let subnets = self.peers.values().filter(|ip| **ip == public_ip).count() as u32;
+        let kernel = self.kernel_mut()?;
+        if subnets == 0 {
+            ignore_missing(kernel.senders.remove(&public_ip.octets()))
+        } else {
+            kernel.senders.insert(public_ip.octets(), subnets, 0)
+        }
+        .with_context(|| format!("updating the sender map for {public_ip}"))
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    fn kind(&self) -> DataplaneKind {
+        DataplaneKind::Ebpf
+    }
+
+    fn refresh_host_state(&self) -> anyhow::Result<()> {
+        if self.lock().opts.bridge.is_some() {
+            self.refresh_local_endpoints()?;
+        }
+        Ok(())
+    }
+
+    fn set_local_subnet(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        state.opts.local_subnet = subnet;
+        let config = config_of(&state.opts);
+        state.kernel_mut()?.set_config(&config)?;
+        // The preferred source of the peer routes follows the subnet.
+        let src = state.pref_source();
+        let mtu = state.opts.overlay_mtu;
+        let routes = state.routes()?;
+        for (peer_subnet, public_ip) in &state.peers {
+            routes.add_peer(*peer_subnet, *public_ip, mtu, src)?;
+        }
+        Ok(())
+    }
+
+    fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let subnet = subnet.trunc();
+        let local = state.opts.local_subnet;
+        if subnet.contains(&local.network()) || local.contains(&subnet.network()) {
+            bail!(
+                "peer subnet {subnet} overlaps our own subnet {}; not installing it",
+                state.opts.local_subnet
+            );
+        }
+        let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
+        let value = PeerValue {
+            public_ip: public_ip.octets(),
+        };
+        state
+            .kernel_mut()?
+            .peers
+            .insert(&key, value, 0)
+            .with_context(|| format!("adding peer {subnet} -> {public_ip} to the BPF LPM trie"))?;
+        let previous = state.peers.insert(subnet, public_ip);
+        state.sync_sender(public_ip)?;
+        if let Some(old_ip) = previous.filter(|old| *old != public_ip) {
+            state.sync_sender(old_ip)?;
+        }
+        let src = state.pref_source();
+        let mtu = state.opts.overlay_mtu;
+        state.routes()?.add_peer(subnet, public_ip, mtu, src)
+    }
+
+    fn remove_peer(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let subnet = subnet.trunc();
+        state.routes()?.remove_peer(subnet)?;
+        let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
+        ignore_missing(state.kernel_mut()?.peers.remove(&key))
+            .with_context(|| format!("removing peer {subnet} from the BPF LPM trie"))?;
+        if let Some(public_ip) = state.peers.remove(&subnet) {
+            state.sync_sender(public_ip)?;
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> CounterSnapshot {
+        let state = self.lock();
+        state
+            .kernel
+            .as_ref()
+            .map_or([0; Counter::COUNT], Kernel::counters)
+    }
+
+    fn shutdown(&self) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        // Dropping the programs releases the (unpinned) TCX links: traffic stops here.
+        drop(state.kernel.take());
+        state.peers.clear();
+        state.discovered.clear();
+        if let Some(routes) = state.routes.take() {
+            routes
+                .remove_stale()
+                .context("removing rudder's routes at shutdown")?;
+        }
+        Ok(())
+    }
+}
+
+fn validate(opts: &EbpfOptions) -> anyhow::Result<()> {
+    if !opts.network.contains(&opts.local_subnet) {
+        bail!(
+            "local subnet {} is not inside the network {}",
+            opts.local_subnet,
+            opts.network
+        );
+    }
+    if opts.overlay_mtu < 68 {
+        bail!(
+            "overlay MTU {} is below IPv4's minimum of 68",
+            opts.overlay_mtu
+        );
+    }
+    if opts.udp_port == 0 {
+        bail!("UDP port 0 is not usable for the overlay");
+    }
+    Ok(())
+}
+
+fn config_of(opts: &EbpfOptions) -> DataplaneConfig {
+    DataplaneConfig {
+        local_subnet: opts.local_subnet.network().octets(),
+        local_prefix_len: u32::from(opts.local_subnet.prefix_len()),
+        network: opts.network.network().octets(),
+        network_prefix_len: u32::from(opts.network.prefix_len()),
+        public_ip: opts.public_ip.octets(),
+        udp_port: opts.udp_port,
+        overlay_mtu: opts.overlay_mtu,
+        underlay_ifindex: opts.underlay_ifindex,
+    }
+}
+
+/// Deleting an absent key is fine: every operation here is idempotent.
+fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// The loaded BPF object and its maps.
+struct Kernel {
+    ebpf: Ebpf,
+    config: Array<MapData, DataplaneConfig>,
+    peers: LpmTrie<MapData, [u8; 4], PeerValue>,
+    senders: HashMap<MapData, [u8; 4], u32>,
+    endpoints: HashMap<MapData, [u8; 4], LocalEndpoint>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl Kernel {
+    /// Loads both programs into the kernel (verifier included) without attaching them.
+    fn load() -> anyhow::Result<Self> {
+        let mut ebpf = EbpfLoader::new().load(BPF_OBJECT).context(
+            "loading the BPF object failed: needs root (CAP_BPF + CAP_NET_ADMIN) and a kernel with BTF",
+        )?;
+        for name in [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_BRIDGE] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .with_context(|| format!("the kernel rejected BPF program {name}"))?;
+        }
+        fn take<T>(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
+        where
+            T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+        {
+            let map = ebpf
+                .take_map(name)
+                .with_context(|| format!("BPF object has no map {name}"))?;
+            T::try_from(map).with_context(|| format!("BPF map {name} has an unexpected type"))
+        }
+        Ok(Kernel {
+            config: take(&mut ebpf, names::MAP_CONFIG)?,
+            peers: take(&mut ebpf, names::MAP_PEERS)?,
+            senders: take(&mut ebpf, names::MAP_SENDERS)?,
+            endpoints: take(&mut ebpf, names::MAP_ENDPOINTS)?,
+            counters: take(&mut ebpf, names::MAP_COUNTERS)?,
+            ebpf,
+        })
+    }
+
+    fn set_config(&mut self, config: &DataplaneConfig) -> anyhow::Result<()> {
+        self.config
+            .set(0, config, 0)
+            .context("writing the data plane config map")
+    }
+
+    /// The (program, interface, direction) triples this data plane attaches.
+    fn attachments<'a>(
+        underlay: &'a str,
+        bridge: Option<&'a str>,
+    ) -> Vec<(&'static str, &'a str, TcAttachType)> {
+        let mut list = vec![
+            (names::PROG_INGRESS, underlay, TcAttachType::Ingress),
+            (names::PROG_EGRESS, underlay, TcAttachType::Egress),
+        ];
+        if let Some(bridge) = bridge.filter(|b| interface_exists(b)) {
+            list.push((names::PROG_BRIDGE, bridge, TcAttachType::Ingress));
+        }
+        list
+    }
+
+    /// Our links are not pinned, so programs of ours already attached mean a live second
+    /// instance in this namespace.
+    fn ensure_not_attached(underlay: &str, bridge: Option<&str>) -> anyhow::Result<()> {
+        for (name, ifname, direction) in Self::attachments(underlay, bridge) {
+            let (_, attached) = SchedClassifier::query_tcx(ifname, direction).with_context(|| {
+                format!("listing TCX programs on {ifname} ({direction:?}): does the interface exist in this namespace?")
+            })?;
+            if attached.iter().any(|info| info.name_as_str() == Some(name)) {
+                bail!("{name} is already attached to {ifname} ({direction:?}): another rudder runs in this namespace; stop it first");
+            }
+        }
+        Ok(())
+    }
+
+    /// TCX attach (kernel >= 6.6): ingress and egress of the underlay, and ingress of the
+    /// bridge for the container → peer fast path when the bridge exists. Without it,
+    /// container traffic takes the host's forwarding path to `rudder_egress` (correct,
+    /// slower).
+    fn attach(&mut self, underlay: &str, bridge: Option<&str>) -> anyhow::Result<()> {
+        if let Some(missing) = bridge.filter(|b| !interface_exists(b)) {
+            tracing::warn!(
+                bridge = missing,
+                "bridge not found: container traffic to peers takes the host's forwarding path"
+            );
+        }
+        for (name, ifname, direction) in Self::attachments(underlay, bridge) {
+            classifier(&mut self.ebpf, name)?
+                .attach(ifname, direction)
+                .with_context(|| format!("attaching {name} to {ifname} ({direction:?}) failed: does the interface exist in this namespace?"))?;
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> CounterSnapshot {
+        let mut snapshot = [0u64; Counter::COUNT];
+        for counter in Counter::ALL {
+            if let Ok(per_cpu) = self.counters.get(&(counter.index() as u32), 0) {
+                snapshot[counter.index()] = per_cpu.iter().sum();
+            }
+        }
+        snapshot
+    }
+
+    /// (instructions the verifier processed, instructions after translation).
+    fn program_sizes(&self, name: &str) -> anyhow::Result<(u32, u32)> {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("BPF object has no program {name}"))?
+            .try_into()?;
+        let info = program
+            .info()
+            .with_context(|| format!("reading info of {name}"))?;
+        Ok((
+            info.verified_instruction_count().unwrap_or(0),
+            info.size_translated().unwrap_or(0) / 8,
+        ))
+    }
+}
+
+/// In the calling thread's network namespace (sysfs would show the mounter's).
+fn interface_exists(ifname: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(ifname) else {
+        return false;
+    };
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("BPF object has no program {name}"))?
+        .try_into()
+        .with_context(|| format!("BPF program {name} is not a TC classifier"))
+}
+
+/// Route changes over rtnetlink. rtnetlink is async; the daemon calls us from sync code
+/// that may itself run inside tokio, so requests run on a private current-thread runtime,
+/// driven from a short-lived helper thread (a runtime cannot block inside another).
+struct Routes {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: rtnetlink::Handle,
+    underlay_ifindex: u32,
+}
+
+impl Routes {
+    /// Opens the netlink socket in the calling thread's network namespace.
+    fn connect(underlay_ifindex: u32) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("creating the netlink runtime")?;
+        let handle = {
+            let _entered = runtime.enter();
+            let (connection, handle, _) =
+                rtnetlink::new_connection().context("opening a route netlink socket")?;
+            runtime.spawn(connection);
+            handle
+        };
+        Ok(Routes {
+            runtime: Some(runtime),
+            handle,
+            underlay_ifindex,
+        })
+    }
+
+    fn run<F>(&self, future: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("runtime lives as long as Routes");
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| runtime.block_on(future))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Installs (or replaces) the route of one peer subnet.
+    fn add_peer(
+        &self,
+        subnet: Ipv4Net,
+        public_ip: Ipv4Addr,
+        overlay_mtu: u16,
+        pref_source: Option<Ipv4Addr>,
+    ) -> anyhow::Result<()> {
+        let next_hop = self.next_hop(public_ip);
+        let build = |src: Option<Ipv4Addr>| {
+            let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(subnet.network(), subnet.prefix_len())
+                .gateway(next_hop)
+                .output_interface(self.underlay_ifindex)
+                .protocol(RouteProtocol::Other(RTPROT_RUDDER))
+                .onlink();
+            if let Some(src) = src {
+                builder = builder.pref_source(src);
+            }
+            let mut message = builder.build();
+            message
+                .attributes
+                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(u32::from(
+                    overlay_mtu,
+                ))]));
+            message
+        };
+        let result = self.run(
+            self.handle
+                .route()
+                .add(build(pref_source))
+                .replace()
+                .execute(),
+        );
+        let result = match result {
+            // The gateway address is not on the bridge (yet): route without it.
+            Err(_) if pref_source.is_some() => {
+                tracing::warn!(%subnet, src = ?pref_source, "preferred source not configured locally; peer route added without it");
+                self.run(self.handle.route().add(build(None)).replace().execute())
+            }
+            other => other,
+        };
+        result.with_context(|| {
+            format!("adding route {subnet} via {next_hop} (peer {public_ip}) dev ifindex {} mtu {overlay_mtu}", self.underlay_ifindex)
+        })
+    }
+
+    /// The underlay gateway towards `public_ip` if the kernel routes it through one,
+    /// else `public_ip` itself (same link).
+    fn next_hop(&self, public_ip: Ipv4Addr) -> Ipv4Addr {
+        let query = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(public_ip, 32)
+            .build();
+        let answer = self.run(async {
+            let mut stream = self.handle.route().get(query).execute();
+            stream.try_next().await
+        });
+        answer
+            .ok()
+            .flatten()
+            .and_then(|route| {
+                route.attributes.iter().find_map(|attr| match attr {
+                    RouteAttribute::Gateway(
+                        rtnetlink::packet_route::route::RouteAddress::Inet(gw),
+                    ) => Some(*gw),
+                    _ => None,
+                })
+            })
+            .unwrap_or(public_ip)
+    }
+
+    fn remove_peer(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(subnet.network(), subnet.prefix_len())
+            .protocol(RouteProtocol::Other(RTPROT_RUDDER))
+            .build();
+        match self.run(self.handle.route().del(message).execute()) {
+            Ok(()) => Ok(()),
+            Err(e) if is_no_such_route(&e) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing route {subnet}")),
+        }
+    }
+
+    fn add_unreachable(&self, network: Ipv4Net) -> anyhow::Result<()> {
+        let mut message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(network.network(), network.prefix_len())
+            .protocol(RouteProtocol::Other(RTPROT_RUDDER))
+            .kind(RouteType::Unreachable)
+            .build();
+        message.header.scope = rtnetlink::packet_route::route::RouteScope::Universe;
+        Ok(self.run(self.handle.route().add(message).replace().execute())?)
+    }
+
+    /// Containers behind `bridge` with an address in `subnet`; see
+    /// [`EbpfDataplane::refresh_local_endpoints`].
+    fn discover_endpoints(
+        &self,
+        bridge: &str,
+        subnet: Ipv4Net,
+    ) -> anyhow::Result<Vec<(Ipv4Addr, LocalEndpoint)>> {
+        use rtnetlink::packet_route::{
+            link::{InfoKind, LinkAttribute, LinkInfo},
+            neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+            AddressFamily,
+        };
+        fn lladdr(entry: &NeighbourMessage) -> Option<[u8; 6]> {
+            entry.attributes.iter().find_map(|attr| match attr {
+                NeighbourAttribute::LinkLayerAddress(mac) => mac.as_slice().try_into().ok(),
+                _ => None,
+            })
+        }
+        self.run(async {
+            let bridge_link = self
+                .handle
+                .link()
+                .get()
+                .match_name(bridge.to_owned())
+                .execute()
+                .try_next()
+                .await
+                .with_context(|| format!("looking up bridge {bridge}"))?
+                .with_context(|| format!("bridge {bridge} not found"))?;
+            let bridge_index = bridge_link.header.index;
+            let gateway_mac: [u8; 6] = bridge_link
+                .attributes
+                .iter()
+                .find_map(|attr| match attr {
+                    LinkAttribute::Address(mac) => mac.as_slice().try_into().ok(),
+                    _ => None,
+                })
+                .with_context(|| format!("bridge {bridge} has no MAC address"))?;
+
+            // Bridge FDB: which port each MAC sits behind.
+            let fdb: Vec<NeighbourMessage> = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(AddressFamily::Bridge)
+                .execute()
+                .try_collect()
+                .await
+                .context("dumping the bridge FDB")?;
+            let port_of_mac: std::collections::HashMap<[u8; 6], u32> = fdb
+                .iter()
+                .filter(|entry| {
+                    entry.header.ifindex != bridge_index
+                        && entry
+                            .attributes
+                            .contains(&NeighbourAttribute::Controller(bridge_index))
+                })
+                .filter_map(|entry| Some((lladdr(entry)?, entry.header.ifindex)))
+                .collect();
+
+            let neighbours: Vec<NeighbourMessage> = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(AddressFamily::Inet)
+                .execute()
+                .try_collect()
+                .await
+                .context("dumping IPv4 neighbours")?;
+            let mut found = Vec::new();
+            for neighbour in neighbours.iter().filter(|n| {
+                n.header.ifindex == bridge_index
+                    && !matches!(
+                        n.header.state,
+                        NeighbourState::Incomplete
+                            | NeighbourState::Failed
+                            | NeighbourState::Noarp
+                            | NeighbourState::None
+                    )
+            }) {
+                let Some(ip) = neighbour.attributes.iter().find_map(|attr| match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                    _ => None,
+                }) else {
+                    continue;
+                };
+                let (Some(mac), true) = (lladdr(neighbour), subnet.contains(&ip)) else {
+                    continue;
+                };
+                let Some(&port) = port_of_mac.get(&mac) else {
+                    continue;
+                };
+                // bpf_redirect_peer only works for veth (and netkit) ports.
+                let port_link = self
+                    .handle
+                    .link()
+                    .get()
+                    .match_index(port)
+                    .execute()
+                    .try_next()
+                    .await
+                    .with_context(|| format!("looking up bridge port {port}"))?;
+                let is_veth = port_link.is_some_and(|link| {
+                    link.attributes.iter().any(|attr| {
+                        matches!(attr, LinkAttribute::LinkInfo(infos)
+                            if infos.contains(&LinkInfo::Kind(InfoKind::Veth)))
+                    })
+                });
+                if is_veth {
+                    found.push((
+                        ip,
+                        LocalEndpoint {
+                            host_ifindex: port,
+                            container_mac: mac,
+                            gateway_mac,
+                        },
+                    ));
+                }
+            }
+            Ok(found)
+        })
+    }
+
+    /// Deletes every IPv4 route with our protocol number; returns how many.
+    fn remove_stale(&self) -> anyhow::Result<usize> {
+        let dump = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let ours: Vec<RouteMessage> = self
+            .run(
+                self.handle
+                    .route()
+                    .get(dump)
+                    .execute()
+                    .try_collect::<Vec<_>>(),
+            )
+            .context("listing IPv4 routes")?
+            .into_iter()
+            .filter(|route| route.header.protocol == RouteProtocol::Other(RTPROT_RUDDER))
+            .collect();
+        let count = ours.len();
+        for route in ours {
+            match self.run(self.handle.route().del(route.clone()).execute()) {
+                Ok(()) => {}
+                Err(e) if is_no_such_route(&e) => {}
+                Err(e) => return Err(e).with_context(|| format!("removing stale route {route:?}")),
+            }
+        }
+        Ok(count)
+    }
+}
+
+impl Drop for Routes {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one panics; this never blocks.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn is_no_such_route(error: &rtnetlink::Error) -> bool {
+    matches!(error, rtnetlink::Error::NetlinkError(msg)
+        if msg.code.map(|c| c.get()) == Some(-libc::ESRCH))
+}

@@ -1,0 +1,671 @@
+//! Byte-exact `BPF_PROG_TEST_RUN` tests of the two classifiers on handcrafted frames.
+//!
+//! They load the real BPF object into the kernel (verifier included), so they need root
+//! (CAP_BPF + CAP_NET_ADMIN): without it they fail and say so, they never skip.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use rudder_ebpf::{Counter, DataplaneConfig, LocalEndpoint, PeerValue};
+
+use super::{names, Kernel};
+
+const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+
+const OUR_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 1);
+const PEER_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 2);
+const STRANGER_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 99);
+const LOCAL_CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 5, 1, 10);
+const PEER_CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 5, 2, 20);
+const PORT: u16 = 8285;
+const MTU: u16 = 1472;
+
+const OUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+pub(super) fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "BPF_PROG_TEST_RUN tests load BPF programs and need root (CAP_BPF, CAP_NET_ADMIN); \
+         run them as root, e.g. `sudo -E cargo test -p rudder`"
+    );
+}
+
+/// A loaded object with one peer (10.5.2.0/24 at 192.168.64.2); we own 10.5.1.0/24.
+fn fixture() -> Kernel {
+    require_root();
+    let mut kernel = Kernel::load().expect("loading the BPF object");
+    kernel
+        .set_config(&DataplaneConfig {
+            local_subnet: [10, 5, 1, 0],
+            local_prefix_len: 24,
+            network: [10, 5, 0, 0],
+            network_prefix_len: 16,
+            public_ip: OUR_PUBLIC.octets(),
+            udp_port: PORT,
+            overlay_mtu: MTU,
+            underlay_ifindex: 1,
+        })
+        .unwrap();
+    kernel
+        .peers
+        .insert(
+            &aya::maps::lpm_trie::Key::new(24, [10, 5, 2, 0]),
+            PeerValue {
+                public_ip: PEER_PUBLIC.octets(),
+            },
+            0,
+        )
+        .unwrap();
+    kernel.senders.insert(PEER_PUBLIC.octets(), 1, 0).unwrap();
+    kernel
+}
+
+fn run(kernel: &Kernel, program: &str, frame: &[u8]) -> (i32, Vec<u8>) {
+    let program: &SchedClassifier = kernel.ebpf.program(program).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value as i32, out)
+}
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4/UDP packet with a valid header checksum and `payload_len` payload bytes.
+fn ipv4_udp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    dont_fragment: bool,
+    payload_len: usize,
+) -> Vec<u8> {
+    let total = 20 + 8 + payload_len;
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[1] = 0x10;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+    if dont_fragment {
+        p[6] = 0x40;
+    }
+    p[8] = ttl;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let csum = checksum(&p[..20]);
+    p[10..12].copy_from_slice(&csum.to_be_bytes());
+    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&7u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+    for (i, b) in p[28..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    p
+}
+
+fn ethernet(dst: [u8; 6], src: [u8; 6], l3: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + l3.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(l3);
+    f
+}
+
+/// An overlay datagram as a peer sends it: outer IPv4 + UDP around `inner`.
+fn overlay_frame(outer_src: Ipv4Addr, outer_dst: Ipv4Addr, dst_port: u16, inner: &[u8]) -> Vec<u8> {
+    let total = 28 + inner.len();
+    let mut l3 = vec![0u8; 28];
+    l3[0] = 0x45;
+    l3[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    l3[6] = 0x40;
+    l3[8] = 64;
+    l3[9] = 17;
+    l3[12..16].copy_from_slice(&outer_src.octets());
+    l3[16..20].copy_from_slice(&outer_dst.octets());
+    let csum = checksum(&l3[..20]);
+    l3[10..12].copy_from_slice(&csum.to_be_bytes());
+    l3[20..22].copy_from_slice(&50000u16.to_be_bytes());
+    l3[22..24].copy_from_slice(&dst_port.to_be_bytes());
+    l3[24..26].copy_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
+    l3.extend_from_slice(inner);
+    ethernet(OUR_MAC, PEER_MAC, &l3)
+}
+
+/// Runs `program` on `frame` and asserts the verdict and which counter moved by one.
+fn expect_counted(
+    kernel: &Kernel,
+    program: &str,
+    frame: &[u8],
+    verdict: i32,
+    counter: Counter,
+) -> Vec<u8> {
+    let before = kernel.counters();
+    let (ret, out) = run(kernel, program, frame);
+    let after = kernel.counters();
+    assert_eq!(
+        ret, verdict,
+        "verdict of {program} (counters after: {after:?})"
+    );
+    for c in Counter::ALL {
+        let expected = before[c.index()] + u64::from(c == counter);
+        assert_eq!(
+            after[c.index()],
+            expected,
+            "counter {} after {program}",
+            c.name()
+        );
+    }
+    out
+}
+
+#[test]
+fn encap_wraps_peer_traffic_byte_exact() {
+    let kernel = fixture();
+    let inner = ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 63, true, 100);
+    let frame = ethernet(PEER_MAC, OUR_MAC, &inner);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_EGRESS,
+        &frame,
+        TC_ACT_OK,
+        Counter::Encapsulated,
+    );
+
+    assert_eq!(out.len(), frame.len() + 28);
+    assert_eq!(out[..14], frame[..14], "Ethernet header kept");
+    let ip = &out[14..34];
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(ip[1], 0x10, "TOS copied from inner");
+    assert_eq!(
+        u16::from_be_bytes([ip[2], ip[3]]) as usize,
+        inner.len() + 28
+    );
+    assert_eq!(ip[4..6], [0, 0], "IP id 0 with DF");
+    assert_eq!(ip[6..8], [0x40, 0], "DF copied from inner");
+    assert_eq!(ip[8], 64);
+    assert_eq!(ip[9], 17);
+    assert_eq!(ip[12..16], OUR_PUBLIC.octets());
+    assert_eq!(ip[16..20], PEER_PUBLIC.octets());
+    assert_eq!(checksum(ip), 0, "outer header checksum valid");
+    let udp = &out[34..42];
+    let src_port = u16::from_be_bytes([udp[0], udp[1]]);
+    assert!(
+        src_port >= 49152,
+        "source port {src_port} in the ephemeral range"
+    );
+    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), PORT);
+    assert_eq!(
+        u16::from_be_bytes([udp[4], udp[5]]) as usize,
+        inner.len() + 8
+    );
+    assert_eq!(udp[6..8], [0, 0], "UDP checksum 0");
+    assert_eq!(out[42..], inner[..], "inner packet unchanged");
+}
+
+#[test]
+fn encap_without_df_leaves_outer_fragmentable() {
+    let kernel = fixture();
+    let inner = ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 63, false, 10);
+    let frame = ethernet(PEER_MAC, OUR_MAC, &inner);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_EGRESS,
+        &frame,
+        TC_ACT_OK,
+        Counter::Encapsulated,
+    );
+    assert_eq!(out[20..22], [0, 0], "no DF on the outer header");
+    assert_eq!(checksum(&out[14..34]), 0);
+    assert_eq!(out[42..], inner[..]);
+}
+
+#[test]
+fn encap_passes_non_overlay_traffic_untouched() {
+    let kernel = fixture();
+    let packet = ipv4_udp(
+        Ipv4Addr::new(192, 168, 64, 1),
+        Ipv4Addr::new(8, 8, 8, 8),
+        64,
+        true,
+        20,
+    );
+    let frame = ethernet(PEER_MAC, OUR_MAC, &packet);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_EGRESS,
+        &frame,
+        TC_ACT_UNSPEC,
+        Counter::Passed,
+    );
+    assert_eq!(out, frame);
+    // Local-subnet traffic is not ours to wrap either.
+    let local = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 20);
+    let frame = ethernet(PEER_MAC, OUR_MAC, &local);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_EGRESS,
+        &frame,
+        TC_ACT_UNSPEC,
+        Counter::Passed,
+    );
+    assert_eq!(out, frame);
+}
+
+#[test]
+fn encap_lets_fast_path_output_through_uncounted() {
+    let kernel = fixture();
+    let inner = ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 63, true, 20);
+    let frame = overlay_frame(OUR_PUBLIC, PEER_PUBLIC, PORT, &inner);
+    let before = kernel.counters();
+    let (ret, out) = run(&kernel, names::PROG_EGRESS, &frame);
+    assert_eq!(
+        (ret, &out),
+        (TC_ACT_UNSPEC, &frame),
+        "already encapsulated: untouched"
+    );
+    assert_eq!(kernel.counters(), before, "counted once, by rudder_br_in");
+}
+
+#[test]
+fn encap_drops_overlay_destination_without_peer() {
+    let kernel = fixture();
+    let inner = ipv4_udp(LOCAL_CONTAINER, Ipv4Addr::new(10, 5, 9, 9), 63, true, 20);
+    let frame = ethernet(PEER_MAC, OUR_MAC, &inner);
+    expect_counted(
+        &kernel,
+        names::PROG_EGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropNoRoute,
+    );
+}
+
+#[test]
+fn encap_drops_non_gso_packet_above_overlay_mtu() {
+    let kernel = fixture();
+    let inner = ipv4_udp(
+        LOCAL_CONTAINER,
+        PEER_CONTAINER,
+        63,
+        true,
+        usize::from(MTU) + 1 - 28,
+    );
+    let frame = ethernet(PEER_MAC, OUR_MAC, &inner);
+    expect_counted(
+        &kernel,
+        names::PROG_EGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropTooBig,
+    );
+    // Exactly the overlay MTU still fits.
+    let inner = ipv4_udp(
+        LOCAL_CONTAINER,
+        PEER_CONTAINER,
+        63,
+        true,
+        usize::from(MTU) - 28,
+    );
+    let frame = ethernet(PEER_MAC, OUR_MAC, &inner);
+    expect_counted(
+        &kernel,
+        names::PROG_EGRESS,
+        &frame,
+        TC_ACT_OK,
+        Counter::Encapsulated,
+    );
+}
+
+#[test]
+fn decap_returns_inner_packet_with_ttl_decremented() {
+    let kernel = fixture();
+    let inner = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 100);
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_OK,
+        Counter::Decapsulated,
+    );
+
+    let mut expected = inner.clone();
+    expected[8] = 63;
+    expected[10..12].copy_from_slice(&[0, 0]);
+    let csum = checksum(&expected[..20]);
+    expected[10..12].copy_from_slice(&csum.to_be_bytes());
+    assert_eq!(
+        out[..14],
+        frame[..14],
+        "Ethernet header kept on the stack path"
+    );
+    assert_eq!(
+        out[14..],
+        expected[..],
+        "inner packet with TTL - 1 and patched checksum"
+    );
+}
+
+#[test]
+fn decap_redirects_known_local_endpoint_into_its_namespace() {
+    let mut kernel = fixture();
+    let container_mac = [0x02, 0xaa, 0, 0, 0, 0x10];
+    let bridge_mac = [0x02, 0xbb, 0, 0, 0, 0x01];
+    kernel
+        .endpoints
+        .insert(
+            LOCAL_CONTAINER.octets(),
+            LocalEndpoint {
+                host_ifindex: 1,
+                container_mac,
+                gateway_mac: bridge_mac,
+            },
+            0,
+        )
+        .unwrap();
+    let inner = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 100);
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_REDIRECT,
+        Counter::Decapsulated,
+    );
+    assert_eq!(out[..6], container_mac);
+    assert_eq!(out[6..12], bridge_mac);
+    assert_eq!(out[14 + 8], 63);
+    assert_eq!(checksum(&out[14..34]), 0);
+    assert_eq!(out[34..], inner[20..], "inner payload unchanged");
+}
+
+#[test]
+fn decap_passes_other_udp_untouched() {
+    let kernel = fixture();
+    let inner = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 20);
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, 53, &inner);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_UNSPEC,
+        Counter::Passed,
+    );
+    assert_eq!(out, frame);
+    // Addressed to another underlay host.
+    let frame = overlay_frame(PEER_PUBLIC, STRANGER_PUBLIC, PORT, &inner);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_UNSPEC,
+        Counter::Passed,
+    );
+    assert_eq!(out, frame);
+}
+
+#[test]
+fn decap_drops_non_ipv4_payload() {
+    let kernel = fixture();
+    let mut inner = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 40);
+    inner[0] = 0x60;
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropNotIpv4,
+    );
+}
+
+#[test]
+fn decap_drops_truncated_payloads() {
+    let kernel = fixture();
+    let inner = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 100);
+    // Total length says 128 bytes, 60 arrived.
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner[..60]);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropTruncated,
+    );
+    // Shorter than an IPv4 header.
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner[..12]);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropTruncated,
+    );
+    // Empty datagram.
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &[]);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropTruncated,
+    );
+}
+
+#[test]
+fn decap_drops_malformed_headers() {
+    let kernel = fixture();
+    let good = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 40);
+
+    let mut short_ihl = good.clone();
+    short_ihl[0] = 0x44;
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &short_ihl);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropMalformed,
+    );
+
+    let mut bad_checksum = good.clone();
+    bad_checksum[10] ^= 0xff;
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &bad_checksum);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropMalformed,
+    );
+
+    let mut short_total = good;
+    short_total[2..4].copy_from_slice(&10u16.to_be_bytes());
+    short_total[10..12].copy_from_slice(&[0, 0]);
+    let csum = checksum(&short_total[..20]);
+    short_total[10..12].copy_from_slice(&csum.to_be_bytes());
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &short_total);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropMalformed,
+    );
+}
+
+#[test]
+fn decap_accepts_inner_header_with_options() {
+    let kernel = fixture();
+    let plain = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 20);
+    // Insert 8 bytes of NOP options: IHL 7.
+    let mut inner = plain[..20].to_vec();
+    inner.extend_from_slice(&[1; 8]);
+    inner.extend_from_slice(&plain[20..]);
+    inner[0] = 0x47;
+    let total = inner.len() as u16;
+    inner[2..4].copy_from_slice(&total.to_be_bytes());
+    inner[10..12].copy_from_slice(&[0, 0]);
+    let csum = checksum(&inner[..28]);
+    inner[10..12].copy_from_slice(&csum.to_be_bytes());
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_OK,
+        Counter::Decapsulated,
+    );
+    assert_eq!(out[14 + 8], 63);
+    assert_eq!(checksum(&out[14..14 + 28]), 0);
+}
+
+#[test]
+fn decap_drops_spoofed_source_from_known_peer() {
+    let kernel = fixture();
+    let inner = ipv4_udp(Ipv4Addr::new(10, 5, 3, 3), LOCAL_CONTAINER, 64, true, 20);
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropSpoofedSource,
+    );
+    // A source outside the network altogether is spoofed too.
+    let inner = ipv4_udp(Ipv4Addr::new(1, 2, 3, 4), LOCAL_CONTAINER, 64, true, 20);
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropSpoofedSource,
+    );
+}
+
+#[test]
+fn decap_drops_unknown_sender() {
+    let kernel = fixture();
+    let inner = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 20);
+    let frame = overlay_frame(STRANGER_PUBLIC, OUR_PUBLIC, PORT, &inner);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropUnknownSender,
+    );
+}
+
+#[test]
+fn decap_drops_destination_outside_our_subnet() {
+    let kernel = fixture();
+    let inner = ipv4_udp(PEER_CONTAINER, Ipv4Addr::new(10, 5, 2, 5), 64, true, 20);
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropNotOurSubnet,
+    );
+}
+
+#[test]
+fn decap_drops_expiring_ttl() {
+    let kernel = fixture();
+    let inner = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 1, true, 20);
+    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropTtlExceeded,
+    );
+}
+
+#[test]
+fn bridge_fast_path_encapsulates_with_ttl_decremented_and_redirects() {
+    let kernel = fixture();
+    let inner = ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 64, true, 100);
+    let frame = ethernet(OUR_MAC, PEER_MAC, &inner);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_BRIDGE,
+        &frame,
+        TC_ACT_REDIRECT,
+        Counter::Encapsulated,
+    );
+    assert_eq!(out.len(), frame.len() + 28);
+    let outer = &out[14..42];
+    assert_eq!(outer[12..16], OUR_PUBLIC.octets());
+    assert_eq!(outer[16..20], PEER_PUBLIC.octets());
+    assert_eq!(checksum(&outer[..20]), 0);
+    assert_eq!(u16::from_be_bytes([outer[22], outer[23]]), PORT);
+    let mut expected = inner.clone();
+    expected[8] = 63;
+    expected[10..12].copy_from_slice(&[0, 0]);
+    let csum = checksum(&expected[..20]);
+    expected[10..12].copy_from_slice(&csum.to_be_bytes());
+    assert_eq!(out[42..], expected[..], "inner packet with TTL - 1");
+}
+
+#[test]
+fn bridge_fast_path_leaves_exceptions_to_the_stack() {
+    let kernel = fixture();
+    let cases = [
+        (
+            "not for a peer",
+            ipv4_udp(LOCAL_CONTAINER, Ipv4Addr::new(8, 8, 8, 8), 64, true, 20),
+        ),
+        (
+            "TTL expiring",
+            ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 1, true, 20),
+        ),
+        (
+            "above the overlay MTU",
+            ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 64, true, usize::from(MTU)),
+        ),
+    ];
+    for (what, packet) in cases {
+        let frame = ethernet(OUR_MAC, PEER_MAC, &packet);
+        let before = kernel.counters();
+        let (ret, out) = run(&kernel, names::PROG_BRIDGE, &frame);
+        assert_eq!(ret, TC_ACT_UNSPEC, "{what}: verdict");
+        assert_eq!(out, frame, "{what}: packet changed");
+        assert_eq!(kernel.counters(), before, "{what}: counters moved");
+    }
+}
+
+#[test]
+fn programs_pass_the_verifier_within_budget() {
+    let kernel = fixture();
+    for name in [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_BRIDGE] {
+        let (count, size) = kernel.program_sizes(name).unwrap();
+        eprintln!("{name}: {size} instructions, {count} processed by the verifier");
+        assert!(count > 0 && count < 4096, "{name} has {count} instructions");
+    }
+}
