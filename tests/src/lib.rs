@@ -44,6 +44,36 @@ where
     }
 }
 
+/// Waits until every host lists every other host as a peer in `/status`, then until every
+/// container pings every other container (both directions).
+pub fn wait_mesh(hosts: &[Host], timeout: std::time::Duration) -> anyhow::Result<()> {
+    for a in hosts {
+        for b in hosts {
+            if a.index() == b.index() {
+                continue;
+            }
+            wait_until(
+                &format!("{} to list {} ({}) as a peer", a.name(), b.name(), b.subnet()),
+                timeout,
+                || a.sees_peer(b),
+            )?;
+        }
+    }
+    for a in hosts {
+        for b in hosts {
+            if a.index() != b.index() {
+                wait_ping(&a.container(), b.container_ip(), timeout)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds `n` hosts with default options, each waited for until ready.
+pub fn add_hosts(cluster: &Cluster, n: usize) -> anyhow::Result<Vec<Host>> {
+    (0..n).map(|_| cluster.add_host(HostOpts::default())).collect()
+}
+
 /// `anyhow::ensure!` with a shorter name for tests.
 #[macro_export]
 macro_rules! check {
