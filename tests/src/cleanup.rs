@@ -75,7 +75,8 @@ fn alive(pid: i32) -> bool {
     // A zombie (exited, not yet reaped) counts as gone.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => !matches!(
-            s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()),
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next()),
             Some("Z") | Some("X")
         ),
         Err(_) => false,

@@ -53,7 +53,12 @@ pub fn wait_mesh(hosts: &[Host], timeout: std::time::Duration) -> anyhow::Result
                 continue;
             }
             wait_until(
-                &format!("{} to list {} ({}) as a peer", a.name(), b.name(), b.subnet()),
+                &format!(
+                    "{} to list {} ({}) as a peer",
+                    a.name(),
+                    b.name(),
+                    b.subnet()
+                ),
                 timeout,
                 || a.sees_peer(b),
             )?;
@@ -71,7 +76,9 @@ pub fn wait_mesh(hosts: &[Host], timeout: std::time::Duration) -> anyhow::Result
 
 /// Adds `n` hosts with default options, each waited for until ready.
 pub fn add_hosts(cluster: &Cluster, n: usize) -> anyhow::Result<Vec<Host>> {
-    (0..n).map(|_| cluster.add_host(HostOpts::default())).collect()
+    (0..n)
+        .map(|_| cluster.add_host(HostOpts::default()))
+        .collect()
 }
 
 /// `anyhow::ensure!` with a shorter name for tests.

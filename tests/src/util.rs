@@ -24,7 +24,9 @@ where
         }
         if start.elapsed() >= timeout {
             return Err(match last_err {
-                Some(e) => anyhow!("timed out after {timeout:?} waiting for {what}; last error: {e:#}"),
+                Some(e) => {
+                    anyhow!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
                 None => anyhow!("timed out after {timeout:?} waiting for {what}"),
             });
         }
@@ -123,7 +125,11 @@ pub fn require(tools: &[&str]) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("end-to-end tests need root (network namespaces, veth, bridges); run them as root, e.g. `sudo -E cargo xtask test`");
     }
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| which(t).is_none())
+        .collect();
     if !missing.is_empty() {
         bail!(
             "missing tools on PATH: {}; run `cargo xtask setup` to install them",

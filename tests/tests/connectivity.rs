@@ -19,16 +19,36 @@ fn three_hosts_distinct_subnets_full_mesh_traffic() {
         check!(subnets.len() == 3, "subnets not distinct: {subnets:?}");
         for h in &hosts {
             let env = h.subnet_env();
-            check!(env.network == network, "{}: FLANNEL_NETWORK {}", h.name(), env.network);
-            check!(h.subnet().prefix_len() == 24, "{}: subnet {}", h.name(), h.subnet());
-            check!(network.contains(&h.subnet()), "{}: {} outside {network}", h.name(), h.subnet());
+            check!(
+                env.network == network,
+                "{}: FLANNEL_NETWORK {}",
+                h.name(),
+                env.network
+            );
+            check!(
+                h.subnet().prefix_len() == 24,
+                "{}: subnet {}",
+                h.name(),
+                h.subnet()
+            );
+            check!(
+                network.contains(&h.subnet()),
+                "{}: {} outside {network}",
+                h.name(),
+                h.subnet()
+            );
             check!(
                 env.subnet.addr() == h.gateway_ip(),
                 "{}: FLANNEL_SUBNET should be the subnet's first address, is {}",
                 h.name(),
                 env.subnet
             );
-            check!(env.mtu == 1472, "{}: FLANNEL_MTU {} (underlay 1500 - 28 expected)", h.name(), env.mtu);
+            check!(
+                env.mtu == 1472,
+                "{}: FLANNEL_MTU {} (underlay 1500 - 28 expected)",
+                h.name(),
+                env.mtu
+            );
             check!(!env.ipmasq, "{}: FLANNEL_IPMASQ should be false", h.name());
 
             // The lease in etcd names the host's underlay address.
@@ -45,15 +65,31 @@ fn three_hosts_distinct_subnets_full_mesh_traffic() {
 
             // /status agrees.
             let st = h.status()?;
-            check!(st["subnet"] == h.subnet().to_string(), "{}: /status {st}", h.name());
-            check!(st["network"] == DEFAULT_NETWORK, "{}: /status {st}", h.name());
-            check!(st["public_ip"] == h.underlay_ip().to_string(), "{}: /status {st}", h.name());
+            check!(
+                st["subnet"] == h.subnet().to_string(),
+                "{}: /status {st}",
+                h.name()
+            );
+            check!(
+                st["network"] == DEFAULT_NETWORK,
+                "{}: /status {st}",
+                h.name()
+            );
+            check!(
+                st["public_ip"] == h.underlay_ip().to_string(),
+                "{}: /status {st}",
+                h.name()
+            );
             let dp = test_dataplane();
             if dp != "auto" {
                 check!(st["dataplane"] == dp.as_str(), "{}: /status {st}", h.name());
             }
         }
-        check!(c.lease_keys(None)?.len() == 3, "leases: {:?}", c.lease_keys(None)?);
+        check!(
+            c.lease_keys(None)?.len() == 3,
+            "leases: {:?}",
+            c.lease_keys(None)?
+        );
 
         wait_mesh(&hosts, Duration::from_secs(30))?;
         for a in &hosts {

@@ -38,17 +38,40 @@ fn etcd_outage_keeps_traffic_and_costs_little_cpu() {
             "during a {:?} etcd outage: ping {rx}/{tx}, cpu a={used_a:?} b={used_b:?}, a ready={ready_during}",
             start.elapsed()
         );
-        check!(rx >= tx.saturating_sub(2) && tx >= 20, "only {rx} of {tx} pings answered during the outage");
-        check!(used_a < MAX_CPU, "{} used {used_a:?} CPU during the outage", a.name());
-        check!(used_b < MAX_CPU, "{} used {used_b:?} CPU during the outage", b.name());
+        check!(
+            rx >= tx.saturating_sub(2) && tx >= 20,
+            "only {rx} of {tx} pings answered during the outage"
+        );
+        check!(
+            used_a < MAX_CPU,
+            "{} used {used_a:?} CPU during the outage",
+            a.name()
+        );
+        check!(
+            used_b < MAX_CPU,
+            "{} used {used_b:?} CPU during the outage",
+            b.name()
+        );
 
         // After etcd is back: the leases are still there, and a new host is seen by both.
-        check!(c.etcd_get(&a.lease_key())?.is_some(), "lease of {} gone", a.name());
-        check!(c.etcd_get(&b.lease_key())?.is_some(), "lease of {} gone", b.name());
+        check!(
+            c.etcd_get(&a.lease_key())?.is_some(),
+            "lease of {} gone",
+            a.name()
+        );
+        check!(
+            c.etcd_get(&b.lease_key())?.is_some(),
+            "lease of {} gone",
+            b.name()
+        );
         let n = c.add_host(HostOpts::default())?;
         for h in [a, b] {
             wait_until(
-                &format!("{} to see the new host {} after etcd returned", h.name(), n.subnet()),
+                &format!(
+                    "{} to see the new host {} after etcd returned",
+                    h.name(),
+                    n.subnet()
+                ),
                 Duration::from_secs(60),
                 || h.sees_peer(&n),
             )?;

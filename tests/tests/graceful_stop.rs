@@ -17,11 +17,20 @@ fn stopped_host_releases_lease_and_disappears_from_peers() {
         hosts.push(leaving.clone());
         wait_mesh(&hosts, Duration::from_secs(30))?;
         let key = leaving.lease_key();
-        check!(c.etcd_get(&key)?.is_some(), "lease {key} missing before stop");
+        check!(
+            c.etcd_get(&key)?.is_some(),
+            "lease {key} missing before stop"
+        );
 
         let status = leaving.stop()?;
-        check!(status.success(), "daemon exit status after SIGTERM: {status}");
-        check!(c.etcd_get(&key)?.is_none(), "lease {key} still in etcd after a clean exit with --release-lease-on-exit");
+        check!(
+            status.success(),
+            "daemon exit status after SIGTERM: {status}"
+        );
+        check!(
+            c.etcd_get(&key)?.is_none(),
+            "lease {key} still in etcd after a clean exit with --release-lease-on-exit"
+        );
         check!(
             ip(&["-n", leaving.netns(), "link", "show", TUN]).is_err(),
             "{TUN} still exists in {} after the daemon exited",
@@ -39,7 +48,11 @@ fn stopped_host_releases_lease_and_disappears_from_peers() {
         // The others are unaffected.
         ping(&a.container(), b.container_ip())?;
         ping(&b.container(), a.container_ip())?;
-        check!(c.lease_keys(None)?.len() == 2, "leases: {:?}", c.lease_keys(None)?);
+        check!(
+            c.lease_keys(None)?.len() == 2,
+            "leases: {:?}",
+            c.lease_keys(None)?
+        );
         Ok(())
     });
 }

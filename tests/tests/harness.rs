@@ -19,7 +19,9 @@ fn etcd_answers_from_a_host_namespace_and_survives_restart() {
     let c = Cluster::new().unwrap();
     let h = c.add_host_without_daemon(HostOpts::default()).unwrap();
     assert_eq!(
-        c.etcd_get(&format!("{DEFAULT_PREFIX}/config")).unwrap().as_deref(),
+        c.etcd_get(&format!("{DEFAULT_PREFIX}/config"))
+            .unwrap()
+            .as_deref(),
         Some(DEFAULT_CONFIG)
     );
     // A client in the host namespace reaches etcd over the underlay.
@@ -32,14 +34,20 @@ fn etcd_answers_from_a_host_namespace_and_survives_restart() {
     )
     .unwrap();
     assert!(put.contains("OK"), "{put}");
-    assert_eq!(c.etcd_get("/e2e/from-host").unwrap().as_deref(), Some("hello"));
+    assert_eq!(
+        c.etcd_get("/e2e/from-host").unwrap().as_deref(),
+        Some("hello")
+    );
     assert_eq!(c.etcd_get("/e2e/missing").unwrap(), None);
 
     // stop/start keeps the data; while stopped, requests fail.
     c.stop_etcd().unwrap();
     assert!(c.etcd_get("/e2e/from-host").is_err());
     c.start_etcd().unwrap();
-    assert_eq!(c.etcd_get("/e2e/from-host").unwrap().as_deref(), Some("hello"));
+    assert_eq!(
+        c.etcd_get("/e2e/from-host").unwrap().as_deref(),
+        Some("hello")
+    );
     c.etcd_put("/e2e/a/1", "x").unwrap();
     c.etcd_put("/e2e/a/2", "{\"y\":1}").unwrap();
     assert_eq!(
@@ -116,5 +124,8 @@ fn wait_until_reports_the_condition_on_timeout() {
     })
     .unwrap_err();
     let msg = format!("{e:#}");
-    assert!(msg.contains("the impossible") && msg.contains("still no"), "{msg}");
+    assert!(
+        msg.contains("the impossible") && msg.contains("still no"),
+        "{msg}"
+    );
 }

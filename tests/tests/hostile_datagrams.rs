@@ -25,7 +25,14 @@ fn garbage_and_spoofed_datagrams_are_dropped_and_counted() {
 
         // Control: a well-formed packet from a's own container address, sent the same way,
         // is delivered (so the drops below are the daemon's decision, not the test's).
-        let legit = ipv4_udp(a.container_ip(), b.container_ip(), 4000, PROBE_PORT, 64, b"legit");
+        let legit = ipv4_udp(
+            a.container_ip(),
+            b.container_ip(),
+            4000,
+            PROBE_PORT,
+            64,
+            b"legit",
+        );
         send_udp(a.netns(), to_b, &legit)?;
         let got = probe.collect(Duration::from_secs(3))?;
         check!(
@@ -45,20 +52,38 @@ fn garbage_and_spoofed_datagrams_are_dropped_and_counted() {
         let mut v6 = vec![0u8; 48];
         v6[0] = 0x60;
         send_udp(a.netns(), to_b, &v6)?;
-        let mut bad_ihl = ipv4_udp(a.container_ip(), b.container_ip(), 4000, PROBE_PORT, 64, b"bad");
+        let mut bad_ihl = ipv4_udp(
+            a.container_ip(),
+            b.container_ip(),
+            4000,
+            PROBE_PORT,
+            64,
+            b"bad",
+        );
         bad_ihl[0] = 0x44;
         bad_ihl[2..4].copy_from_slice(&1400u16.to_be_bytes());
         send_udp(a.netns(), to_b, &bad_ihl)?;
 
         // Spoofed: a well-formed packet from a's underlay address whose inner source lies in
         // another host's subnet.
-        let spoofed = ipv4_udp(other.container_ip(), b.container_ip(), 4000, PROBE_PORT, 64, b"spoofed");
+        let spoofed = ipv4_udp(
+            other.container_ip(),
+            b.container_ip(),
+            4000,
+            PROBE_PORT,
+            64,
+            b"spoofed",
+        );
         send_udp(a.netns(), to_b, &spoofed)?;
 
-        wait_until("the garbage and spoofed counters to grow", Duration::from_secs(10), || {
-            let (bad, v6n, spoof) = counters(b)?;
-            Ok(bad >= bad0 + 3 && v6n > v6_0 && spoof > spoof0)
-        })
+        wait_until(
+            "the garbage and spoofed counters to grow",
+            Duration::from_secs(10),
+            || {
+                let (bad, v6n, spoof) = counters(b)?;
+                Ok(bad >= bad0 + 3 && v6n > v6_0 && spoof > spoof0)
+            },
+        )
         .map_err(|e| anyhow::anyhow!("{e:#}; /status now: {}", b.status().unwrap_or_default()))?;
         let got = probe.collect(Duration::from_secs(1))?;
         check!(

@@ -17,14 +17,28 @@ fn kill9_and_restart_keeps_subnet_and_traffic_resumes() {
         a.kill9()?;
         check!(!a.is_running(), "daemon still running after SIGKILL");
         // The lease outlives the process (it was not released).
-        check!(c.etcd_get(&key)?.is_some(), "lease {key} vanished after kill -9");
+        check!(
+            c.etcd_get(&key)?.is_some(),
+            "lease {key} vanished after kill -9"
+        );
 
         a.restart()?;
         check!(a.pid() != old_pid, "restart did not start a new process");
-        check!(a.subnet() == subnet, "subnet changed across restart: {subnet} -> {}", a.subnet());
+        check!(
+            a.subnet() == subnet,
+            "subnet changed across restart: {subnet} -> {}",
+            a.subnet()
+        );
         let st = a.status()?;
-        check!(st["subnet"] == subnet.to_string(), "/status after restart: {st}");
-        check!(c.lease_keys(None)?.len() == 2, "leases: {:?}", c.lease_keys(None)?);
+        check!(
+            st["subnet"] == subnet.to_string(),
+            "/status after restart: {st}"
+        );
+        check!(
+            c.lease_keys(None)?.len() == 2,
+            "leases: {:?}",
+            c.lease_keys(None)?
+        );
 
         wait_ping(&a.container(), b.container_ip(), Duration::from_secs(30))?;
         wait_ping(&b.container(), a.container_ip(), Duration::from_secs(30))?;

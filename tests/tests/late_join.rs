@@ -16,7 +16,11 @@ fn fourth_host_joins_later_and_is_reachable() {
             d.subnet()
         );
         hosts.push(d.clone());
-        check!(c.lease_keys(None)?.len() == 4, "leases: {:?}", c.lease_keys(None)?);
+        check!(
+            c.lease_keys(None)?.len() == 4,
+            "leases: {:?}",
+            c.lease_keys(None)?
+        );
         // Everyone learns the new peer, and the new host learns everyone.
         wait_mesh(&hosts, Duration::from_secs(30))?;
         for h in &hosts[..3] {

@@ -13,9 +13,14 @@ fn deleted_lease_is_reacquired_with_same_subnet() {
         wait_mesh(&hosts, Duration::from_secs(30))?;
         let subnet = a.subnet();
         let key = a.lease_key();
-        let before = a.status()?["lease_acquisitions"].as_u64().context("lease_acquisitions")?;
+        let before = a.status()?["lease_acquisitions"]
+            .as_u64()
+            .context("lease_acquisitions")?;
 
-        check!(c.etcd_delete(&key)? == 1, "lease key {key} was not there to delete");
+        check!(
+            c.etcd_delete(&key)? == 1,
+            "lease key {key} was not there to delete"
+        );
         wait_until(
             &format!("lease {key} to be written again"),
             Duration::from_secs(60),
@@ -29,12 +34,28 @@ fn deleted_lease_is_reacquired_with_same_subnet() {
         )?;
         a.check_alive()?;
         let st = a.status()?;
-        check!(st["subnet"] == subnet.to_string(), "/status after re-acquire: {st}");
-        let after = st["lease_acquisitions"].as_u64().context("lease_acquisitions")?;
-        check!(after > before, "lease_acquisitions did not grow: {before} -> {after}");
+        check!(
+            st["subnet"] == subnet.to_string(),
+            "/status after re-acquire: {st}"
+        );
+        let after = st["lease_acquisitions"]
+            .as_u64()
+            .context("lease_acquisitions")?;
+        check!(
+            after > before,
+            "lease_acquisitions did not grow: {before} -> {after}"
+        );
         let env = a.read_subnet_file()?.context("subnet file gone")?;
-        check!(env.subnet.trunc() == subnet, "subnet file now says {}", env.subnet);
-        check!(c.lease_keys(None)?.len() == 2, "leases: {:?}", c.lease_keys(None)?);
+        check!(
+            env.subnet.trunc() == subnet,
+            "subnet file now says {}",
+            env.subnet
+        );
+        check!(
+            c.lease_keys(None)?.len() == 2,
+            "leases: {:?}",
+            c.lease_keys(None)?
+        );
 
         wait_ping(&a.container(), b.container_ip(), Duration::from_secs(30))?;
         wait_ping(&b.container(), a.container_ip(), Duration::from_secs(30))?;

@@ -1,1 +1,47 @@
-fn main() {}
+//! Developer commands: `cargo xtask setup | test | demo`.
+//!
+//! Each subcommand lives in its own module; add new ones (e.g. `build-ebpf` in `ebpf.rs`) the
+//! same way: a module, a variant of `Cmd`, one arm in `main`.
+
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "rudder developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (Debian packages, rust-src, bpf-linker);
+    /// idempotent, installs only what is missing.
+    Setup,
+    /// Setup, build the workspace, then `cargo test --workspace` with RUDDER_BIN set.
+    /// Extra arguments go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then run the three-host demo (reachability matrix, throughput).
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    // BuildEbpf: added by the eBPF work (xtask/src/ebpf.rs).
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Setup => setup::run().map(|_| 0)?,
+        Cmd::Test { args } => test::run(&args)?,
+        Cmd::Demo { args } => demo::run(&args)?,
+    };
+    std::process::exit(code);
+}
