@@ -94,10 +94,17 @@ fn malformed_json_is_reported_then_fixed() {
         })?;
         let line = wait_log_line(&h, "a log line naming the malformed JSON config", |l| {
             l.contains("config")
-                && (l.contains("json")
-                    || l.contains("parse")
-                    || l.contains("eof")
-                    || l.contains("syntax"))
+                && [
+                    "json",
+                    "pars",
+                    "eof",
+                    "syntax",
+                    "malformed",
+                    "invalid",
+                    "expected",
+                ]
+                .iter()
+                .any(|w| l.contains(w))
         })?;
         eprintln!("daemon said: {line}");
         stays_unready_then_recovers(c, &h)

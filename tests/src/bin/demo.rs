@@ -83,9 +83,6 @@ fn real_main() -> Result<()> {
     );
     // Back on the overlay after removing the plain routes.
     wait_ping(&a.container(), b.container_ip(), Duration::from_secs(10))?;
-    println!("cleaning up");
-    drop(cluster);
-    println!("done");
     Ok(())
 }
 
@@ -122,16 +119,19 @@ impl PlainRoutes {
     fn add(a: &Host, b: &Host) -> Result<Self> {
         let mut r = Self { added: Vec::new() };
         for (here, there) in [(a, b), (b, a)] {
-            let dst = there.subnet().to_string();
-            ip(&[
-                "-n",
-                here.netns(),
-                "route",
-                "add",
-                &dst,
-                "via",
-                &there.underlay_ip().to_string(),
-            ])?;
+            let gw = there.underlay_ip().to_string();
+            let mut dst = there.subnet().to_string();
+            if let Err(e) = ip(&["-n", here.netns(), "route", "add", &dst, "via", &gw]) {
+                // The data plane may already route this subnet itself; a host route for the
+                // container is more specific still, and removing it touches nothing else.
+                let host_route = format!("{}/32", there.container_ip());
+                println!(
+                    "      ({dst} is already routed in {}: {e:#}; using {host_route})",
+                    here.name()
+                );
+                dst = host_route;
+                ip(&["-n", here.netns(), "route", "add", &dst, "via", &gw])?;
+            }
             r.added.push((here.netns().to_string(), dst));
         }
         let via = ip(&[
