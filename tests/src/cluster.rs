@@ -658,12 +658,14 @@ impl Host {
     }
 
     /// Fails if the daemon has exited (with its exit status).
+    /// The error is an [`Abort`](crate::util::Abort), so a [`wait_until`] using this stops.
     pub fn check_alive(&self) -> Result<()> {
+        use crate::util::Abort;
         match self.0.daemon.lock().unwrap().as_mut() {
-            None => bail!("daemon of {} is not running", self.0.name),
+            None => Err(Abort(format!("daemon of {} is not running", self.0.name)).into()),
             Some(c) => match c.try_wait()? {
                 None => Ok(()),
-                Some(st) => bail!("daemon of {} exited: {st}", self.0.name),
+                Some(st) => Err(Abort(format!("daemon of {} exited: {st}", self.0.name)).into()),
             },
         }
     }

@@ -6,7 +6,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// Polls `cond` until it returns `Ok(true)` or `timeout` passes. The poll interval starts at
+/// An error that ends a [`wait_until`] at once instead of being retried (e.g. the daemon
+/// exited: waiting longer cannot help).
+#[derive(Debug)]
+pub struct Abort(pub String);
+
+impl std::fmt::Display for Abort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Abort {}
+
+/// Polls `cond` until it returns `Ok(true)` or `timeout` passes; an [`Abort`] error (anywhere
+/// in the chain) ends the wait at once. The poll interval starts at
 /// 50 ms and grows to 500 ms. On timeout the error names `what` and the last error returned by
 /// `cond` (if any), so a failing wait says why.
 pub fn wait_until<F>(what: &str, timeout: Duration, mut cond: F) -> Result<()>
@@ -20,6 +34,9 @@ where
         match cond() {
             Ok(true) => return Ok(()),
             Ok(false) => last_err = None,
+            Err(e) if e.chain().any(|c| c.is::<Abort>()) => {
+                return Err(e.context(format!("gave up waiting for {what}")))
+            }
             Err(e) => last_err = Some(e),
         }
         if start.elapsed() >= timeout {

@@ -129,3 +129,14 @@ fn wait_until_reports_the_condition_on_timeout() {
         "{msg}"
     );
 }
+
+#[test]
+fn wait_until_stops_at_once_on_abort() {
+    let start = std::time::Instant::now();
+    let e = rudder_tests::wait_until("anything", Duration::from_secs(30), || {
+        Err(rudder_tests::util::Abort("the daemon exited".into()).into())
+    })
+    .unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(format!("{e:#}").contains("the daemon exited"), "{e:#}");
+}
