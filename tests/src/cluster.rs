@@ -147,7 +147,19 @@ impl Cluster {
         let u = self.underlay.as_str();
         self.res.add_netns(u);
         netns::create(u)?;
-        ip(&["-n", u, "link", "add", UNDERLAY_BRIDGE, "type", "bridge"])?;
+        // A fixed MAC: otherwise the bridge takes the lowest MAC of its ports, so it changes
+        // when a host joins and the other hosts' ARP entries for .1 (etcd) go stale.
+        ip(&[
+            "-n",
+            u,
+            "link",
+            "add",
+            UNDERLAY_BRIDGE,
+            "address",
+            "02:00:c0:a8:4d:01",
+            "type",
+            "bridge",
+        ])?;
         ip(&[
             "-n",
             u,
