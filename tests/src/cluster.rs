@@ -396,7 +396,10 @@ impl Cluster {
             &UNDERLAY_GW.to_string(),
         ])?;
         // Hosts forward between their bridge and the overlay (a per-namespace setting).
-        netns::exec_ok(&ns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        // (/proc/sys/net shows the namespace of the thread that opens it.)
+        netns::run_in(&ns, || {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1\n").context("enabling ip_forward")
+        })?;
 
         let prefix = opts
             .etcd_prefix

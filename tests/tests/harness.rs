@@ -90,6 +90,10 @@ fn hosts_reach_each_other_over_the_underlay_and_teardown_removes_everything() {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, b"probe");
 
+        // ip_forward is on in the host namespaces only, never changed in the root namespace.
+        let fwd = netns::exec_ok(a.netns(), "cat", &["/proc/sys/net/ipv4/ip_forward"]).unwrap();
+        assert_eq!(fwd.trim(), "1");
+
         assert_eq!(namespaces_of(&id).len(), 3, "{:?}", namespaces_of(&id));
     }
     assert!(
