@@ -144,3 +144,18 @@ fn wait_until_stops_at_once_on_abort() {
     assert!(start.elapsed() < Duration::from_secs(5));
     assert!(format!("{e:#}").contains("the daemon exited"), "{e:#}");
 }
+
+#[test]
+fn namespaces_of_a_dead_run_are_removed() {
+    rudder_tests::util::require(&["ip"]).unwrap();
+    // No process can have a PID above the kernel's maximum (4194304 at most).
+    let stale = format!(
+        "{}4194305-{}-u",
+        rudder_tests::cleanup::NS_PREFIX,
+        rudder_tests::util::rand_suffix(6)
+    );
+    netns::create(&stale).unwrap();
+    assert!(netns::exists(&stale));
+    rudder_tests::cleanup::remove_stale_namespaces();
+    assert!(!netns::exists(&stale), "{stale} was not removed");
+}
