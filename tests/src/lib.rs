@@ -1,1 +1,88 @@
+//! End-to-end test harness for rudder: hosts are network namespaces on a bridged underlay,
+//! etcd runs in the underlay namespace, and every host runs the real `rudder` binary.
+//!
+//! ```no_run
+//! use rudder_tests::{e2e, ping, HostOpts};
+//! e2e(|c| {
+//!     let a = c.add_host(HostOpts::default())?;
+//!     let b = c.add_host(HostOpts::default())?;
+//!     ping(&a.container(), b.container_ip())
+//! });
+//! ```
+//!
+//! Rules kept here: all traffic stays inside namespaces this harness created (the root
+//! namespace's routes, addresses and firewall are never touched); namespace names carry the
+//! owner PID and a random suffix; everything is removed on drop, also when a test panics.
 
+pub mod cleanup;
+pub mod cluster;
+pub mod netns;
+pub mod packet;
+pub mod traffic;
+pub mod util;
+
+pub use cluster::{Cluster, Host, HostOpts, SubnetEnv};
+pub use traffic::{
+    ping, ping_series, send_udp, tcp_transfer, wait_ping, Endpoint, Transfer, UdpProbe,
+};
+pub use util::{wait_until, which};
+
+/// Runs an end-to-end test body with a fresh [`Cluster`] (default config written). On error,
+/// prints every daemon's and etcd's log and panics with the error chain; the cluster is torn
+/// down either way.
+pub fn e2e<F>(body: F)
+where
+    F: FnOnce(&Cluster) -> anyhow::Result<()>,
+{
+    let cluster = match Cluster::new() {
+        Ok(c) => c,
+        Err(e) => panic!("cluster setup failed: {e:#}"),
+    };
+    if let Err(e) = body(&cluster) {
+        cluster.dump_logs();
+        panic!("{e:#}");
+    }
+}
+
+/// Waits until every host lists every other host as a peer in `/status`, then until every
+/// container pings every other container (both directions).
+pub fn wait_mesh(hosts: &[Host], timeout: std::time::Duration) -> anyhow::Result<()> {
+    for a in hosts {
+        for b in hosts {
+            if a.index() == b.index() {
+                continue;
+            }
+            wait_until(
+                &format!(
+                    "{} to list {} ({}) as a peer",
+                    a.name(),
+                    b.name(),
+                    b.subnet()
+                ),
+                timeout,
+                || a.sees_peer(b),
+            )?;
+        }
+    }
+    for a in hosts {
+        for b in hosts {
+            if a.index() != b.index() {
+                wait_ping(&a.container(), b.container_ip(), timeout)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds `n` hosts with default options, each waited for until ready.
+pub fn add_hosts(cluster: &Cluster, n: usize) -> anyhow::Result<Vec<Host>> {
+    (0..n)
+        .map(|_| cluster.add_host(HostOpts::default()))
+        .collect()
+}
+
+/// `anyhow::ensure!` with a shorter name for tests.
+#[macro_export]
+macro_rules! check {
+    ($($t:tt)*) => { anyhow::ensure!($($t)*) };
+}

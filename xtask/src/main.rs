@@ -1,28 +1,54 @@
-//! Developer tasks: `cargo xtask <command>`.
+//! Developer commands: `cargo xtask setup | build-ebpf | test | demo`.
+//!
+//! Each subcommand lives in its own module; add new ones (e.g. `build-ebpf` in `ebpf.rs`) the
+//! same way: a module, a variant of `Cmd`, one arm in `main`.
 
+mod demo;
 mod ebpf;
+mod setup;
+mod test;
+mod util;
 
 use clap::{Parser, Subcommand};
 
-#[derive(Debug, Parser)]
-#[command(about = "rudder developer tasks")]
+#[derive(Parser)]
+#[command(name = "xtask", about = "rudder developer tasks")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    cmd: Cmd,
 }
 
-#[derive(Debug, Subcommand)]
-enum Command {
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (Debian packages, rust-src, bpf-linker);
+    /// idempotent, installs only what is missing.
+    Setup,
+    /// Setup, build the workspace, then `cargo test --workspace` with RUDDER_BIN set.
+    /// Extra arguments go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, build, then run the three-host demo (reachability matrix, throughput).
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build the BPF programs (rudder-ebpf) for bpfel-unknown-none and print the object path.
     BuildEbpf(ebpf::BuildEbpfArgs),
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::BuildEbpf(args) => {
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Setup => setup::run().map(|_| 0)?,
+        Cmd::Test { args } => test::run(&args)?,
+        Cmd::Demo { args } => demo::run(&args)?,
+        Cmd::BuildEbpf(args) => {
             let object = ebpf::build_ebpf(&args)?;
             println!("{}", object.display());
+            0
         }
-    }
-    Ok(())
+    };
+    std::process::exit(code);
 }

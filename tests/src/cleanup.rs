@@ -1,0 +1,150 @@
+//! Process-wide registry of what the harness created, so that everything can be removed even
+//! on Ctrl-C (demo) and so that namespaces left by a killed test run are found and removed.
+//!
+//! Namespace names are `rte-<owner pid>-<random>-<role>`: when the owner process is gone,
+//! its namespaces are stale and any later run removes them.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Prefix of every namespace the harness creates.
+pub const NS_PREFIX: &str = "rte-";
+
+/// Things one cluster created, in creation order.
+#[derive(Default, Debug)]
+pub struct Resources {
+    inner: Mutex<Vec<Resource>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Resource {
+    Pid(i32),
+    Netns(String),
+}
+
+static REGISTRY: Mutex<Vec<Arc<Resources>>> = Mutex::new(Vec::new());
+
+impl Resources {
+    /// A new, registered, empty set.
+    pub fn new() -> Arc<Self> {
+        let r = Arc::new(Self::default());
+        REGISTRY.lock().unwrap().push(r.clone());
+        r
+    }
+
+    pub fn add_pid(&self, pid: u32) {
+        self.inner.lock().unwrap().push(Resource::Pid(pid as i32));
+    }
+
+    pub fn remove_pid(&self, pid: u32) {
+        self.inner
+            .lock()
+            .unwrap()
+            .retain(|r| *r != Resource::Pid(pid as i32));
+    }
+
+    pub fn add_netns(&self, name: &str) {
+        self.inner
+            .lock()
+            .unwrap()
+            .push(Resource::Netns(name.to_string()));
+    }
+
+    /// Kills remaining processes (SIGTERM, then SIGKILL after `grace`), deletes namespaces in
+    /// reverse creation order, and unregisters this set.
+    pub fn teardown(self: &Arc<Self>, grace: Duration) {
+        let items: Vec<Resource> = std::mem::take(&mut *self.inner.lock().unwrap());
+        let pids: Vec<i32> = items
+            .iter()
+            .filter_map(|r| match r {
+                Resource::Pid(p) => Some(*p),
+                _ => None,
+            })
+            .collect();
+        kill_all(&pids, grace);
+        for r in items.iter().rev() {
+            if let Resource::Netns(n) = r {
+                crate::netns::delete(n);
+            }
+        }
+        REGISTRY.lock().unwrap().retain(|r| !Arc::ptr_eq(r, self));
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie (exited, not yet reaped) counts as gone.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !matches!(
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next()),
+            Some("Z") | Some("X")
+        ),
+        Err(_) => false,
+    }
+}
+
+/// SIGTERM to each PID, wait up to `grace` for all to exit, SIGKILL the rest.
+pub fn kill_all(pids: &[i32], grace: Duration) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for &p in pids {
+        let _ = kill(Pid::from_raw(p), Signal::SIGTERM);
+    }
+    let start = Instant::now();
+    while pids.iter().any(|&p| alive(p)) && start.elapsed() < grace {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for &p in pids {
+        if alive(p) {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Tears down every registered cluster (used by the Ctrl-C handler).
+pub fn teardown_all() {
+    let all: Vec<Arc<Resources>> = REGISTRY.lock().unwrap().clone();
+    for r in all {
+        r.teardown(Duration::from_secs(3));
+    }
+}
+
+/// Removes namespaces left behind by harness processes that no longer exist (a test run that
+/// was killed before its `Drop` ran). Namespaces of live processes are never touched.
+pub fn remove_stale_namespaces() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
+        let Some(owner) = rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{owner}")).exists() {
+            eprintln!("removing stale namespace {name} (owner process {owner} is gone)");
+            crate::netns::delete(&name);
+        }
+    }
+}
+
+/// Blocks SIGINT/SIGTERM for this and every thread started after it, and starts a thread that
+/// waits for either, tears everything down and exits with status 130. Call first thing in
+/// `main` (before any other thread exists).
+pub fn install_signal_cleanup() -> anyhow::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()?;
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            eprintln!("\n{sig:?} received: cleaning up namespaces and processes...");
+            teardown_all();
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}

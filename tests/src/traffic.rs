@@ -1,0 +1,219 @@
+//! Traffic helpers: ping, TCP transfer with content check, raw UDP datagrams.
+
+use crate::netns;
+use crate::util::{output, wait_until};
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+/// Somewhere traffic can start or end: a namespace and an address in it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    pub ns: String,
+    pub ip: Ipv4Addr,
+}
+
+/// One ICMP echo from `from` to `to` (2 s timeout). Ok if a reply came back.
+pub fn ping(from: &Endpoint, to: Ipv4Addr) -> Result<()> {
+    let out = output(netns::exec(&from.ns, "ping").args([
+        "-n",
+        "-q",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        &to.to_string(),
+    ]))?;
+    if !out.status.success() {
+        bail!(
+            "ping {} -> {} failed: {}{}",
+            from.ip,
+            to,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Pings until one succeeds or `timeout` passes.
+pub fn wait_ping(from: &Endpoint, to: Ipv4Addr, timeout: Duration) -> Result<()> {
+    wait_until(&format!("ping {} -> {to}", from.ip), timeout, || {
+        ping(from, to).map(|_| true)
+    })
+}
+
+/// Sends `count` echo requests, one every `interval`, and returns (transmitted, received).
+pub fn ping_series(
+    from: &Endpoint,
+    to: Ipv4Addr,
+    count: u32,
+    interval: Duration,
+) -> Result<(u32, u32)> {
+    let out = output(netns::exec(&from.ns, "ping").args([
+        "-n",
+        "-q",
+        "-c",
+        &count.to_string(),
+        "-i",
+        &format!("{:.3}", interval.as_secs_f64()),
+        "-W",
+        "1",
+        &to.to_string(),
+    ]))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .ok_or_else(|| anyhow!("no ping summary in {text:?}"))?;
+    let nums: Vec<u32> = line
+        .split(',')
+        .filter_map(|p| p.split_whitespace().next()?.parse().ok())
+        .collect();
+    match nums.as_slice() {
+        [tx, rx, ..] => Ok((*tx, *rx)),
+        _ => bail!("cannot parse ping summary {line:?}"),
+    }
+}
+
+/// Deterministic pseudo-random content (xorshift), so corruption or reordering is visible.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Result of a [`tcp_transfer`].
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer {
+    pub bytes: usize,
+    pub elapsed: Duration,
+}
+
+impl Transfer {
+    pub fn mbit_per_s(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.elapsed.as_secs_f64() / 1e6
+    }
+}
+
+/// Sends `bytes` bytes over TCP from `from` to a listener on `to` (port 5201+random) and checks
+/// that exactly the same bytes arrived. Each side runs on a thread inside its namespace.
+pub fn tcp_transfer(from: &Endpoint, to: &Endpoint, bytes: usize) -> Result<Transfer> {
+    let seed: u64 = rand::random();
+    let data = std::sync::Arc::new(pattern(bytes, seed));
+    let (tx, rx) = std::sync::mpsc::channel::<u16>();
+    let to_ip = to.ip;
+    let receiver = netns::spawn_in(&to.ns, move || {
+        let l = TcpListener::bind((to_ip, 0)).context("bind listener")?;
+        tx.send(l.local_addr()?.port()).ok();
+        l.set_nonblocking(true)?;
+        let start = Instant::now();
+        let mut s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if start.elapsed() > Duration::from_secs(15) {
+                        bail!("no connection within 15 s");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut got = Vec::with_capacity(bytes);
+        s.read_to_end(&mut got).context("receiving")?;
+        Ok(got)
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| anyhow!("listener in {} did not start", to.ns))?;
+    let dst = SocketAddr::from((to.ip, port));
+    let send_data = data.clone();
+    let start = Instant::now();
+    let sender = netns::spawn_in(&from.ns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(10))
+            .with_context(|| format!("connect to {dst}"))?;
+        s.set_write_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(&send_data).context("sending")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    });
+    let sent = sender.join().map_err(|_| anyhow!("sender panicked"))?;
+    let got = receiver
+        .join()
+        .map_err(|_| anyhow!("receiver panicked"))?
+        .with_context(|| format!("receiving on {dst}"))?;
+    sent.with_context(|| format!("tcp {} -> {dst}", from.ip))?;
+    let elapsed = start.elapsed();
+    if got.len() != data.len() {
+        bail!(
+            "tcp {} -> {dst}: sent {} bytes, received {}",
+            from.ip,
+            data.len(),
+            got.len()
+        );
+    }
+    if let Some(pos) = got.iter().zip(data.iter()).position(|(a, b)| a != b) {
+        bail!("tcp {} -> {dst}: content differs at byte {pos}", from.ip);
+    }
+    Ok(Transfer { bytes, elapsed })
+}
+
+/// Sends one UDP datagram with `payload` from namespace `ns` (any source port) to `to`.
+pub fn send_udp(ns: &str, to: SocketAddrV4, payload: &[u8]) -> Result<()> {
+    let payload = payload.to_vec();
+    netns::run_in(ns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.send_to(&payload, to)?;
+        Ok(())
+    })
+}
+
+/// A UDP socket bound inside a namespace, to check what arrives.
+pub struct UdpProbe {
+    sock: UdpSocket,
+}
+
+impl UdpProbe {
+    /// Binds `addr` inside namespace `ns`.
+    pub fn bind(ns: &str, addr: SocketAddrV4) -> Result<Self> {
+        let sock = netns::run_in(ns, move || Ok(UdpSocket::bind(addr)?))?;
+        Ok(Self { sock })
+    }
+
+    /// Every datagram that arrives within `window` (payload, sender).
+    pub fn collect(&self, window: Duration) -> Result<Vec<(Vec<u8>, SocketAddr)>> {
+        let end = Instant::now() + window;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(out);
+            }
+            self.sock.set_read_timeout(Some(left))?;
+            match self.sock.recv_from(&mut buf) {
+                Ok((n, from)) => out.push((buf[..n].to_vec(), from)),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(out)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
