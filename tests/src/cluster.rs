@@ -571,6 +571,17 @@ impl Host {
     pub fn index(&self) -> usize {
         self.0.index
     }
+    /// Makes the host's underlay device finish checksums and segmentation itself, as a
+    /// physical NIC's wire would. Between namespaces a veth hands the peer unfinished
+    /// offload state (partial checksums, 64 KB tunnel super-packets): the kernel's own
+    /// receivers (the eBPF decap) take it as is, but a userspace UDP receiver (the TUN
+    /// data plane, flannel's udp backend) would get unsegmented, unchecksummed datagrams.
+    pub fn model_wire(&self) -> Result<()> {
+        crate::util::require(&["ethtool"])?;
+        crate::netns::exec_ok(&self.0.ns, "ethtool", &["-K", "eth0", "tx", "off"])?;
+        Ok(())
+    }
+
     /// The host's network namespace.
     pub fn netns(&self) -> &str {
         &self.0.ns

@@ -15,6 +15,7 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "iperf3",
     "nftables",
     "tcpdump",
+    "ethtool",
 ];
 
 fn is_root() -> bool {

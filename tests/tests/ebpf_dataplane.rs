@@ -1,0 +1,224 @@
+//! The eBPF data plane end to end: an all-eBPF cluster, a mixed eBPF/TUN cluster, exact
+//! counter movement, a leaving peer, and `--dataplane auto` falling back to TUN.
+//!
+//! Clusters with a TUN host model the wire on the underlay (`Host::model_wire`): the TUN
+//! data plane reads datagrams in userspace and needs them finished as a NIC would send them.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use rudder_tests::netns;
+use rudder_tests::traffic::ping_series;
+use rudder_tests::{
+    check, e2e, ping, tcp_transfer, wait_mesh, wait_until, Cluster, Host, HostOpts,
+};
+
+fn host(c: &Cluster, dataplane: &str) -> anyhow::Result<Host> {
+    c.add_host(HostOpts {
+        dataplane: Some(dataplane.into()),
+        ..HostOpts::default()
+    })
+}
+
+fn expect_dataplane(h: &Host, want: &str) -> anyhow::Result<()> {
+    let st = h.status()?;
+    check!(st["dataplane"] == want, "{}: /status {st}", h.name());
+    Ok(())
+}
+
+/// Ping and a 10 MB transfer with content check in both directions of every pair.
+fn full_mesh_traffic(hosts: &[Host]) -> anyhow::Result<()> {
+    wait_mesh(hosts, Duration::from_secs(30))?;
+    for a in hosts {
+        for b in hosts {
+            if a.index() == b.index() {
+                continue;
+            }
+            ping(&a.container(), b.container_ip())?;
+            let t = tcp_transfer(&a.container(), &b.container(), 10 << 20)
+                .with_context(|| format!("10 MB {} -> {}", a.name(), b.name()))?;
+            eprintln!(
+                "{} ({}) -> {} ({}): {:.0} Mbit/s",
+                a.name(),
+                a.status()?["dataplane"],
+                b.name(),
+                b.status()?["dataplane"],
+                t.mbit_per_s()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn three_ebpf_hosts_carry_ping_and_tcp_between_all_pairs() {
+    e2e(|c| {
+        let hosts: Vec<Host> = (0..3).map(|_| host(c, "ebpf")).collect::<Result<_, _>>()?;
+        for h in &hosts {
+            expect_dataplane(h, "ebpf")?;
+        }
+        full_mesh_traffic(&hosts)?;
+        for h in &hosts {
+            let st = h.status()?;
+            let counters = &st["counters"];
+            check!(
+                counters["encapsulated"].as_u64() > Some(0)
+                    && counters["decapsulated"].as_u64() > Some(0),
+                "{}: counters {counters}",
+                h.name()
+            );
+            for reason in ["spoofed_source", "not_our_subnet", "malformed", "truncated"] {
+                check!(
+                    counters[reason] == 0,
+                    "{}: {reason} drops: {counters}",
+                    h.name()
+                );
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn mixed_ebpf_and_tun_hosts_talk_both_ways() {
+    e2e(|c| {
+        let hosts = vec![host(c, "ebpf")?, host(c, "ebpf")?, host(c, "tun")?];
+        for h in &hosts {
+            h.model_wire()?;
+        }
+        expect_dataplane(&hosts[0], "ebpf")?;
+        expect_dataplane(&hosts[1], "ebpf")?;
+        expect_dataplane(&hosts[2], "tun")?;
+        full_mesh_traffic(&hosts)
+    });
+}
+
+#[test]
+fn counters_move_by_the_packets_sent() {
+    e2e(|c| {
+        let a = host(c, "ebpf")?;
+        let b = host(c, "ebpf")?;
+        wait_mesh(&[a.clone(), b.clone()], Duration::from_secs(30))?;
+        let (a_enc, a_dec) = (a.counter("encapsulated")?, a.counter("decapsulated")?);
+        let (b_enc, b_dec) = (b.counter("encapsulated")?, b.counter("decapsulated")?);
+
+        const N: u32 = 25;
+        let (sent, received) = ping_series(
+            &a.container(),
+            b.container_ip(),
+            N,
+            Duration::from_millis(20),
+        )?;
+        check!(sent == N && received == N, "ping {received}/{sent}");
+
+        // Requests go A -> B, replies B -> A; nothing else crosses the overlay meanwhile.
+        let moved = [
+            ("A encapsulated", a.counter("encapsulated")? - a_enc),
+            ("B decapsulated", b.counter("decapsulated")? - b_dec),
+            ("B encapsulated", b.counter("encapsulated")? - b_enc),
+            ("A decapsulated", a.counter("decapsulated")? - a_dec),
+        ];
+        for (what, delta) in moved {
+            check!(
+                delta == u64::from(N),
+                "{what} moved by {delta}, expected {N}: {moved:?}"
+            );
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn a_leaving_peer_is_removed_from_routes_and_maps() {
+    e2e(|c| {
+        let a = host(c, "ebpf")?;
+        let b = host(c, "ebpf")?;
+        let leaving = c.add_host(HostOpts {
+            dataplane: Some("ebpf".into()),
+            release_lease_on_exit: true,
+            ..HostOpts::default()
+        })?;
+        wait_mesh(
+            &[a.clone(), b.clone(), leaving.clone()],
+            Duration::from_secs(30),
+        )?;
+        let gone = leaving.subnet();
+        let peer_route = |h: &Host| -> anyhow::Result<bool> {
+            let routes = netns::exec_ok(h.netns(), "ip", &["route", "show", "proto", "211"])?;
+            Ok(routes.contains(&gone.to_string()))
+        };
+        check!(
+            peer_route(&a)?,
+            "{}: no proto 211 route to {gone}",
+            a.name()
+        );
+
+        let status = leaving.stop()?;
+        check!(status.success(), "{} exited with {status}", leaving.name());
+        for h in [&a, &b] {
+            wait_until(
+                &format!("{} forgets {gone}", h.name()),
+                Duration::from_secs(10),
+                || Ok(!h.sees_peer(&leaving)? && !peer_route(h)?),
+            )?;
+            // The LPM entry is gone too: the overlay answers "unreachable" rather than
+            // encapsulating towards the departed host.
+            let before = h.counter("encapsulated")?;
+            let (_, received) = ping_series(
+                &h.container(),
+                leaving.container_ip(),
+                3,
+                Duration::from_millis(50),
+            )?;
+            check!(
+                received == 0,
+                "{}: the departed host still answers",
+                h.name()
+            );
+            let after = h.counter("encapsulated")?;
+            check!(
+                after == before,
+                "{}: {} packets encapsulated towards a departed peer",
+                h.name(),
+                after - before
+            );
+        }
+        ping(&a.container(), b.container_ip())
+    });
+}
+
+#[test]
+fn auto_falls_back_to_tun_when_ebpf_cannot_load() {
+    e2e(|c| {
+        let ebpf = host(c, "ebpf")?;
+        let fallback = c.add_host(HostOpts {
+            dataplane: Some("auto".into()),
+            extra_args: vec!["--ebpf-force-fail".into()],
+            ..HostOpts::default()
+        })?;
+        let st = fallback.status()?;
+        check!(st["dataplane"] == "tun", "fallback host: /status {st}");
+        let reason = st["dataplane_reason"].as_str().unwrap_or_default();
+        check!(
+            reason.contains("eBPF unavailable") && reason.contains("force_fail"),
+            "the reason should say why eBPF was not used: {reason:?}"
+        );
+        check!(
+            fallback
+                .log()
+                .lines()
+                .filter(|l| l.contains("falling back to the TUN data plane"))
+                .count()
+                == 1,
+            "expected one log line about the fall-back"
+        );
+        // Without the hook, auto picks eBPF.
+        let auto = host(c, "auto")?;
+        expect_dataplane(&auto, "ebpf")?;
+        let hosts = [ebpf, fallback, auto];
+        for h in &hosts {
+            h.model_wire()?;
+        }
+        full_mesh_traffic(&hosts)
+    });
+}
