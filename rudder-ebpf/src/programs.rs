@@ -13,6 +13,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
     programs::TcContext,
 };
+use aya_log_ebpf::warn;
 use rudder_ebpf::{
     ipv4_in_subnet, Counter, DataplaneConfig, LocalEndpoint, PeerValue, ENCAP_OVERHEAD,
     MAX_LOCAL_ENDPOINTS, MAX_PEERS, OUTER_TTL,
@@ -67,6 +68,22 @@ fn count(counter: Counter) {
         // SAFETY: per-CPU slot, programs do not migrate CPUs mid-run.
         unsafe { *slot += 1 };
     }
+}
+
+/// Logs a helper failure through aya-log on its 1st, 2nd, 4th, 8th… occurrence per CPU (the
+/// caller counts it): a broken path shows up in the daemon's log without a line per packet.
+// Out of line: the log formatting is large and must not be copied into every hot path.
+#[inline(never)]
+fn io_error(ctx: &TcContext, what: &str, err: i64) -> Counter {
+    let seen = COUNTERS
+        .get(Counter::DropIoError as u32)
+        .copied()
+        .unwrap_or(0);
+    let n = seen + 1;
+    if n.is_power_of_two() {
+        warn!(ctx, "{} failed: {} (failure {} on this CPU)", what, err, n);
+    }
+    Counter::DropIoError
 }
 
 #[inline(always)]
@@ -205,7 +222,7 @@ fn encapsulate(
             BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         ),
     )
-    .map_err(|_| Counter::DropIoError)?;
+    .map_err(|e| io_error(ctx, "encap: bpf_skb_adjust_room", e))?;
 
     // A GSO packet's lengths are rewritten per segment; clamp the super-packet's value.
     let outer_len = (u32::from(inner_len) + u32::from(ENCAP_OVERHEAD)).min(0xffff) as u16;
@@ -376,15 +393,12 @@ fn ingress(ctx: &TcContext) -> i32 {
     }
 
     // FIXED_GSO: the inner MSS is already right; without it the kernel would grow it by 28.
-    if ctx
-        .adjust_room(
-            -i32::from(ENCAP_OVERHEAD),
-            BPF_ADJ_ROOM_MAC,
-            u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
-        )
-        .is_err()
-    {
-        return drop_with(Counter::DropIoError);
+    if let Err(e) = ctx.adjust_room(
+        -i32::from(ENCAP_OVERHEAD),
+        BPF_ADJ_ROOM_MAC,
+        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+    ) {
+        return drop_with(io_error(ctx, "decap: bpf_skb_adjust_room", e));
     }
     // The tunnel is a router hop: TTL - 1.
     if let Err(counter) = decrement_ttl(ctx, L3_OFF, ttl, inner[9]) {

@@ -417,11 +417,56 @@ fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), aya::ma
 /// The loaded BPF object and its maps.
 struct Kernel {
     ebpf: Ebpf,
+    /// Forwards the programs' aya-log records to `tracing`; stopped on drop.
+    log_task: Option<tokio::task::JoinHandle<()>>,
     config: Array<MapData, DataplaneConfig>,
     peers: LpmTrie<MapData, [u8; 4], PeerValue>,
     senders: HashMap<MapData, [u8; 4], u32>,
     endpoints: HashMap<MapData, [u8; 4], LocalEndpoint>,
     counters: PerCpuArray<MapData, u64>,
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        if let Some(task) = self.log_task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Reads the programs' aya-log records (rare diagnostics, never per packet) into `tracing`
+/// (through the `log` bridge) from a task on the current tokio runtime. Without a runtime
+/// (unit tests) or without the log map, the records are simply not read.
+fn forward_bpf_logs(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(e) => {
+            tracing::warn!("BPF programs' log records will not be shown: {e}");
+            return None;
+        }
+    };
+    Some(runtime.spawn(async move {
+        // SAFETY: the logger owns its ring buffer fd and moves into the AsyncFd, so the fd
+        // stays open exactly as long as it is registered.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let mut fd = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!("polling the BPF log buffer failed: {e}");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
 }
 
 impl Kernel {
@@ -444,7 +489,9 @@ impl Kernel {
                 .with_context(|| format!("BPF object has no map {name}"))?;
             T::try_from(map).with_context(|| format!("BPF map {name} has an unexpected type"))
         }
+        let log_task = forward_bpf_logs(&mut ebpf);
         Ok(Kernel {
+            log_task,
             config: take(&mut ebpf, names::MAP_CONFIG)?,
             peers: take(&mut ebpf, names::MAP_PEERS)?,
             senders: take(&mut ebpf, names::MAP_SENDERS)?,

@@ -666,6 +666,9 @@ fn programs_pass_the_verifier_within_budget() {
     for name in [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_BRIDGE] {
         let (count, size) = kernel.program_sizes(name).unwrap();
         eprintln!("{name}: {size} instructions, {count} processed by the verifier");
-        assert!(count > 0 && count < 4096, "{name} has {count} instructions");
+        // The kernel allows 1M processed instructions; this budget catches an accidental
+        // blow-up (an unrolled loop, a log call inlined into a hot path) early. It includes
+        // the out-of-line aya-log formatting of the rare-failure path.
+        assert!(count > 0 && count < 8192, "{name} has {count} instructions");
     }
 }
