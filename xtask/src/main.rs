@@ -1,10 +1,11 @@
-//! Developer commands: `cargo xtask setup | build-ebpf | test | demo`.
+//! Developer commands: `cargo xtask setup | build-ebpf | test | demo | fuzz`.
 //!
 //! Each subcommand lives in its own module; add new ones (e.g. `build-ebpf` in `ebpf.rs`) the
 //! same way: a module, a variant of `Cmd`, one arm in `main`.
 
 mod demo;
 mod ebpf;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -34,6 +35,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run each cargo-fuzz target (packet rules, config and lease parsing) for a while and
+    /// print the execution counts.
+    Fuzz(fuzz::FuzzArgs),
     /// Build the BPF programs (rudder-ebpf) for bpfel-unknown-none and print the object path.
     BuildEbpf(ebpf::BuildEbpfArgs),
 }
@@ -44,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup::run().map(|_| 0)?,
         Cmd::Test { args } => test::run(&args)?,
         Cmd::Demo { args } => demo::run(&args)?,
+        Cmd::Fuzz(args) => fuzz::run(&args)?,
         Cmd::BuildEbpf(args) => {
             let object = ebpf::build_ebpf(&args)?;
             println!("{}", object.display());
