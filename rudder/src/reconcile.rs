@@ -7,13 +7,26 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
 
 use crate::dataplane::Dataplane;
 use crate::metrics::State;
 use crate::peers::{PeerEvent, PeerMap};
+
+/// How long a peer missing from a resync snapshot (but never deleted by a watch event)
+/// stays installed: longer than the peers' own reconnect back-off plus a re-acquisition.
+pub const RESYNC_GRACE: Duration = Duration::from_secs(30);
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
 
 pub struct Reconciler {
     dataplane: Arc<dyn Dataplane>,
@@ -26,6 +39,10 @@ pub struct Reconciler {
     desired: PeerMap,
     /// What the data plane has been given.
     installed: PeerMap,
+    /// Peers a resync snapshot no longer listed (subnet → public IP, since when): they
+    /// stay installed for [`RESYNC_GRACE`], so an etcd whose data was wiped or restored
+    /// from an old backup does not cut traffic while the hosts re-register.
+    missing_since: BTreeMap<Ipv4Net, (Ipv4Addr, Instant)>,
     /// Public IPs held by several leases, as last reported (to warn once per change).
     shared_ips_warned: BTreeMap<Ipv4Addr, Vec<Ipv4Net>>,
 }
@@ -47,12 +64,15 @@ impl Reconciler {
             desired: BTreeMap::new(),
             installed: BTreeMap::new(),
             shared_ips_warned: BTreeMap::new(),
+            missing_since: BTreeMap::new(),
         }
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<PeerEvent>) {
         loop {
+            let next_expiry = self.next_grace_expiry();
             tokio::select! {
+                _ = sleep_until_opt(next_expiry) => self.apply(),
                 event = events.recv() => match event {
                     Some(event) => self.handle(event),
                     None => return,
@@ -71,14 +91,25 @@ impl Reconciler {
         let own = *self.own_subnet.borrow();
         let check_own = match event {
             PeerEvent::Snapshot(all) => {
+                let now = Instant::now();
+                for (subnet, ip) in &self.desired {
+                    if !all.contains_key(subnet) {
+                        self.missing_since.entry(*subnet).or_insert((*ip, now));
+                    }
+                }
+                self.missing_since
+                    .retain(|subnet, _| !all.contains_key(subnet));
                 self.desired = all;
                 true
             }
             PeerEvent::Upsert(subnet, ip) => {
+                self.missing_since.remove(&subnet);
                 self.desired.insert(subnet, ip);
                 subnet == own
             }
             PeerEvent::Remove(subnet) => {
+                // A delete event is authoritative: no grace.
+                self.missing_since.remove(&subnet);
                 self.desired.remove(&subnet);
                 subnet == own
             }
@@ -90,12 +121,30 @@ impl Reconciler {
         self.apply();
     }
 
+    /// When the earliest grace period of a peer missing from a resync runs out.
+    fn next_grace_expiry(&self) -> Option<Instant> {
+        self.missing_since
+            .values()
+            .map(|(_, since)| *since + RESYNC_GRACE)
+            .min()
+    }
+
     /// Applies the difference between desired (minus our own subnet) and installed.
     fn apply(&mut self) {
         let own = *self.own_subnet.borrow();
+        let now = Instant::now();
+        self.missing_since.retain(|subnet, (_, since)| {
+            let keep = now < *since + RESYNC_GRACE;
+            if !keep {
+                tracing::info!(%subnet, "peer still missing {RESYNC_GRACE:?} after a resync; removing it");
+            }
+            keep
+        });
+        let in_grace = self.missing_since.iter().map(|(s, (ip, _))| (s, ip));
         let target: PeerMap = self
             .desired
             .iter()
+            .chain(in_grace)
             // A lease naming our own address is ours (current or stale): never route to self.
             .filter(|(subnet, ip)| **subnet != own && **ip != self.public_ip)
             .map(|(s, ip)| (*s, *ip))
@@ -217,13 +266,47 @@ mod tests {
         // The same snapshot again (a resync after an outage) changes nothing.
         r.handle(PeerEvent::Snapshot(snap));
         assert_eq!(dp.calls.lock().unwrap().len(), 1);
-        // A resync that misses a peer removes exactly that one.
+        // A resync that misses a peer keeps it for the grace period...
         r.handle(PeerEvent::Snapshot([(net("10.5.1.0/24"), ME)].into()));
+        assert_eq!(dp.calls.lock().unwrap().len(), 1);
+        // ...a delete event removes at once.
+        r.handle(PeerEvent::Remove(net("10.5.2.0/24")));
         assert_eq!(
             *dp.calls.lock().unwrap(),
             vec!["+10.5.2.0/24", "-10.5.2.0/24"]
         );
         assert!(r.state.snapshot().peers.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peers_missing_from_a_resync_stay_for_the_grace_period() {
+        let (mut r, dp, _, _tx) = setup();
+        let full: PeerMap = [
+            (net("10.5.1.0/24"), ME),
+            (net("10.5.2.0/24"), PEER),
+            (net("10.5.3.0/24"), Ipv4Addr::new(192, 168, 0, 3)),
+        ]
+        .into();
+        r.handle(PeerEvent::Snapshot(full));
+        // etcd wiped: the resync lists nobody.
+        r.handle(PeerEvent::Snapshot(PeerMap::new()));
+        assert_eq!(
+            dp.peers.lock().unwrap().len(),
+            2,
+            "peers kept during the grace"
+        );
+        // One host re-registers; the other never comes back.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        r.handle(PeerEvent::Upsert(net("10.5.2.0/24"), PEER));
+        tokio::time::advance(RESYNC_GRACE).await;
+        assert_eq!(
+            r.next_grace_expiry().map(|t| t <= Instant::now()),
+            Some(true)
+        );
+        r.apply();
+        let left: Vec<Ipv4Net> = dp.peers.lock().unwrap().keys().copied().collect();
+        assert_eq!(left, vec![net("10.5.2.0/24")]);
+        assert_eq!(r.next_grace_expiry(), None);
     }
 
     #[test]
