@@ -2,11 +2,12 @@
 //! each; prints the subnets, a ping reachability matrix between the containers, and iperf3
 //! TCP throughput over rudder vs. plain routing between the same namespaces.
 //!
-//! Run as root: `cargo xtask demo`. Everything is removed on exit and on Ctrl-C.
+//! Run as root: `cargo xtask demo [--dataplane auto|ebpf|tun]` (default `auto`: eBPF where it
+//! loads). Everything is removed on exit and on Ctrl-C.
 
 use anyhow::{anyhow, bail, Context, Result};
 use rudder_tests::cleanup::install_signal_cleanup;
-use rudder_tests::util::{ip, output, require_daemon, rudder_bin, test_dataplane};
+use rudder_tests::util::{ip, output, require_daemon, rudder_bin};
 use rudder_tests::{
     netns, ping, wait_mesh, wait_ping, wait_until, Cluster, Endpoint, Host, HostOpts,
 };
@@ -23,13 +24,24 @@ fn main() {
     }
 }
 
+/// `--dataplane X` from the command line, else `auto`.
+fn dataplane_arg() -> Result<String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => Ok("auto".into()),
+        [flag, value] if flag == "--dataplane" => Ok(value.clone()),
+        [one] if one.starts_with("--dataplane=") => Ok(one["--dataplane=".len()..].into()),
+        other => bail!("usage: demo [--dataplane auto|ebpf|tun], got {other:?}"),
+    }
+}
+
 fn real_main() -> Result<()> {
     install_signal_cleanup()?;
     require_daemon(&["ip", "etcd", "etcdctl", "ping", "iperf3", "ss"])?;
+    let dataplane = dataplane_arg()?;
     println!(
-        "rudder demo (daemon {}, data plane {})",
+        "rudder demo (daemon {}, --dataplane {dataplane})",
         rudder_bin().display(),
-        test_dataplane()
     );
 
     println!("[1/5] underlay namespace with a bridge (192.168.77.1/24) and etcd");
@@ -43,20 +55,24 @@ fn real_main() -> Result<()> {
     println!("[2/5] three hosts, each running rudder, each with one container");
     let mut hosts = Vec::new();
     for _ in 0..3 {
-        let h = cluster.add_host(HostOpts::default())?;
+        let h = cluster.add_host(HostOpts {
+            dataplane: Some(dataplane.clone()),
+            ..HostOpts::default()
+        })?;
         println!(
-            "      {}: underlay {:<14} subnet {:<14} container {}",
+            "      {}: underlay {:<14} subnet {:<14} container {:<12} data plane {}",
             h.name(),
             h.underlay_ip(),
             h.subnet().to_string(),
-            h.container_ip()
+            h.container_ip(),
+            host_dataplane(&h)
         );
         hosts.push(h);
     }
     wait_mesh(&hosts, Duration::from_secs(30)).context("hosts did not find each other")?;
 
     println!("[3/5] reachability matrix (ping container -> container)");
-    print_matrix(&hosts);
+    let (reachable, pairs) = print_matrix(&hosts);
 
     let (a, b) = (&hosts[0], &hosts[1]);
     println!(
@@ -83,10 +99,51 @@ fn real_main() -> Result<()> {
     );
     // Back on the overlay after removing the plain routes.
     wait_ping(&a.container(), b.container_ip(), Duration::from_secs(10))?;
+
+    println!();
+    println!("summary");
+    println!(
+        "  {:<4} {:<16} {:<16} {:<10}",
+        "host", "underlay", "subnet", "data plane"
+    );
+    for h in &hosts {
+        println!(
+            "  {:<4} {:<16} {:<16} {:<10}",
+            h.name(),
+            h.underlay_ip().to_string(),
+            h.subnet().to_string(),
+            host_dataplane(h)
+        );
+    }
+    println!("  reachability: {reachable}/{pairs} container pairs answer ping");
+    println!(
+        "  TCP {} -> {}: rudder {:.2} Gbit/s, plain routing {:.2} Gbit/s, ratio {:.2}",
+        a.name(),
+        b.name(),
+        overlay / 1e9,
+        plain / 1e9,
+        overlay / plain
+    );
+    if reachable != pairs {
+        bail!(
+            "{} container pairs cannot reach each other",
+            pairs - reachable
+        );
+    }
     Ok(())
 }
 
-fn print_matrix(hosts: &[Host]) {
+/// The data plane the host's daemon reports, with the reason when `auto` fell back.
+fn host_dataplane(h: &Host) -> String {
+    match h.status() {
+        Ok(st) => st["dataplane"].as_str().unwrap_or("?").to_string(),
+        Err(e) => format!("? ({e})"),
+    }
+}
+
+/// Prints the matrix; returns (pairs that answered, pairs).
+fn print_matrix(hosts: &[Host]) -> (usize, usize) {
+    let (mut reachable, mut pairs) = (0, 0);
     print!("      {:>10}", "from \\ to");
     for h in hosts {
         print!(" {:>12}", h.container_ip());
@@ -97,15 +154,20 @@ fn print_matrix(hosts: &[Host]) {
         for b in hosts {
             let cell = if a.index() == b.index() {
                 "-"
-            } else if ping(&a.container(), b.container_ip()).is_ok() {
-                "ok"
             } else {
-                "FAIL"
+                pairs += 1;
+                if ping(&a.container(), b.container_ip()).is_ok() {
+                    reachable += 1;
+                    "ok"
+                } else {
+                    "FAIL"
+                }
             };
             print!(" {cell:>12}");
         }
         println!();
     }
+    (reachable, pairs)
 }
 
 /// Host-gw style routes for the two hosts' subnets via each other's underlay address (more
