@@ -25,6 +25,9 @@ pub enum PeerEvent {
     Remove(Ipv4Net),
 }
 
+/// A real lease value is ~80 bytes; anything this large is junk, not parsed.
+pub const MAX_LEASE_VALUE: usize = 4096;
+
 /// Why a key under `subnets/` is not a peer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Skip {
@@ -51,6 +54,12 @@ pub fn parse_peer(
     if !network.contains(&subnet) || subnet.prefix_len() < network.prefix_len() {
         return Err(Skip::Invalid(format!(
             "subnet {subnet} lies outside the network {network}"
+        )));
+    }
+    if value.len() > MAX_LEASE_VALUE {
+        return Err(Skip::Invalid(format!(
+            "lease value is {} bytes; a lease is a short JSON object (at most {MAX_LEASE_VALUE})",
+            value.len()
         )));
     }
     let lease = LeaseValue::parse(value).map_err(|e| Skip::Invalid(e.to_string()))?;
@@ -259,6 +268,10 @@ mod tests {
                 r#"{"PublicIP":"1.2.3.4"}"#,
             ),
             ("/other/10.5.34.0-24", r#"{"PublicIP":"1.2.3.4"}"#),
+            (
+                "/coreos.com/network/subnets/10.5.36.0-24",
+                &format!(r#"{{"PublicIP":"1.2.3.4","Pad":"{}"}}"#, "x".repeat(5000)),
+            ),
         ] {
             assert!(
                 matches!(parse(key, value), Err(Skip::Invalid(_))),
