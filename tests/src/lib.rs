@@ -74,6 +74,31 @@ pub fn wait_mesh(hosts: &[Host], timeout: std::time::Duration) -> anyhow::Result
     Ok(())
 }
 
+/// Waits for the mesh, then pings and sends `bytes` over TCP (content checked) in both
+/// directions of every pair of containers, printing each transfer's rate.
+pub fn full_mesh_traffic(hosts: &[Host], bytes: usize) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    wait_mesh(hosts, std::time::Duration::from_secs(30))?;
+    for a in hosts {
+        for b in hosts {
+            if a.index() == b.index() {
+                continue;
+            }
+            ping(&a.container(), b.container_ip())?;
+            let t = tcp_transfer(&a.container(), &b.container(), bytes)
+                .with_context(|| format!("{bytes} bytes {} -> {}", a.name(), b.name()))?;
+            eprintln!(
+                "{} -> {}: {bytes} bytes in {:?} ({:.0} Mbit/s)",
+                a.name(),
+                b.name(),
+                t.elapsed,
+                t.mbit_per_s()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Adds `n` hosts with default options, each waited for until ready.
 pub fn add_hosts(cluster: &Cluster, n: usize) -> anyhow::Result<Vec<Host>> {
     (0..n)

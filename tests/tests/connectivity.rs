@@ -5,9 +5,8 @@ use anyhow::Context;
 use ipnet::Ipv4Net;
 use rudder_tests::cluster::DEFAULT_NETWORK;
 use rudder_tests::util::test_dataplane;
-use rudder_tests::{add_hosts, check, e2e, ping, tcp_transfer, wait_mesh};
+use rudder_tests::{add_hosts, check, e2e, full_mesh_traffic};
 use std::collections::HashSet;
-use std::time::Duration;
 
 #[test]
 fn three_hosts_distinct_subnets_full_mesh_traffic() {
@@ -91,24 +90,7 @@ fn three_hosts_distinct_subnets_full_mesh_traffic() {
             c.lease_keys(None)?
         );
 
-        wait_mesh(&hosts, Duration::from_secs(30))?;
-        for a in &hosts {
-            for b in &hosts {
-                if a.index() == b.index() {
-                    continue;
-                }
-                ping(&a.container(), b.container_ip())?;
-                let t = tcp_transfer(&a.container(), &b.container(), 10 << 20)
-                    .with_context(|| format!("10 MB {} -> {}", a.name(), b.name()))?;
-                eprintln!(
-                    "{} -> {}: 10 MiB in {:?} ({:.0} Mbit/s)",
-                    a.name(),
-                    b.name(),
-                    t.elapsed,
-                    t.mbit_per_s()
-                );
-            }
-        }
+        full_mesh_traffic(&hosts, 10 << 20)?;
         for h in &hosts {
             let enc = h.counter("encapsulated")?;
             let dec = h.counter("decapsulated")?;
