@@ -32,7 +32,7 @@ pub const TUN: &str = "rudder0";
 /// UDP port of the overlay.
 pub const UDP_PORT: u16 = 8285;
 
-const UNDERLAY_BRIDGE: &str = "ubr0";
+pub(crate) const UNDERLAY_BRIDGE: &str = "ubr0";
 /// Host side of the container's veth, inside the host namespace.
 const CONTAINER_VETH_HOST: &str = "vc0";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -55,6 +55,8 @@ pub struct HostOpts {
     pub wait_ready: bool,
     /// More daemon arguments, appended last.
     pub extra_args: Vec<String>,
+    /// `--etcd-endpoints` (default: the cluster's own etcd), e.g. an [`crate::etcd_members::EtcdMembers`] list.
+    pub etcd_endpoints: Option<String>,
 }
 
 impl Default for HostOpts {
@@ -67,6 +69,7 @@ impl Default for HostOpts {
             dataplane: None,
             wait_ready: true,
             extra_args: Vec::new(),
+            etcd_endpoints: None,
         }
     }
 }
@@ -171,6 +174,12 @@ impl Cluster {
         ])?;
         ip(&["-n", u, "link", "set", UNDERLAY_BRIDGE, "up"])?;
         self.start_etcd()
+    }
+
+    /// What `Drop` tears down: extensions of the harness register their namespaces and
+    /// processes here.
+    pub(crate) fn resources(&self) -> &Arc<Resources> {
+        &self.res
     }
 
     /// Unique id of this cluster (owner PID + random suffix); part of every namespace name.
@@ -409,7 +418,9 @@ impl Cluster {
         let mut args: Vec<String> = vec![
             "run".into(),
             "--etcd-endpoints".into(),
-            self.etcd_endpoint(),
+            opts.etcd_endpoints
+                .clone()
+                .unwrap_or_else(|| self.etcd_endpoint()),
             "--etcd-prefix".into(),
             prefix.clone(),
             "--subnet-file".into(),
@@ -515,7 +526,7 @@ impl Drop for Cluster {
 }
 
 /// SIGTERM, wait up to `grace`, then SIGKILL; returns the exit status.
-fn stop_child(child: &mut Child, grace: Duration) -> Result<ExitStatus> {
+pub(crate) fn stop_child(child: &mut Child, grace: Duration) -> Result<ExitStatus> {
     use nix::sys::signal::{kill, Signal};
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     if let Some(st) = child.try_wait()? {
