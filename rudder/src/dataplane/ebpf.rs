@@ -177,6 +177,34 @@ impl EbpfDataplane {
             })
     }
 
+    /// Puts back routes the kernel or an operator removed behind our back: taking the
+    /// underlay link down flushes every route through it, and without them the peers would
+    /// stay unreachable until the peer set changed.
+    fn restore_lost_routes(&self) -> anyhow::Result<usize> {
+        let state = self.lock();
+        let routes = state.routes()?;
+        let present = routes.installed_destinations()?;
+        let mut restored = 0;
+        if !present.contains(&state.opts.network) {
+            routes.add_unreachable(state.opts.network)?;
+            restored += 1;
+        }
+        let src = state.pref_source();
+        for (subnet, public_ip) in &state.peers {
+            if !present.contains(subnet) {
+                routes.add_peer(*subnet, *public_ip, state.opts.overlay_mtu, src)?;
+                restored += 1;
+            }
+        }
+        if restored > 0 {
+            tracing::warn!(
+                restored,
+                "re-added data plane routes that had been removed (underlay link down/up?)"
+            );
+        }
+        Ok(restored)
+    }
+
     /// Finds the containers behind the bridge ([`EbpfOptions::bridge`]) and installs them
     /// as local endpoints, removing those that vanished since the last call; returns how
     /// many there are. A container is an IPv4 neighbour of the bridge inside the local
@@ -282,6 +310,7 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn refresh_host_state(&self) -> anyhow::Result<()> {
+        self.restore_lost_routes()?;
         if self.lock().opts.bridge.is_some() {
             self.refresh_local_endpoints()?;
         }
@@ -861,10 +890,10 @@ impl Routes {
         })
     }
 
-    /// Deletes every IPv4 route with our protocol number; returns how many.
-    fn remove_stale(&self) -> anyhow::Result<usize> {
+    /// Every IPv4 route with our protocol number.
+    fn ours(&self) -> anyhow::Result<Vec<RouteMessage>> {
         let dump = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let ours: Vec<RouteMessage> = self
+        Ok(self
             .run(
                 self.handle
                     .route()
@@ -875,7 +904,28 @@ impl Routes {
             .context("listing IPv4 routes")?
             .into_iter()
             .filter(|route| route.header.protocol == RouteProtocol::Other(RTPROT_RUDDER))
-            .collect();
+            .collect())
+    }
+
+    /// Destinations of our routes that are present now.
+    fn installed_destinations(&self) -> anyhow::Result<std::collections::BTreeSet<Ipv4Net>> {
+        Ok(self
+            .ours()?
+            .iter()
+            .filter_map(|route| {
+                route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(
+                        rtnetlink::packet_route::route::RouteAddress::Inet(addr),
+                    ) => Ipv4Net::new(*addr, route.header.destination_prefix_length).ok(),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Deletes every IPv4 route with our protocol number; returns how many.
+    fn remove_stale(&self) -> anyhow::Result<usize> {
+        let ours = self.ours()?;
         let count = ours.len();
         for route in ours {
             match self.run(self.handle.route().del(route.clone()).execute()) {
