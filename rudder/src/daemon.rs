@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use etcd_client::Client;
 use ipnet::Ipv4Net;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -13,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use crate::cli::RunArgs;
 use crate::config::NetworkConfig;
 use crate::dataplane::{self, Dataplane, DataplaneOptions};
-use crate::etcd::{self, Backoff};
+use crate::etcd::{self, Backoff, Etcd};
 use crate::host::{self, Netlink};
 use crate::lease::{renew_after, AcquireError, Lease, LeaseManager, Renewal};
 use crate::metrics::State;
@@ -57,7 +56,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     etcd::connect_options(&args.etcd)?;
     let mut shutdown = Shutdown::new()?;
     let client = tokio::select! {
-        client = etcd::connect(&args.etcd) => client?,
+        client = Etcd::connect(&args.etcd) => client?,
         _ = shutdown.wait() => return Ok(()),
     };
     let prefix = args.etcd.etcd_prefix.trim_end_matches('/').to_string();
@@ -184,11 +183,11 @@ async fn refresh_host_state(dp: Arc<dyn Dataplane>) {
 
 /// Reads `<prefix>/config` until it exists and is valid; every failure is logged and kept in
 /// the status so `/readyz` says why.
-async fn load_config(mut client: Client, prefix: &str, state: &State) -> NetworkConfig {
+async fn load_config(etcd: Etcd, prefix: &str, state: &State) -> NetworkConfig {
     let key = format!("{prefix}/config");
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        let problem = match client.get(key.as_str(), None).await {
+        let problem = match etcd.client().get(key.as_str(), None).await {
             Ok(resp) => match resp.kvs().first() {
                 Some(kv) => match NetworkConfig::parse(kv.value()) {
                     Ok(config) => {
@@ -206,7 +205,10 @@ async fn load_config(mut client: Client, prefix: &str, state: &State) -> Network
                     "no network config at {key}: write one, e.g. etcdctl put {key} '{{\"Network\":\"10.5.0.0/16\"}}'"
                 ),
             },
-            Err(e) => format!("reading {key} from etcd: {e}"),
+            Err(e) => {
+                etcd.failed().await;
+                format!("reading {key} from etcd: {e}")
+            }
         };
         let wait = backoff.next_delay();
         tracing::error!("{problem}; retrying in {wait:?}");
@@ -217,12 +219,12 @@ async fn load_config(mut client: Client, prefix: &str, state: &State) -> Network
 
 /// Watches `<prefix>/config` while running. A changed network cannot be applied under running
 /// containers, so it is reported (what changed, what to do) and the running config stays.
-async fn watch_config(mut client: Client, prefix: String, running: NetworkConfig) {
+async fn watch_config(etcd: Etcd, prefix: String, running: NetworkConfig) {
     let key = format!("{prefix}/config");
     let mut backoff = Backoff::default();
     loop {
         let result: Result<(), etcd_client::Error> = async {
-            let mut stream = client.watch(key.as_str(), None).await?;
+            let mut stream = etcd.client().watch(key.as_str(), None).await?;
             while let Some(resp) = stream.message().await? {
                 backoff.reset();
                 for event in resp.events() {
@@ -238,6 +240,7 @@ async fn watch_config(mut client: Client, prefix: String, running: NetworkConfig
         .await;
         if let Err(e) = result {
             tracing::debug!("config watch: {e}");
+            etcd.failed().await;
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }
@@ -294,6 +297,7 @@ async fn acquire_until_done(
                 tracing::error!("{e}; retrying in {wait:?}");
             }
             Err(e) => {
+                leases.etcd().failed().await;
                 let wait = backoff.next_delay();
                 tracing::warn!("acquiring a subnet lease failed: {e}; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
@@ -396,6 +400,7 @@ impl LeaseKeeper {
                         Err(e) => {
                             // Keep trying until the lease would have expired; the data plane
                             // is untouched meanwhile.
+                            self.leases.etcd().failed().await;
                             let wait = backoff.next_delay();
                             tracing::warn!(subnet = %self.lease.subnet, "renewing the lease failed: {e}; retrying in {wait:?}");
                             next_renewal = Instant::now() + wait;
@@ -411,7 +416,10 @@ impl LeaseKeeper {
                             next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
                         }
                         // etcd unreachable: the next snapshot after it returns asks again.
-                        Err(e) => tracing::warn!("checking our lease failed: {e}"),
+                        Err(e) => {
+                            tracing::warn!("checking our lease failed: {e}");
+                            self.leases.etcd().failed().await;
+                        }
                     }
                 }
             }

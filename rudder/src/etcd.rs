@@ -1,5 +1,6 @@
 //! etcd connection (endpoints, TLS, auth) and the back-off every etcd loop uses.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -68,24 +69,109 @@ pub fn connect_options(args: &EtcdArgs) -> anyhow::Result<ConnectOptions> {
     Ok(opts)
 }
 
-/// Connects, retrying with back-off until etcd answers. Never gives up: the daemon must
-/// outlive an etcd outage at start.
-pub async fn connect(args: &EtcdArgs) -> anyhow::Result<Client> {
-    let opts = connect_options(args)?;
-    let mut backoff = Backoff::default();
-    loop {
-        match Client::connect(&args.etcd_endpoints, Some(opts.clone())).await {
-            Ok(client) => return Ok(client),
-            Err(e) => {
-                let wait = backoff.next_delay();
-                tracing::warn!(
-                    endpoints = %args.etcd_endpoints.join(","),
-                    "cannot reach etcd: {e}; retrying in {wait:?}"
-                );
-                tokio::time::sleep(wait).await;
+/// The daemon's etcd connection, shared by its tasks (cheap to clone).
+///
+/// The client's channel balances over the endpoints it was built with but keeps sending
+/// requests to a member that is down, so after a failed request [`Etcd::failed`] probes every
+/// endpoint and rebuilds the client over the ones that accept connections.
+#[derive(Clone)]
+pub struct Etcd {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoints: Vec<String>,
+    opts: ConnectOptions,
+    /// The client and the endpoints it was built over.
+    current: Mutex<(Client, Vec<String>)>,
+}
+
+impl Etcd {
+    /// Connects, retrying with back-off until an etcd endpoint answers. Never gives up: the
+    /// daemon must outlive an etcd outage at start.
+    pub async fn connect(args: &EtcdArgs) -> anyhow::Result<Self> {
+        let opts = connect_options(args)?;
+        let mut backoff = Backoff::default();
+        loop {
+            let live = live_endpoints(&args.etcd_endpoints).await;
+            let endpoints = if live.is_empty() {
+                args.etcd_endpoints.clone()
+            } else {
+                live
+            };
+            match Client::connect(&endpoints, Some(opts.clone())).await {
+                Ok(client) => {
+                    return Ok(Etcd {
+                        inner: Arc::new(Inner {
+                            endpoints: args.etcd_endpoints.clone(),
+                            opts,
+                            current: Mutex::new((client, endpoints)),
+                        }),
+                    });
+                }
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(
+                        endpoints = %args.etcd_endpoints.join(","),
+                        "cannot reach etcd: {e}; retrying in {wait:?}"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
             }
         }
     }
+
+    /// The client to use for the next request.
+    pub fn client(&self) -> Client {
+        self.lock().0.clone()
+    }
+
+    /// Called after a request failed: if the set of endpoints accepting connections changed,
+    /// rebuild the client over them. Bounded time (one probe round), so a caller can keep
+    /// honouring shutdown.
+    pub async fn failed(&self) {
+        let live = live_endpoints(&self.inner.endpoints).await;
+        if live.is_empty() || live == self.lock().1 {
+            return;
+        }
+        match Client::connect(&live, Some(self.inner.opts.clone())).await {
+            Ok(client) => {
+                tracing::info!(endpoints = %live.join(","), "etcd client now uses the endpoints that answer");
+                *self.lock() = (client, live);
+            }
+            Err(e) => tracing::debug!("reconnecting to etcd: {e}"),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Client, Vec<String>)> {
+        self.inner
+            .current
+            .lock()
+            .expect("etcd client lock poisoned")
+    }
+}
+
+/// The endpoints whose host:port accepts a TCP connection within a short timeout, probed
+/// together, in the order given.
+async fn live_endpoints(endpoints: &[String]) -> Vec<String> {
+    let probes = endpoints.iter().map(|endpoint| async move {
+        let authority = endpoint
+            .split_once("://")
+            .map_or(endpoint.as_str(), |(_, rest)| rest)
+            .trim_end_matches('/');
+        let reachable = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(authority),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        reachable.then(|| endpoint.clone())
+    });
+    futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Capped exponential back-off with jitter: no busy loop while etcd is down.
@@ -138,6 +224,20 @@ mod tests {
             etcd_username: None,
             etcd_password: None,
         }
+    }
+
+    #[tokio::test]
+    async fn only_endpoints_that_accept_connections_are_live() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = format!("http://{}", listener.local_addr().unwrap());
+        // A port that was just free: nothing listens there.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let live = live_endpoints(&[closed.clone(), open.clone()]).await;
+        assert_eq!(live, vec![open]);
+        assert!(live_endpoints(&[closed]).await.is_empty());
     }
 
     #[test]

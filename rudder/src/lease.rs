@@ -8,10 +8,11 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use ipnet::Ipv4Net;
 
 use crate::config::NetworkConfig;
+use crate::etcd::Etcd;
 use crate::subnet::{key_to_subnet, subnet_to_key, LeaseValue};
 
 /// Create attempts after one listing before we list again.
@@ -53,7 +54,7 @@ pub enum Renewal {
 }
 
 pub struct LeaseManager {
-    client: Client,
+    etcd: Etcd,
     prefix: String,
     config: NetworkConfig,
     public_ip: Ipv4Addr,
@@ -62,19 +63,24 @@ pub struct LeaseManager {
 
 impl LeaseManager {
     pub fn new(
-        client: Client,
+        etcd: Etcd,
         prefix: &str,
         config: NetworkConfig,
         public_ip: Ipv4Addr,
         ttl: Duration,
     ) -> Self {
         LeaseManager {
-            client,
+            etcd,
             prefix: prefix.trim_end_matches('/').to_string(),
             config,
             public_ip,
             ttl,
         }
+    }
+
+    /// The connection, for reporting a failed request ([`Etcd::failed`]).
+    pub fn etcd(&self) -> &Etcd {
+        &self.etcd
     }
 
     pub fn subnets_prefix(&self) -> String {
@@ -90,11 +96,11 @@ impl LeaseManager {
     pub async fn acquire(&mut self, hint: Option<Ipv4Net>) -> Result<Lease, AcquireError> {
         let value = LeaseValue::udp(self.public_ip).encode();
         let ttl_secs = self.ttl.as_secs().max(1) as i64;
-        let granted = self.client.lease_grant(ttl_secs, None).await?.id();
+        let granted = self.etcd.client().lease_grant(ttl_secs, None).await?.id();
         let result = self.acquire_with(granted, hint, &value).await;
         if !matches!(result, Ok(ref l) if l.lease_id == granted) {
             // Never leave an unused etcd lease behind.
-            if let Err(e) = self.client.lease_revoke(granted).await {
+            if let Err(e) = self.etcd.client().lease_revoke(granted).await {
                 tracing::warn!(
                     lease_id = granted,
                     "could not revoke unused etcd lease: {e}"
@@ -135,10 +141,10 @@ impl LeaseManager {
                         value,
                         Some(PutOptions::new().with_lease(lease_id)),
                     )]);
-                if self.client.txn(txn).await?.succeeded() {
+                if self.etcd.client().txn(txn).await?.succeeded() {
                     if mine.etcd_lease != 0 && mine.etcd_lease != lease_id {
                         // The key left that lease: revoking it deletes nothing of ours.
-                        let _ = self.client.lease_revoke(mine.etcd_lease).await;
+                        let _ = self.etcd.client().lease_revoke(mine.etcd_lease).await;
                     }
                     tracing::info!(subnet = %mine.subnet, "reusing the lease already held by {}", self.public_ip);
                     return Ok(self.lease(mine.subnet, lease_id));
@@ -195,14 +201,15 @@ impl LeaseManager {
                 value,
                 Some(PutOptions::new().with_lease(lease_id)),
             )]);
-        Ok(self.client.txn(txn).await?.succeeded())
+        Ok(self.etcd.client().txn(txn).await?.succeeded())
     }
 
     /// Every key under `subnets/` that parses as a subnet, with its value when that parses.
     async fn list(&mut self) -> Result<Vec<Listed>, etcd_client::Error> {
         let prefix = self.subnets_prefix();
         let resp = self
-            .client
+            .etcd
+            .client()
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await?;
         Ok(resp
@@ -224,7 +231,8 @@ impl LeaseManager {
     /// Refreshes the etcd lease to its full TTL (one keep-alive round trip: no new lease, so
     /// nothing is orphaned).
     pub async fn renew(&mut self, lease: &Lease) -> Result<Renewal, etcd_client::Error> {
-        let (mut keeper, mut responses) = self.client.lease_keep_alive(lease.lease_id).await?;
+        let (mut keeper, mut responses) =
+            self.etcd.client().lease_keep_alive(lease.lease_id).await?;
         keeper.keep_alive().await?;
         let ttl = match responses.message().await? {
             Some(resp) => resp.ttl(),
@@ -239,7 +247,11 @@ impl LeaseManager {
 
     /// Whether our key still exists and still names us.
     pub async fn holds(&mut self, lease: &Lease) -> Result<bool, etcd_client::Error> {
-        let resp = self.client.get(self.key_of(lease.subnet), None).await?;
+        let resp = self
+            .etcd
+            .client()
+            .get(self.key_of(lease.subnet), None)
+            .await?;
         Ok(resp.kvs().first().is_some_and(|kv| {
             kv.lease() == lease.lease_id
                 && LeaseValue::parse(kv.value()).is_ok_and(|v| v.public_ip == self.public_ip)
@@ -248,7 +260,7 @@ impl LeaseManager {
 
     /// Gives the subnet back: revoking the etcd lease deletes the key.
     pub async fn release(&mut self, lease: &Lease) -> Result<(), etcd_client::Error> {
-        self.client.lease_revoke(lease.lease_id).await?;
+        self.etcd.client().lease_revoke(lease.lease_id).await?;
         Ok(())
     }
 }

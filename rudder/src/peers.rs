@@ -6,11 +6,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, GetOptions, WatchOptions};
 use ipnet::Ipv4Net;
 use tokio::sync::mpsc;
 
-use crate::etcd::Backoff;
+use crate::etcd::{Backoff, Etcd};
 use crate::metrics::Metrics;
 use crate::subnet::{key_to_subnet, LeaseValue};
 
@@ -70,7 +70,7 @@ pub fn parse_peer(
 }
 
 pub struct PeerRegistry {
-    client: Client,
+    etcd: Etcd,
     subnets_prefix: String,
     network: Ipv4Net,
     events: mpsc::Sender<PeerEvent>,
@@ -80,14 +80,14 @@ pub struct PeerRegistry {
 
 impl PeerRegistry {
     pub fn new(
-        client: Client,
+        etcd: Etcd,
         subnets_prefix: String,
         network: Ipv4Net,
         events: mpsc::Sender<PeerEvent>,
         metrics: Metrics,
     ) -> Self {
         PeerRegistry {
-            client,
+            etcd,
             subnets_prefix,
             network,
             events,
@@ -110,7 +110,10 @@ impl PeerRegistry {
                 Ok(Stop::Resync(reason)) => {
                     tracing::info!("peer watch ended ({reason}); listing again")
                 }
-                Err(e) => tracing::warn!("peer watch failed: {e}"),
+                Err(e) => {
+                    tracing::warn!("peer watch failed: {e}");
+                    self.etcd.failed().await;
+                }
             }
             let wait = backoff.next_delay();
             tokio::time::sleep(wait).await;
@@ -119,7 +122,8 @@ impl PeerRegistry {
 
     async fn list_and_watch(&mut self, backoff: &mut Backoff) -> Result<Stop, etcd_client::Error> {
         let resp = self
-            .client
+            .etcd
+            .client()
             .get(
                 self.subnets_prefix.as_str(),
                 Some(GetOptions::new().with_prefix()),
@@ -142,7 +146,8 @@ impl PeerRegistry {
         }
 
         let mut stream = self
-            .client
+            .etcd
+            .client()
             .watch(
                 self.subnets_prefix.as_str(),
                 Some(
