@@ -22,6 +22,8 @@ use crate::subnet::gateway;
 use crate::subnet_file::{self, SubnetFile};
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Partial TLS/auth flags fail first, before anything is touched.
+    etcd::connect_options(&args.etcd)?;
     let state = State::default();
     let netlink = Netlink::new()?;
     let underlay = netlink
@@ -52,8 +54,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await?;
     }
 
-    // Partial TLS/auth flags fail here, before any network traffic.
-    etcd::connect_options(&args.etcd)?;
     let mut shutdown = Shutdown::new()?;
     let client = tokio::select! {
         client = Etcd::connect(&args.etcd) => client?,

@@ -178,7 +178,7 @@ impl Cluster {
 
     /// What `Drop` tears down: extensions of the harness register their namespaces and
     /// processes here.
-    pub(crate) fn resources(&self) -> &Arc<Resources> {
+    pub fn resources(&self) -> &Arc<Resources> {
         &self.res
     }
 

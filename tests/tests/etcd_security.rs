@@ -1,0 +1,324 @@
+//! etcd TLS (CA verification, client certificates) and username/password auth against a
+//! real etcd; partial TLS flags are a startup error, never a plain-text fall-back.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
+use rudder_tests::cluster::{DEFAULT_CONFIG, DEFAULT_PREFIX, UNDERLAY_GW};
+use rudder_tests::util::{output, rudder_bin};
+use rudder_tests::{check, e2e, netns, ping, wait_until, Cluster, Host, HostOpts};
+
+const TLS_PORT: u16 = 2479;
+const AUTH_PORT: u16 = 2579;
+
+struct Pki {
+    ca: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+/// A CA, a server certificate for the underlay gateway's address, a client certificate.
+fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "rudder test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+
+    let mut server = CertificateParams::new(vec!["localhost".to_string()])?;
+    server
+        .subject_alt_names
+        .push(SanType::IpAddress(IpAddr::V4(UNDERLAY_GW)));
+    let server_key = KeyPair::generate()?;
+    let server_cert = server.signed_by(&server_key, &ca)?;
+
+    let mut client = CertificateParams::new(Vec::<String>::new())?;
+    client.distinguished_name.push(DnType::CommonName, "rudder");
+    let client_key = KeyPair::generate()?;
+    let client_cert = client.signed_by(&client_key, &ca)?;
+
+    let write = |name: &str, pem: String| -> anyhow::Result<PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, pem)?;
+        Ok(path)
+    };
+    Ok(Pki {
+        ca: write("ca.pem", ca.pem())?,
+        server_cert: write("server.pem", server_cert.pem())?,
+        server_key: write("server-key.pem", server_key.serialize_pem())?,
+        client_cert: write("client.pem", client_cert.pem())?,
+        client_key: write("client-key.pem", client_key.serialize_pem())?,
+    })
+}
+
+/// A second etcd in the underlay namespace, on `port` (peer port + 1), with extra flags.
+fn start_extra_etcd(
+    c: &Cluster,
+    name: &str,
+    scheme: &str,
+    port: u16,
+    flags: &[String],
+) -> anyhow::Result<String> {
+    let client_url = format!("{scheme}://{UNDERLAY_GW}:{port}");
+    let peer_url = format!("http://127.0.0.1:{}", port + 1);
+    let log = std::fs::File::create(c.dir().join(format!("{name}.log")))?;
+    let child = netns::exec(c.underlay_ns(), "etcd")
+        .args(["--name", name, "--data-dir"])
+        .arg(c.dir().join(format!("{name}-data")))
+        .args([
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args([
+            "--initial-cluster",
+            &format!("{name}={peer_url}"),
+            "--log-level",
+            "warn",
+        ])
+        .args(flags)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting etcd")?;
+    c.resources().add_pid(child.id());
+    Ok(client_url)
+}
+
+fn etcdctl(c: &Cluster, endpoint: &str, extra: &[&str], args: &[&str]) -> anyhow::Result<String> {
+    netns::exec_ok(
+        c.underlay_ns(),
+        "etcdctl",
+        &[&[format!("--endpoints={endpoint}").as_str()], extra, args].concat(),
+    )
+}
+
+fn secured_host(
+    c: &Cluster,
+    endpoint: &str,
+    extra_args: Vec<String>,
+    wait_ready: bool,
+) -> anyhow::Result<Host> {
+    c.add_host(HostOpts {
+        etcd_endpoints: Some(endpoint.to_string()),
+        extra_args,
+        wait_ready,
+        ..HostOpts::default()
+    })
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn tls_with_client_certificates() {
+    e2e(|c| {
+        let pki = make_pki(c.dir())?;
+        let endpoint = start_extra_etcd(
+            c,
+            "tls",
+            "https",
+            TLS_PORT,
+            &[
+                "--cert-file".into(),
+                path(&pki.server_cert),
+                "--key-file".into(),
+                path(&pki.server_key),
+                "--trusted-ca-file".into(),
+                path(&pki.ca),
+                "--client-cert-auth".into(),
+            ],
+        )?;
+        let tls = [
+            format!("--cacert={}", path(&pki.ca)),
+            format!("--cert={}", path(&pki.client_cert)),
+            format!("--key={}", path(&pki.client_key)),
+        ];
+        let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+        wait_until("TLS etcd to answer", Duration::from_secs(30), || {
+            Ok(etcdctl(c, &endpoint, &tls, &["endpoint", "health"]).is_ok())
+        })?;
+        etcdctl(
+            c,
+            &endpoint,
+            &tls,
+            &["put", &format!("{DEFAULT_PREFIX}/config"), DEFAULT_CONFIG],
+        )?;
+
+        let flags = vec![
+            "--etcd-cafile".into(),
+            path(&pki.ca),
+            "--etcd-certfile".into(),
+            path(&pki.client_cert),
+            "--etcd-keyfile".into(),
+            path(&pki.client_key),
+        ];
+        let a = secured_host(c, &endpoint, flags.clone(), true)?;
+        let b = secured_host(c, &endpoint, flags, true)?;
+        wait_until("a sees b over TLS etcd", Duration::from_secs(20), || {
+            a.sees_peer(&b)
+        })?;
+        ping(&a.container(), b.container_ip())?;
+
+        // Only the CA, no client certificate: etcd refuses it; the daemon stays up, unready.
+        let no_cert = secured_host(
+            c,
+            &endpoint,
+            vec!["--etcd-cafile".into(), path(&pki.ca)],
+            false,
+        )?;
+        std::thread::sleep(Duration::from_secs(5));
+        no_cert.check_alive()?;
+        check!(
+            no_cert.read_subnet_file()?.is_none(),
+            "a client without a certificate got a lease"
+        );
+        check!(
+            !no_cert.is_ready(),
+            "a client without a certificate is ready"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn username_and_password() {
+    e2e(|c| {
+        let endpoint = start_extra_etcd(c, "auth", "http", AUTH_PORT, &[])?;
+        wait_until("auth etcd to answer", Duration::from_secs(30), || {
+            Ok(etcdctl(c, &endpoint, &[], &["endpoint", "health"]).is_ok())
+        })?;
+        for args in [
+            vec!["user", "add", "root:rootpw"],
+            vec!["user", "add", "rudder:s3cret"],
+            vec!["role", "add", "rudder"],
+            vec![
+                "role",
+                "grant-permission",
+                "rudder",
+                "--prefix=true",
+                "readwrite",
+                "/coreos.com/network/",
+            ],
+            vec!["user", "grant-role", "rudder", "rudder"],
+            vec!["auth", "enable"],
+        ] {
+            etcdctl(c, &endpoint, &[], &args)?;
+        }
+        etcdctl(
+            c,
+            &endpoint,
+            &["--user=root:rootpw"],
+            &["put", &format!("{DEFAULT_PREFIX}/config"), DEFAULT_CONFIG],
+        )?;
+
+        let creds = |password: &str| -> Vec<String> {
+            vec![
+                "--etcd-username".into(),
+                "rudder".into(),
+                "--etcd-password".into(),
+                password.into(),
+            ]
+        };
+        let a = secured_host(c, &endpoint, creds("s3cret"), true)?;
+        check!(
+            a.status()?["subnet"].is_string(),
+            "no subnet with the right password"
+        );
+
+        let wrong = secured_host(c, &endpoint, creds("wrong"), false)?;
+        wait_until(
+            "the wrong password to be reported",
+            Duration::from_secs(20),
+            || Ok(wrong.log().contains("authentication failed")),
+        )?;
+        let cpu = wrong.cpu_time()?;
+        std::thread::sleep(Duration::from_secs(5));
+        wrong.check_alive()?;
+        let used = wrong.cpu_time()? - cpu;
+        check!(
+            used < Duration::from_millis(500),
+            "retrying a wrong password used {used:?} CPU in 5 s"
+        );
+        check!(
+            wrong.read_subnet_file()?.is_none(),
+            "wrong password got a lease"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn partial_tls_flags_are_startup_errors() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = make_pki(dir.path()).expect("certificates");
+    let cases: [(Vec<String>, &str); 3] = [
+        (
+            vec![
+                "--etcd-endpoints=https://127.0.0.1:1".into(),
+                format!("--etcd-certfile={}", path(&pki.client_cert)),
+            ],
+            "--etcd-certfile and --etcd-keyfile must be given together",
+        ),
+        (
+            vec![
+                "--etcd-endpoints=http://127.0.0.1:1".into(),
+                format!("--etcd-cafile={}", path(&pki.ca)),
+            ],
+            "is not https://",
+        ),
+        (
+            vec![
+                "--etcd-endpoints=http://127.0.0.1:1".into(),
+                "--etcd-username=rudder".into(),
+            ],
+            "--etcd-username and --etcd-password must be given together",
+        ),
+    ];
+    for (args, expected) in cases {
+        // The flags are checked before anything touches the network: run where it is.
+        let out = output(
+            std::process::Command::new(rudder_bin())
+                .arg("run")
+                .args(&args)
+                .arg("--iface=lo")
+                .arg(format!(
+                    "--subnet-file={}",
+                    path(&dir.path().join("subnet.env"))
+                ))
+                .arg(format!(
+                    "--status-socket={}",
+                    path(&dir.path().join("rudder.sock"))
+                ))
+                .arg("--dataplane=tun"),
+        )
+        .expect("running rudder");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected {expected:?} in:\n{stderr}"
+        );
+        assert_eq!(
+            stderr.lines().filter(|l| l.contains("ERROR")).count(),
+            1,
+            "{args:?}: one error line expected:\n{stderr}"
+        );
+    }
+}
