@@ -24,6 +24,11 @@ use crate::subnet_file::{self, SubnetFile};
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Partial TLS/auth flags fail first, before anything is touched.
     etcd::connect_options(&args.etcd)?;
+    host::require_capability(
+        host::CAP_NET_ADMIN,
+        "CAP_NET_ADMIN",
+        "rudder creates devices, routes and nftables rules",
+    )?;
     let state = State::default();
     let netlink = Netlink::new()?;
     let underlay = netlink

@@ -55,6 +55,8 @@ pub struct HostOpts {
     pub wait_ready: bool,
     /// More daemon arguments, appended last.
     pub extra_args: Vec<String>,
+    /// Program and arguments to run the daemon through (e.g. `setpriv --bounding-set -bpf`).
+    pub command_prefix: Vec<String>,
     /// `--etcd-endpoints` (default: the cluster's own etcd), e.g. an [`crate::etcd_members::EtcdMembers`] list.
     pub etcd_endpoints: Option<String>,
 }
@@ -70,6 +72,7 @@ impl Default for HostOpts {
             wait_ready: true,
             extra_args: Vec::new(),
             etcd_endpoints: None,
+            command_prefix: Vec::new(),
         }
     }
 }
@@ -460,6 +463,7 @@ impl Cluster {
             subnet_file,
             bin,
             args,
+            command_prefix: opts.command_prefix.clone(),
             daemon: Mutex::new(None),
             subnet: Mutex::new(None),
             container_made: AtomicBool::new(false),
@@ -556,6 +560,7 @@ struct HostInner {
     subnet_file: PathBuf,
     bin: PathBuf,
     args: Vec<String>,
+    command_prefix: Vec<String>,
     daemon: Mutex<Option<Child>>,
     subnet: Mutex<Option<SubnetEnv>>,
     container_made: AtomicBool,
@@ -653,6 +658,7 @@ impl Host {
             .open(&self.0.log)?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.0.ns])
+            .args(&self.0.command_prefix)
             .arg(&self.0.bin)
             .args(&self.0.args)
             .env_remove("RUDDER_BIN")

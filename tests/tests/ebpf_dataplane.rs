@@ -203,3 +203,56 @@ fn auto_falls_back_to_tun_when_ebpf_cannot_load() {
         full_mesh_traffic(&hosts)
     });
 }
+
+#[test]
+fn auto_falls_back_to_tun_without_cap_bpf() {
+    e2e(|c| {
+        let ebpf = host(c, "ebpf")?;
+        // Root without CAP_BPF and CAP_SYS_ADMIN: it keeps CAP_NET_ADMIN, so TUN works.
+        let unprivileged = c.add_host(HostOpts {
+            dataplane: Some("auto".into()),
+            command_prefix: vec![
+                "setpriv".into(),
+                "--bounding-set".into(),
+                "-bpf,-sys_admin".into(),
+            ],
+            ..HostOpts::default()
+        })?;
+        let st = unprivileged.status()?;
+        check!(st["dataplane"] == "tun", "/status {st}");
+        let reason = st["dataplane_reason"].as_str().unwrap_or_default();
+        check!(
+            reason.contains("missing CAP_BPF"),
+            "the reason should name the capability: {reason:?}"
+        );
+        let hosts = [ebpf, unprivileged];
+        for h in &hosts {
+            h.model_wire()?;
+        }
+        full_mesh_traffic(&hosts)
+    });
+}
+
+#[test]
+fn without_cap_net_admin_the_daemon_says_so_and_exits() {
+    e2e(|c| {
+        let h = c.add_host(HostOpts {
+            wait_ready: false,
+            command_prefix: vec![
+                "setpriv".into(),
+                "--bounding-set".into(),
+                "-net_admin".into(),
+            ],
+            ..HostOpts::default()
+        })?;
+        wait_until("the daemon to exit", Duration::from_secs(10), || {
+            Ok(!h.is_running())
+        })?;
+        let log = h.log();
+        check!(
+            log.contains("missing CAP_NET_ADMIN"),
+            "the error should name the capability:\n{log}"
+        );
+        Ok(())
+    });
+}
