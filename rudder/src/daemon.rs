@@ -165,9 +165,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Lets the data plane re-read host state (local containers) every few seconds.
+/// Lets the data plane re-read host state (local containers, its routes) four times a second.
 async fn refresh_host_state(dp: Arc<dyn Dataplane>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut failing = false;
     loop {
         tick.tick().await;

@@ -33,7 +33,7 @@
 //!   subnet's first host address) before `load` to get the bridge fast path and the
 //!   peer routes' preferred source.
 //! - Local endpoints for the fast delivery path: call
-//!   [`EbpfDataplane::refresh_local_endpoints`] every few seconds (it reads the bridge's
+//!   [`EbpfDataplane::refresh_local_endpoints`] four times a second (it reads the bridge's
 //!   neighbours and FDB), or feed [`EbpfDataplane::upsert_local_endpoint`] yourself.
 //! - Redirected packets bypass the host's forwarding path: host netfilter (forward chain,
 //!   conntrack) does not see container ↔ peer traffic on the fast paths.
@@ -101,6 +101,9 @@ pub struct EbpfOptions {
 /// The eBPF data plane. See the module documentation for the design.
 pub struct EbpfDataplane {
     state: Mutex<State>,
+    /// Counts `refresh_host_state` calls: endpoints are re-read on every call (new
+    /// containers get the fast path quickly), routes checked on every 8th (a full dump).
+    refreshes: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -142,6 +145,7 @@ impl EbpfDataplane {
             .add_unreachable(opts.network)
             .with_context(|| format!("adding the route `unreachable {}`", opts.network))?;
         Ok(EbpfDataplane {
+            refreshes: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(State {
                 opts,
                 kernel: Some(kernel),
@@ -310,7 +314,12 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn refresh_host_state(&self) -> anyhow::Result<()> {
-        self.restore_lost_routes()?;
+        let n = self
+            .refreshes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n.is_multiple_of(8) {
+            self.restore_lost_routes()?;
+        }
         if self.lock().opts.bridge.is_some() {
             self.refresh_local_endpoints()?;
         }
