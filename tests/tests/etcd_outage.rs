@@ -1,4 +1,4 @@
-//! (8) etcd is down for 20 s: traffic keeps flowing, the daemons stay nearly idle (no hot
+//! (8) etcd is down for 60 s: traffic keeps flowing (none of 300 pings lost), the daemons stay nearly idle (no hot
 //! reconnect loop), and after etcd returns they pick up changes again.
 
 use rudder_tests::{
@@ -6,7 +6,7 @@ use rudder_tests::{
 };
 use std::time::{Duration, Instant};
 
-const OUTAGE: Duration = Duration::from_secs(20);
+const OUTAGE: Duration = Duration::from_secs(60);
 const MAX_CPU: Duration = Duration::from_secs(1);
 
 #[test]
@@ -24,7 +24,7 @@ fn etcd_outage_keeps_traffic_and_costs_little_cpu() {
         let (tx, rx) = ping_series(
             &a.container(),
             b.container_ip(),
-            100,
+            300,
             Duration::from_millis(200),
         )?;
         if start.elapsed() < OUTAGE {
@@ -44,7 +44,7 @@ fn etcd_outage_keeps_traffic_and_costs_little_cpu() {
             start.elapsed()
         );
         check!(
-            rx == tx && tx == 100,
+            rx == tx && tx == 300,
             "{} of {tx} pings lost during the outage",
             tx - rx
         );
