@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module; add new ones (e.g. `build-ebpf` in `ebpf.rs`) the
 //! same way: a module, a variant of `Cmd`, one arm in `main`.
 
+mod bench;
 mod demo;
 mod ebpf;
 mod fuzz;
@@ -38,6 +39,11 @@ enum Cmd {
     /// Run each cargo-fuzz target (packet rules, config and lease parsing) for a while and
     /// print the execution counts.
     Fuzz(fuzz::FuzzArgs),
+    /// Setup, build, then run the data-plane benchmark (route/vxlan/rudder-ebpf/rudder-tun).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build the BPF programs (rudder-ebpf) for bpfel-unknown-none and print the object path.
     BuildEbpf(ebpf::BuildEbpfArgs),
 }
@@ -49,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => test::run(&args)?,
         Cmd::Demo { args } => demo::run(&args)?,
         Cmd::Fuzz(args) => fuzz::run(&args)?,
+        Cmd::Bench { args } => bench::run(&args)?,
         Cmd::BuildEbpf(args) => {
             let object = ebpf::build_ebpf(&args)?;
             println!("{}", object.display());

@@ -1,0 +1,295 @@
+//! rudder data-plane benchmark: 2 hosts on the harness's underlay (MTU 1500), one container
+//! behind each; modes `route` (host-gw routes), `vxlan` (kernel vxlan, VNI 1, port 8472),
+//! `rudder-ebpf`, `rudder-tun`, alternated over rounds; medians and ratios to `route`.
+//!
+//! Run as root: `cargo xtask bench [--rounds N] [--seconds S] [--json FILE]`.
+//! Not yet done: CPU per Gbit, the control-plane bench (see README "Performance").
+
+use anyhow::{anyhow, bail, Context, Result};
+use rudder_tests::cleanup::install_signal_cleanup;
+use rudder_tests::util::{ip, output, require_daemon};
+use rudder_tests::{netns, wait_mesh, wait_ping, wait_until, Cluster, Endpoint, HostOpts};
+use std::process::Stdio;
+use std::time::Duration;
+
+const PORT: u16 = 5201;
+const MODES: [&str; 4] = ["route", "vxlan", "rudder-ebpf", "rudder-tun"];
+const METRICS: [&str; 5] = [
+    "tcp1_gbps",
+    "tcp4_gbps",
+    "udp64_kpps",
+    "rtt_med_ms",
+    "rtt_p99_ms",
+];
+
+struct Args {
+    rounds: usize,
+    seconds: u32,
+    json: Option<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        rounds: 3,
+        seconds: 5,
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        let mut val = || it.next().ok_or_else(|| anyhow!("{x} needs a value"));
+        match x.as_str() {
+            "--rounds" => a.rounds = val()?.parse()?,
+            "--seconds" => a.seconds = val()?.parse()?,
+            "--json" => a.json = Some(val()?),
+            _ => bail!("unknown argument {x}"),
+        }
+    }
+    Ok(a)
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("bench failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn machine() -> String {
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("nproc {nproc}, CPU {cpu}, kernel {}", kernel.trim())
+}
+
+fn real_main() -> Result<()> {
+    let args = parse_args()?;
+    install_signal_cleanup()?;
+    require_daemon(&["ip", "etcd", "etcdctl", "ping", "iperf3", "ss"])?;
+    println!("machine: {}", machine());
+    println!("rounds {}, {} s per iperf3 run", args.rounds, args.seconds);
+    // results[mode][metric] = values over rounds
+    let mut results = vec![vec![Vec::<f64>::new(); METRICS.len()]; MODES.len()];
+    for round in 0..args.rounds {
+        for (mi, mode) in MODES.iter().enumerate() {
+            match run_mode(mode, args.seconds) {
+                Ok(v) => {
+                    println!("round {} {mode:<12} {v:.3?}", round + 1);
+                    for (k, x) in v.into_iter().enumerate() {
+                        results[mi][k].push(x);
+                    }
+                }
+                Err(e) => eprintln!("round {} {mode}: FAILED: {e:#}", round + 1),
+            }
+        }
+    }
+    let med: Vec<Vec<f64>> = results
+        .iter()
+        .map(|m| m.iter().map(|v| median(v)).collect())
+        .collect();
+    println!("\n| mode | {} |", METRICS.join(" | "));
+    println!("|---|{}", "---|".repeat(METRICS.len()));
+    for (mi, mode) in MODES.iter().enumerate() {
+        let cells: Vec<String> = (0..METRICS.len())
+            .map(|k| format!("{:.3} ({:.2}x)", med[mi][k], med[mi][k] / med[0][k]))
+            .collect();
+        println!("| {mode} | {} |", cells.join(" | "));
+    }
+    if let Some(f) = args.json {
+        let mut obj = serde_json::Map::new();
+        obj.insert("machine".into(), machine().into());
+        for (mi, mode) in MODES.iter().enumerate() {
+            let mut m = serde_json::Map::new();
+            for (k, name) in METRICS.iter().enumerate() {
+                m.insert(name.to_string(), serde_json::json!({"median": med[mi][k], "ratio_to_route": med[mi][k] / med[0][k], "rounds": results[mi][k]}));
+            }
+            obj.insert(mode.to_string(), m.into());
+        }
+        std::fs::write(&f, serde_json::to_string_pretty(&obj)?)?;
+    }
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[s.len() / 2]
+}
+
+/// Sets up a fresh 2-host cluster for `mode`, measures, tears down (Drop).
+fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
+    let cluster = Cluster::new()?;
+    let dp = if mode == "rudder-ebpf" { "ebpf" } else { "tun" };
+    let opts = || HostOpts {
+        dataplane: Some(dp.into()),
+        ..HostOpts::default()
+    };
+    let hosts = vec![cluster.add_host(opts())?, cluster.add_host(opts())?];
+    wait_mesh(&hosts, Duration::from_secs(30))?;
+    let (a, b) = (&hosts[0], &hosts[1]);
+    match mode {
+        // More specific /32 routes than the daemon's, inside the host namespaces only.
+        "route" => {
+            for (h, p) in [(a, b), (b, a)] {
+                let dst = format!("{}/32", p.container_ip());
+                ip(&[
+                    "-n",
+                    h.netns(),
+                    "route",
+                    "add",
+                    &dst,
+                    "via",
+                    &p.underlay_ip().to_string(),
+                ])?;
+            }
+        }
+        "vxlan" => {
+            for (i, (h, p)) in [(a, b), (b, a)].into_iter().enumerate() {
+                let ns = h.netns();
+                let mac = format!("02:00:00:00:01:0{}", i + 1);
+                let peer_mac = format!("02:00:00:00:01:0{}", 2 - i);
+                ip(&[
+                    "-n",
+                    ns,
+                    "link",
+                    "add",
+                    "bvx",
+                    "address",
+                    &mac,
+                    "type",
+                    "vxlan",
+                    "id",
+                    "1",
+                    "dstport",
+                    "8472",
+                    "local",
+                    &h.underlay_ip().to_string(),
+                    "dev",
+                    "eth0",
+                    "nolearning",
+                ])?;
+                ip(&["-n", ns, "link", "set", "bvx", "mtu", "1450", "up"])?;
+                let vtep = format!("10.255.0.{}", i + 1);
+                let peer_vtep = format!("10.255.0.{}", 2 - i);
+                ip(&["-n", ns, "addr", "add", &format!("{vtep}/32"), "dev", "bvx"])?;
+                ip(&[
+                    "-n", ns, "neigh", "add", &peer_vtep, "lladdr", &peer_mac, "dev", "bvx",
+                ])?;
+                run_cmd(
+                    ns,
+                    "bridge",
+                    &[
+                        "fdb",
+                        "append",
+                        &peer_mac,
+                        "dev",
+                        "bvx",
+                        "dst",
+                        &p.underlay_ip().to_string(),
+                    ],
+                )?;
+                let dst = format!("{}/32", p.container_ip());
+                ip(&[
+                    "-n", ns, "route", "add", &dst, "via", &peer_vtep, "dev", "bvx", "onlink",
+                ])?;
+            }
+        }
+        _ => {}
+    }
+    wait_ping(&a.container(), b.container_ip(), Duration::from_secs(10))?;
+    let (from, to) = (a.container(), b.container());
+    let tcp1 = iperf(&from, &to, secs, &[])?["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9;
+    let tcp4 = iperf(&from, &to, secs, &["-P", "4"])?["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9;
+    let udp = iperf(&from, &to, secs, &["-u", "-l", "64", "-b", "0"])?;
+    let s = &udp["end"]["sum"];
+    let recv = s["packets"].as_f64().unwrap_or(0.0) - s["lost_packets"].as_f64().unwrap_or(0.0);
+    let kpps = recv / s["seconds"].as_f64().unwrap_or(1.0) / 1e3;
+    let (med, p99) = rtt(&from, &to)?;
+    let _ = &cluster;
+    Ok(vec![tcp1, tcp4, kpps, med, p99])
+}
+
+fn run_cmd(ns: &str, prog: &str, args: &[&str]) -> Result<String> {
+    rudder_tests::util::run(netns::exec(ns, prog).args(args))
+}
+
+fn rtt(from: &Endpoint, to: &Endpoint) -> Result<(f64, f64)> {
+    let out = run_cmd(
+        &from.ns,
+        "ping",
+        &["-c", "200", "-i", "0.01", "-n", &to.ip.to_string()],
+    )?;
+    let mut v: Vec<f64> = out
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    if v.is_empty() {
+        bail!("no ping replies");
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Ok((v[v.len() / 2], v[(v.len() * 99 / 100).min(v.len() - 1)]))
+}
+
+fn iperf(from: &Endpoint, to: &Endpoint, secs: u32, extra: &[&str]) -> Result<serde_json::Value> {
+    let mut server = netns::exec(&to.ns, "iperf3")
+        .args([
+            "-s",
+            "-1",
+            "-B",
+            &to.ip.to_string(),
+            "-p",
+            &PORT.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 server")?;
+    let port = format!("sport = :{PORT}");
+    let res = wait_until("iperf3 server", Duration::from_secs(10), || {
+        let out = output(netns::exec(&to.ns, "ss").args(["-ltnH", &port]))?;
+        Ok(!String::from_utf8_lossy(&out.stdout).trim().is_empty())
+    })
+    .and_then(|_| {
+        let out = output(
+            netns::exec(&from.ns, "iperf3")
+                .args([
+                    "-c",
+                    &to.ip.to_string(),
+                    "-p",
+                    &PORT.to_string(),
+                    "-t",
+                    &secs.to_string(),
+                    "-J",
+                ])
+                .args(extra),
+        )?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        if let Some(e) = v["error"].as_str() {
+            bail!("iperf3: {e}");
+        }
+        Ok(v)
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    res
+}
