@@ -217,3 +217,57 @@ impl UdpProbe {
         }
     }
 }
+
+/// Runs an iperf3 server in `to` (one test, on `port`) and a client in `from` for `secs`
+/// seconds with `extra` client arguments; returns iperf3's JSON report.
+pub fn iperf3(
+    from: &Endpoint,
+    to: &Endpoint,
+    port: u16,
+    secs: u32,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
+    let mut server = netns::exec(&to.ns, "iperf3")
+        .args([
+            "-s",
+            "-1",
+            "-B",
+            &to.ip.to_string(),
+            "-p",
+            &port.to_string(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting iperf3 server")?;
+    let listening = format!("sport = :{port}");
+    let res = wait_until("iperf3 server", Duration::from_secs(10), || {
+        let out = output(netns::exec(&to.ns, "ss").args(["-ltnH", &listening]))?;
+        Ok(!String::from_utf8_lossy(&out.stdout).trim().is_empty())
+    })
+    .and_then(|_| {
+        let out = output(
+            netns::exec(&from.ns, "iperf3")
+                .args([
+                    "-c",
+                    &to.ip.to_string(),
+                    "-p",
+                    &port.to_string(),
+                    "-t",
+                    &secs.to_string(),
+                    "-J",
+                ])
+                .args(extra),
+        )?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
+        if let Some(e) = v["error"].as_str() {
+            bail!("iperf3: {e}");
+        }
+        Ok(v)
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    res
+}

@@ -5,11 +5,10 @@
 //! Run as root: `cargo xtask bench [--rounds N] [--seconds S] [--json FILE]`.
 //! Not yet done: CPU per Gbit, the control-plane bench (see README "Performance").
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use rudder_tests::cleanup::install_signal_cleanup;
-use rudder_tests::util::{ip, output, require_daemon};
-use rudder_tests::{netns, wait_mesh, wait_ping, wait_until, Cluster, Endpoint, HostOpts};
-use std::process::Stdio;
+use rudder_tests::util::{ip, require_daemon};
+use rudder_tests::{netns, wait_mesh, wait_ping, Cluster, Endpoint, HostOpts};
 use std::time::Duration;
 
 const PORT: u16 = 5201;
@@ -250,46 +249,5 @@ fn rtt(from: &Endpoint, to: &Endpoint) -> Result<(f64, f64)> {
 }
 
 fn iperf(from: &Endpoint, to: &Endpoint, secs: u32, extra: &[&str]) -> Result<serde_json::Value> {
-    let mut server = netns::exec(&to.ns, "iperf3")
-        .args([
-            "-s",
-            "-1",
-            "-B",
-            &to.ip.to_string(),
-            "-p",
-            &PORT.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting iperf3 server")?;
-    let port = format!("sport = :{PORT}");
-    let res = wait_until("iperf3 server", Duration::from_secs(10), || {
-        let out = output(netns::exec(&to.ns, "ss").args(["-ltnH", &port]))?;
-        Ok(!String::from_utf8_lossy(&out.stdout).trim().is_empty())
-    })
-    .and_then(|_| {
-        let out = output(
-            netns::exec(&from.ns, "iperf3")
-                .args([
-                    "-c",
-                    &to.ip.to_string(),
-                    "-p",
-                    &PORT.to_string(),
-                    "-t",
-                    &secs.to_string(),
-                    "-J",
-                ])
-                .args(extra),
-        )?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        if let Some(e) = v["error"].as_str() {
-            bail!("iperf3: {e}");
-        }
-        Ok(v)
-    });
-    let _ = server.kill();
-    let _ = server.wait();
-    res
+    rudder_tests::traffic::iperf3(from, to, PORT, secs, extra)
 }

@@ -7,11 +7,8 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use rudder_tests::cleanup::install_signal_cleanup;
-use rudder_tests::util::{ip, output, require_daemon, rudder_bin};
-use rudder_tests::{
-    netns, ping, wait_mesh, wait_ping, wait_until, Cluster, Endpoint, Host, HostOpts,
-};
-use std::process::{Child, Stdio};
+use rudder_tests::util::{ip, require_daemon, rudder_bin};
+use rudder_tests::{ping, wait_mesh, wait_ping, Cluster, Endpoint, Host, HostOpts};
 use std::time::Duration;
 
 const IPERF_PORT: u16 = 5201;
@@ -222,47 +219,10 @@ impl Drop for PlainRoutes {
     }
 }
 
-/// Runs an iperf3 server in `to` and a client in `from`; returns received bits per second.
+/// iperf3 from `from` to `to`; returns received bits per second.
 fn iperf(from: &Endpoint, to: &Endpoint) -> Result<f64> {
-    let mut server: Child = netns::exec(&to.ns, "iperf3")
-        .args([
-            "-s",
-            "-1",
-            "-B",
-            &to.ip.to_string(),
-            "-p",
-            &IPERF_PORT.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting iperf3 server")?;
-    let port = format!("sport = :{IPERF_PORT}");
-    let listening = wait_until("iperf3 server to listen", Duration::from_secs(10), || {
-        let out = output(netns::exec(&to.ns, "ss").args(["-ltnH", &port]))?;
-        Ok(!String::from_utf8_lossy(&out.stdout).trim().is_empty())
-    });
-    let result = listening.and_then(|_| {
-        let out = output(netns::exec(&from.ns, "iperf3").args([
-            "-c",
-            &to.ip.to_string(),
-            "-p",
-            &IPERF_PORT.to_string(),
-            "-t",
-            &IPERF_SECONDS.to_string(),
-            "-J",
-        ]))?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stdout)))?;
-        if let Some(e) = v["error"].as_str() {
-            bail!("iperf3: {e}");
-        }
-        v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .ok_or_else(|| anyhow!("no throughput in iperf3 output"))
-    });
-    let _ = server.kill();
-    let _ = server.wait();
-    result
+    rudder_tests::traffic::iperf3(from, to, IPERF_PORT, IPERF_SECONDS, &[])?["end"]["sum_received"]
+        ["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("no throughput in iperf3 output"))
 }
