@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use anyhow::{anyhow, bail, Context};
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, RouteMessageBuilder};
@@ -104,22 +104,40 @@ impl Netlink {
             }))
     }
 
-    pub async fn ipv4_addresses(&self, index: u32) -> anyhow::Result<Vec<Ipv4Net>> {
-        let mut addrs = self
+    /// The interface's IPv4 addresses with the messages that carry them (to delete one).
+    async fn ipv4_address_messages(
+        &self,
+        index: u32,
+    ) -> anyhow::Result<Vec<(Ipv4Net, AddressMessage)>> {
+        let messages: Vec<AddressMessage> = self
             .handle
             .address()
             .get()
             .set_link_index_filter(index)
-            .execute();
+            .execute()
+            .try_collect()
+            .await
+            .context("listing addresses")?;
         let mut found = Vec::new();
-        while let Some(msg) = addrs.try_next().await.context("listing addresses")? {
-            for attr in &msg.attributes {
-                if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
-                    found.push(Ipv4Net::new(*ip, msg.header.prefix_len)?);
-                }
+        for msg in messages {
+            let ip = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            if let Some(ip) = ip {
+                found.push((Ipv4Net::new(ip, msg.header.prefix_len)?, msg));
             }
         }
         Ok(found)
+    }
+
+    pub async fn ipv4_addresses(&self, index: u32) -> anyhow::Result<Vec<Ipv4Net>> {
+        Ok(self
+            .ipv4_address_messages(index)
+            .await?
+            .into_iter()
+            .map(|(net, _)| net)
+            .collect())
     }
 
     /// Resolves `--iface`/`--public-ip`, defaulting to the default route's interface and
@@ -195,31 +213,13 @@ impl Netlink {
 
     /// Makes `address` the only IPv4 address of the interface.
     pub async fn set_only_address(&self, index: u32, address: Ipv4Net) -> anyhow::Result<()> {
-        let mut addrs = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
         let mut present = false;
-        let mut stale = Vec::new();
-        while let Some(msg) = addrs.try_next().await.context("listing addresses")? {
-            let ip = msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
-                _ => None,
-            });
-            match ip {
-                Some(ip)
-                    if ip == address.addr() && msg.header.prefix_len == address.prefix_len() =>
-                {
-                    present = true
-                }
-                Some(_) => stale.push(msg),
-                None => {}
+        for (net, msg) in self.ipv4_address_messages(index).await? {
+            if net == address {
+                present = true;
+            } else {
+                self.handle.address().del(msg).execute().await.ok();
             }
-        }
-        for msg in stale {
-            self.handle.address().del(msg).execute().await.ok();
         }
         if !present {
             self.handle
