@@ -300,16 +300,15 @@ async fn acquire_until_done(
             Err(e @ AcquireError::Exhausted { .. }) => {
                 let wait = backoff.next_delay();
                 tracing::error!("{e}; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
             }
             Err(e) => {
                 leases.etcd().failed().await;
                 let wait = backoff.next_delay();
                 tracing::warn!("acquiring a subnet lease failed: {e}; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
-                continue;
             }
         }
-        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
