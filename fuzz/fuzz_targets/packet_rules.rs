@@ -42,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
     let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
 
     let mut inbound = data.to_vec();
-    if let Inbound::Deliver { len } = decide_inbound(&mut inbound, PEER, table(), &mut icmp) {
+    if let Inbound::Deliver { len, .. } = decide_inbound(&mut inbound, PEER, table(), &mut icmp) {
         let view = parse_ipv4(&inbound[..len]).expect("a delivered packet parses");
         assert_eq!(Some(view.ttl + 1), ttl_before, "TTL decremented once");
     }

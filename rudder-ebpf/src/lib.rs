@@ -16,6 +16,7 @@ pub mod names {
     pub const MAP_SENDERS: &str = "RUDDER_SENDERS";
     pub const MAP_ENDPOINTS: &str = "RUDDER_ENDPTS";
     pub const MAP_COUNTERS: &str = "RUDDER_COUNTERS";
+    pub const MAP_BYTES: &str = "RUDDER_BYTES";
 }
 
 /// Capacity of the peer maps: a /8 network cut into /24 subnets has 65536 of them.
@@ -35,8 +36,8 @@ pub const OUTER_TTL: u8 = 64;
 
 /// What happened to a packet, as counted by both data planes.
 ///
-/// The discriminants index the per-CPU counter array in the BPF programs and the counter
-/// table of the TUN path, so the two report the same names.
+/// The discriminants index the per-CPU counter arrays in the BPF programs (packets and
+/// bytes) and the counter tables of the TUN path, so the two report the same names.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Counter {
@@ -138,12 +139,46 @@ impl PeerKey {
     }
 }
 
-/// Value of the peer LPM trie: where the subnet's host is on the underlay.
+/// Value of the peer LPM trie: where the subnet's host is on the underlay, and the
+/// traffic exchanged with that subnet since the entry was written.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerValue {
     /// The peer's public (underlay) IPv4 address, network byte order.
     pub public_ip: [u8; 4],
+    pub _pad: u32,
+    /// Updated by the programs with atomic adds (shared by all CPUs).
+    pub traffic: PeerTraffic,
+}
+
+impl PeerValue {
+    pub const fn new(public_ip: [u8; 4]) -> Self {
+        PeerValue {
+            public_ip,
+            _pad: 0,
+            traffic: PeerTraffic::ZERO,
+        }
+    }
+}
+
+/// Packets and bytes (inner packets as the kernel handles them: a GSO packet counts
+/// once) encapsulated towards one peer subnet and decapsulated from it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerTraffic {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+impl PeerTraffic {
+    pub const ZERO: PeerTraffic = PeerTraffic {
+        tx_packets: 0,
+        tx_bytes: 0,
+        rx_packets: 0,
+        rx_bytes: 0,
+    };
 }
 
 /// Value of the local endpoint map, keyed by a container's IPv4 address (network byte
@@ -190,7 +225,7 @@ mod user {
 
 // The kernel reads these with fixed layouts; a changed size is a wire break.
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 8);
-const _: () = assert!(core::mem::size_of::<PeerValue>() == 4);
+const _: () = assert!(core::mem::size_of::<PeerValue>() == 40);
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 16);
 const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 28);
 

@@ -14,9 +14,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use rudder_ebpf::{
-    ipv4_in_subnet, Counter, DataplaneConfig, LocalEndpoint, PeerValue, ENCAP_OVERHEAD,
-    MAX_LOCAL_ENDPOINTS, MAX_PEERS, OUTER_TTL,
+    ipv4_in_subnet, Counter, DataplaneConfig, LocalEndpoint, PeerTraffic, PeerValue,
+    ENCAP_OVERHEAD, MAX_LOCAL_ENDPOINTS, MAX_PEERS, OUTER_TTL,
 };
 
 const ETH_HLEN: usize = 14;
@@ -59,14 +60,51 @@ static SENDERS: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_PEERS, 0);
 static ENDPOINTS: HashMap<[u8; 4], LocalEndpoint> =
     HashMap::with_max_entries(MAX_LOCAL_ENDPOINTS, 0);
 
+/// Packets by [`Counter`].
 #[map(name = "RUDDER_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT as u32, 0);
 
+/// Bytes by [`Counter`]: IPv4 bytes as they arrived, inner bytes for (de)encapsulation.
+#[map(name = "RUDDER_BYTES")]
+static BYTES: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT as u32, 0);
+
 #[inline(always)]
-fn count(counter: Counter) {
+fn count(counter: Counter, bytes: u32) {
+    // SAFETY: per-CPU slots, programs do not migrate CPUs mid-run.
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, programs do not migrate CPUs mid-run.
         unsafe { *slot += 1 };
+    }
+    if let Some(slot) = BYTES.get_ptr_mut(counter as u32) {
+        unsafe { *slot += u64::from(bytes) };
+    }
+}
+
+/// IPv4 bytes of the packet as it is now (the Ethernet header excluded).
+#[inline(always)]
+fn l3_len(ctx: &TcContext) -> u32 {
+    ctx.len().saturating_sub(ETH_HLEN as u32)
+}
+
+/// Adds to a peer entry's traffic. The entry is shared by all CPUs, hence atomic adds
+/// (the map value stays valid under RCU while the program runs).
+#[inline(always)]
+fn add_traffic(peer: &PeerValue, rx: bool, bytes: u32) {
+    let traffic = core::ptr::addr_of!(peer.traffic) as *mut PeerTraffic;
+    // SAFETY: the pointer comes from a map lookup and is 8-byte aligned (repr(C) u64s).
+    unsafe {
+        let (packets, total) = if rx {
+            (
+                core::ptr::addr_of_mut!((*traffic).rx_packets),
+                core::ptr::addr_of_mut!((*traffic).rx_bytes),
+            )
+        } else {
+            (
+                core::ptr::addr_of_mut!((*traffic).tx_packets),
+                core::ptr::addr_of_mut!((*traffic).tx_bytes),
+            )
+        };
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(packets, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(total, u64::from(bytes));
     }
 }
 
@@ -87,14 +125,14 @@ fn io_error(ctx: &TcContext, what: &str, err: i64) -> Counter {
 }
 
 #[inline(always)]
-fn drop_with(counter: Counter) -> i32 {
-    count(counter);
+fn drop_with(ctx: &TcContext, counter: Counter) -> i32 {
+    count(counter, l3_len(ctx));
     TC_ACT_SHOT as i32
 }
 
 #[inline(always)]
-fn pass() -> i32 {
-    count(Counter::Passed);
+fn pass(ctx: &TcContext) -> i32 {
+    count(Counter::Passed, l3_len(ctx));
     TCX_NEXT
 }
 
@@ -148,13 +186,13 @@ fn egress(ctx: &TcContext) -> i32 {
         return TCX_NEXT;
     };
     if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
-        return pass();
+        return pass(ctx);
     }
     let Ok(inner) = ctx.load::<[u8; IPV4_HLEN]>(L3_OFF) else {
-        return pass();
+        return pass(ctx);
     };
     if inner[0] >> 4 != 4 {
-        return pass();
+        return pass(ctx);
     }
     let dst = addr(&inner, 16);
     if inner[9] == IPPROTO_UDP
@@ -165,26 +203,28 @@ fn egress(ctx: &TcContext) -> i32 {
         // Already encapsulated by `rudder_br_in`: counted there.
         return TCX_NEXT;
     }
-    let Some(peer) = PEERS.get(Key::new(32, dst)).copied() else {
+    let Some(peer) = PEERS.get(Key::new(32, dst)) else {
         // Overlay traffic without a peer must not leak unencapsulated onto the underlay.
         if ipv4_in_subnet(dst, cfg.network, cfg.network_prefix_len)
             && !ipv4_in_subnet(dst, cfg.local_subnet, cfg.local_prefix_len)
         {
-            return drop_with(Counter::DropNoRoute);
+            return drop_with(ctx, Counter::DropNoRoute);
         }
-        return pass();
+        return pass(ctx);
     };
 
     let inner_len = be16(&inner, 2);
     // The peer routes carry the overlay MTU, so the kernel already answered with
     // "fragmentation needed" (or fragmented); this only catches bypasses of those routes.
     if !is_gso(ctx) && inner_len > cfg.overlay_mtu {
-        return drop_with(Counter::DropTooBig);
+        return drop_with(ctx, Counter::DropTooBig);
     }
-    if let Err(counter) = encapsulate(ctx, &cfg, &inner, peer) {
-        return drop_with(counter);
+    let inner_bytes = l3_len(ctx);
+    if let Err(counter) = encapsulate(ctx, &cfg, &inner, peer.public_ip) {
+        return drop_with(ctx, counter);
     }
-    count(Counter::Encapsulated);
+    count(Counter::Encapsulated, inner_bytes);
+    add_traffic(peer, false, inner_bytes);
     TC_ACT_OK as i32
 }
 
@@ -201,7 +241,7 @@ fn encapsulate(
     ctx: &TcContext,
     cfg: &DataplaneConfig,
     inner: &[u8; IPV4_HLEN],
-    peer: PeerValue,
+    peer_ip: [u8; 4],
 ) -> Result<(), Counter> {
     let inner_len = be16(inner, 2);
     // SAFETY: helper calls on the program's own context.
@@ -238,7 +278,7 @@ fn encapsulate(
     ip[8] = OUTER_TTL;
     ip[9] = IPPROTO_UDP;
     ip[12..16].copy_from_slice(&cfg.public_ip);
-    ip[16..20].copy_from_slice(&peer.public_ip);
+    ip[16..20].copy_from_slice(&peer_ip);
     let csum = !fold(sum_header(&ip));
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
 
@@ -294,7 +334,7 @@ fn bridge_ingress(ctx: &TcContext) -> i32 {
     if inner[0] >> 4 != 4 || inner[0] & 0x0f < 5 {
         return TCX_NEXT;
     }
-    let Some(peer) = PEERS.get(Key::new(32, addr(&inner, 16))).copied() else {
+    let Some(peer) = PEERS.get(Key::new(32, addr(&inner, 16))) else {
         return TCX_NEXT;
     };
     let ttl = inner[8];
@@ -303,13 +343,15 @@ fn bridge_ingress(ctx: &TcContext) -> i32 {
         return TCX_NEXT;
     }
     if let Err(counter) = decrement_ttl(ctx, L3_OFF, ttl, inner[9]) {
-        return drop_with(counter);
+        return drop_with(ctx, counter);
     }
     inner[8] = ttl - 1;
-    if let Err(counter) = encapsulate(ctx, &cfg, &inner, peer) {
-        return drop_with(counter);
+    let inner_bytes = l3_len(ctx);
+    if let Err(counter) = encapsulate(ctx, &cfg, &inner, peer.public_ip) {
+        return drop_with(ctx, counter);
     }
-    count(Counter::Encapsulated);
+    count(Counter::Encapsulated, inner_bytes);
+    add_traffic(peer, false, inner_bytes);
     // No parameters: the kernel looks the outer destination up in the FIB and fills in
     // the Ethernet header from the neighbour table (resolving it if needed).
     // SAFETY: a null params pointer with length 0 is the documented "do the lookup" form.
@@ -333,10 +375,10 @@ fn ingress(ctx: &TcContext) -> i32 {
         return TCX_NEXT;
     };
     if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
-        return pass();
+        return pass(ctx);
     }
     let Ok(outer) = ctx.load::<[u8; IPV4_HLEN + UDP_HLEN]>(L3_OFF) else {
-        return pass();
+        return pass(ctx);
     };
     // Only option-less, unfragmented UDP to our address and port is overlay traffic.
     // Outer fragments go to the stack, which drops them (nothing listens on the port).
@@ -346,50 +388,53 @@ fn ingress(ctx: &TcContext) -> i32 {
         || addr(&outer, 16) != cfg.public_ip
         || be16(&outer, IPV4_HLEN + 2) != cfg.udp_port
     {
-        return pass();
+        return pass(ctx);
     }
     let outer_src = addr(&outer, 12);
 
     let payload_len = ctx.len().saturating_sub(INNER_OFF as u32);
     let Ok(first) = ctx.load::<u8>(INNER_OFF) else {
-        return drop_with(Counter::DropTruncated);
+        return drop_with(ctx, Counter::DropTruncated);
     };
     if first >> 4 != 4 {
-        return drop_with(Counter::DropNotIpv4);
+        return drop_with(ctx, Counter::DropNotIpv4);
     }
     let Ok(inner) = ctx.load::<[u8; IPV4_HLEN]>(INNER_OFF) else {
-        return drop_with(Counter::DropTruncated);
+        return drop_with(ctx, Counter::DropTruncated);
     };
     let header_len = u32::from(first & 0x0f) * 4;
     let total_len = u32::from(be16(&inner, 2));
     if header_len < IPV4_HLEN as u32 || total_len < header_len {
-        return drop_with(Counter::DropMalformed);
+        return drop_with(ctx, Counter::DropMalformed);
     }
     if total_len > payload_len {
-        return drop_with(Counter::DropTruncated);
+        return drop_with(ctx, Counter::DropTruncated);
     }
     if !header_checksum_ok(ctx, &inner, header_len) {
-        return drop_with(Counter::DropMalformed);
+        return drop_with(ctx, Counter::DropMalformed);
     }
 
     let src = addr(&inner, 12);
     let dst = addr(&inner, 16);
     if !ipv4_in_subnet(dst, cfg.local_subnet, cfg.local_prefix_len) {
-        return drop_with(Counter::DropNotOurSubnet);
+        return drop_with(ctx, Counter::DropNotOurSubnet);
     }
-    let owner = PEERS.get(Key::new(32, src)).map(|peer| peer.public_ip);
-    if owner != Some(outer_src) {
+    let owner = PEERS.get(Key::new(32, src));
+    let Some(owner) = owner.filter(|peer| peer.public_ip == outer_src) else {
         // SAFETY: the value is only tested for presence.
         let known_sender = unsafe { SENDERS.get(outer_src) }.is_some();
-        return drop_with(if known_sender {
-            Counter::DropSpoofedSource
-        } else {
-            Counter::DropUnknownSender
-        });
-    }
+        return drop_with(
+            ctx,
+            if known_sender {
+                Counter::DropSpoofedSource
+            } else {
+                Counter::DropUnknownSender
+            },
+        );
+    };
     let ttl = inner[8];
     if ttl <= 1 {
-        return drop_with(Counter::DropTtlExceeded);
+        return drop_with(ctx, Counter::DropTtlExceeded);
     }
 
     // FIXED_GSO: the inner MSS is already right; without it the kernel would grow it by 28.
@@ -398,26 +443,29 @@ fn ingress(ctx: &TcContext) -> i32 {
         BPF_ADJ_ROOM_MAC,
         u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
     ) {
-        return drop_with(io_error(ctx, "decap: bpf_skb_adjust_room", e));
+        return drop_with(ctx, io_error(ctx, "decap: bpf_skb_adjust_room", e));
     }
     // The tunnel is a router hop: TTL - 1.
     if let Err(counter) = decrement_ttl(ctx, L3_OFF, ttl, inner[9]) {
-        return drop_with(counter);
+        return drop_with(ctx, counter);
     }
 
+    let inner_bytes = l3_len(ctx);
     // SAFETY: the value is copied out before any other map call.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(dst) }).copied() else {
         // Not a known container (e.g. the bridge address): the stack forwards it.
-        count(Counter::Decapsulated);
+        count(Counter::Decapsulated, inner_bytes);
+        add_traffic(owner, true, inner_bytes);
         return TC_ACT_OK as i32;
     };
     let mut eth = [0u8; 12];
     eth[0..6].copy_from_slice(&endpoint.container_mac);
     eth[6..12].copy_from_slice(&endpoint.gateway_mac);
     if ctx.store(0, &eth, 0).is_err() {
-        return drop_with(Counter::DropIoError);
+        return drop_with(ctx, Counter::DropIoError);
     }
-    count(Counter::Decapsulated);
+    count(Counter::Decapsulated, inner_bytes);
+    add_traffic(owner, true, inner_bytes);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT or TC_ACT_SHOT.
     unsafe { bpf_redirect_peer(endpoint.host_ifindex, 0) as i32 }
 }

@@ -133,16 +133,35 @@ pub fn status_table(status: &serde_json::Value) -> String {
     out += "\n";
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
     out += &format!(
-        "peers ({}):\n  {:<20} {}\n",
+        "peers ({}):\n  {:<18} {:<15} {:>10} {:>10} {:>10} {:>10}  {}\n",
         peers.len(),
         "SUBNET",
-        "PUBLIC IP"
+        "PUBLIC IP",
+        "TX PKTS",
+        "TX BYTES",
+        "RX PKTS",
+        "RX BYTES",
+        "CHANGED"
     );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let number = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
     for p in peers {
+        let changed = p["changed_unix"].as_u64().map_or("-".to_string(), |at| {
+            let ago = std::time::Duration::from_secs(now.saturating_sub(at));
+            format!("{} ago", humantime::format_duration(ago))
+        });
         out += &format!(
-            "  {:<20} {}\n",
+            "  {:<18} {:<15} {:>10} {:>10} {:>10} {:>10}  {}\n",
             p["subnet"].as_str().unwrap_or("-"),
-            p["public_ip"].as_str().unwrap_or("-")
+            p["public_ip"].as_str().unwrap_or("-"),
+            number(&p["tx_packets"]),
+            number(&p["tx_bytes"]),
+            number(&p["rx_packets"]),
+            number(&p["rx_bytes"]),
+            changed
         );
     }
     out
@@ -166,10 +185,38 @@ async fn readyz(AxumState(state): AxumState<State>) -> impl IntoResponse {
 /// Everything `rudder status` shows, as JSON.
 pub fn status_json(state: &State) -> serde_json::Value {
     let info = state.snapshot();
-    let peers: Vec<_> = info
-        .peers
-        .iter()
-        .map(|(subnet, ip)| json!({"subnet": subnet.to_string(), "public_ip": ip.to_string()}))
+    let peers: Vec<_> = match state.dataplane() {
+        Some(dataplane) => dataplane
+            .peer_stats()
+            .iter()
+            .map(|p| {
+                let changed = p
+                    .changed
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                json!({
+                    "subnet": p.subnet.to_string(),
+                    "public_ip": p.public_ip.to_string(),
+                    "changed_unix": changed,
+                    "tx_packets": p.traffic.tx_packets,
+                    "tx_bytes": p.traffic.tx_bytes,
+                    "rx_packets": p.traffic.rx_packets,
+                    "rx_bytes": p.traffic.rx_bytes,
+                })
+            })
+            .collect(),
+        // No data plane yet: what the control plane knows.
+        None => info
+            .peers
+            .iter()
+            .map(|(subnet, ip)| json!({"subnet": subnet.to_string(), "public_ip": ip.to_string()}))
+            .collect(),
+    };
+    let bytes: serde_json::Map<String, serde_json::Value> = state
+        .byte_counters()
+        .into_iter()
+        .map(|(name, v)| (name.to_string(), v.into()))
         .collect();
     let counters: serde_json::Map<String, serde_json::Value> = state
         .packet_counters()
@@ -190,6 +237,7 @@ pub fn status_json(state: &State) -> serde_json::Value {
         "config_error": info.config_error,
         "peers": peers,
         "counters": counters,
+        "bytes": bytes,
         "lease_acquisitions": m.lease_acquisitions.get(),
         "lease_renewals": m.lease_renewals.get(),
         "etcd_reconnects": m.etcd_reconnects.get(),

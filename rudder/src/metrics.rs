@@ -81,10 +81,16 @@ impl State {
     /// Packet counters by name; zeros before a data plane exists.
     pub fn packet_counters(&self) -> Vec<(&'static str, u64)> {
         let values = self.dataplane().map(|d| d.counters()).unwrap_or_default();
-        PacketCounter::ALL
-            .iter()
-            .map(|c| (c.name(), values[c.index()]))
-            .collect()
+        named(values)
+    }
+
+    /// Byte counters by name, as [`State::packet_counters`].
+    pub fn byte_counters(&self) -> Vec<(&'static str, u64)> {
+        let values = self
+            .dataplane()
+            .map(|d| d.byte_counters())
+            .unwrap_or_default();
+        named(values)
     }
 
     /// The Prometheus registry for `/metrics`.
@@ -116,6 +122,13 @@ impl State {
     }
 }
 
+fn named(values: crate::dataplane::CounterSnapshot) -> Vec<(&'static str, u64)> {
+    PacketCounter::ALL
+        .iter()
+        .map(|c| (c.name(), values[c.index()]))
+        .collect()
+}
+
 /// Reads the data plane's counters at scrape time.
 #[derive(Debug)]
 struct DataplaneCollector(State);
@@ -131,15 +144,29 @@ impl Collector for DataplaneCollector {
         )?)?;
 
         let dataplane = self.0.snapshot().dataplane.unwrap_or_default();
-        let mut family = encoder.encode_descriptor(
-            "packets",
-            "Packets handled by the data plane, by result (drops by reason)",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (name, value) in self.0.packet_counters() {
-            let labels = [("dataplane", dataplane.as_str()), ("result", name)];
-            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        let families = [
+            (
+                "packets",
+                "Packets handled by the data plane, by result (drops by reason)",
+                self.0.packet_counters(),
+            ),
+            (
+                "bytes",
+                "IPv4 bytes handled by the data plane, by result (inner packets for encapsulated/decapsulated)",
+                self.0.byte_counters(),
+            ),
+        ];
+        for (name, help, values) in families {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (result, value) in values {
+                let labels = [("dataplane", dataplane.as_str()), ("result", result)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

@@ -232,6 +232,12 @@ mod tests {
         fn counters(&self) -> CounterSnapshot {
             [0; rudder_ebpf::Counter::COUNT]
         }
+        fn byte_counters(&self) -> CounterSnapshot {
+            [0; rudder_ebpf::Counter::COUNT]
+        }
+        fn peer_stats(&self) -> Vec<crate::dataplane::PeerStats> {
+            Vec::new()
+        }
         fn shutdown(&self) -> anyhow::Result<()> {
             Ok(())
         }

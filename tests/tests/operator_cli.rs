@@ -39,6 +39,7 @@ fn status_and_leases_describe_the_running_cluster() {
         let a = c.add_host(HostOpts::default())?;
         let b = c.add_host(HostOpts::default())?;
         wait_until("a sees b", Duration::from_secs(10), || a.sees_peer(&b))?;
+        ping(&a.container(), b.container_ip())?;
 
         let json = rudder_in(
             a.netns(),
@@ -57,6 +58,27 @@ fn status_and_leases_describe_the_running_cluster() {
             "status: {st}"
         );
         check!(st["lease_expires_unix"].as_u64().is_some(), "status: {st}");
+        // The ping went to b and its replies came from b: the peer row counted both.
+        let peer = &st["peers"][0];
+        for (field, at_least) in [
+            ("tx_packets", 1),
+            ("rx_packets", 1),
+            ("tx_bytes", 84),
+            ("rx_bytes", 84),
+        ] {
+            check!(
+                peer[field].as_u64().unwrap_or(0) >= at_least,
+                "{field} of the peer row: {peer}"
+            );
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let changed = peer["changed_unix"].as_u64().unwrap_or(0);
+        check!(
+            changed <= now && now - changed < 120,
+            "peer changed_unix {changed} vs now {now}"
+        );
 
         let table = rudder_in(
             a.netns(),
@@ -67,6 +89,8 @@ fn status_and_leases_describe_the_running_cluster() {
             a.subnet().to_string(),
             b.subnet().to_string(),
             "expires in".into(),
+            "RX BYTES".into(),
+            " ago".into(),
         ] {
             check!(text.contains(&want), "status table lacks {want:?}:\n{text}");
         }
@@ -156,6 +180,16 @@ fn metrics_are_prometheus_text_with_counters_by_reason() {
         for reason in ["spoofed_source", "not_ipv4", "ttl_exceeded", "no_route"] {
             let key = format!("rudder_packets_total{{dataplane=\"{dp}\",result=\"{reason}\"}}");
             check!(get(&key).is_some(), "{key} missing from {samples:?}");
+        }
+        // Bytes of the inner packets: a default ping is 84 bytes of IPv4.
+        for result in ["encapsulated", "decapsulated"] {
+            let packets = format!("rudder_packets_total{{dataplane=\"{dp}\",result=\"{result}\"}}");
+            let bytes = format!("rudder_bytes_total{{dataplane=\"{dp}\",result=\"{result}\"}}");
+            let (packets, bytes) = (get(&packets).unwrap_or(0.0), get(&bytes).unwrap_or(0.0));
+            check!(
+                packets >= 1.0 && bytes >= 84.0 * packets,
+                "{result}: {packets} packets, {bytes} bytes in {samples:?}"
+            );
         }
         Ok(())
     });

@@ -62,7 +62,7 @@ use rtnetlink::{
 };
 use rudder_ebpf::{names, Counter, DataplaneConfig, LocalEndpoint, PeerValue};
 
-use super::{CounterSnapshot, Dataplane, DataplaneKind};
+use super::{CounterSnapshot, Dataplane, DataplaneKind, PeerStats};
 
 #[cfg(test)]
 mod smoke_tests;
@@ -112,6 +112,8 @@ struct State {
     kernel: Option<Kernel>,
     routes: Option<Routes>,
     peers: BTreeMap<Ipv4Net, Ipv4Addr>,
+    /// When each peer entry was (re)written: its traffic counters start there.
+    peers_changed: BTreeMap<Ipv4Net, std::time::SystemTime>,
     /// Endpoints installed by `refresh_local_endpoints` (container IP → entry).
     discovered: BTreeMap<Ipv4Addr, LocalEndpoint>,
 }
@@ -151,6 +153,7 @@ impl EbpfDataplane {
                 kernel: Some(kernel),
                 routes: Some(routes),
                 peers: BTreeMap::new(),
+                peers_changed: BTreeMap::new(),
                 discovered: BTreeMap::new(),
             }),
         })
@@ -352,15 +355,16 @@ impl Dataplane for EbpfDataplane {
             );
         }
         let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
-        let value = PeerValue {
-            public_ip: public_ip.octets(),
-        };
+        let value = PeerValue::new(public_ip.octets());
         state
             .kernel_mut()?
             .peers
             .insert(&key, value, 0)
             .with_context(|| format!("adding peer {subnet} -> {public_ip} to the BPF LPM trie"))?;
         let previous = state.peers.insert(subnet, public_ip);
+        state
+            .peers_changed
+            .insert(subnet, std::time::SystemTime::now());
         state.sync_sender(public_ip)?;
         if let Some(old_ip) = previous.filter(|old| *old != public_ip) {
             state.sync_sender(old_ip)?;
@@ -377,6 +381,7 @@ impl Dataplane for EbpfDataplane {
         let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
         ignore_missing(state.kernel_mut()?.peers.remove(&key))
             .with_context(|| format!("removing peer {subnet} from the BPF LPM trie"))?;
+        state.peers_changed.remove(&subnet);
         if let Some(public_ip) = state.peers.remove(&subnet) {
             state.sync_sender(public_ip)?;
         }
@@ -388,7 +393,42 @@ impl Dataplane for EbpfDataplane {
         state
             .kernel
             .as_ref()
-            .map_or([0; Counter::COUNT], Kernel::counters)
+            .map_or([0; Counter::COUNT], Kernel::packet_counts)
+    }
+
+    fn byte_counters(&self) -> CounterSnapshot {
+        let state = self.lock();
+        state
+            .kernel
+            .as_ref()
+            .map_or([0; Counter::COUNT], Kernel::byte_counts)
+    }
+
+    fn peer_stats(&self) -> Vec<PeerStats> {
+        let state = self.lock();
+        let mut traffic = BTreeMap::new();
+        if let Some(kernel) = &state.kernel {
+            for (key, value) in kernel.peers.iter().flatten() {
+                let net = Ipv4Addr::from(key.data());
+                if let Ok(subnet) = Ipv4Net::new(net, key.prefix_len() as u8) {
+                    traffic.insert(subnet, value.traffic);
+                }
+            }
+        }
+        state
+            .peers
+            .iter()
+            .map(|(subnet, public_ip)| PeerStats {
+                subnet: *subnet,
+                public_ip: *public_ip,
+                changed: state
+                    .peers_changed
+                    .get(subnet)
+                    .copied()
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                traffic: traffic.get(subnet).copied().unwrap_or_default(),
+            })
+            .collect()
     }
 
     fn shutdown(&self) -> anyhow::Result<()> {
@@ -396,6 +436,7 @@ impl Dataplane for EbpfDataplane {
         // Dropping the programs releases the (unpinned) TCX links: traffic stops here.
         drop(state.kernel.take());
         state.peers.clear();
+        state.peers_changed.clear();
         state.discovered.clear();
         if let Some(routes) = state.routes.take() {
             routes
@@ -462,6 +503,7 @@ struct Kernel {
     senders: HashMap<MapData, [u8; 4], u32>,
     endpoints: HashMap<MapData, [u8; 4], LocalEndpoint>,
     counters: PerCpuArray<MapData, u64>,
+    bytes: PerCpuArray<MapData, u64>,
 }
 
 impl Drop for Kernel {
@@ -535,6 +577,7 @@ impl Kernel {
             senders: take(&mut ebpf, names::MAP_SENDERS)?,
             endpoints: take(&mut ebpf, names::MAP_ENDPOINTS)?,
             counters: take(&mut ebpf, names::MAP_COUNTERS)?,
+            bytes: take(&mut ebpf, names::MAP_BYTES)?,
             ebpf,
         })
     }
@@ -593,14 +636,12 @@ impl Kernel {
         Ok(())
     }
 
-    fn counters(&self) -> CounterSnapshot {
-        let mut snapshot = [0u64; Counter::COUNT];
-        for counter in Counter::ALL {
-            if let Ok(per_cpu) = self.counters.get(&(counter.index() as u32), 0) {
-                snapshot[counter.index()] = per_cpu.iter().sum();
-            }
-        }
-        snapshot
+    fn packet_counts(&self) -> CounterSnapshot {
+        sum_over_cpus(&self.counters)
+    }
+
+    fn byte_counts(&self) -> CounterSnapshot {
+        sum_over_cpus(&self.bytes)
     }
 
     /// (instructions the verifier processed, instructions after translation).
@@ -621,6 +662,16 @@ impl Kernel {
 }
 
 /// In the calling thread's network namespace (sysfs would show the mounter's).
+fn sum_over_cpus(map: &PerCpuArray<MapData, u64>) -> CounterSnapshot {
+    let mut snapshot = [0u64; Counter::COUNT];
+    for counter in Counter::ALL {
+        if let Ok(per_cpu) = map.get(&(counter.index() as u32), 0) {
+            snapshot[counter.index()] = per_cpu.iter().sum();
+        }
+    }
+    snapshot
+}
+
 fn interface_exists(ifname: &str) -> bool {
     let Ok(name) = std::ffi::CString::new(ifname) else {
         return false;

@@ -36,8 +36,21 @@ impl DataplaneKind {
     }
 }
 
-/// Packet counters indexed by [`Counter`], summed over CPUs/queues.
+/// Packet (or byte) counters indexed by [`Counter`], summed over CPUs/queues.
 pub type CounterSnapshot = [u64; Counter::COUNT];
+
+pub use rudder_ebpf::PeerTraffic;
+
+/// One installed peer as the data plane sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerStats {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    /// When the entry was installed or last pointed at another public IP; `traffic`
+    /// counts from then.
+    pub changed: std::time::SystemTime,
+    pub traffic: PeerTraffic,
+}
 
 /// What every data plane does. Methods are idempotent: applying the same peer twice, or
 /// removing an absent one, is not an error.
@@ -56,6 +69,12 @@ pub trait Dataplane: Send + Sync {
 
     /// Current packet counters.
     fn counters(&self) -> CounterSnapshot;
+
+    /// Current byte counters, by the same [`Counter`] index.
+    fn byte_counters(&self) -> CounterSnapshot;
+
+    /// Every installed peer with its traffic, ordered by subnet.
+    fn peer_stats(&self) -> Vec<PeerStats>;
 
     /// Stop forwarding and remove what this data plane created in the kernel.
     fn shutdown(&self) -> anyhow::Result<()>;

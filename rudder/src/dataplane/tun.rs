@@ -30,7 +30,7 @@ use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tun_rs::AsyncDevice;
 
-use super::{CounterSnapshot, Dataplane, DataplaneKind};
+use super::{CounterSnapshot, Dataplane, DataplaneKind, PeerStats, PeerTraffic};
 use crate::packet::{self, IcmpError, ICMP_ERROR_MAX_LEN};
 use crate::subnet::gateway;
 
@@ -149,19 +149,63 @@ pub struct IcmpSources {
     pub into_device: Ipv4Addr,
 }
 
-/// Packet counters shared by the forwarding tasks: relaxed atomics, no locks.
+/// Packet and byte counters shared by the forwarding tasks: relaxed atomics, no locks.
 #[derive(Debug, Default)]
-pub struct Counters([AtomicU64; Counter::COUNT]);
+pub struct Counters {
+    packets: [AtomicU64; Counter::COUNT],
+    bytes: [AtomicU64; Counter::COUNT],
+}
 
 impl Counters {
-    pub fn add(&self, counter: Counter) {
-        self.0[counter.index()].fetch_add(1, Ordering::Relaxed);
+    /// Counts one packet of `bytes` IPv4 bytes (the inner packet for (de)encapsulation).
+    pub fn add(&self, counter: Counter, bytes: usize) {
+        self.packets[counter.index()].fetch_add(1, Ordering::Relaxed);
+        self.bytes[counter.index()].fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> CounterSnapshot {
-        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+        std::array::from_fn(|i| self.packets[i].load(Ordering::Relaxed))
+    }
+
+    pub fn bytes_snapshot(&self) -> CounterSnapshot {
+        std::array::from_fn(|i| self.bytes[i].load(Ordering::Relaxed))
     }
 }
+
+/// Traffic with one peer subnet, shared by the forwarding tables that list it.
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+}
+
+impl PeerCounters {
+    fn add_tx(&self, bytes: usize) {
+        self.tx_packets.fetch_add(1, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn add_rx(&self, bytes: usize) {
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> PeerTraffic {
+        PeerTraffic {
+            tx_packets: self.tx_packets.load(Ordering::Relaxed),
+            tx_bytes: self.tx_bytes.load(Ordering::Relaxed),
+            rx_packets: self.rx_packets.load(Ordering::Relaxed),
+            rx_bytes: self.rx_bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Where a peer sits in a [`ForwardingTable`]: (prefix bucket, entry). Valid for the
+/// table it came from only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerSlot(u32, u32);
 
 /// Everything a forwarding decision needs. The control plane updates a master copy in
 /// place and publishes a clone per change (control-plane rate, O(n) memcpy); the
@@ -187,6 +231,8 @@ struct PrefixBucket {
     mask: u32,
     /// (subnet network address, peer public IP), sorted by network address.
     entries: Vec<(u32, Ipv4Addr)>,
+    /// The traffic counters of `entries[i]`.
+    traffic: Vec<Arc<PeerCounters>>,
 }
 
 impl ForwardingTable {
@@ -205,14 +251,21 @@ impl ForwardingTable {
             public_subnets: Vec::with_capacity(peers.len()),
         };
         for (&subnet, &public_ip) in peers {
-            table.upsert(subnet, public_ip, None);
+            table.upsert(subnet, public_ip, None, Arc::default());
         }
         table
     }
 
-    /// Adds `subnet` at `public_ip`, replacing the entry that had it at `previous`.
-    /// O(n) memory moves at worst, no rebuild: a full resync of 10k peers stays cheap.
-    fn upsert(&mut self, subnet: Ipv4Net, public_ip: Ipv4Addr, previous: Option<Ipv4Addr>) {
+    /// Adds `subnet` at `public_ip` counting into `traffic`, replacing the entry that had
+    /// it at `previous`. O(n) memory moves at worst, no rebuild: a full resync of 10k
+    /// peers stays cheap.
+    fn upsert(
+        &mut self,
+        subnet: Ipv4Net,
+        public_ip: Ipv4Addr,
+        previous: Option<Ipv4Addr>,
+        traffic: Arc<PeerCounters>,
+    ) {
         if let Some(previous) = previous {
             self.remove_sender_entry(previous, subnet);
         }
@@ -234,16 +287,23 @@ impl ForwardingTable {
                         prefix_len: len,
                         mask: u32::from(subnet.netmask()),
                         entries: Vec::new(),
+                        traffic: Vec::new(),
                     },
                 );
                 at
             }
         };
-        let entries = &mut self.by_prefix[bucket_at].entries;
+        let bucket = &mut self.by_prefix[bucket_at];
         let key = u32::from(subnet.network());
-        match entries.binary_search_by_key(&key, |(net, _)| *net) {
-            Ok(i) => entries[i].1 = public_ip,
-            Err(i) => entries.insert(i, (key, public_ip)),
+        match bucket.entries.binary_search_by_key(&key, |(net, _)| *net) {
+            Ok(i) => {
+                bucket.entries[i].1 = public_ip;
+                bucket.traffic[i] = traffic;
+            }
+            Err(i) => {
+                bucket.entries.insert(i, (key, public_ip));
+                bucket.traffic.insert(i, traffic);
+            }
         }
     }
 
@@ -252,12 +312,13 @@ impl ForwardingTable {
         self.remove_sender_entry(public_ip, subnet);
         let len = subnet.prefix_len();
         if let Ok(at) = self.by_prefix.binary_search_by(|b| len.cmp(&b.prefix_len)) {
-            let entries = &mut self.by_prefix[at].entries;
+            let bucket = &mut self.by_prefix[at];
             let key = u32::from(subnet.network());
-            if let Ok(i) = entries.binary_search_by_key(&key, |(net, _)| *net) {
-                entries.remove(i);
+            if let Ok(i) = bucket.entries.binary_search_by_key(&key, |(net, _)| *net) {
+                bucket.entries.remove(i);
+                bucket.traffic.remove(i);
             }
-            if entries.is_empty() {
+            if bucket.entries.is_empty() {
                 self.by_prefix.remove(at);
             }
         }
@@ -287,15 +348,29 @@ impl ForwardingTable {
 
     /// Public IP of the peer whose subnet holds `dst` (longest prefix wins).
     pub fn lookup(&self, dst: Ipv4Addr) -> Option<Ipv4Addr> {
-        let dst = u32::from(dst);
-        self.by_prefix.iter().find_map(|bucket| {
-            let key = dst & bucket.mask;
+        self.slot_of(dst).map(|slot| self.peer_at(slot))
+    }
+
+    /// Where the peer subnet holding `addr` is (longest prefix wins).
+    pub fn slot_of(&self, addr: Ipv4Addr) -> Option<PeerSlot> {
+        let addr = u32::from(addr);
+        self.by_prefix.iter().enumerate().find_map(|(b, bucket)| {
+            let key = addr & bucket.mask;
             bucket
                 .entries
                 .binary_search_by_key(&key, |(net, _)| *net)
                 .ok()
-                .map(|i| bucket.entries[i].1)
+                .map(|i| PeerSlot(b as u32, i as u32))
         })
+    }
+
+    fn peer_at(&self, slot: PeerSlot) -> Ipv4Addr {
+        self.by_prefix[slot.0 as usize].entries[slot.1 as usize].1
+    }
+
+    /// The traffic counters of the peer at `slot`.
+    pub fn traffic(&self, slot: PeerSlot) -> &PeerCounters {
+        &self.by_prefix[slot.0 as usize].traffic[slot.1 as usize]
     }
 
     /// The subnets leased by the host at underlay address `public_ip`.
@@ -313,8 +388,13 @@ impl ForwardingTable {
 /// What to do with a packet read from the TUN device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outbound {
-    /// Send `packet[..len]` (TTL already decremented) to the peer at `peer`.
-    Encapsulate { len: usize, peer: Ipv4Addr },
+    /// Send `packet[..len]` (TTL already decremented) to the peer at `peer`, whose
+    /// entry is at `slot`.
+    Encapsulate {
+        len: usize,
+        peer: Ipv4Addr,
+        slot: PeerSlot,
+    },
     /// Drop it; when `icmp_len` is set, write the ICMP error built in the scratch buffer
     /// back into the TUN device.
     Drop {
@@ -326,8 +406,9 @@ pub enum Outbound {
 /// What to do with a datagram payload received from the underlay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Inbound {
-    /// Write `packet[..len]` (TTL already decremented) into the TUN device.
-    Deliver { len: usize },
+    /// Write `packet[..len]` (TTL already decremented) into the TUN device; `from` is
+    /// the entry of the sending subnet.
+    Deliver { len: usize, from: Option<PeerSlot> },
     /// Drop it; when `icmp_len` is set, send the ICMP error built in the scratch buffer
     /// back to the sending peer, encapsulated.
     Drop {
@@ -366,10 +447,11 @@ pub fn decide_outbound(
         let icmp_len = icmp_error(IcmpError::TimeExceeded, packet, &view, source, table, icmp);
         return Outbound::Drop { reason, icmp_len };
     }
-    match table.lookup(view.dst) {
-        Some(peer) => Outbound::Encapsulate {
+    match table.slot_of(view.dst) {
+        Some(slot) => Outbound::Encapsulate {
             len: view.total_len,
-            peer,
+            peer: table.peer_at(slot),
+            slot,
         },
         None => {
             // Outside the overlay network the kernel misrouted: nothing to tell the sender.
@@ -428,6 +510,7 @@ pub fn decide_inbound(
     }
     Inbound::Deliver {
         len: view.total_len,
+        from: table.slot_of(view.src),
     }
 }
 
@@ -442,11 +525,18 @@ fn icmp_error(
     packet::build_icmp_error(kind, packet, view, source, table.subnet_prefix_len(), icmp)
 }
 
+/// One installed peer: where it is, since when, and its traffic since then.
+struct PeerEntry {
+    public_ip: Ipv4Addr,
+    changed: std::time::SystemTime,
+    traffic: Arc<PeerCounters>,
+}
+
 /// The control plane's copy of the peers and the master forwarding table.
 struct PeerState {
     local_subnet: Ipv4Net,
     icmp_sources: IcmpSources,
-    peers: BTreeMap<Ipv4Net, Ipv4Addr>,
+    peers: BTreeMap<Ipv4Net, PeerEntry>,
     /// The master copy of the forwarding table, updated in place; readers get clones.
     table: ForwardingTable,
 }
@@ -626,9 +716,12 @@ impl TunDataplane {
             to_peers: options.gateway,
             into_device: options.device_icmp_source,
         };
-        let peers = BTreeMap::new();
-        let table =
-            ForwardingTable::new(options.local_subnet, options.network, icmp_sources, &peers);
+        let table = ForwardingTable::new(
+            options.local_subnet,
+            options.network,
+            icmp_sources,
+            &BTreeMap::new(),
+        );
         let shared = Arc::new(Shared {
             counters: Counters::default(),
             table: PublishedTable {
@@ -654,7 +747,7 @@ impl TunDataplane {
             state: Mutex::new(PeerState {
                 local_subnet: options.local_subnet,
                 icmp_sources,
-                peers,
+                peers: BTreeMap::new(),
                 table,
             }),
             options,
@@ -717,12 +810,16 @@ impl Dataplane for TunDataplane {
                     default_device_icmp_source(self.options.network, subnet);
             }
             // Rare: rebuild, since our own subnet's exclusion from forwarding moves.
-            state.table = ForwardingTable::new(
+            let mut table = ForwardingTable::new(
                 subnet,
                 self.options.network,
                 state.icmp_sources,
-                &state.peers,
+                &BTreeMap::new(),
             );
+            for (subnet, peer) in &state.peers {
+                table.upsert(*subnet, peer.public_ip, None, peer.traffic.clone());
+            }
+            state.table = table;
         });
         Ok(())
     }
@@ -730,8 +827,20 @@ impl Dataplane for TunDataplane {
     fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> anyhow::Result<()> {
         self.update(|state| {
             let subnet = subnet.trunc();
-            let previous = state.peers.insert(subnet, public_ip);
-            state.table.upsert(subnet, public_ip, previous);
+            let previous = state.peers.get(&subnet).map(|peer| peer.public_ip);
+            if previous == Some(public_ip) {
+                return;
+            }
+            // A new place is a new peer: its counters start from zero.
+            let entry = PeerEntry {
+                public_ip,
+                changed: std::time::SystemTime::now(),
+                traffic: Arc::default(),
+            };
+            state
+                .table
+                .upsert(subnet, public_ip, previous, entry.traffic.clone());
+            state.peers.insert(subnet, entry);
         });
         Ok(())
     }
@@ -740,7 +849,7 @@ impl Dataplane for TunDataplane {
         self.update(|state| {
             let subnet = subnet.trunc();
             if let Some(previous) = state.peers.remove(&subnet) {
-                state.table.remove(subnet, previous);
+                state.table.remove(subnet, previous.public_ip);
             }
         });
         Ok(())
@@ -748,6 +857,24 @@ impl Dataplane for TunDataplane {
 
     fn counters(&self) -> CounterSnapshot {
         self.shared.counters.snapshot()
+    }
+
+    fn byte_counters(&self) -> CounterSnapshot {
+        self.shared.counters.bytes_snapshot()
+    }
+
+    fn peer_stats(&self) -> Vec<PeerStats> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .peers
+            .iter()
+            .map(|(subnet, peer)| PeerStats {
+                subnet: *subnet,
+                public_ip: peer.public_ip,
+                changed: peer.changed,
+                traffic: peer.traffic.snapshot(),
+            })
+            .collect()
     }
 
     /// Stops both tasks and deletes the device, which takes its address and route with
@@ -803,7 +930,7 @@ async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<UdpSocket>, shared: Ar
         let n = match device.recv(&mut buf).await {
             Ok(n) => n,
             Err(error) => {
-                shared.counters.add(Counter::DropIoError);
+                shared.counters.add(Counter::DropIoError, 0);
                 logs.io("reading from the TUN device", &error);
                 tokio::time::sleep(RECV_ERROR_BACKOFF).await;
                 continue;
@@ -811,18 +938,21 @@ async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<UdpSocket>, shared: Ar
         };
         let table = reader.current(&shared.table);
         match decide_outbound(&mut buf[..n], table, shared.mtu, &mut icmp) {
-            Outbound::Encapsulate { len, peer } => {
+            Outbound::Encapsulate { len, peer, slot } => {
                 let to = SocketAddr::V4(SocketAddrV4::new(peer, shared.peer_port));
                 match socket.send_to(&buf[..len], to).await {
-                    Ok(_) => shared.counters.add(Counter::Encapsulated),
+                    Ok(_) => {
+                        shared.counters.add(Counter::Encapsulated, len);
+                        table.traffic(slot).add_tx(len);
+                    }
                     Err(error) => {
-                        shared.counters.add(Counter::DropIoError);
+                        shared.counters.add(Counter::DropIoError, len);
                         logs.io("sending to a peer", &error);
                     }
                 }
             }
             Outbound::Drop { reason, icmp_len } => {
-                shared.counters.add(reason);
+                shared.counters.add(reason, n);
                 logs.dropped(
                     "tun->udp",
                     reason,
@@ -848,7 +978,7 @@ async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<UdpSocket>, shared: Ar
         let (n, from) = match socket.recv_from(&mut buf).await {
             Ok(received) => received,
             Err(error) => {
-                shared.counters.add(Counter::DropIoError);
+                shared.counters.add(Counter::DropIoError, 0);
                 logs.io("receiving from the overlay UDP socket", &error);
                 tokio::time::sleep(RECV_ERROR_BACKOFF).await;
                 continue;
@@ -858,21 +988,26 @@ async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<UdpSocket>, shared: Ar
             IpAddr::V4(ip) => ip,
             // Only reachable on a dual-stack socket; the overlay is IPv4 only.
             IpAddr::V6(_) => {
-                shared.counters.add(Counter::DropUnknownSender);
+                shared.counters.add(Counter::DropUnknownSender, n);
                 continue;
             }
         };
         let table = reader.current(&shared.table);
         match decide_inbound(&mut buf[..n], sender, table, &mut icmp) {
-            Inbound::Deliver { len } => match device.send(&buf[..len]).await {
-                Ok(_) => shared.counters.add(Counter::Decapsulated),
+            Inbound::Deliver { len, from } => match device.send(&buf[..len]).await {
+                Ok(_) => {
+                    shared.counters.add(Counter::Decapsulated, len);
+                    if let Some(slot) = from {
+                        table.traffic(slot).add_rx(len);
+                    }
+                }
                 Err(error) => {
-                    shared.counters.add(Counter::DropIoError);
+                    shared.counters.add(Counter::DropIoError, len);
                     logs.io("writing into the TUN device", &error);
                 }
             },
             Inbound::Drop { reason, icmp_len } => {
-                shared.counters.add(reason);
+                shared.counters.add(reason, n);
                 logs.dropped("udp->tun", reason, format_args!("{n} bytes from {from}"));
                 if let Some(len) = icmp_len {
                     if let Err(error) = socket.send_to(&icmp[..len], from).await {
@@ -1117,7 +1252,7 @@ mod tests {
             match public_ip {
                 Some(public_ip) => {
                     let previous = peers.insert(subnet, ip(public_ip));
-                    t.upsert(subnet, ip(public_ip), previous);
+                    t.upsert(subnet, ip(public_ip), previous, Arc::default());
                 }
                 None => {
                     if let Some(previous) = peers.remove(&subnet) {
@@ -1144,6 +1279,7 @@ mod tests {
                 subnet,
                 Ipv4Addr::from(0xc0a8_0000 + (i * 7919) % 10_000),
                 None,
+                Arc::default(),
             );
             // What publishing costs per change.
             std::hint::black_box(Arc::new(t.clone()));
@@ -1181,7 +1317,8 @@ mod tests {
             decide_outbound(&mut p, &t, 1472, &mut icmp),
             Outbound::Encapsulate {
                 len,
-                peer: ip("192.168.0.2")
+                peer: ip("192.168.0.2"),
+                slot: t.slot_of(ip("10.5.2.9")).unwrap(),
             }
         );
         let v = parse_ipv4(&p[..len]).unwrap();
@@ -1260,7 +1397,10 @@ mod tests {
         let len = p.len();
         assert_eq!(
             decide_inbound(&mut p, peer, &t, &mut icmp),
-            Inbound::Deliver { len }
+            Inbound::Deliver {
+                len,
+                from: t.slot_of(ip("10.5.2.9")),
+            }
         );
         assert_eq!(p[8], 63);
 

@@ -229,6 +229,32 @@ fn device_forwards_both_ways_and_counts_drops() {
         assert_eq!(&buf[..n], b"from peer");
         assert_eq!(from, "10.5.2.9:5555".parse::<SocketAddr>()?);
         wait_for_counter(&dp, Counter::Decapsulated, 1).await;
+        // Bytes are the inner packets'; the peer's entry saw both directions.
+        let bytes = dp.byte_counters();
+        let outbound_len = 28 + b"hello overlay".len() as u64;
+        assert_eq!(bytes[Counter::Encapsulated.index()], outbound_len);
+        assert_eq!(bytes[Counter::Decapsulated.index()], packet.len() as u64);
+        let stats = dp.peer_stats();
+        assert_eq!(stats.len(), 1);
+        assert_eq!(
+            (stats[0].subnet, stats[0].public_ip),
+            (net(PEER_SUBNET), PEER)
+        );
+        assert_eq!(
+            stats[0].traffic,
+            crate::dataplane::PeerTraffic {
+                tx_packets: 1,
+                tx_bytes: outbound_len,
+                rx_packets: 1,
+                rx_bytes: packet.len() as u64,
+            }
+        );
+        // The same place again keeps the counters; a new place starts them over.
+        dp.upsert_peer(net(PEER_SUBNET), PEER)?;
+        assert_eq!(dp.peer_stats()[0].traffic.tx_packets, 1);
+        dp.upsert_peer(net(PEER_SUBNET), STRANGER)?;
+        assert_eq!(dp.peer_stats()[0].traffic.tx_packets, 0);
+        dp.upsert_peer(net(PEER_SUBNET), PEER)?;
 
         // Bad datagrams: each counted under its reason, none delivered.
         let good = |src: [u8; 4], dst: [u8; 4]| udp_packet(src, dst, 64, (1, 7777), b"x");

@@ -56,9 +56,7 @@ fn fixture() -> Kernel {
         .peers
         .insert(
             &aya::maps::lpm_trie::Key::new(24, [10, 5, 2, 0]),
-            PeerValue {
-                public_ip: PEER_PUBLIC.octets(),
-            },
+            PeerValue::new(PEER_PUBLIC.octets()),
             0,
         )
         .unwrap();
@@ -160,13 +158,20 @@ fn expect_counted(
     verdict: i32,
     counter: Counter,
 ) -> Vec<u8> {
-    let before = kernel.counters();
+    let before = kernel.packet_counts();
+    let bytes_before = kernel.byte_counts();
     let (ret, out) = run(kernel, program, frame);
-    let after = kernel.counters();
+    let after = kernel.packet_counts();
+    let bytes_after = kernel.byte_counts();
     assert_eq!(
         ret, verdict,
         "verdict of {program} (counters after: {after:?})"
     );
+    // Decapsulated counts the inner packet, everything else the IPv4 bytes that arrived.
+    let bytes = match counter {
+        Counter::Decapsulated => frame.len() - 14 - 28,
+        _ => frame.len() - 14,
+    } as u64;
     for c in Counter::ALL {
         let expected = before[c.index()] + u64::from(c == counter);
         assert_eq!(
@@ -175,8 +180,59 @@ fn expect_counted(
             "counter {} after {program}",
             c.name()
         );
+        let expected_bytes = bytes_before[c.index()] + if c == counter { bytes } else { 0 };
+        assert_eq!(
+            bytes_after[c.index()],
+            expected_bytes,
+            "byte counter {} after {program}",
+            c.name()
+        );
     }
     out
+}
+
+fn peer_traffic(kernel: &Kernel) -> rudder_ebpf::PeerTraffic {
+    kernel
+        .peers
+        .get(&aya::maps::lpm_trie::Key::new(24, [10, 5, 2, 0]), 0)
+        .expect("the fixture's peer entry")
+        .traffic
+}
+
+#[test]
+fn peer_entry_counts_its_traffic_both_ways() {
+    let kernel = fixture();
+    let outbound = ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 63, true, 100);
+    for _ in 0..2 {
+        run(
+            &kernel,
+            names::PROG_EGRESS,
+            &ethernet(PEER_MAC, OUR_MAC, &outbound),
+        );
+    }
+    let inbound = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 300);
+    let (verdict, _) = run(
+        &kernel,
+        names::PROG_INGRESS,
+        &overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inbound),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    // A spoofed datagram is not the peer's traffic.
+    let spoofed = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 300);
+    run(
+        &kernel,
+        names::PROG_INGRESS,
+        &overlay_frame(STRANGER_PUBLIC, OUR_PUBLIC, PORT, &spoofed),
+    );
+    assert_eq!(
+        peer_traffic(&kernel),
+        rudder_ebpf::PeerTraffic {
+            tx_packets: 2,
+            tx_bytes: 2 * outbound.len() as u64,
+            rx_packets: 1,
+            rx_bytes: inbound.len() as u64,
+        }
+    );
 }
 
 #[test]
@@ -277,14 +333,18 @@ fn encap_lets_fast_path_output_through_uncounted() {
     let kernel = fixture();
     let inner = ipv4_udp(LOCAL_CONTAINER, PEER_CONTAINER, 63, true, 20);
     let frame = overlay_frame(OUR_PUBLIC, PEER_PUBLIC, PORT, &inner);
-    let before = kernel.counters();
+    let before = kernel.packet_counts();
     let (ret, out) = run(&kernel, names::PROG_EGRESS, &frame);
     assert_eq!(
         (ret, &out),
         (TC_ACT_UNSPEC, &frame),
         "already encapsulated: untouched"
     );
-    assert_eq!(kernel.counters(), before, "counted once, by rudder_br_in");
+    assert_eq!(
+        kernel.packet_counts(),
+        before,
+        "counted once, by rudder_br_in"
+    );
 }
 
 #[test]
@@ -652,11 +712,11 @@ fn bridge_fast_path_leaves_exceptions_to_the_stack() {
     ];
     for (what, packet) in cases {
         let frame = ethernet(OUR_MAC, PEER_MAC, &packet);
-        let before = kernel.counters();
+        let before = kernel.packet_counts();
         let (ret, out) = run(&kernel, names::PROG_BRIDGE, &frame);
         assert_eq!(ret, TC_ACT_UNSPEC, "{what}: verdict");
         assert_eq!(out, frame, "{what}: packet changed");
-        assert_eq!(kernel.counters(), before, "{what}: counters moved");
+        assert_eq!(kernel.packet_counts(), before, "{what}: counters moved");
     }
 }
 
@@ -722,9 +782,9 @@ fn decap_agrees_with_the_tun_rules_on_mutated_packets() {
             }
         }
         let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
-        let before = kernel.counters();
+        let before = kernel.packet_counts();
         let (verdict, _) = run(&kernel, names::PROG_INGRESS, &frame);
-        let after = kernel.counters();
+        let after = kernel.packet_counts();
         let moved: Vec<Counter> = Counter::ALL
             .into_iter()
             .filter(|c| after[c.index()] != before[c.index()])
