@@ -25,6 +25,7 @@ struct Args {
     rounds: usize,
     seconds: u32,
     json: Option<String>,
+    modes: Vec<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -32,6 +33,7 @@ fn parse_args() -> Result<Args> {
         rounds: 3,
         seconds: 5,
         json: None,
+        modes: MODES.iter().map(|m| m.to_string()).collect(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -40,6 +42,12 @@ fn parse_args() -> Result<Args> {
             "--rounds" => a.rounds = val()?.parse()?,
             "--seconds" => a.seconds = val()?.parse()?,
             "--json" => a.json = Some(val()?),
+            "--modes" => {
+                a.modes = val()?.split(',').map(str::to_string).collect();
+                if let Some(bad) = a.modes.iter().find(|m| !MODES.contains(&m.as_str())) {
+                    bail!("unknown mode {bad}; modes are {}", MODES.join(","));
+                }
+            }
             _ => bail!("unknown argument {x}"),
         }
     }
@@ -80,6 +88,9 @@ fn real_main() -> Result<()> {
     let mut results = vec![vec![Vec::<f64>::new(); METRICS.len()]; MODES.len()];
     for round in 0..args.rounds {
         for (mi, mode) in MODES.iter().enumerate() {
+            if !args.modes.iter().any(|m| m == mode) {
+                continue;
+            }
             match run_mode(mode, args.seconds) {
                 Ok(v) => {
                     println!("round {} {mode:<12} {v:.3?}", round + 1);

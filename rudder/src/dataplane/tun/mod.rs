@@ -15,7 +15,7 @@
 //! decisions.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -28,7 +28,8 @@ use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use rudder_ebpf::{Counter, DEFAULT_UDP_PORT, ENCAP_OVERHEAD};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
-use tun_rs::AsyncDevice;
+
+mod forward;
 
 use super::{CounterSnapshot, Dataplane, DataplaneKind, PeerStats, PeerTraffic};
 use crate::packet::{self, IcmpError, ICMP_ERROR_MAX_LEN};
@@ -70,6 +71,9 @@ pub struct TunOptions {
     /// the TUN device with a local source as a martian. An unleased address of the
     /// network is routed back through the device, so it also passes strict rp_filter.
     pub device_icmp_source: Ipv4Addr,
+    /// Batch with the kernel's offloads: TSO/USO on the device (`IFF_VNET_HDR`), GSO and
+    /// GRO on the socket. Off means one packet per system call, as flannel's udp backend.
+    pub offload: bool,
 }
 
 impl TunOptions {
@@ -85,6 +89,7 @@ impl TunOptions {
             bind: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, DEFAULT_UDP_PORT),
             gateway: gateway(local_subnet),
             device_icmp_source: default_device_icmp_source(network, local_subnet),
+            offload: true,
         }
     }
 
@@ -127,6 +132,13 @@ impl TunOptions {
     }
 }
 
+fn device_error(options: &TunOptions) -> String {
+    format!(
+        "creating TUN device {:?} with MTU {} failed; is /dev/net/tun present and are we root (CAP_NET_ADMIN)?",
+        options.device_name, options.mtu
+    )
+}
+
 /// The overlay's "router" address for ICMP errors written into the device: the network's
 /// first host address, in the first subnet, which flannel never leases by default
 /// (SubnetMin skips it). If our own lease is that subnet, the network's last host
@@ -159,7 +171,12 @@ pub struct Counters {
 impl Counters {
     /// Counts one packet of `bytes` IPv4 bytes (the inner packet for (de)encapsulation).
     pub fn add(&self, counter: Counter, bytes: usize) {
-        self.packets[counter.index()].fetch_add(1, Ordering::Relaxed);
+        self.add_many(counter, 1, bytes);
+    }
+
+    /// Counts `packets` packets of `bytes` bytes in all.
+    pub fn add_many(&self, counter: Counter, packets: usize, bytes: usize) {
+        self.packets[counter.index()].fetch_add(packets as u64, Ordering::Relaxed);
         self.bytes[counter.index()].fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
@@ -182,13 +199,13 @@ pub struct PeerCounters {
 }
 
 impl PeerCounters {
-    fn add_tx(&self, bytes: usize) {
-        self.tx_packets.fetch_add(1, Ordering::Relaxed);
+    fn add_tx(&self, packets: usize, bytes: usize) {
+        self.tx_packets.fetch_add(packets as u64, Ordering::Relaxed);
         self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    fn add_rx(&self, bytes: usize) {
-        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+    fn add_rx(&self, packets: usize, bytes: usize) {
+        self.rx_packets.fetch_add(packets as u64, Ordering::Relaxed);
         self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
@@ -369,7 +386,7 @@ impl ForwardingTable {
     }
 
     /// The traffic counters of the peer at `slot`.
-    pub fn traffic(&self, slot: PeerSlot) -> &PeerCounters {
+    pub fn traffic(&self, slot: PeerSlot) -> &Arc<PeerCounters> {
         &self.by_prefix[slot.0 as usize].traffic[slot.1 as usize]
     }
 
@@ -597,6 +614,8 @@ struct Shared {
     /// Port every peer listens on (ours too).
     peer_port: u16,
     mtu: usize,
+    /// The device was opened with `IFF_VNET_HDR` and offloads.
+    offload: bool,
 }
 
 /// Logs an event at most once per [`LOG_INTERVAL`], with how many were suppressed.
@@ -680,7 +699,8 @@ impl TunDataplane {
                 options.bind
             )
         })?;
-        let socket = Arc::new(socket);
+        let socket = forward::OverlaySocket::new(socket, options.offload)
+            .context("configuring the overlay UDP socket (GSO/GRO) failed")?;
 
         let handle = netlink_connect()?;
         if let Some(stale) = link_index(&handle, &options.device_name).await? {
@@ -691,18 +711,26 @@ impl TunDataplane {
             delete_link(&handle, stale, &options.device_name).await?;
         }
 
-        let device = tun_rs::DeviceBuilder::new()
-            .name(&options.device_name)
-            .mtu(options.mtu)
-            // Up only once configured: IPv6 must be off before the link comes up.
-            .enable(false)
-            .build_async()
-            .with_context(|| {
-                format!(
-                    "creating TUN device {:?} with MTU {} failed; is /dev/net/tun present and are we root (CAP_NET_ADMIN)?",
-                    options.device_name, options.mtu
-                )
-            })?;
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(&options.device_name)
+                .mtu(options.mtu)
+                .offload(offload)
+                // Up only once configured: IPv6 must be off before the link comes up.
+                .enable(false)
+                .build_async()
+        };
+        let (device, offload) = match build(options.offload) {
+            Ok(device) => (device, options.offload),
+            Err(error) if options.offload => {
+                tracing::warn!(
+                    "TUN device with offloads failed ({error}); using one packet per read"
+                );
+                let device = build(false).with_context(|| device_error(&options))?;
+                (device, false)
+            }
+            Err(error) => return Err(anyhow::Error::from(error).context(device_error(&options))),
+        };
         let device = Arc::new(device);
         let index = device.if_index().with_context(|| {
             format!(
@@ -730,10 +758,17 @@ impl TunDataplane {
             },
             peer_port: options.bind.port(),
             mtu: usize::from(options.mtu),
+            offload,
         });
+        let socket_gso = socket.gso();
+        let socket = Arc::new(socket);
         let tasks = vec![
-            tokio::spawn(tun_to_udp(device.clone(), socket.clone(), shared.clone())),
-            tokio::spawn(udp_to_tun(device, socket, shared.clone())),
+            tokio::spawn(forward::tun_to_udp(
+                device.clone(),
+                socket.clone(),
+                shared.clone(),
+            )),
+            tokio::spawn(forward::udp_to_tun(device, socket, shared.clone())),
         ];
         tracing::info!(
             device = %options.device_name,
@@ -741,6 +776,8 @@ impl TunDataplane {
             network = %options.network,
             mtu = options.mtu,
             bind = %options.bind,
+            device_offload = offload,
+            udp_gso = socket_gso,
             "TUN data plane started"
         );
         Ok(TunDataplane {
@@ -916,105 +953,6 @@ impl Drop for TunDataplane {
             .drain(..)
         {
             task.abort();
-        }
-    }
-}
-
-/// TUN → UDP forwarding loop.
-async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<UdpSocket>, shared: Arc<Shared>) {
-    let mut buf = vec![0u8; MAX_PACKET_LEN];
-    let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
-    let mut reader = shared.table.reader();
-    let mut logs = TaskLogs::new();
-    loop {
-        let n = match device.recv(&mut buf).await {
-            Ok(n) => n,
-            Err(error) => {
-                shared.counters.add(Counter::DropIoError, 0);
-                logs.io("reading from the TUN device", &error);
-                tokio::time::sleep(RECV_ERROR_BACKOFF).await;
-                continue;
-            }
-        };
-        let table = reader.current(&shared.table);
-        match decide_outbound(&mut buf[..n], table, shared.mtu, &mut icmp) {
-            Outbound::Encapsulate { len, peer, slot } => {
-                let to = SocketAddr::V4(SocketAddrV4::new(peer, shared.peer_port));
-                match socket.send_to(&buf[..len], to).await {
-                    Ok(_) => {
-                        shared.counters.add(Counter::Encapsulated, len);
-                        table.traffic(slot).add_tx(len);
-                    }
-                    Err(error) => {
-                        shared.counters.add(Counter::DropIoError, len);
-                        logs.io("sending to a peer", &error);
-                    }
-                }
-            }
-            Outbound::Drop { reason, icmp_len } => {
-                shared.counters.add(reason, n);
-                logs.dropped(
-                    "tun->udp",
-                    reason,
-                    format_args!("{n} bytes from the TUN device"),
-                );
-                if let Some(len) = icmp_len {
-                    if let Err(error) = device.send(&icmp[..len]).await {
-                        logs.io("writing an ICMP error into the TUN device", &error);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// UDP → TUN forwarding loop.
-async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<UdpSocket>, shared: Arc<Shared>) {
-    let mut buf = vec![0u8; MAX_PACKET_LEN];
-    let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
-    let mut reader = shared.table.reader();
-    let mut logs = TaskLogs::new();
-    loop {
-        let (n, from) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            Err(error) => {
-                shared.counters.add(Counter::DropIoError, 0);
-                logs.io("receiving from the overlay UDP socket", &error);
-                tokio::time::sleep(RECV_ERROR_BACKOFF).await;
-                continue;
-            }
-        };
-        let sender = match from.ip() {
-            IpAddr::V4(ip) => ip,
-            // Only reachable on a dual-stack socket; the overlay is IPv4 only.
-            IpAddr::V6(_) => {
-                shared.counters.add(Counter::DropUnknownSender, n);
-                continue;
-            }
-        };
-        let table = reader.current(&shared.table);
-        match decide_inbound(&mut buf[..n], sender, table, &mut icmp) {
-            Inbound::Deliver { len, from } => match device.send(&buf[..len]).await {
-                Ok(_) => {
-                    shared.counters.add(Counter::Decapsulated, len);
-                    if let Some(slot) = from {
-                        table.traffic(slot).add_rx(len);
-                    }
-                }
-                Err(error) => {
-                    shared.counters.add(Counter::DropIoError, len);
-                    logs.io("writing into the TUN device", &error);
-                }
-            },
-            Inbound::Drop { reason, icmp_len } => {
-                shared.counters.add(reason, n);
-                logs.dropped("udp->tun", reason, format_args!("{n} bytes from {from}"));
-                if let Some(len) = icmp_len {
-                    if let Err(error) = socket.send_to(&icmp[..len], from).await {
-                        logs.io("sending an ICMP error to a peer", &error);
-                    }
-                }
-            }
         }
     }
 }
@@ -1490,5 +1428,4 @@ mod tests {
 }
 
 #[cfg(test)]
-#[path = "tun_device_tests.rs"]
 mod device_tests;

@@ -1,0 +1,377 @@
+//! The TUN data plane's two forwarding loops, batched at both ends.
+//!
+//! - TUN → UDP: one read returns what the kernel handed the device. With offload on
+//!   (`IFF_VNET_HDR` + TSO/USO) that is a whole 64 KB GSO packet, which tun-rs cuts into
+//!   MTU-sized IP packets with their checksums completed. Each goes through
+//!   [`decide_outbound`]; consecutive packets for the same peer and of the same size (the
+//!   last may be shorter) are copied into one buffer and sent with a single `sendmsg` and
+//!   `UDP_SEGMENT`, so the kernel cuts them into ordinary datagrams, one per inner packet.
+//! - UDP → TUN: one `recvmmsg` returns up to [`UDP_BATCH`] messages; with `UDP_GRO` on,
+//!   each may hold up to 64 datagrams of equal size back to back. Each datagram goes
+//!   through [`decide_inbound`]; the delivered packets are written with tun-rs's
+//!   `send_multiple`, which coalesces the segments of a TCP/UDP flow into one GSO packet
+//!   (one write, one trip through the stack) when offload is on.
+//!
+//! The wire format does not change: what leaves the host is one IP-in-UDP datagram per
+//! inner packet, so a peer without offload (or an eBPF peer) reads it as before.
+//! Buffers are allocated once per task; nothing is allocated per packet.
+
+use std::io::IoSliceMut;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use rudder_ebpf::Counter;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
+
+use super::{
+    decide_inbound, decide_outbound, Inbound, Outbound, PeerCounters, Shared, TaskLogs,
+    MAX_PACKET_LEN, RECV_ERROR_BACKOFF,
+};
+use crate::packet::ICMP_ERROR_MAX_LEN;
+
+/// Segments one device read can yield: a 64 KB GSO packet at the smallest MSS the
+/// kernel allows, with room to spare.
+const SEGMENTS_PER_READ: usize = 128;
+
+/// Messages per `recvmmsg`; each up to 64 KB (a GRO train).
+pub const UDP_BATCH: usize = 8;
+
+/// Largest UDP payload of one `UDP_SEGMENT` send: the IPv4 length limit minus headers.
+const MAX_GSO_PAYLOAD: usize = 65_535 - 20 - 8;
+
+/// The kernel's cap on segments per GSO send (`UDP_MAX_SEGMENTS` is 64 on older kernels).
+const MAX_GSO_SEGMENTS: usize = 64;
+
+/// Headroom in front of packets written to the device: tun-rs puts the virtio header there.
+const WRITE_OFFSET: usize = VIRTIO_NET_HDR_LEN;
+
+/// Packets handed to one `send_multiple`: one GRO train fits. Each buffer can grow to a
+/// whole coalesced 64 KB packet in place (tun-rs never reallocates: a buffer without the
+/// capacity is written uncoalesced), so this bounds the task's memory to about 4 MB.
+const WRITE_BATCH: usize = 64;
+
+/// The UDP socket with the state quinn-udp keeps about it (GSO/GRO support).
+pub struct OverlaySocket {
+    pub socket: UdpSocket,
+    state: UdpSocketState,
+    /// Segments per send: 1 without UDP GSO.
+    gso_segments: usize,
+}
+
+impl OverlaySocket {
+    /// Wraps a bound socket. `offload` off keeps it plain: no GSO on send, and GRO turned
+    /// off again on receive (what a peer without offload support does).
+    pub fn new(socket: UdpSocket, offload: bool) -> std::io::Result<Self> {
+        let state = UdpSocketState::new((&socket).into())?;
+        if !offload {
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::UdpGroSegment, &false)
+                .map_err(std::io::Error::from)?;
+        }
+        let gso_segments = if offload {
+            state.max_gso_segments().min(MAX_GSO_SEGMENTS)
+        } else {
+            1
+        };
+        Ok(OverlaySocket {
+            socket,
+            state,
+            gso_segments,
+        })
+    }
+
+    /// Whether sends are batched with `UDP_SEGMENT`.
+    pub fn gso(&self) -> bool {
+        self.gso_segments > 1
+    }
+
+    async fn send(&self, transmit: &Transmit<'_>) -> std::io::Result<()> {
+        self.socket
+            .async_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.socket).into(), transmit)
+            })
+            .await
+    }
+
+    async fn recv(
+        &self,
+        buffers: &mut [Vec<u8>],
+        metas: &mut [RecvMeta],
+    ) -> std::io::Result<usize> {
+        let count = buffers.len().min(UDP_BATCH);
+        self.socket
+            .async_io(Interest::READABLE, || {
+                let mut slices: [IoSliceMut<'_>; UDP_BATCH] =
+                    std::array::from_fn(|_| IoSliceMut::new(&mut []));
+                for (slice, buffer) in slices.iter_mut().zip(buffers.iter_mut()) {
+                    *slice = IoSliceMut::new(buffer);
+                }
+                self.state
+                    .recv((&self.socket).into(), &mut slices[..count], metas)
+            })
+            .await
+    }
+}
+
+/// Inner packets waiting to leave for one peer in one `UDP_SEGMENT` send.
+struct GsoBatch {
+    buffer: Vec<u8>,
+    /// The peer and the traffic counters of its subnet.
+    peer: Option<(Ipv4Addr, Arc<PeerCounters>)>,
+    segment_len: usize,
+    segments: usize,
+    /// A shorter segment ends a batch: only the last one may be short.
+    closed: bool,
+}
+
+impl GsoBatch {
+    fn new() -> Self {
+        GsoBatch {
+            buffer: Vec::with_capacity(MAX_GSO_PAYLOAD),
+            peer: None,
+            segment_len: 0,
+            segments: 0,
+            closed: false,
+        }
+    }
+
+    fn accepts(
+        &self,
+        peer: Ipv4Addr,
+        traffic: &Arc<PeerCounters>,
+        len: usize,
+        max_segments: usize,
+    ) -> bool {
+        match &self.peer {
+            None => true,
+            Some((current, current_traffic)) => {
+                *current == peer
+                    && Arc::ptr_eq(current_traffic, traffic)
+                    && !self.closed
+                    && len <= self.segment_len
+                    && self.segments < max_segments
+                    && self.buffer.len() + len <= MAX_GSO_PAYLOAD
+            }
+        }
+    }
+
+    fn push(&mut self, peer: Ipv4Addr, traffic: &Arc<PeerCounters>, packet: &[u8]) {
+        if self.peer.is_none() {
+            self.peer = Some((peer, traffic.clone()));
+            self.segment_len = packet.len();
+        } else if packet.len() < self.segment_len {
+            self.closed = true;
+        }
+        self.buffer.extend_from_slice(packet);
+        self.segments += 1;
+    }
+
+    /// Sends what is queued, counts it, and empties the batch.
+    async fn flush(&mut self, socket: &OverlaySocket, shared: &Shared, logs: &mut TaskLogs) {
+        let Some((peer, traffic)) = self.peer.take() else {
+            return;
+        };
+        let transmit = Transmit {
+            destination: SocketAddr::V4(SocketAddrV4::new(peer, shared.peer_port)),
+            ecn: None,
+            contents: &self.buffer,
+            segment_size: (self.segments > 1).then_some(self.segment_len),
+            src_ip: None,
+        };
+        let bytes = self.buffer.len();
+        match socket.send(&transmit).await {
+            Ok(()) => {
+                shared
+                    .counters
+                    .add_many(Counter::Encapsulated, self.segments, bytes);
+                traffic.add_tx(self.segments, bytes);
+            }
+            Err(error) => {
+                shared
+                    .counters
+                    .add_many(Counter::DropIoError, self.segments, bytes);
+                logs.io("sending to a peer", &error);
+            }
+        }
+        self.buffer.clear();
+        self.segments = 0;
+        self.closed = false;
+    }
+}
+
+/// Writes one packet we originated (an ICMP error) into the device.
+async fn write_single(
+    device: &AsyncDevice,
+    vnet_header: bool,
+    packet: &[u8],
+    scratch: &mut Vec<u8>,
+) {
+    scratch.clear();
+    if vnet_header {
+        // All zero: no GSO, no checksum to complete.
+        scratch.resize(VIRTIO_NET_HDR_LEN, 0);
+    }
+    scratch.extend_from_slice(packet);
+    let _ = device.send(scratch).await;
+}
+
+/// TUN → UDP forwarding loop.
+pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, shared: Arc<Shared>) {
+    let vnet_header = shared.offload;
+    let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET_LEN];
+    // Without offload a read returns one packet of at most the MTU, straight into slot 0.
+    let slot_len = if vnet_header {
+        shared.mtu
+    } else {
+        MAX_PACKET_LEN
+    };
+    let slots = if vnet_header { SEGMENTS_PER_READ } else { 1 };
+    let mut packets = vec![vec![0u8; slot_len]; slots];
+    let mut sizes = vec![0usize; slots];
+    let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
+    let mut scratch = Vec::with_capacity(VIRTIO_NET_HDR_LEN + ICMP_ERROR_MAX_LEN);
+    let mut batch = GsoBatch::new();
+    let mut reader = shared.table.reader();
+    let mut logs = TaskLogs::new();
+    loop {
+        let count = match device
+            .recv_multiple(&mut raw, &mut packets, &mut sizes, 0)
+            .await
+        {
+            Ok(count) => count,
+            Err(error) => {
+                shared.counters.add(Counter::DropIoError, 0);
+                logs.io("reading from the TUN device", &error);
+                tokio::time::sleep(RECV_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        for (packet, &size) in packets.iter_mut().zip(&sizes).take(count) {
+            let table = reader.current(&shared.table);
+            match decide_outbound(&mut packet[..size], table, shared.mtu, &mut icmp) {
+                Outbound::Encapsulate { len, peer, slot } => {
+                    let traffic = table.traffic(slot);
+                    if !batch.accepts(peer, traffic, len, socket.gso_segments) {
+                        batch.flush(&socket, &shared, &mut logs).await;
+                    }
+                    batch.push(peer, traffic, &packet[..len]);
+                }
+                Outbound::Drop { reason, icmp_len } => {
+                    shared.counters.add(reason, size);
+                    logs.dropped(
+                        "tun->udp",
+                        reason,
+                        format_args!("{size} bytes from the TUN device"),
+                    );
+                    if let Some(len) = icmp_len {
+                        write_single(&device, vnet_header, &icmp[..len], &mut scratch).await;
+                    }
+                }
+            }
+        }
+        batch.flush(&socket, &shared, &mut logs).await;
+    }
+}
+
+/// UDP → TUN forwarding loop.
+pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, shared: Arc<Shared>) {
+    let mut received = vec![vec![0u8; MAX_PACKET_LEN]; UDP_BATCH];
+    let mut metas = [RecvMeta::default(); UDP_BATCH];
+    let mut outgoing: Vec<Vec<u8>> = (0..WRITE_BATCH)
+        .map(|_| Vec::with_capacity(WRITE_OFFSET + MAX_PACKET_LEN))
+        .collect();
+    let mut gro = GROTable::default();
+    let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
+    let mut reader = shared.table.reader();
+    let mut logs = TaskLogs::new();
+    loop {
+        let messages = match socket.recv(&mut received, &mut metas).await {
+            Ok(messages) => messages,
+            Err(error) => {
+                shared.counters.add(Counter::DropIoError, 0);
+                logs.io("receiving from the overlay UDP socket", &error);
+                tokio::time::sleep(RECV_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        let table = reader.current(&shared.table);
+        let mut queued = 0;
+        for (buffer, meta) in received.iter_mut().zip(&metas).take(messages) {
+            let from = meta.addr;
+            let sender = match from.ip() {
+                IpAddr::V4(ip) => ip,
+                IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                    Some(ip) => ip,
+                    None => {
+                        shared.counters.add(Counter::DropUnknownSender, meta.len);
+                        continue;
+                    }
+                },
+            };
+            let stride = meta.stride.max(1);
+            for datagram in buffer[..meta.len].chunks_mut(stride) {
+                let size = datagram.len();
+                match decide_inbound(datagram, sender, table, &mut icmp) {
+                    Inbound::Deliver { len, from: slot } => {
+                        if queued == WRITE_BATCH {
+                            write_batch(&device, &mut gro, &mut outgoing, &shared, &mut logs).await;
+                            queued = 0;
+                        }
+                        let out = &mut outgoing[queued];
+                        out.clear();
+                        out.resize(WRITE_OFFSET, 0);
+                        out.extend_from_slice(&datagram[..len]);
+                        queued += 1;
+                        if let Some(slot) = slot {
+                            table.traffic(slot).add_rx(1, len);
+                        }
+                    }
+                    Inbound::Drop { reason, icmp_len } => {
+                        shared.counters.add(reason, size);
+                        logs.dropped("udp->tun", reason, format_args!("{size} bytes from {from}"));
+                        if let Some(len) = icmp_len {
+                            if let Err(error) = socket.socket.send_to(&icmp[..len], from).await {
+                                logs.io("sending an ICMP error to a peer", &error);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        write_batch(
+            &device,
+            &mut gro,
+            &mut outgoing[..queued],
+            &shared,
+            &mut logs,
+        )
+        .await;
+    }
+}
+
+/// Writes the queued inner packets into the device, coalesced per flow, and counts them.
+async fn write_batch(
+    device: &AsyncDevice,
+    gro: &mut GROTable,
+    packets: &mut [Vec<u8>],
+    shared: &Shared,
+    logs: &mut TaskLogs,
+) {
+    if packets.is_empty() {
+        return;
+    }
+    let bytes: usize = packets.iter().map(|p| p.len() - WRITE_OFFSET).sum();
+    match device.send_multiple(gro, packets, WRITE_OFFSET).await {
+        Ok(_) => shared
+            .counters
+            .add_many(Counter::Decapsulated, packets.len(), bytes),
+        Err(error) => {
+            shared
+                .counters
+                .add_many(Counter::DropIoError, packets.len(), bytes);
+            logs.io("writing into the TUN device", &error);
+        }
+    }
+}
