@@ -211,6 +211,11 @@ pub struct RunArgs {
     #[arg(long, env = "RUDDER_TUN_NAME", default_value = "rudder0")]
     pub tun_name: String,
 
+    /// TUN data plane: batch with the kernel's offloads (TSO/USO on the device, UDP GSO/GRO
+    /// on the socket). `false` moves one packet per system call; the wire format is the same.
+    #[arg(long, env = "RUDDER_TUN_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub tun_offload: bool,
+
     /// Create this bridge with our subnet's first address (what docker0 or cni0 would be).
     #[arg(long, env = "RUDDER_BRIDGE")]
     pub bridge: Option<String>,

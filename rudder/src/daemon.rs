@@ -100,6 +100,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         port: config.port,
         overlay_mtu,
         tun_name: args.tun_name.clone(),
+        tun_offload: args.tun_offload,
         bridge: args.bridge.clone(),
         ebpf_force_fail: args.ebpf_force_fail,
     };

@@ -98,6 +98,8 @@ pub struct DataplaneOptions {
     /// Underlay MTU minus the encapsulation overhead.
     pub overlay_mtu: u16,
     pub tun_name: String,
+    /// TUN data plane: use TSO/USO and UDP GSO/GRO.
+    pub tun_offload: bool,
     pub bridge: Option<String>,
     /// Test hook: make the eBPF load fail (exercises the `auto` fall-back).
     pub ebpf_force_fail: bool,
@@ -107,7 +109,10 @@ pub struct DataplaneOptions {
 /// `auto` tries eBPF and falls back to TUN on any failure, logging the reason once.
 pub async fn create(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplane>, String)> {
     match opts.kind {
-        DataplaneKind::Tun => Ok((start_tun(opts).await?, "--dataplane tun".into())),
+        DataplaneKind::Tun => {
+            let (dp, batching) = start_tun(opts).await?;
+            Ok((dp, format!("--dataplane tun; {batching}")))
+        }
         DataplaneKind::Ebpf => {
             let dp = load_ebpf(opts)
                 .await
@@ -121,10 +126,8 @@ pub async fn create(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplan
                 tracing::warn!(
                     "eBPF data plane unavailable ({why}); falling back to the TUN data plane"
                 );
-                Ok((
-                    start_tun(opts).await?,
-                    format!("auto: eBPF unavailable: {why}"),
-                ))
+                let (dp, batching) = start_tun(opts).await?;
+                Ok((dp, format!("auto: eBPF unavailable: {why}; {batching}")))
             }
         },
     }
@@ -155,10 +158,14 @@ async fn load_ebpf(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>
     Ok(Arc::new(dp))
 }
 
-async fn start_tun(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>> {
+/// Starts the TUN data plane; returns it with a line saying how it batches.
+async fn start_tun(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplane>, String)> {
     let mut tun_opts = tun::TunOptions::new(opts.local_subnet, opts.network, 0);
     tun_opts.mtu = opts.overlay_mtu;
     tun_opts.device_name = opts.tun_name.clone();
+    tun_opts.offload = opts.tun_offload;
     tun_opts.bind = std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, opts.port);
-    Ok(Arc::new(tun::TunDataplane::start(tun_opts).await?))
+    let dp = tun::TunDataplane::start(tun_opts).await?;
+    let batching = dp.batching();
+    Ok((Arc::new(dp), batching))
 }

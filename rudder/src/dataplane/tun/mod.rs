@@ -132,6 +132,14 @@ impl TunOptions {
     }
 }
 
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
+}
+
 fn device_error(options: &TunOptions) -> String {
     format!(
         "creating TUN device {:?} with MTU {} failed; is /dev/net/tun present and are we root (CAP_NET_ADMIN)?",
@@ -685,6 +693,8 @@ pub struct TunDataplane {
     state: Mutex<PeerState>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     shut_down: AtomicBool,
+    /// Sends are batched with `UDP_SEGMENT`.
+    udp_gso: bool,
 }
 
 impl TunDataplane {
@@ -791,7 +801,18 @@ impl TunDataplane {
             shared,
             tasks: Mutex::new(tasks),
             shut_down: AtomicBool::new(false),
+            udp_gso: socket_gso,
         })
+    }
+
+    /// How the forwarding loops batch, for the status line.
+    pub fn batching(&self) -> String {
+        format!(
+            "device offloads (TSO/USO) {}, UDP GSO {}, UDP GRO {}",
+            on_off(self.shared.offload),
+            on_off(self.udp_gso),
+            on_off(self.options.offload)
+        )
     }
 
     /// The options the data plane was started with (`local_subnet` as at start).

@@ -1,0 +1,66 @@
+//! The TUN data plane's offloads (TSO/USO on the device, UDP GSO/GRO on the socket) do not
+//! change the wire: a batching host and a host moving one packet per system call
+//! (`--tun-offload false`, as flannel's udp backend) exchange TCP both ways, content
+//! checked, and the plain host receives one datagram per inner packet.
+
+use std::time::Duration;
+
+use rudder_tests::{check, e2e, tcp_transfer, wait_mesh, Cluster, Host, HostOpts};
+
+fn tun_host(c: &Cluster, offload: bool) -> anyhow::Result<Host> {
+    c.add_host(HostOpts {
+        dataplane: Some("tun".into()),
+        extra_args: vec!["--tun-offload".into(), offload.to_string()],
+        ..HostOpts::default()
+    })
+}
+
+fn dataplane_reason(h: &Host) -> anyhow::Result<String> {
+    Ok(h.status()?["dataplane_reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[test]
+fn batching_and_plain_tun_hosts_interoperate() {
+    e2e(|c| {
+        let fast = tun_host(c, true)?;
+        let plain = tun_host(c, false)?;
+        wait_mesh(&[fast.clone(), plain.clone()], Duration::from_secs(30))?;
+
+        let fast_reason = dataplane_reason(&fast)?;
+        check!(
+            fast_reason.contains("offloads (TSO/USO) on") && fast_reason.contains("UDP GSO on"),
+            "batching host: {fast_reason}"
+        );
+        let plain_reason = dataplane_reason(&plain)?;
+        check!(
+            plain_reason.contains("offloads (TSO/USO) off")
+                && plain_reason.contains("UDP GSO off")
+                && plain_reason.contains("UDP GRO off"),
+            "plain host: {plain_reason}"
+        );
+
+        const BYTES: usize = 20 << 20;
+        let before = plain.counter("decapsulated")?;
+        tcp_transfer(&fast.container(), &plain.container(), BYTES)?;
+        tcp_transfer(&plain.container(), &fast.container(), BYTES)?;
+
+        // Whatever the batching host sent in one system call arrived as datagrams of at most
+        // the overlay MTU: the plain host counted at least one per MTU of payload.
+        let overlay_mtu = fast.subnet_env().mtu as usize;
+        let datagrams = plain.counter("decapsulated")? - before;
+        check!(
+            datagrams as usize >= BYTES / overlay_mtu,
+            "plain host decapsulated {datagrams} packets for {BYTES} bytes (MTU {overlay_mtu})"
+        );
+        for h in [&fast, &plain] {
+            for reason in ["malformed", "truncated", "not_ipv4", "io_error"] {
+                let drops = h.counter(reason)?;
+                check!(drops == 0, "{}: {drops} {reason} drops", h.name());
+            }
+        }
+        Ok(())
+    });
+}
