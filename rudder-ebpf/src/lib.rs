@@ -67,11 +67,14 @@ pub enum Counter {
     DropTooBig = 11,
     /// A send or receive on the device or socket failed.
     DropIoError = 12,
+    /// Overlay datagrams the BPF programs hand to the daemon's UDP socket instead: UDP GSO
+    /// trains (several datagrams in one buffer) that arrive unsegmented over virtual links.
+    ToDaemon = 13,
 }
 
 impl Counter {
     /// Number of counters; the length of the counter arrays.
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 14;
 
     /// Every counter in index order.
     pub const ALL: [Counter; Counter::COUNT] = [
@@ -88,6 +91,7 @@ impl Counter {
         Counter::DropNoRoute,
         Counter::DropTooBig,
         Counter::DropIoError,
+        Counter::ToDaemon,
     ];
 
     pub const fn index(self) -> usize {
@@ -110,6 +114,7 @@ impl Counter {
             Counter::DropNoRoute => "no_route",
             Counter::DropTooBig => "too_big",
             Counter::DropIoError => "io_error",
+            Counter::ToDaemon => "to_daemon",
         }
     }
 
@@ -117,7 +122,7 @@ impl Counter {
     pub const fn is_drop(self) -> bool {
         !matches!(
             self,
-            Counter::Encapsulated | Counter::Decapsulated | Counter::Passed
+            Counter::Encapsulated | Counter::Decapsulated | Counter::Passed | Counter::ToDaemon
         )
     }
 }

@@ -45,7 +45,7 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use anyhow::{bail, Context as _};
@@ -62,10 +62,11 @@ use rtnetlink::{
 };
 use rudder_ebpf::{names, Counter, DataplaneConfig, LocalEndpoint, PeerValue};
 
-use super::{CounterSnapshot, Dataplane, DataplaneKind, PeerStats};
+use super::{CounterSnapshot, Dataplane, DataplaneKind, PeerStats, PeerTraffic};
 
 #[cfg(test)]
 mod smoke_tests;
+mod socket_path;
 #[cfg(test)]
 mod tests;
 
@@ -101,6 +102,8 @@ pub struct EbpfOptions {
 /// The eBPF data plane. See the module documentation for the design.
 pub struct EbpfDataplane {
     state: Mutex<State>,
+    /// Where the datagrams BPF passes up are handled; set by [`Self::start_socket_path`].
+    socket_path: Mutex<Option<Arc<socket_path::SocketPath>>>,
     /// Counts `refresh_host_state` calls: endpoints are re-read on every call (new
     /// containers get the fast path quickly), routes checked on every 8th (a full dump).
     refreshes: std::sync::atomic::AtomicU64,
@@ -147,6 +150,7 @@ impl EbpfDataplane {
             .add_unreachable(opts.network)
             .with_context(|| format!("adding the route `unreachable {}`", opts.network))?;
         Ok(EbpfDataplane {
+            socket_path: Mutex::new(None),
             refreshes: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(State {
                 opts,
@@ -157,6 +161,31 @@ impl EbpfDataplane {
                 discovered: BTreeMap::new(),
             }),
         })
+    }
+
+    /// Binds the overlay port for the datagrams the ingress program passes up (see
+    /// [`socket_path`]). Must run inside tokio.
+    pub async fn start_socket_path(&self) -> anyhow::Result<()> {
+        let (port, local_subnet, network, peers) = {
+            let state = self.lock();
+            (
+                state.opts.udp_port,
+                state.opts.local_subnet,
+                state.opts.network,
+                state.peers.clone(),
+            )
+        };
+        let path = socket_path::SocketPath::start(port, local_subnet, network).await?;
+        path.set_local_subnet(local_subnet, network, &peers);
+        *self.socket_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+        Ok(())
+    }
+
+    fn socket_path(&self) -> Option<Arc<socket_path::SocketPath>> {
+        self.socket_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Registers a container on this host for the fast delivery path: decapsulated packets
@@ -341,6 +370,9 @@ impl Dataplane for EbpfDataplane {
         for (peer_subnet, public_ip) in &state.peers {
             routes.add_peer(*peer_subnet, *public_ip, mtu, src)?;
         }
+        if let Some(path) = self.socket_path() {
+            path.set_local_subnet(subnet, state.opts.network, &state.peers);
+        }
         Ok(())
     }
 
@@ -362,6 +394,9 @@ impl Dataplane for EbpfDataplane {
             .insert(&key, value, 0)
             .with_context(|| format!("adding peer {subnet} -> {public_ip} to the BPF LPM trie"))?;
         let previous = state.peers.insert(subnet, public_ip);
+        if let Some(path) = self.socket_path() {
+            path.upsert_peer(subnet, public_ip, previous);
+        }
         state
             .peers_changed
             .insert(subnet, std::time::SystemTime::now());
@@ -383,28 +418,36 @@ impl Dataplane for EbpfDataplane {
             .with_context(|| format!("removing peer {subnet} from the BPF LPM trie"))?;
         state.peers_changed.remove(&subnet);
         if let Some(public_ip) = state.peers.remove(&subnet) {
+            if let Some(path) = self.socket_path() {
+                path.remove_peer(subnet, public_ip);
+            }
             state.sync_sender(public_ip)?;
         }
         Ok(())
     }
 
     fn counters(&self) -> CounterSnapshot {
-        let state = self.lock();
-        state
+        let kernel = self
+            .lock()
             .kernel
             .as_ref()
-            .map_or([0; Counter::COUNT], Kernel::packet_counts)
+            .map_or([0; Counter::COUNT], Kernel::packet_counts);
+        let socket = self.socket_path().map(|p| p.packets()).unwrap_or_default();
+        std::array::from_fn(|i| kernel[i] + socket[i])
     }
 
     fn byte_counters(&self) -> CounterSnapshot {
-        let state = self.lock();
-        state
+        let kernel = self
+            .lock()
             .kernel
             .as_ref()
-            .map_or([0; Counter::COUNT], Kernel::byte_counts)
+            .map_or([0; Counter::COUNT], Kernel::byte_counts);
+        let socket = self.socket_path().map(|p| p.bytes()).unwrap_or_default();
+        std::array::from_fn(|i| kernel[i] + socket[i])
     }
 
     fn peer_stats(&self) -> Vec<PeerStats> {
+        let socket_path = self.socket_path();
         let state = self.lock();
         let mut traffic = BTreeMap::new();
         if let Some(kernel) = &state.kernel {
@@ -426,12 +469,28 @@ impl Dataplane for EbpfDataplane {
                     .get(subnet)
                     .copied()
                     .unwrap_or(std::time::UNIX_EPOCH),
-                traffic: traffic.get(subnet).copied().unwrap_or_default(),
+                traffic: {
+                    let mut total: PeerTraffic = traffic.get(subnet).copied().unwrap_or_default();
+                    if let Some(path) = &socket_path {
+                        let socket = path.traffic(*subnet);
+                        total.rx_packets += socket.rx_packets;
+                        total.rx_bytes += socket.rx_bytes;
+                    }
+                    total
+                },
             })
             .collect()
     }
 
     fn shutdown(&self) -> anyhow::Result<()> {
+        if let Some(path) = self
+            .socket_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            path.stop();
+        }
         let mut state = self.lock();
         // Dropping the programs releases the (unpinned) TCX links: traffic stops here.
         drop(state.kernel.take());

@@ -155,6 +155,7 @@ async fn load_ebpf(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>
     let dp = tokio::task::spawn_blocking(move || ebpf::EbpfDataplane::load(ebpf_opts))
         .await
         .context("the eBPF loader panicked")??;
+    dp.start_socket_path().await?;
     Ok(Arc::new(dp))
 }
 

@@ -3,7 +3,6 @@
 //! `rudder-ebpf`, `rudder-tun`, alternated over rounds; medians and ratios to `route`.
 //!
 //! Run as root: `cargo xtask bench [--rounds N] [--seconds S] [--json FILE]`.
-//! Not yet done: CPU per Gbit, the control-plane bench (see README "Performance").
 
 use anyhow::{anyhow, bail, Result};
 use rudder_tests::cleanup::install_signal_cleanup;
@@ -13,12 +12,17 @@ use std::time::Duration;
 
 const PORT: u16 = 5201;
 const MODES: [&str; 4] = ["route", "vxlan", "rudder-ebpf", "rudder-tun"];
-const METRICS: [&str; 5] = [
+const METRICS: [&str; 8] = [
     "tcp1_gbps",
     "tcp4_gbps",
     "udp64_kpps",
+    "udp64_loss_pct",
     "rtt_med_ms",
     "rtt_p99_ms",
+    // CPU seconds (all CPUs, everything: iperf3, kernel, daemons) per Gbit moved by the
+    // single TCP stream, and the part the two rudder daemons used themselves.
+    "cpu_s_per_gbit",
+    "daemon_cpu_s_per_gbit",
 ];
 
 struct Args {
@@ -110,7 +114,14 @@ fn real_main() -> Result<()> {
     println!("|---|{}", "---|".repeat(METRICS.len()));
     for (mi, mode) in MODES.iter().enumerate() {
         let cells: Vec<String> = (0..METRICS.len())
-            .map(|k| format!("{:.3} ({:.2}x)", med[mi][k], med[mi][k] / med[0][k]))
+            .map(|k| {
+                let ratio = med[mi][k] / med[0][k];
+                if ratio.is_finite() {
+                    format!("{:.3} ({ratio:.2}x)", med[mi][k])
+                } else {
+                    format!("{:.3}", med[mi][k])
+                }
+            })
             .collect();
         println!("| {mode} | {} |", cells.join(" | "));
     }
@@ -220,10 +231,24 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
     }
     wait_ping(&a.container(), b.container_ip(), Duration::from_secs(10))?;
     let (from, to) = (a.container(), b.container());
-    let tcp1 = iperf(&from, &to, secs, &[])?["end"]["sum_received"]["bits_per_second"]
+    let daemons_cpu = || -> Result<Duration> { Ok(a.cpu_time()? + b.cpu_time()?) };
+    let (busy_before, daemons_before) = (machine_busy()?, daemons_cpu()?);
+    let tcp1_run = iperf(&from, &to, secs, &[])?;
+    let (busy, daemons) = (
+        machine_busy()? - busy_before,
+        daemons_cpu()? - daemons_before,
+    );
+    let tcp1 = tcp1_run["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or(0.0)
         / 1e9;
+    let gbit_moved = tcp1_run["end"]["sum_received"]["bytes"]
+        .as_f64()
+        .unwrap_or(0.0)
+        * 8.0
+        / 1e9;
+    let cpu_per_gbit = busy.as_secs_f64() / gbit_moved;
+    let daemon_cpu_per_gbit = daemons.as_secs_f64() / gbit_moved;
     let tcp4 = iperf(&from, &to, secs, &["-P", "4"])?["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or(0.0)
@@ -232,9 +257,38 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
     let s = &udp["end"]["sum"];
     let recv = s["packets"].as_f64().unwrap_or(0.0) - s["lost_packets"].as_f64().unwrap_or(0.0);
     let kpps = recv / s["seconds"].as_f64().unwrap_or(1.0) / 1e3;
+    let loss_pct = s["lost_percent"].as_f64().unwrap_or(f64::NAN);
     let (med, p99) = rtt(&from, &to)?;
     let _ = &cluster;
-    Ok(vec![tcp1, tcp4, kpps, med, p99])
+    Ok(vec![
+        tcp1,
+        tcp4,
+        kpps,
+        loss_pct,
+        med,
+        p99,
+        cpu_per_gbit,
+        daemon_cpu_per_gbit,
+    ])
+}
+
+/// Busy time of all CPUs together (everything but idle and iowait), from `/proc/stat`.
+fn machine_busy() -> Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| anyhow!("no cpu line in /proc/stat"))?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as u64;
+    Ok(Duration::from_millis(busy * 1000 / hz))
 }
 
 fn run_cmd(ns: &str, prog: &str, args: &[&str]) -> Result<String> {

@@ -212,7 +212,7 @@ impl PeerCounters {
         self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
-    fn add_rx(&self, packets: usize, bytes: usize) {
+    pub(crate) fn add_rx(&self, packets: usize, bytes: usize) {
         self.rx_packets.fetch_add(packets as u64, Ordering::Relaxed);
         self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
@@ -284,7 +284,7 @@ impl ForwardingTable {
     /// Adds `subnet` at `public_ip` counting into `traffic`, replacing the entry that had
     /// it at `previous`. O(n) memory moves at worst, no rebuild: a full resync of 10k
     /// peers stays cheap.
-    fn upsert(
+    pub(crate) fn upsert(
         &mut self,
         subnet: Ipv4Net,
         public_ip: Ipv4Addr,
@@ -333,7 +333,7 @@ impl ForwardingTable {
     }
 
     /// Removes `subnet`, which was at `public_ip`.
-    fn remove(&mut self, subnet: Ipv4Net, public_ip: Ipv4Addr) {
+    pub(crate) fn remove(&mut self, subnet: Ipv4Net, public_ip: Ipv4Addr) {
         self.remove_sender_entry(public_ip, subnet);
         let len = subnet.prefix_len();
         if let Ok(at) = self.by_prefix.binary_search_by(|b| len.cmp(&b.prefix_len)) {

@@ -1,0 +1,189 @@
+//! The eBPF data plane's socket path, for the overlay datagrams BPF cannot take.
+//!
+//! A peer on the TUN data plane sends runs of datagrams with one `UDP_SEGMENT` send. A
+//! physical NIC cuts them apart on the wire, but a virtual link (veth, as between
+//! containers or in kind-style clusters) hands the receiver the whole train as one
+//! buffer, and no BPF helper can split it. The ingress program passes such trains up the
+//! stack (counted `to_daemon`) to a plain UDP socket on the overlay port, where the kernel
+//! splits them; here each datagram gets the same checks as on the TUN path
+//! ([`decide_inbound`]) and its inner packet re-enters the stack through a raw IP socket,
+//! which routes it to the container. Slower than the BPF path, but nothing is lost.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use ipnet::Ipv4Net;
+use nix::sys::socket::{
+    sendto, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn,
+};
+use rudder_ebpf::Counter;
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+use crate::dataplane::tun::{
+    decide_inbound, default_device_icmp_source, Counters, ForwardingTable, IcmpSources, Inbound,
+};
+use crate::dataplane::{CounterSnapshot, PeerTraffic};
+use crate::packet::ICMP_ERROR_MAX_LEN;
+use crate::subnet::gateway;
+
+/// What the socket path shares with the data plane handle.
+pub struct SocketPath {
+    table: Mutex<ForwardingTable>,
+    counters: Counters,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SocketPath {
+    /// Binds the overlay port and starts the receive task. Must run inside tokio.
+    pub async fn start(
+        port: u16,
+        local_subnet: Ipv4Net,
+        network: Ipv4Net,
+    ) -> anyhow::Result<Arc<Self>> {
+        use anyhow::Context;
+        let udp = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+            .await
+            .with_context(|| {
+                format!("binding the overlay UDP port {port} failed; is another flanneld/rudder using it?")
+            })?;
+        let raw = socket(
+            AddressFamily::Inet,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockProtocol::Raw,
+        )
+        .context("opening a raw IP socket (to re-inject decapsulated packets) failed")?;
+        let path = Arc::new(SocketPath {
+            table: Mutex::new(ForwardingTable::new(
+                local_subnet,
+                network,
+                icmp_sources(local_subnet, network),
+                &Default::default(),
+            )),
+            counters: Counters::default(),
+            task: Mutex::new(None),
+        });
+        let task = tokio::spawn(receive(udp, raw, path.clone()));
+        *path.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        Ok(path)
+    }
+
+    pub fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr, previous: Option<Ipv4Addr>) {
+        if previous != Some(public_ip) {
+            self.table()
+                .upsert(subnet, public_ip, previous, Arc::default());
+        }
+    }
+
+    pub fn remove_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) {
+        self.table().remove(subnet, public_ip);
+    }
+
+    /// Rebuilds the table around a new own subnet (rare).
+    pub fn set_local_subnet(
+        &self,
+        local_subnet: Ipv4Net,
+        network: Ipv4Net,
+        peers: &std::collections::BTreeMap<Ipv4Net, Ipv4Addr>,
+    ) {
+        *self.table() = ForwardingTable::new(
+            local_subnet,
+            network,
+            icmp_sources(local_subnet, network),
+            peers,
+        );
+    }
+
+    /// Traffic received from `subnet` on this path.
+    pub fn traffic(&self, subnet: Ipv4Net) -> PeerTraffic {
+        let table = self.table();
+        table
+            .slot_of(subnet.network())
+            .map(|slot| table.traffic(slot).snapshot())
+            .unwrap_or_default()
+    }
+
+    pub fn packets(&self) -> CounterSnapshot {
+        self.counters.snapshot()
+    }
+
+    pub fn bytes(&self) -> CounterSnapshot {
+        self.counters.bytes_snapshot()
+    }
+
+    pub fn stop(&self) {
+        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, ForwardingTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for SocketPath {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn icmp_sources(local_subnet: Ipv4Net, network: Ipv4Net) -> IcmpSources {
+    IcmpSources {
+        to_peers: gateway(local_subnet),
+        into_device: default_device_icmp_source(network, local_subnet),
+    }
+}
+
+async fn receive(socket: UdpSocket, raw: OwnedFd, path: Arc<SocketPath>) {
+    let mut buf = vec![0u8; 65_535];
+    let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            Err(error) => {
+                path.counters.add(Counter::DropIoError, 0);
+                tracing::debug!("overlay socket receive failed: {error}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let IpAddr::V4(sender) = from.ip() else {
+            path.counters.add(Counter::DropUnknownSender, n);
+            continue;
+        };
+        let verdict = {
+            let table = path.table();
+            let verdict = decide_inbound(&mut buf[..n], sender, &table, &mut icmp);
+            if let Inbound::Deliver {
+                len,
+                from: Some(slot),
+            } = verdict
+            {
+                table.traffic(slot).add_rx(1, len);
+            }
+            verdict
+        };
+        match verdict {
+            Inbound::Deliver { len, .. } => {
+                let dst = Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]);
+                let to = SockaddrIn::from(SocketAddrV4::new(dst, 0));
+                match sendto(raw.as_raw_fd(), &buf[..len], &to, MsgFlags::empty()) {
+                    Ok(_) => path.counters.add(Counter::Decapsulated, len),
+                    Err(error) => {
+                        path.counters.add(Counter::DropIoError, len);
+                        tracing::debug!(%dst, "re-injecting a decapsulated packet failed: {error}");
+                    }
+                }
+            }
+            Inbound::Drop { reason, icmp_len } => {
+                path.counters.add(reason, n);
+                if let Some(len) = icmp_len {
+                    let _ = socket.send_to(&icmp[..len], from).await;
+                }
+            }
+        }
+    }
+}
