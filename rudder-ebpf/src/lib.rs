@@ -17,6 +17,7 @@ pub mod names {
     pub const MAP_ENDPOINTS: &str = "RUDDER_ENDPTS";
     pub const MAP_COUNTERS: &str = "RUDDER_COUNTERS";
     pub const MAP_BYTES: &str = "RUDDER_BYTES";
+    pub const MAP_PEER_TRAFFIC: &str = "RUDDER_PEER_TRAF";
 }
 
 /// Capacity of the peer maps: a /8 network cut into /24 subnets has 65536 of them.
@@ -144,24 +145,22 @@ impl PeerKey {
     }
 }
 
-/// Value of the peer LPM trie: where the subnet's host is on the underlay, and the
-/// traffic exchanged with that subnet since the entry was written.
+/// Value of the peer LPM trie: where the subnet's host is on the underlay.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerValue {
     /// The peer's public (underlay) IPv4 address, network byte order.
     pub public_ip: [u8; 4],
-    pub _pad: u32,
-    /// Updated by the programs with atomic adds (shared by all CPUs).
-    pub traffic: PeerTraffic,
+    /// Key of this entry's traffic counters in the per-CPU traffic map: a new id per
+    /// installation, so a peer that moves starts from zero.
+    pub traffic_id: u32,
 }
 
 impl PeerValue {
-    pub const fn new(public_ip: [u8; 4]) -> Self {
+    pub const fn new(public_ip: [u8; 4], traffic_id: u32) -> Self {
         PeerValue {
             public_ip,
-            _pad: 0,
-            traffic: PeerTraffic::ZERO,
+            traffic_id,
         }
     }
 }
@@ -224,13 +223,15 @@ mod user {
     // SAFETY: all are `repr(C)`, made only of integers and byte arrays, without padding.
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::PeerValue {}
+    unsafe impl aya::Pod for super::PeerTraffic {}
     unsafe impl aya::Pod for super::LocalEndpoint {}
     unsafe impl aya::Pod for super::DataplaneConfig {}
 }
 
 // The kernel reads these with fixed layouts; a changed size is a wire break.
 const _: () = assert!(core::mem::size_of::<PeerKey>() == 8);
-const _: () = assert!(core::mem::size_of::<PeerValue>() == 40);
+const _: () = assert!(core::mem::size_of::<PeerValue>() == 8);
+const _: () = assert!(core::mem::size_of::<PeerTraffic>() == 32);
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 16);
 const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 28);
 

@@ -25,13 +25,6 @@
 //! All packet access goes through `bpf_skb_load_bytes`/`store_bytes`, so non-linear skbs
 //! need no pulls and the verifier sees no packet-pointer arithmetic.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
-// Atomic adds on shared map values: the BPF target has no compare-and-swap, so core's
-// atomic types offer no `fetch_add` there, while the instruction itself exists (XADD).
-#![cfg_attr(
-    target_arch = "bpf",
-    feature(core_intrinsics),
-    allow(internal_features)
-)]
 
 #[cfg(target_arch = "bpf")]
 mod programs;

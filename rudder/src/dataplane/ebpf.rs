@@ -50,7 +50,7 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap},
     programs::{SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
@@ -115,8 +115,11 @@ struct State {
     kernel: Option<Kernel>,
     routes: Option<Routes>,
     peers: BTreeMap<Ipv4Net, Ipv4Addr>,
-    /// When each peer entry was (re)written: its traffic counters start there.
-    peers_changed: BTreeMap<Ipv4Net, std::time::SystemTime>,
+    /// Each peer entry's traffic id (see [`PeerValue::traffic_id`]) and when it was
+    /// installed or moved: its traffic counters start there.
+    peer_entries: BTreeMap<Ipv4Net, (u32, std::time::SystemTime)>,
+    /// The next traffic id to hand out.
+    next_traffic_id: u32,
     /// Endpoints installed by `refresh_local_endpoints` (container IP → entry).
     discovered: BTreeMap<Ipv4Addr, LocalEndpoint>,
 }
@@ -157,7 +160,8 @@ impl EbpfDataplane {
                 kernel: Some(kernel),
                 routes: Some(routes),
                 peers: BTreeMap::new(),
-                peers_changed: BTreeMap::new(),
+                peer_entries: BTreeMap::new(),
+                next_traffic_id: 1,
                 discovered: BTreeMap::new(),
             }),
         })
@@ -351,6 +355,9 @@ impl Dataplane for EbpfDataplane {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if n.is_multiple_of(8) {
             self.restore_lost_routes()?;
+            let mut state = self.lock();
+            let live = state.peer_entries.values().map(|(id, _)| *id).collect();
+            state.kernel_mut()?.forget_traffic_except(&live);
         }
         if self.lock().opts.bridge.is_some() {
             self.refresh_local_endpoints()?;
@@ -387,19 +394,34 @@ impl Dataplane for EbpfDataplane {
             );
         }
         let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
-        let value = PeerValue::new(public_ip.octets());
-        state
-            .kernel_mut()?
+        let unchanged = state.peers.get(&subnet) == Some(&public_ip);
+        let existing = state.peer_entries.get(&subnet).map(|&(id, _)| id);
+        let (traffic_id, stale_id) = match existing {
+            Some(id) if unchanged => (id, None),
+            _ => {
+                let id = state.next_traffic_id;
+                state.next_traffic_id = id.wrapping_add(1).max(1);
+                (id, existing)
+            }
+        };
+        let value = PeerValue::new(public_ip.octets(), traffic_id);
+        let kernel = state.kernel_mut()?;
+        kernel
             .peers
             .insert(&key, value, 0)
             .with_context(|| format!("adding peer {subnet} -> {public_ip} to the BPF LPM trie"))?;
+        if let Some(stale) = stale_id {
+            let _ = kernel.peer_traffic.remove(&stale);
+        }
         let previous = state.peers.insert(subnet, public_ip);
         if let Some(path) = self.socket_path() {
             path.upsert_peer(subnet, public_ip, previous);
         }
-        state
-            .peers_changed
-            .insert(subnet, std::time::SystemTime::now());
+        if !unchanged {
+            state
+                .peer_entries
+                .insert(subnet, (traffic_id, std::time::SystemTime::now()));
+        }
         state.sync_sender(public_ip)?;
         if let Some(old_ip) = previous.filter(|old| *old != public_ip) {
             state.sync_sender(old_ip)?;
@@ -416,7 +438,9 @@ impl Dataplane for EbpfDataplane {
         let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
         ignore_missing(state.kernel_mut()?.peers.remove(&key))
             .with_context(|| format!("removing peer {subnet} from the BPF LPM trie"))?;
-        state.peers_changed.remove(&subnet);
+        if let Some((traffic_id, _)) = state.peer_entries.remove(&subnet) {
+            let _ = state.kernel_mut()?.peer_traffic.remove(&traffic_id);
+        }
         if let Some(public_ip) = state.peers.remove(&subnet) {
             if let Some(path) = self.socket_path() {
                 path.remove_peer(subnet, public_ip);
@@ -449,28 +473,27 @@ impl Dataplane for EbpfDataplane {
     fn peer_stats(&self) -> Vec<PeerStats> {
         let socket_path = self.socket_path();
         let state = self.lock();
-        let mut traffic = BTreeMap::new();
-        if let Some(kernel) = &state.kernel {
-            for (key, value) in kernel.peers.iter().flatten() {
-                let net = Ipv4Addr::from(key.data());
-                if let Ok(subnet) = Ipv4Net::new(net, key.prefix_len() as u8) {
-                    traffic.insert(subnet, value.traffic);
-                }
-            }
-        }
         state
             .peers
             .iter()
-            .map(|(subnet, public_ip)| PeerStats {
-                subnet: *subnet,
-                public_ip: *public_ip,
-                changed: state
-                    .peers_changed
+            .map(|(subnet, public_ip)| {
+                let (traffic_id, changed) = state
+                    .peer_entries
                     .get(subnet)
                     .copied()
-                    .unwrap_or(std::time::UNIX_EPOCH),
+                    .unwrap_or((0, std::time::UNIX_EPOCH));
+                (subnet, public_ip, traffic_id, changed)
+            })
+            .map(|(subnet, public_ip, traffic_id, changed)| PeerStats {
+                subnet: *subnet,
+                public_ip: *public_ip,
+                changed,
                 traffic: {
-                    let mut total: PeerTraffic = traffic.get(subnet).copied().unwrap_or_default();
+                    let mut total = state
+                        .kernel
+                        .as_ref()
+                        .map(|k| k.peer_traffic(traffic_id))
+                        .unwrap_or_default();
                     if let Some(path) = &socket_path {
                         let socket = path.traffic(*subnet);
                         total.rx_packets += socket.rx_packets;
@@ -495,7 +518,7 @@ impl Dataplane for EbpfDataplane {
         // Dropping the programs releases the (unpinned) TCX links: traffic stops here.
         drop(state.kernel.take());
         state.peers.clear();
-        state.peers_changed.clear();
+        state.peer_entries.clear();
         state.discovered.clear();
         if let Some(routes) = state.routes.take() {
             routes
@@ -563,6 +586,7 @@ struct Kernel {
     endpoints: HashMap<MapData, [u8; 4], LocalEndpoint>,
     counters: PerCpuArray<MapData, u64>,
     bytes: PerCpuArray<MapData, u64>,
+    peer_traffic: PerCpuHashMap<MapData, u32, PeerTraffic>,
 }
 
 impl Drop for Kernel {
@@ -637,6 +661,7 @@ impl Kernel {
             endpoints: take(&mut ebpf, names::MAP_ENDPOINTS)?,
             counters: take(&mut ebpf, names::MAP_COUNTERS)?,
             bytes: take(&mut ebpf, names::MAP_BYTES)?,
+            peer_traffic: take(&mut ebpf, names::MAP_PEER_TRAFFIC)?,
             ebpf,
         })
     }
@@ -701,6 +726,34 @@ impl Kernel {
 
     fn byte_counts(&self) -> CounterSnapshot {
         sum_over_cpus(&self.bytes)
+    }
+
+    /// The traffic of one peer entry, summed over CPUs (zero before its first packet).
+    fn peer_traffic(&self, traffic_id: u32) -> PeerTraffic {
+        let mut total = PeerTraffic::default();
+        if let Ok(per_cpu) = self.peer_traffic.get(&traffic_id, 0) {
+            for t in per_cpu.iter() {
+                total.tx_packets += t.tx_packets;
+                total.tx_bytes += t.tx_bytes;
+                total.rx_packets += t.rx_packets;
+                total.rx_bytes += t.rx_bytes;
+            }
+        }
+        total
+    }
+
+    /// Drops traffic entries of peers that are gone: a packet in flight while a peer was
+    /// removed can re-create its entry after the removal.
+    fn forget_traffic_except(&mut self, live: &std::collections::BTreeSet<u32>) {
+        let stale: Vec<u32> = self
+            .peer_traffic
+            .keys()
+            .flatten()
+            .filter(|id| !live.contains(id))
+            .collect();
+        for id in stale {
+            let _ = self.peer_traffic.remove(&id);
+        }
     }
 
     /// (instructions the verifier processed, instructions after translation).

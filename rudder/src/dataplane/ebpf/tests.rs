@@ -56,7 +56,7 @@ fn fixture() -> Kernel {
         .peers
         .insert(
             &aya::maps::lpm_trie::Key::new(24, [10, 5, 2, 0]),
-            PeerValue::new(PEER_PUBLIC.octets()),
+            PeerValue::new(PEER_PUBLIC.octets(), 1),
             0,
         )
         .unwrap();
@@ -192,11 +192,7 @@ fn expect_counted(
 }
 
 fn peer_traffic(kernel: &Kernel) -> rudder_ebpf::PeerTraffic {
-    kernel
-        .peers
-        .get(&aya::maps::lpm_trie::Key::new(24, [10, 5, 2, 0]), 0)
-        .expect("the fixture's peer entry")
-        .traffic
+    kernel.peer_traffic(1)
 }
 
 #[test]

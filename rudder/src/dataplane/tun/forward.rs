@@ -36,6 +36,10 @@ use crate::packet::ICMP_ERROR_MAX_LEN;
 /// kernel allows, with room to spare.
 const SEGMENTS_PER_READ: usize = 128;
 
+/// Device reads gathered before the batch is sent: bounds the delay a packet can wait
+/// for later ones (each read is non-blocking after the first).
+const READS_PER_FLUSH: usize = 32;
+
 /// Messages per `recvmmsg`; each up to 64 KB (a GRO train).
 pub const UDP_BATCH: usize = 8;
 
@@ -236,7 +240,7 @@ pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
     let mut reader = shared.table.reader();
     let mut logs = TaskLogs::new();
     loop {
-        let count = match device
+        let mut count = match device
             .recv_multiple(&mut raw, &mut packets, &mut sizes, 0)
             .await
         {
@@ -248,28 +252,40 @@ pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                 continue;
             }
         };
-        for (packet, &size) in packets.iter_mut().zip(&sizes).take(count) {
-            let table = reader.current(&shared.table);
-            match decide_outbound(&mut packet[..size], table, shared.mtu, &mut icmp) {
-                Outbound::Encapsulate { len, peer, slot } => {
-                    let traffic = table.traffic(slot);
-                    if !batch.accepts(peer, traffic, len, socket.gso_segments) {
-                        batch.flush(&socket, &shared, &mut logs).await;
+        // Keep reading what is already queued before sending, so that small packets
+        // (ACKs, a UDP flood) also leave in batches; a few reads, then flush.
+        for read in 0..READS_PER_FLUSH {
+            for (packet, &size) in packets.iter_mut().zip(&sizes).take(count) {
+                let table = reader.current(&shared.table);
+                match decide_outbound(&mut packet[..size], table, shared.mtu, &mut icmp) {
+                    Outbound::Encapsulate { len, peer, slot } => {
+                        let traffic = table.traffic(slot);
+                        if !batch.accepts(peer, traffic, len, socket.gso_segments) {
+                            batch.flush(&socket, &shared, &mut logs).await;
+                        }
+                        batch.push(peer, traffic, &packet[..len]);
                     }
-                    batch.push(peer, traffic, &packet[..len]);
-                }
-                Outbound::Drop { reason, icmp_len } => {
-                    shared.counters.add(reason, size);
-                    logs.dropped(
-                        "tun->udp",
-                        reason,
-                        format_args!("{size} bytes from the TUN device"),
-                    );
-                    if let Some(len) = icmp_len {
-                        write_single(&device, vnet_header, &icmp[..len], &mut scratch).await;
+                    Outbound::Drop { reason, icmp_len } => {
+                        shared.counters.add(reason, size);
+                        logs.dropped(
+                            "tun->udp",
+                            reason,
+                            format_args!("{size} bytes from the TUN device"),
+                        );
+                        if let Some(len) = icmp_len {
+                            write_single(&device, vnet_header, &icmp[..len], &mut scratch).await;
+                        }
                     }
                 }
             }
+            if read + 1 == READS_PER_FLUSH {
+                break;
+            }
+            count = match device.try_recv_multiple(&mut raw, &mut packets, &mut sizes, 0) {
+                Ok(count) => count,
+                // Nothing queued (WouldBlock) or an error the next blocking read reports.
+                Err(_) => break,
+            };
         }
         batch.flush(&socket, &shared, &mut logs).await;
     }
