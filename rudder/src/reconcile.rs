@@ -89,7 +89,7 @@ impl Reconciler {
 
     fn handle(&mut self, event: PeerEvent) {
         let own = *self.own_subnet.borrow();
-        let check_own = match event {
+        let (check_own, changed) = match event {
             PeerEvent::Snapshot(all) => {
                 let now = Instant::now();
                 for (subnet, ip) in &self.desired {
@@ -100,25 +100,29 @@ impl Reconciler {
                 self.missing_since
                     .retain(|subnet, _| !all.contains_key(subnet));
                 self.desired = all;
-                true
+                (true, None)
             }
             PeerEvent::Upsert(subnet, ip) => {
                 self.missing_since.remove(&subnet);
                 self.desired.insert(subnet, ip);
-                subnet == own
+                (subnet == own, Some(subnet))
             }
             PeerEvent::Remove(subnet) => {
                 // A delete event is authoritative: no grace.
                 self.missing_since.remove(&subnet);
                 self.desired.remove(&subnet);
-                subnet == own
+                (subnet == own, Some(subnet))
             }
         };
         if check_own && self.desired.get(&own) != Some(&self.public_ip) {
             tracing::warn!(subnet = %own, "our lease is gone from etcd or names another host; checking");
             self.lease_check.notify_one();
         }
-        self.apply();
+        match changed {
+            // Only this subnet's entry can differ: no full diff of every peer per event.
+            Some(subnet) => self.apply_one(subnet),
+            None => self.apply(),
+        }
     }
 
     /// When the earliest grace period of a peer missing from a resync runs out.
@@ -157,30 +161,101 @@ impl Reconciler {
             .copied()
             .collect();
         for subnet in stale {
-            match self.dataplane.remove_peer(subnet) {
-                Ok(()) => {
-                    tracing::info!(%subnet, "peer removed");
-                    self.installed.remove(&subnet);
-                }
-                Err(e) => tracing::error!(%subnet, "removing peer failed: {e:#}"),
-            }
+            self.install(subnet, None);
         }
         for (subnet, ip) in &target {
-            if self.installed.get(subnet) == Some(ip) {
-                continue;
-            }
-            match self.dataplane.upsert_peer(*subnet, *ip) {
-                Ok(()) => {
-                    tracing::info!(%subnet, public_ip = %ip, "peer programmed");
-                    self.installed.insert(*subnet, *ip);
-                }
-                Err(e) => {
-                    tracing::error!(%subnet, public_ip = %ip, "programming peer failed: {e:#}")
-                }
+            if self.installed.get(subnet) != Some(ip) {
+                self.install(*subnet, Some(*ip));
             }
         }
         let installed = self.installed.clone();
         self.state.update(|s| s.peers = installed);
+    }
+
+    /// [`Self::apply`] for one subnet whose lease changed: O(log n) plus a scan without
+    /// allocations for the shared-address check, so a change costs little with 10k peers.
+    fn apply_one(&mut self, subnet: Ipv4Net) {
+        let own = *self.own_subnet.borrow();
+        let want = self
+            .desired
+            .get(&subnet)
+            .or_else(|| self.missing_since.get(&subnet).map(|(ip, _)| ip))
+            .copied()
+            .filter(|ip| subnet != own && *ip != self.public_ip);
+        self.recheck_shared_ips(subnet, want, own);
+        if self.installed.get(&subnet).copied() == want {
+            return;
+        }
+        if self.install(subnet, want) {
+            self.state.update(|s| match want {
+                Some(ip) => {
+                    s.peers.insert(subnet, ip);
+                }
+                None => {
+                    s.peers.remove(&subnet);
+                }
+            });
+        }
+    }
+
+    /// Gives the data plane `subnet` at `ip` (`None`: removes it) and records it as
+    /// installed; false when the data plane refused (logged).
+    fn install(&mut self, subnet: Ipv4Net, ip: Option<Ipv4Addr>) -> bool {
+        match ip {
+            None => match self.dataplane.remove_peer(subnet) {
+                Ok(()) => {
+                    tracing::info!(%subnet, "peer removed");
+                    self.installed.remove(&subnet);
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(%subnet, "removing peer failed: {e:#}");
+                    false
+                }
+            },
+            Some(ip) => match self.dataplane.upsert_peer(subnet, ip) {
+                Ok(()) => {
+                    tracing::info!(%subnet, public_ip = %ip, "peer programmed");
+                    self.installed.insert(subnet, ip);
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(%subnet, public_ip = %ip, "programming peer failed: {e:#}");
+                    false
+                }
+            },
+        }
+    }
+
+    /// [`Self::warn_on_shared_public_ips`] for the addresses one subnet's change can
+    /// affect: its new address and any shared address it was listed under.
+    fn recheck_shared_ips(&mut self, subnet: Ipv4Net, ip: Option<Ipv4Addr>, own: Ipv4Net) {
+        let mut ips: Vec<Ipv4Addr> = self
+            .shared_ips_warned
+            .iter()
+            .filter(|(_, subnets)| subnets.contains(&subnet))
+            .map(|(ip, _)| *ip)
+            .collect();
+        ips.extend(ip);
+        for ip in ips {
+            let in_grace = self.missing_since.iter().map(|(s, (ip, _))| (s, ip));
+            let mut subnets: Vec<Ipv4Net> = self
+                .desired
+                .iter()
+                .chain(in_grace)
+                .filter(|(s, i)| **i == ip && **s != own)
+                .map(|(s, _)| *s)
+                .collect();
+            if subnets.len() < 2 {
+                self.shared_ips_warned.remove(&ip);
+                continue;
+            }
+            subnets.sort();
+            if self.shared_ips_warned.get(&ip) != Some(&subnets) {
+                tracing::warn!(public_ip = %ip, ?subnets, "several leases name the same public IP; check for a stale lease (rudder leases)");
+                self.shared_ips_warned.insert(ip, subnets);
+            }
+        }
     }
 
     /// Two leases naming one address usually mean a stale lease or a misconfigured host; both
@@ -325,6 +400,26 @@ mod tests {
         assert_eq!(r.shared_ips_warned.get(&PEER).map(Vec::len), Some(2));
         r.handle(PeerEvent::Remove(net("10.5.3.0/24")));
         assert!(r.shared_ips_warned.is_empty());
+    }
+
+    #[test]
+    fn single_events_keep_status_and_data_plane_in_step() {
+        let (mut r, dp, _, _tx) = setup();
+        r.handle(PeerEvent::Snapshot(
+            [(net("10.5.1.0/24"), ME), (net("10.5.2.0/24"), PEER)].into(),
+        ));
+        // A stale lease of ours under another subnet is no peer; a new one is.
+        r.handle(PeerEvent::Upsert(net("10.5.9.0/24"), ME));
+        r.handle(PeerEvent::Upsert(net("10.5.3.0/24"), PEER));
+        r.handle(PeerEvent::Remove(net("10.5.2.0/24")));
+        r.handle(PeerEvent::Remove(net("10.5.7.0/24")));
+        let expect: PeerMap = [(net("10.5.3.0/24"), PEER)].into();
+        assert_eq!(*dp.peers.lock().unwrap(), expect);
+        assert_eq!(r.state.snapshot().peers, expect);
+        assert_eq!(
+            *dp.calls.lock().unwrap(),
+            vec!["+10.5.2.0/24", "+10.5.3.0/24", "-10.5.2.0/24"]
+        );
     }
 
     #[test]

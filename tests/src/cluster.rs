@@ -975,3 +975,13 @@ pub fn cpu_time_of(pid: u32) -> Result<Duration> {
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as u64;
     Ok(Duration::from_millis(ticks * 1000 / hz))
 }
+
+/// Peak resident set size (`VmHWM`) of a process in KiB, from `/proc/<pid>/status`.
+pub fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("no VmHWM in /proc/{pid}/status"))
+}

@@ -171,3 +171,21 @@ pub fn require_daemon(tools: &[&str]) -> Result<PathBuf> {
     }
     Ok(bin)
 }
+
+/// One line describing the machine, printed with benchmark figures: CPUs, CPU model, kernel.
+pub fn machine() -> String {
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("nproc {nproc}, CPU {cpu}, kernel {}", kernel.trim())
+}

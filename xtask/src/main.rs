@@ -39,7 +39,8 @@ enum Cmd {
     /// Run each cargo-fuzz target (packet rules, config and lease parsing) for a while and
     /// print the execution counts.
     Fuzz(fuzz::FuzzArgs),
-    /// Setup, build, then run the data-plane benchmark (route/vxlan/rudder-ebpf/rudder-tun).
+    /// Setup, build, then run the data-plane benchmark (route/vxlan/rudder-ebpf/rudder-tun)
+    /// and the control-plane benchmark (1k/10k leases); `--only data-plane|control-plane`.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

@@ -801,7 +801,8 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Sche
 
 /// Route changes over rtnetlink. rtnetlink is async; the daemon calls us from sync code
 /// that may itself run inside tokio, so requests run on a private current-thread runtime,
-/// driven from a short-lived helper thread (a runtime cannot block inside another).
+/// driven from the calling thread (under `block_in_place` on a multi-thread runtime; a
+/// helper thread only on a current-thread runtime, which cannot block inside itself).
 struct Routes {
     runtime: Option<tokio::runtime::Runtime>,
     handle: rtnetlink::Handle,
@@ -838,12 +839,21 @@ impl Routes {
             .runtime
             .as_ref()
             .expect("runtime lives as long as Routes");
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| runtime.block_on(future))
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current().map(|h| h.runtime_flavor()) {
+            // A thread per request cost two thread spawns per peer route: lend this one.
+            Ok(RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| runtime.block_on(future))
+            }
+            Err(_) => runtime.block_on(future),
+            // A current-thread runtime cannot lend its only thread.
+            Ok(_) => std::thread::scope(|scope| {
+                scope
+                    .spawn(|| runtime.block_on(future))
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            }),
+        }
     }
 
     /// Installs (or replaces) the route of one peer subnet.

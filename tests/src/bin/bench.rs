@@ -6,7 +6,7 @@
 
 use anyhow::{anyhow, bail, Result};
 use rudder_tests::cleanup::install_signal_cleanup;
-use rudder_tests::util::{ip, require_daemon};
+use rudder_tests::util::{ip, machine, require_daemon};
 use rudder_tests::{netns, wait_mesh, wait_ping, Cluster, Endpoint, HostOpts};
 use std::time::Duration;
 
@@ -63,23 +63,6 @@ fn main() {
         eprintln!("bench failed: {e:#}");
         std::process::exit(1);
     }
-}
-
-fn machine() -> String {
-    let nproc = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("nproc {nproc}, CPU {cpu}, kernel {}", kernel.trim())
 }
 
 fn real_main() -> Result<()> {

@@ -1,0 +1,534 @@
+//! rudder control-plane benchmark: N synthetic leases in etcd, one daemon; time until all N
+//! peers are programmed, delay from a lease change in etcd to its entry (p50/p99), and the
+//! daemon's peak RSS (VmHWM). Targets: 10k peers in < 2 s, change -> entry p99 < 10 ms,
+//! VmHWM < 30 MB at 1k peers (reported, never asserted).
+//!
+//! Run as root: `cargo xtask bench --only control-plane [--peers 1000,10000]
+//! [--dataplanes ebpf,tun] [--changes 200] [--json FILE]`.
+//!
+//! "Programmed": eBPF, the peer's route (proto 211) is in the host namespace (the daemon
+//! adds it after the LPM map entry); TUN, the peer is in the published forwarding table
+//! (`rudder_peers` for the count; the daemon's "peer programmed" log line, timestamped
+//! after the table swap, for the per-change delay).
+
+use anyhow::{anyhow, bail, Context, Result};
+use rudder::subnet::{subnet_to_key, LeaseValue};
+use rudder_tests::cleanup::install_signal_cleanup;
+use rudder_tests::cluster::{cpu_time_of, peak_rss_kib, DEFAULT_PREFIX};
+use rudder_tests::util::{machine, require_daemon, rudder_bin};
+use rudder_tests::{etcd_json, Cluster, Host, HostOpts};
+use std::io::{BufRead, BufReader, Read, Seek};
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Wide enough for 65535 /24 leases.
+const CONFIG: &str = r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"udp"}}"#;
+const RTPROT_RUDDER: &str = "211";
+const PROGRAM_TIMEOUT: Duration = Duration::from_secs(300);
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Poll interval of the "all programmed" count.
+const POLL: Duration = Duration::from_millis(20);
+
+struct Args {
+    peers: Vec<usize>,
+    dataplanes: Vec<String>,
+    changes: usize,
+    json: Option<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        peers: vec![1000, 10000],
+        dataplanes: vec!["ebpf".into(), "tun".into()],
+        changes: 200,
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        let mut val = || it.next().ok_or_else(|| anyhow!("{x} needs a value"));
+        match x.as_str() {
+            "--peers" => {
+                a.peers = val()?
+                    .split(',')
+                    .map(|n| n.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()?
+            }
+            "--dataplanes" => a.dataplanes = val()?.split(',').map(|s| s.trim().into()).collect(),
+            "--changes" => a.changes = val()?.parse()?,
+            "--json" => a.json = Some(val()?),
+            _ => bail!("unknown argument {x}"),
+        }
+    }
+    if let Some(dp) = a
+        .dataplanes
+        .iter()
+        .find(|d| !["ebpf", "tun"].contains(&d.as_str()))
+    {
+        bail!("unknown data plane {dp:?} (ebpf or tun)");
+    }
+    if a.peers.iter().any(|&n| n + a.changes > 60000) {
+        bail!("at most 60000 peers plus changes fit in 10.0.0.0/8 with /24 leases here");
+    }
+    Ok(a)
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("cpbench failed: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[derive(Debug)]
+struct Row {
+    peers: usize,
+    dataplane: String,
+    ready_s: f64,
+    all_programmed_s: f64,
+    delay_p50_ms: f64,
+    delay_p99_ms: f64,
+    delay_max_ms: f64,
+    /// p99 of the same delay counted from when the put was sent (etcd's commit included).
+    sent_p99_ms: f64,
+    put_p50_ms: f64,
+    /// eBPF: the same delay to the daemon's "peer programmed" log line (NaN for TUN).
+    log_p50_ms: f64,
+    log_p99_ms: f64,
+    changes: usize,
+    vm_hwm_mb: f64,
+    cpu_s: f64,
+    delay_source: &'static str,
+}
+
+impl Row {
+    /// Each target that applies to this row: (name, met).
+    fn targets(&self) -> Vec<(&'static str, bool)> {
+        let mut t = Vec::new();
+        if self.peers >= 10000 {
+            t.push(("all<2s", self.all_programmed_s < 2.0));
+        }
+        t.push(("p99<10ms", self.delay_p99_ms < 10.0));
+        if self.peers <= 1000 {
+            t.push(("RSS<30MB", self.vm_hwm_mb < 30.0));
+        }
+        t
+    }
+}
+
+fn real_main() -> Result<()> {
+    let args = parse_args()?;
+    install_signal_cleanup()?;
+    require_daemon(&["ip", "etcd", "etcdctl"])?;
+    println!("machine: {}", machine());
+    println!(
+        "peers {:?}, data planes {:?}, {} changes per case (3 adds : 1 delete)",
+        args.peers, args.dataplanes, args.changes
+    );
+    let mut rows = Vec::new();
+    for &n in &args.peers {
+        for dp in &args.dataplanes {
+            match run_case(n, dp, args.changes) {
+                Ok(row) => {
+                    println!("{row:?}");
+                    rows.push(row);
+                }
+                Err(e) => eprintln!("{n} peers, {dp}: FAILED: {e:#}"),
+            }
+        }
+    }
+    println!("\n| peers | data plane | ready s | all programmed s | change->entry p50 ms | p99 ms | max ms | p99 from put sent ms | etcd put p50 ms | VmHWM MB | daemon CPU s | targets |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let targets: Vec<String> = r
+            .targets()
+            .iter()
+            .map(|(name, met)| format!("{name} {}", if *met { "met" } else { "MISSED" }))
+            .collect();
+        println!(
+            "| {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {} |",
+            r.peers,
+            r.dataplane,
+            r.ready_s,
+            r.all_programmed_s,
+            r.delay_p50_ms,
+            r.delay_p99_ms,
+            r.delay_max_ms,
+            r.sent_p99_ms,
+            r.put_p50_ms,
+            r.vm_hwm_mb,
+            r.cpu_s,
+            targets.join(", ")
+        );
+    }
+    println!("change->entry: from the acknowledged etcd put/delete to the entry (0 when the entry came first); eBPF: route netlink event (ip monitor), TUN: timestamp of the daemon's log line after the table swap. All programmed: polled every {POLL:?} from the daemon's start.");
+    if let Some(f) = args.json {
+        let rows: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "peers": r.peers, "dataplane": r.dataplane, "ready_s": r.ready_s,
+                    "all_programmed_s": r.all_programmed_s, "delay_p50_ms": r.delay_p50_ms,
+                    "delay_p99_ms": r.delay_p99_ms, "delay_max_ms": r.delay_max_ms, "sent_p99_ms": r.sent_p99_ms,
+                    "put_p50_ms": r.put_p50_ms, "log_p50_ms": r.log_p50_ms, "log_p99_ms": r.log_p99_ms, "changes": r.changes, "vm_hwm_mb": r.vm_hwm_mb,
+                    "daemon_cpu_s": r.cpu_s, "delay_source": r.delay_source,
+                    "targets": r.targets().into_iter().map(|(k, v)| (k.to_string(), v.into())).collect::<serde_json::Map<_, _>>(),
+                })
+            })
+            .collect();
+        let obj = serde_json::json!({"machine": machine(), "cases": rows});
+        std::fs::write(&f, serde_json::to_string_pretty(&obj)?)?;
+    }
+    Ok(())
+}
+
+/// Lease `i`: subnet 10.(1 + i/256).(i%256).0/24 at public IP 172.16.0.0 + i + 1 (one
+/// address per peer, off the underlay: the daemon routes it via the underlay gateway).
+fn lease(i: usize) -> (ipnet::Ipv4Net, String, String) {
+    let i = u32::try_from(i).expect("small index");
+    let subnet = ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a01_0000 + (i << 8)), 24).unwrap();
+    let ip = Ipv4Addr::from(0xac10_0000 + i + 1);
+    let key = format!("{DEFAULT_PREFIX}/subnets/{}", subnet_to_key(subnet));
+    (subnet, key, LeaseValue::udp(ip).encode())
+}
+
+fn run_case(n: usize, dp: &str, changes: usize) -> Result<Row> {
+    println!("--- {n} peers, {dp} ---");
+    let cluster = Cluster::new()?;
+    cluster.put_config(CONFIG)?;
+    let kvs: Vec<(String, String)> = (0..n)
+        .map(|i| {
+            let (_, k, v) = lease(i);
+            (k, v)
+        })
+        .collect();
+    let t = Instant::now();
+    etcd_json::put_many(&cluster, &kvs)?;
+    println!("wrote {n} leases in {:.3} s", t.elapsed().as_secs_f64());
+
+    let host = cluster.add_host_without_daemon(HostOpts {
+        dataplane: Some(dp.into()),
+        wait_ready: false,
+        ..HostOpts::default()
+    })?;
+    let ebpf = dp == "ebpf";
+    let mut observer = if ebpf {
+        Observer::routes(&cluster, &host)?
+    } else {
+        Observer::log(&host)
+    };
+    // eBPF: the log line too, to tell the daemon's own delay from the route event's.
+    let mut log_observer = ebpf.then(|| Observer::log(&host));
+
+    let t0 = Instant::now();
+    host.start()?;
+    let (mut ready, mut all) = (None, None);
+    while ready.is_none() || all.is_none() {
+        host.check_alive()?;
+        if t0.elapsed() > PROGRAM_TIMEOUT {
+            bail!("not all {n} peers programmed after {PROGRAM_TIMEOUT:?}");
+        }
+        if ready.is_none() && host.is_ready() {
+            ready = Some(t0.elapsed());
+        }
+        if all.is_none() && programmed(&host, ebpf).unwrap_or(0) >= n {
+            all = Some(t0.elapsed());
+        }
+        std::thread::sleep(POLL);
+    }
+    let (ready, all) = (ready.unwrap(), all.unwrap());
+    println!(
+        "ready after {:.3} s, {n} peers programmed after {:.3} s",
+        ready.as_secs_f64(),
+        all.as_secs_f64()
+    );
+    let pid = host.pid().context("daemon pid")?;
+    // `ip netns exec` execs the daemon in place, so the child's pid is the daemon's.
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    if exe != std::fs::canonicalize(rudder_bin()).ok() {
+        bail!("pid {pid} runs {exe:?}, not the daemon: VmHWM would be wrong");
+    }
+
+    // Changes, one at a time: 3 new leases, then a delete of an original one.
+    let mut delays = Vec::with_capacity(changes);
+    let mut puts = Vec::with_capacity(changes);
+    let mut log_delays = Vec::new();
+    let mut from_sent = Vec::with_capacity(changes);
+    for k in 0..changes {
+        let delete = k % 4 == 3;
+        let (subnet, key, value) = if delete { lease(k / 4) } else { lease(n + k) };
+        observer.drain();
+        if let Some(o) = &mut log_observer {
+            o.drain();
+        }
+        let sent = Instant::now();
+        let sent_at = SystemTime::now();
+        if delete {
+            etcd_json::delete(&cluster, &key)?;
+        } else {
+            etcd_json::put(&cluster, &key, &value)?;
+        }
+        let acked = SystemTime::now();
+        puts.push(sent.elapsed().as_secs_f64() * 1e3);
+        let seen = observer
+            .wait(&subnet.to_string(), delete, CHANGE_TIMEOUT)
+            .with_context(|| {
+                format!(
+                    "change {k} ({} {subnet})",
+                    if delete { "delete" } else { "add" }
+                )
+            })?;
+        delays.push(seen.duration_since(acked).unwrap_or_default().as_secs_f64() * 1e3);
+        from_sent.push(
+            seen.duration_since(sent_at)
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3,
+        );
+        if let Some(o) = &mut log_observer {
+            let logged = o.wait(&subnet.to_string(), delete, CHANGE_TIMEOUT)?;
+            log_delays.push(
+                logged
+                    .duration_since(acked)
+                    .unwrap_or_default()
+                    .as_secs_f64()
+                    * 1e3,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let expect = n + changes - 2 * (changes / 4);
+    let now = programmed(&host, ebpf)?;
+    if now != expect {
+        bail!("{now} peers programmed after the changes, expected {expect}");
+    }
+    let hwm = peak_rss_kib(pid)? as f64 / 1024.0;
+    let cpu = cpu_time_of(pid)?.as_secs_f64();
+    observer.stop();
+    if let Some(o) = log_observer {
+        o.stop();
+    }
+    Ok(Row {
+        peers: n,
+        dataplane: dp.into(),
+        ready_s: ready.as_secs_f64(),
+        all_programmed_s: all.as_secs_f64(),
+        delay_p50_ms: percentile(&delays, 50),
+        delay_p99_ms: percentile(&delays, 99),
+        delay_max_ms: percentile(&delays, 100),
+        sent_p99_ms: percentile(&from_sent, 99),
+        put_p50_ms: percentile(&puts, 50),
+        log_p50_ms: percentile(&log_delays, 50),
+        log_p99_ms: percentile(&log_delays, 99),
+        changes,
+        vm_hwm_mb: hwm,
+        cpu_s: cpu,
+        delay_source: if ebpf {
+            "route netlink event"
+        } else {
+            "daemon log timestamp"
+        },
+    })
+}
+
+/// Peers programmed now: eBPF, our routes in the host namespace but the `unreachable
+/// <network>` one; TUN, the `rudder_peers` gauge.
+fn programmed(host: &Host, ebpf: bool) -> Result<usize> {
+    if ebpf {
+        let out = Command::new("ip")
+            .args(["-n", host.netns(), "route", "show", "proto", RTPROT_RUDDER])
+            .output()?;
+        Ok(out
+            .stdout
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty() && !l.starts_with(b"unreachable"))
+            .count())
+    } else {
+        let (code, body) = host.http_get("/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        body.lines()
+            .find_map(|l| l.strip_prefix("rudder_peers "))
+            .ok_or_else(|| anyhow!("no rudder_peers in /metrics"))?
+            .trim()
+            .parse()
+            .map_err(Into::into)
+    }
+}
+
+fn percentile(v: &[f64], p: usize) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[(s.len() * p / 100).min(s.len() - 1)]
+}
+
+/// Lines telling when an entry appeared or went, each with its time.
+struct Observer {
+    lines: mpsc::Receiver<(SystemTime, String)>,
+    monitor: Option<Child>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Observer {
+    /// `ip -n <ns> monitor route` (flushed per message), stamped on arrival.
+    fn routes(cluster: &Cluster, host: &Host) -> Result<Self> {
+        let mut child = Command::new("ip")
+            .args(["-n", host.netns(), "monitor", "route"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting ip monitor route")?;
+        cluster.resources().add_pid(child.id());
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if tx.send((SystemTime::now(), line)).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Observer {
+            lines: rx,
+            monitor: Some(child),
+            stop: Default::default(),
+        })
+    }
+
+    /// The daemon's log, read as it grows; each line's own timestamp.
+    fn log(host: &Host) -> Self {
+        let path = host.log_path().to_path_buf();
+        let (tx, rx) = mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        std::thread::spawn(move || {
+            let mut pos = 0u64;
+            let mut partial = String::new();
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(mut f) = std::fs::File::open(&path) {
+                    let mut chunk = String::new();
+                    if f.seek(std::io::SeekFrom::Start(pos)).is_ok()
+                        && f.read_to_string(&mut chunk).is_ok()
+                    {
+                        pos += chunk.len() as u64;
+                        partial.push_str(&chunk);
+                        while let Some(i) = partial.find('\n') {
+                            let line: String = partial.drain(..=i).collect();
+                            if let Some(t) = log_time(&line) {
+                                if tx.send((t, line)).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        });
+        Observer {
+            lines: rx,
+            monitor: None,
+            stop,
+        }
+    }
+
+    fn drain(&mut self) {
+        while self.lines.try_recv().is_ok() {}
+    }
+
+    /// When the entry of `subnet` appeared (or went, with `removed`).
+    fn wait(&mut self, subnet: &str, removed: bool, timeout: Duration) -> Result<SystemTime> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (t, line) = self
+                .lines
+                .recv_timeout(left)
+                .map_err(|_| anyhow!("no entry change for {subnet} within {timeout:?}"))?;
+            let hit = if self.monitor.is_some() {
+                let route = line.strip_prefix("Deleted ");
+                route.is_some() == removed
+                    && route.unwrap_or(&line).starts_with(&format!("{subnet} "))
+                    && line.contains(" proto 211")
+            } else {
+                let what = if removed {
+                    "peer removed"
+                } else {
+                    "peer programmed"
+                };
+                line.contains(what)
+                    && line
+                        .split_whitespace()
+                        .any(|w| w == format!("subnet={subnet}"))
+            };
+            if hit {
+                return Ok(t);
+            }
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(mut c) = self.monitor.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The time at the start of a daemon log line (`2026-11-28T08:17:03.123456Z ...`, UTC).
+fn log_time(line: &str) -> Option<SystemTime> {
+    let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|x| x.parse::<i64>());
+    let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    let nanos: u32 = format!("{frac:0<9}").get(..9)?.parse().ok()?;
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    let secs = u64::try_from(days * 86400 + hh * 3600 + mm * 60 + ss).ok()?;
+    Some(UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_time_parses_tracing_timestamps() {
+        let t = log_time("2026-11-28T08:17:03.123456Z  INFO rudder::reconcile: peer programmed")
+            .unwrap();
+        let d = t.duration_since(UNIX_EPOCH).unwrap();
+        // date -u -d 2026-11-28T08:17:03Z +%s
+        assert_eq!(d.as_secs(), 1_795_853_823);
+        assert_eq!(d.subsec_micros(), 123_456);
+        assert_eq!(log_time("garbage"), None);
+    }
+
+    #[test]
+    fn leases_are_distinct_and_parse_as_peers() {
+        let net: ipnet::Ipv4Net = "10.0.0.0/8".parse().unwrap();
+        let prefix = format!("{DEFAULT_PREFIX}/subnets/");
+        for i in [0, 255, 256, 59_999] {
+            let (subnet, key, value) = lease(i);
+            let peer =
+                rudder::peers::parse_peer(&prefix, net, key.as_bytes(), value.as_bytes()).unwrap();
+            assert_eq!(peer.0, subnet);
+        }
+        assert_ne!(lease(0).0, lease(256).0);
+    }
+}
