@@ -43,6 +43,9 @@ const READS_PER_FLUSH: usize = 32;
 /// Messages per `recvmmsg`; each up to 64 KB (a GRO train).
 pub const UDP_BATCH: usize = 8;
 
+/// Receive and send buffer of the overlay socket, bytes.
+const SOCKET_BUFFER: usize = 4 << 20;
+
 /// Largest UDP payload of one `UDP_SEGMENT` send: the IPv4 length limit minus headers.
 const MAX_GSO_PAYLOAD: usize = 65_535 - 20 - 8;
 
@@ -70,6 +73,12 @@ impl OverlaySocket {
     /// off again on receive (what a peer without offload support does).
     pub fn new(socket: UdpSocket, offload: bool) -> std::io::Result<Self> {
         let state = UdpSocketState::new((&socket).into())?;
+        // Room for bursts while the forwarding task is busy: the default (~200 KB) holds
+        // only a few GRO trains. Forced past rmem_max/wmem_max (we have CAP_NET_ADMIN);
+        // without the privilege the default stays, which only costs drops under load.
+        use nix::sys::socket::{setsockopt, sockopt};
+        let _ = setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER);
+        let _ = setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER);
         if !offload {
             nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::UdpGroSegment, &false)
                 .map_err(std::io::Error::from)?;
