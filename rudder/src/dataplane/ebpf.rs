@@ -179,10 +179,24 @@ impl EbpfDataplane {
                 state.peers.clone(),
             )
         };
-        let path = socket_path::SocketPath::start(port, local_subnet, network).await?;
-        path.set_local_subnet(local_subnet, network, &peers);
+        let path = socket_path::SocketPath::start(port, local_subnet, network, &peers).await?;
         *self.socket_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
         Ok(())
+    }
+
+    /// A counter snapshot of the BPF programs plus the socket path's.
+    fn both_paths(
+        &self,
+        kernel: fn(&Kernel) -> CounterSnapshot,
+        socket: fn(&socket_path::SocketPath) -> CounterSnapshot,
+    ) -> CounterSnapshot {
+        let from_kernel = self
+            .lock()
+            .kernel
+            .as_ref()
+            .map_or([0; Counter::COUNT], kernel);
+        let from_socket = self.socket_path().map(|p| socket(&p)).unwrap_or_default();
+        std::array::from_fn(|i| from_kernel[i] + from_socket[i])
     }
 
     fn socket_path(&self) -> Option<Arc<socket_path::SocketPath>> {
@@ -451,23 +465,11 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn counters(&self) -> CounterSnapshot {
-        let kernel = self
-            .lock()
-            .kernel
-            .as_ref()
-            .map_or([0; Counter::COUNT], Kernel::packet_counts);
-        let socket = self.socket_path().map(|p| p.packets()).unwrap_or_default();
-        std::array::from_fn(|i| kernel[i] + socket[i])
+        self.both_paths(Kernel::packet_counts, socket_path::SocketPath::packets)
     }
 
     fn byte_counters(&self) -> CounterSnapshot {
-        let kernel = self
-            .lock()
-            .kernel
-            .as_ref()
-            .map_or([0; Counter::COUNT], Kernel::byte_counts);
-        let socket = self.socket_path().map(|p| p.bytes()).unwrap_or_default();
-        std::array::from_fn(|i| kernel[i] + socket[i])
+        self.both_paths(Kernel::byte_counts, socket_path::SocketPath::bytes)
     }
 
     fn peer_stats(&self) -> Vec<PeerStats> {
@@ -482,25 +484,23 @@ impl Dataplane for EbpfDataplane {
                     .get(subnet)
                     .copied()
                     .unwrap_or((0, std::time::UNIX_EPOCH));
-                (subnet, public_ip, traffic_id, changed)
-            })
-            .map(|(subnet, public_ip, traffic_id, changed)| PeerStats {
-                subnet: *subnet,
-                public_ip: *public_ip,
-                changed,
-                traffic: {
-                    let mut total = state
-                        .kernel
-                        .as_ref()
-                        .map(|k| k.peer_traffic(traffic_id))
-                        .unwrap_or_default();
-                    if let Some(path) = &socket_path {
-                        let socket = path.traffic(*subnet);
-                        total.rx_packets += socket.rx_packets;
-                        total.rx_bytes += socket.rx_bytes;
-                    }
-                    total
-                },
+                let mut traffic = state
+                    .kernel
+                    .as_ref()
+                    .map(|k| k.peer_traffic(traffic_id))
+                    .unwrap_or_default();
+                // Trains the socket path decapsulated are received traffic too.
+                if let Some(path) = &socket_path {
+                    let socket = path.traffic(*subnet);
+                    traffic.rx_packets += socket.rx_packets;
+                    traffic.rx_bytes += socket.rx_bytes;
+                }
+                PeerStats {
+                    subnet: *subnet,
+                    public_ip: *public_ip,
+                    changed,
+                    traffic,
+                }
             })
             .collect()
     }

@@ -9,10 +9,12 @@
 //! ([`decide_inbound`]) and its inner packet re-enters the stack through a raw IP socket,
 //! which routes it to the container. Slower than the BPF path, but nothing is lost.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
+use anyhow::Context;
 use ipnet::Ipv4Net;
 use nix::sys::socket::{
     sendto, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn,
@@ -36,13 +38,14 @@ pub struct SocketPath {
 }
 
 impl SocketPath {
-    /// Binds the overlay port and starts the receive task. Must run inside tokio.
+    /// Binds the overlay port and starts the receive task with `peers` installed. Must
+    /// run inside tokio.
     pub async fn start(
         port: u16,
         local_subnet: Ipv4Net,
         network: Ipv4Net,
+        peers: &BTreeMap<Ipv4Net, Ipv4Addr>,
     ) -> anyhow::Result<Arc<Self>> {
-        use anyhow::Context;
         let udp = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
             .await
             .with_context(|| {
@@ -60,7 +63,7 @@ impl SocketPath {
                 local_subnet,
                 network,
                 icmp_sources(local_subnet, network),
-                &Default::default(),
+                peers,
             )),
             counters: Counters::default(),
             task: Mutex::new(None),
@@ -86,7 +89,7 @@ impl SocketPath {
         &self,
         local_subnet: Ipv4Net,
         network: Ipv4Net,
-        peers: &std::collections::BTreeMap<Ipv4Net, Ipv4Addr>,
+        peers: &BTreeMap<Ipv4Net, Ipv4Addr>,
     ) {
         *self.table() = ForwardingTable::new(
             local_subnet,
@@ -181,7 +184,9 @@ async fn receive(socket: UdpSocket, raw: OwnedFd, path: Arc<SocketPath>) {
             Inbound::Drop { reason, icmp_len } => {
                 path.counters.add(reason, n);
                 if let Some(len) = icmp_len {
-                    let _ = socket.send_to(&icmp[..len], from).await;
+                    if let Err(error) = socket.send_to(&icmp[..len], from).await {
+                        tracing::debug!(%from, "sending an ICMP error to a peer failed: {error}");
+                    }
                 }
             }
         }

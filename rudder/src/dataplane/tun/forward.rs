@@ -220,14 +220,14 @@ async fn write_single(
     vnet_header: bool,
     packet: &[u8],
     scratch: &mut Vec<u8>,
-) {
+) -> std::io::Result<usize> {
     scratch.clear();
     if vnet_header {
         // All zero: no GSO, no checksum to complete.
         scratch.resize(VIRTIO_NET_HDR_LEN, 0);
     }
     scratch.extend_from_slice(packet);
-    let _ = device.send(scratch).await;
+    device.send(scratch).await
 }
 
 /// TUN → UDP forwarding loop.
@@ -282,7 +282,12 @@ pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                             format_args!("{size} bytes from the TUN device"),
                         );
                         if let Some(len) = icmp_len {
-                            write_single(&device, vnet_header, &icmp[..len], &mut scratch).await;
+                            let icmp = &icmp[..len];
+                            if let Err(error) =
+                                write_single(&device, vnet_header, icmp, &mut scratch).await
+                            {
+                                logs.io("writing an ICMP error into the TUN device", &error);
+                            }
                         }
                     }
                 }
@@ -325,15 +330,10 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
         let mut queued = 0;
         for (buffer, meta) in received.iter_mut().zip(&metas).take(messages) {
             let from = meta.addr;
-            let sender = match from.ip() {
-                IpAddr::V4(ip) => ip,
-                IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                    Some(ip) => ip,
-                    None => {
-                        shared.counters.add(Counter::DropUnknownSender, meta.len);
-                        continue;
-                    }
-                },
+            // The socket is IPv4: the overlay has no IPv6 underlay.
+            let IpAddr::V4(sender) = from.ip() else {
+                shared.counters.add(Counter::DropUnknownSender, meta.len);
+                continue;
             };
             let stride = meta.stride.max(1);
             for datagram in buffer[..meta.len].chunks_mut(stride) {
