@@ -972,6 +972,11 @@ pub fn cpu_time_of(pid: u32) -> Result<Duration> {
     // After the command: field 3 (state) is index 0, so utime (14) is index 11, stime 12.
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    clock_ticks(ticks)
+}
+
+/// A count of clock ticks (the unit of `/proc/<pid>/stat` and `/proc/stat`) as a duration.
+pub fn clock_ticks(ticks: u64) -> Result<Duration> {
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as u64;
     Ok(Duration::from_millis(ticks * 1000 / hz))
 }

@@ -189,3 +189,13 @@ pub fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("nproc {nproc}, CPU {cpu}, kernel {}", kernel.trim())
 }
+
+/// The `p`-th percentile of `v` (nearest rank below; NaN when empty): `p` 50 is the median.
+pub fn percentile(v: &[f64], p: usize) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[(s.len() * p / 100).min(s.len() - 1)]
+}

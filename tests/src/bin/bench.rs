@@ -6,7 +6,7 @@
 
 use anyhow::{anyhow, bail, Result};
 use rudder_tests::cleanup::install_signal_cleanup;
-use rudder_tests::util::{ip, machine, require_daemon};
+use rudder_tests::util::{ip, machine, percentile, require_daemon};
 use rudder_tests::{netns, wait_mesh, wait_ping, Cluster, Endpoint, HostOpts};
 use std::time::Duration;
 
@@ -124,12 +124,7 @@ fn real_main() -> Result<()> {
 }
 
 fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    s[s.len() / 2]
+    percentile(v, 50)
 }
 
 /// Sets up a fresh 2-host cluster for `mode`, measures, tears down (Drop).
@@ -269,9 +264,7 @@ fn machine_busy() -> Result<Duration> {
         .take(8)
         .map(str::parse)
         .collect::<Result<_, _>>()?;
-    let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as u64;
-    Ok(Duration::from_millis(busy * 1000 / hz))
+    rudder_tests::cluster::clock_ticks(f[0] + f[1] + f[2] + f[5] + f[6] + f[7])
 }
 
 fn run_cmd(ns: &str, prog: &str, args: &[&str]) -> Result<String> {
@@ -284,7 +277,7 @@ fn rtt(from: &Endpoint, to: &Endpoint) -> Result<(f64, f64)> {
         "ping",
         &["-c", "200", "-i", "0.01", "-n", &to.ip.to_string()],
     )?;
-    let mut v: Vec<f64> = out
+    let v: Vec<f64> = out
         .lines()
         .filter_map(|l| l.split("time=").nth(1))
         .filter_map(|t| t.split_whitespace().next()?.parse().ok())
@@ -292,8 +285,7 @@ fn rtt(from: &Endpoint, to: &Endpoint) -> Result<(f64, f64)> {
     if v.is_empty() {
         bail!("no ping replies");
     }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Ok((v[v.len() / 2], v[(v.len() * 99 / 100).min(v.len() - 1)]))
+    Ok((percentile(&v, 50), percentile(&v, 99)))
 }
 
 fn iperf(from: &Endpoint, to: &Endpoint, secs: u32, extra: &[&str]) -> Result<serde_json::Value> {

@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use rudder::subnet::{subnet_to_key, LeaseValue};
 use rudder_tests::cleanup::install_signal_cleanup;
 use rudder_tests::cluster::{cpu_time_of, peak_rss_kib, DEFAULT_PREFIX};
-use rudder_tests::util::{machine, require_daemon, rudder_bin};
+use rudder_tests::util::{machine, percentile, require_daemon, rudder_bin};
 use rudder_tests::{etcd_json, Cluster, Host, HostOpts};
 use std::io::{BufRead, BufReader, Read, Seek};
 use std::net::Ipv4Addr;
@@ -356,15 +356,6 @@ fn programmed(host: &Host, ebpf: bool) -> Result<usize> {
             .parse()
             .map_err(Into::into)
     }
-}
-
-fn percentile(v: &[f64], p: usize) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    s[(s.len() * p / 100).min(s.len() - 1)]
 }
 
 /// Lines telling when an entry appeared or went, each with its time.
