@@ -1,4 +1,4 @@
-//! Developer commands: `cargo xtask setup | build-ebpf | test | demo | fuzz`.
+//! Developer commands: `cargo xtask setup | fresh-check | build-ebpf | test | demo | bench | fuzz`.
 //!
 //! Each subcommand lives in its own module; add new ones (e.g. `build-ebpf` in `ebpf.rs`) the
 //! same way: a module, a variant of `Cmd`, one arm in `main`.
@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod ebpf;
+mod fresh_check;
 mod fuzz;
 mod setup;
 mod test;
@@ -22,9 +23,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what building and testing need (Debian packages, rust-src, bpf-linker);
-    /// idempotent, installs only what is missing.
-    Setup,
+    /// Install what building and testing need (Debian packages, rust-src, bpf-linker), then
+    /// prove each tool works; idempotent, installs only what is missing.
+    Setup {
+        /// Only run the checks (install nothing); exit non-zero when a tool is missing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Prove the set-up works from nothing: a minimal Debian root (debootstrap), this
+    /// machine's Rust toolchain, then setup, setup --check and the build inside it. Slow.
+    FreshCheck(fresh_check::FreshCheckArgs),
     /// Setup, build the workspace, then `cargo test --workspace` with RUDDER_BIN set.
     /// Extra arguments go to `cargo test`.
     Test {
@@ -52,7 +60,9 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Setup => setup::run().map(|_| 0)?,
+        Cmd::Setup { check: false } => setup::run().map(|_| 0)?,
+        Cmd::Setup { check: true } => setup::check().map(|_| 0)?,
+        Cmd::FreshCheck(args) => fresh_check::run_check(&args)?,
         Cmd::Test { args } => test::run(&args)?,
         Cmd::Demo { args } => demo::run(&args)?,
         Cmd::Fuzz(args) => fuzz::run(&args)?,
