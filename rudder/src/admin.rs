@@ -14,9 +14,19 @@ use crate::subnet::{key_to_subnet, LeaseValue};
 
 async fn connect_once(args: &EtcdArgs) -> anyhow::Result<Client> {
     let opts = crate::etcd::connect_options(args)?;
-    Client::connect(&args.etcd_endpoints, Some(opts))
-        .await
-        .with_context(|| format!("connecting to etcd at {}", args.etcd_endpoints.join(",")))
+    Ok(Client::connect(&args.etcd_endpoints, Some(opts)).await?)
+}
+
+/// Runs an operator command; an etcd failure becomes one line naming the endpoint, what
+/// failed and the flags to pass.
+pub async fn explained<T>(
+    args: &EtcdArgs,
+    command: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    match command.await {
+        Ok(v) => Ok(v),
+        Err(e) => Err(crate::etcd::diagnose::describe_any(&args.etcd_endpoints, e).await),
+    }
 }
 
 fn config_key(args: &EtcdArgs) -> String {

@@ -213,7 +213,8 @@ async fn load_config(etcd: Etcd, prefix: &str, state: &State) -> NetworkConfig {
             },
             Err(e) => {
                 etcd.failed().await;
-                format!("reading {key} from etcd: {e}")
+                let problem = crate::etcd::diagnose::describe(etcd.endpoints(), &e).await;
+                format!("reading {key}: {problem}")
             }
         };
         let wait = backoff.next_delay();

@@ -37,9 +37,13 @@ fn main() -> std::process::ExitCode {
                 }
                 Ok(())
             }
-            Command::Network(NetworkCommand::Init(args)) => admin::network_init(&args).await,
-            Command::Network(NetworkCommand::Show(args)) => admin::network_show(&args.etcd).await,
-            Command::Leases(args) => admin::leases(&args).await,
+            Command::Network(NetworkCommand::Init(args)) => {
+                admin::explained(&args.etcd, admin::network_init(&args)).await
+            }
+            Command::Network(NetworkCommand::Show(args)) => {
+                admin::explained(&args.etcd, admin::network_show(&args.etcd)).await
+            }
+            Command::Leases(args) => admin::explained(&args.etcd, admin::leases(&args)).await,
             Command::DockerOpts(args) => {
                 docker_opts::write(&args.subnet_file, &args.output, &args.combined_key)
             }

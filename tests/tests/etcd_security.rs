@@ -183,6 +183,26 @@ fn tls_with_client_certificates() {
             vec!["--etcd-cafile".into(), path(&pki.ca)],
             false,
         )?;
+        // The CLI with a CA that did not sign etcd's certificate: one line naming the handshake.
+        let other_dir = c.dir().join("other-pki");
+        std::fs::create_dir_all(&other_dir)?;
+        let other_ca = make_pki(&other_dir)?;
+        let line = cli_error(
+            c,
+            &[
+                "leases".into(),
+                format!("--etcd-endpoints={endpoint}"),
+                format!("--etcd-cafile={}", path(&other_ca.ca)),
+                format!("--etcd-certfile={}", path(&pki.client_cert)),
+                format!("--etcd-keyfile={}", path(&pki.client_key)),
+            ],
+        )?;
+        check!(
+            line.contains(&format!("TLS handshake with etcd at {endpoint} failed"))
+                && line.contains("--etcd-cafile"),
+            "wrong CA: {line}"
+        );
+
         std::thread::sleep(Duration::from_secs(5));
         no_cert.check_alive()?;
         check!(
@@ -260,6 +280,21 @@ fn username_and_password() {
             wrong.read_subnet_file()?.is_none(),
             "wrong password got a lease"
         );
+        for command in ["leases", "network show"] {
+            let mut args: Vec<String> = command.split(' ').map(String::from).collect();
+            args.extend([
+                format!("--etcd-endpoints={endpoint}"),
+                "--etcd-username=rudder".into(),
+                "--etcd-password=wrong".into(),
+            ]);
+            let line = cli_error(c, &args)?;
+            check!(
+                line.contains(&format!(
+                    "etcd at {endpoint} refused the request: authentication failed"
+                )) && line.contains("--etcd-username and --etcd-password"),
+                "rudder {command} with a wrong password: {line}"
+            );
+        }
         Ok(())
     });
 }
@@ -321,4 +356,78 @@ fn partial_tls_flags_are_startup_errors() {
             "{args:?}: one error line expected:\n{stderr}"
         );
     }
+}
+
+/// Runs the rudder CLI in the underlay namespace, expects it to fail, and returns its one
+/// error line (failing if it printed more than one line or a raw gRPC dump).
+fn cli_error(c: &Cluster, args: &[String]) -> anyhow::Result<String> {
+    let out = output(netns::exec(c.underlay_ns(), &rudder_bin().display().to_string()).args(args))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    check!(!out.status.success(), "rudder {args:?} succeeded");
+    check!(
+        stderr.lines().count() == 1,
+        "rudder {args:?}: one line expected:\n{stderr}"
+    );
+    check!(
+        !stderr.contains("grpc request error") && !stderr.contains("tonic::"),
+        "rudder {args:?}: raw client error:\n{stderr}"
+    );
+    Ok(stderr)
+}
+
+/// Unreachable etcd, from the CLI and from the daemon: which endpoint, refused or timed out.
+#[test]
+fn unreachable_etcd_is_one_line_naming_endpoint_and_reason() {
+    e2e(|c| {
+        // A closed port: connection refused.
+        let refused = format!("http://{UNDERLAY_GW}:2999");
+        for command in [
+            "leases",
+            "network show",
+            "network init --network 10.6.0.0/16",
+        ] {
+            let mut args: Vec<String> = command.split(' ').map(String::from).collect();
+            args.push(format!("--etcd-endpoints={refused}"));
+            let line = cli_error(c, &args)?;
+            check!(
+                line.contains(&format!(
+                    "cannot reach etcd ({refused}: connection refused); start etcd there or pass --etcd-endpoints"
+                )),
+                "rudder {command}: {line}"
+            );
+        }
+        // SYNs dropped: timed out.
+        netns::exec_ok(
+            c.underlay_ns(),
+            "nft",
+            &["add table inet cli_test; add chain inet cli_test input { type filter hook input priority 0; }; \
+               add rule inet cli_test input tcp dport 2998 drop"],
+        )?;
+        let dropped = format!("http://{UNDERLAY_GW}:2998");
+        let line = cli_error(c, &["leases".into(), format!("--etcd-endpoints={dropped}")])?;
+        check!(
+            line.contains(&format!(
+                "cannot reach etcd ({dropped}: timed out after 2 s)"
+            )),
+            "dropped: {line}"
+        );
+
+        // The daemon's first connection says the same, and keeps retrying.
+        let host = c.add_host(HostOpts {
+            etcd_endpoints: Some(refused.clone()),
+            wait_ready: false,
+            ..HostOpts::default()
+        })?;
+        wait_until(
+            "the daemon to explain etcd is unreachable",
+            Duration::from_secs(20),
+            || {
+                Ok(host.log().contains(&format!(
+                    "cannot reach etcd ({refused}: connection refused)"
+                )))
+            },
+        )?;
+        host.check_alive()?;
+        Ok(())
+    });
 }

@@ -1,5 +1,7 @@
 //! etcd connection (endpoints, TLS, auth) and the back-off every etcd loop uses.
 
+pub mod diagnose;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -110,15 +112,18 @@ impl Etcd {
                     });
                 }
                 Err(e) => {
+                    let problem = diagnose::describe(&args.etcd_endpoints, &e).await;
                     let wait = backoff.next_delay();
-                    tracing::warn!(
-                        endpoints = %args.etcd_endpoints.join(","),
-                        "cannot reach etcd: {e}; retrying in {wait:?}"
-                    );
+                    tracing::warn!("{problem}; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
                 }
             }
         }
+    }
+
+    /// The endpoints as configured (`--etcd-endpoints`).
+    pub fn endpoints(&self) -> &[String] {
+        &self.inner.endpoints
     }
 
     /// The client to use for the next request.
@@ -155,16 +160,9 @@ impl Etcd {
 /// together, in the order given.
 async fn live_endpoints(endpoints: &[String]) -> Vec<String> {
     let probes = endpoints.iter().map(|endpoint| async move {
-        let authority = endpoint
-            .split_once("://")
-            .map_or(endpoint.as_str(), |(_, rest)| rest)
-            .trim_end_matches('/');
-        let reachable = tokio::time::timeout(
-            Duration::from_millis(500),
-            tokio::net::TcpStream::connect(authority),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
+        let reachable = diagnose::probe(endpoint, Duration::from_millis(500))
+            .await
+            .is_ok();
         reachable.then(|| endpoint.clone())
     });
     futures::future::join_all(probes)
