@@ -178,6 +178,22 @@ pub struct RunArgs {
     #[arg(long, env = "RUDDER_IP_MASQ")]
     pub ip_masq: bool,
 
+    /// flannel's forward rules, in iptables: accept overlay traffic in FORWARD (docker sets its
+    /// policy to DROP) and keep overlay-to-overlay traffic out of docker's masquerade. Chains
+    /// RUDDER-FWD and RUDDER-POSTRTG; removed on stop.
+    #[arg(long, env = "RUDDER_IPTABLES_FORWARD_RULES", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub iptables_forward_rules: bool,
+
+    /// Seconds between checks that the iptables rules are still in place (a docker restart
+    /// rewrites its chains); missing rules are re-added and logged.
+    #[arg(
+        long,
+        env = "RUDDER_IPTABLES_RESYNC",
+        default_value_t = 5,
+        value_name = "SECONDS"
+    )]
+    pub iptables_resync: u64,
+
     /// Where to write the subnet file docker and the flannel CNI plugin read.
     #[arg(
         long,

@@ -13,6 +13,7 @@ use crate::cli::RunArgs;
 use crate::config::NetworkConfig;
 use crate::dataplane::{self, Dataplane, DataplaneOptions};
 use crate::etcd::{self, Backoff, Etcd};
+use crate::firewall::{self, ForwardRules};
 use crate::host::{self, Netlink};
 use crate::lease::{renew_after, AcquireError, Lease, LeaseManager, Renewal};
 use crate::metrics::State;
@@ -147,6 +148,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let refresh_task = tokio::spawn(refresh_host_state(dp.clone()));
+    let firewall_task = keeper.local.forward_rules().map(|rules| {
+        let period = Duration::from_secs(args.iptables_resync.max(1));
+        tokio::spawn(firewall::keep_forward_rules(rules, period))
+    });
     let config_task = tokio::spawn(watch_config(client.clone(), prefix.clone(), config.clone()));
     let registry_task = tokio::spawn(registry.run());
     let reconcile_task = tokio::spawn(reconciler.run(peer_rx));
@@ -158,6 +163,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     config_task.abort();
     refresh_task.abort();
+    if let Some(task) = firewall_task {
+        task.abort();
+    }
     registry_task.abort();
     reconcile_task.abort();
     let _ = stop_tx.send(());
@@ -339,10 +347,17 @@ impl LocalSetup {
                 .await?;
         }
         if self.args.ip_masq {
-            host::install_masquerade(self.network, subnet)?;
+            firewall::install_masquerade(self.network, subnet)?;
         } else {
             // A previous run with --ip-masq may have left its table.
-            host::remove_masquerade().ok();
+            firewall::remove_masquerade().ok();
+        }
+        if let Some(rules) = self.forward_rules() {
+            // Not fatal: a host without iptables has no docker chains to get past.
+            match rules.ensure() {
+                Ok(_) => tracing::info!(network = %self.network, "iptables forward rules in place"),
+                Err(e) => tracing::warn!("installing the iptables forward rules failed: {e:#}"),
+            }
         }
         SubnetFile {
             network: self.network,
@@ -362,10 +377,21 @@ impl LocalSetup {
             }
         }
         if self.args.ip_masq {
-            if let Err(e) = host::remove_masquerade() {
+            if let Err(e) = firewall::remove_masquerade() {
                 tracing::warn!("removing masquerade rules: {e:#}");
             }
         }
+        if let Some(rules) = self.forward_rules() {
+            if let Err(e) = rules.remove() {
+                tracing::warn!("removing the iptables forward rules: {e:#}");
+            }
+        }
+    }
+
+    fn forward_rules(&self) -> Option<ForwardRules> {
+        self.args
+            .iptables_forward_rules
+            .then(|| ForwardRules::new(self.network))
     }
 }
 

@@ -1,9 +1,7 @@
-//! Host plumbing over netlink and nftables: the underlay interface, the bridge, forwarding
-//! and masquerading. Data planes add their own devices and routes through [`Netlink`].
+//! Host plumbing over netlink: the underlay interface, the bridge, forwarding. Data planes add
+//! their own devices and routes through [`Netlink`]; firewall rules are in `firewall.rs`.
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Command, Stdio};
 
 use anyhow::{anyhow, bail, Context};
 use futures::TryStreamExt;
@@ -333,67 +331,6 @@ pub fn enable_ip_forwarding() -> anyhow::Result<()> {
         .context("enabling net.ipv4.ip_forward (needs CAP_NET_ADMIN)")
 }
 
-/// The nftables table rudder owns; replaced as a whole, so a crash leaves nothing to merge.
-pub const NFT_TABLE: &str = "rudder";
-
-/// flannel's masquerade semantics: overlay to outside is masqueraded, overlay to overlay is not.
-pub fn masquerade_ruleset(network: Ipv4Net, subnet: Ipv4Net) -> String {
-    format!(
-        "table ip {NFT_TABLE}
-delete table ip {NFT_TABLE}
-table ip {NFT_TABLE} {{
-  chain postrouting {{
-    type nat hook postrouting priority srcnat; policy accept;
-    meta mark & 0x4000 == 0x4000 return
-    ip saddr {subnet} ip daddr {network} return
-    ip saddr {network} ip daddr {subnet} return
-    ip saddr != {network} ip daddr {subnet} return
-    ip saddr {network} ip daddr != 224.0.0.0/4 masquerade fully-random
-    ip saddr != {network} ip daddr {network} masquerade fully-random
-  }}
-  chain forward {{
-    type filter hook forward priority filter; policy accept;
-    ip saddr {network} accept
-    ip daddr {network} accept
-  }}
-}}
-"
-    )
-}
-
-pub fn install_masquerade(network: Ipv4Net, subnet: Ipv4Net) -> anyhow::Result<()> {
-    nft(&masquerade_ruleset(network, subnet)).context("installing the --ip-masq rules")
-}
-
-/// Removes rudder's nftables table if present.
-pub fn remove_masquerade() -> anyhow::Result<()> {
-    nft(&format!(
-        "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"
-    ))
-}
-
-fn nft(script: &str) -> anyhow::Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running nft (install the nftables package)")?;
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "nft failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,22 +342,5 @@ mod tests {
         assert_ne!(set & (1 << CAP_NET_ADMIN), 0);
         assert_eq!(set & (1 << CAP_BPF), 0);
         assert_eq!(parse_cap_eff("Name: x\n"), None);
-    }
-
-    #[test]
-    fn masquerade_rules_follow_flannel() {
-        let rules = masquerade_ruleset(
-            "10.5.0.0/16".parse().unwrap(),
-            "10.5.7.0/24".parse().unwrap(),
-        );
-        assert!(rules.contains("ip saddr 10.5.7.0/24 ip daddr 10.5.0.0/16 return"));
-        assert!(
-            rules.contains("ip saddr 10.5.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random")
-        );
-        assert!(
-            rules.contains("ip saddr != 10.5.0.0/16 ip daddr 10.5.0.0/16 masquerade fully-random")
-        );
-        // Replaces the whole table in one transaction.
-        assert!(rules.starts_with("table ip rudder\ndelete table ip rudder\n"));
     }
 }

@@ -3,7 +3,7 @@
 //! One module per concern: `config` (etcd network config), `subnet` (arithmetic and lease
 //! encodings), `etcd` (connection, back-off), `lease` (our subnet), `peers` (everyone
 //! else), `reconcile` (peers → data plane), `dataplane` (`tun` and `ebpf` behind one
-//! trait), `host` (netlink, nftables), `subnet_file`, `metrics` and `http` (status and
+//! trait), `host` (netlink), `firewall` (iptables forward rules, nftables masquerade), `subnet_file`, `metrics` and `http` (status and
 //! health), `cli` and `daemon` (the `rudder` command).
 
 pub mod admin;
@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod docker_opts;
 pub mod etcd;
+pub mod firewall;
 pub mod host;
 pub mod http;
 pub mod lease;

@@ -16,6 +16,7 @@
 
 pub mod cleanup;
 pub mod cluster;
+pub mod docker;
 pub mod etcd_json;
 pub mod etcd_members;
 pub mod netns;

@@ -58,9 +58,10 @@ pub fn run_check(args: &FreshCheckArgs) -> Result<i32> {
         .arg(root)
         .arg(&mirror))?;
 
-    // The machine's package sources (the same mirror and suites a fresh machine of this kind
-    // has), its resolver, the toolchain's proxies and the checkout.
+    // What a fresh machine of this kind has besides the toolchain: its package sources, its
+    // resolver and its local CA certificates (the registries are reached through them).
     copy_into(root, Path::new("/etc/apt/sources.list.d"))?;
+    copy_into(root, Path::new("/usr/local/share/ca-certificates"))?;
     copy_into(root, Path::new("/etc/apt/sources.list"))?;
     copy_into(root, Path::new("/etc/resolv.conf"))?;
     let _ = std::fs::remove_file(root.join("usr/sbin/policy-rc.d"));
@@ -79,7 +80,8 @@ pub fn run_check(args: &FreshCheckArgs) -> Result<i32> {
         " && cargo build --workspace"
     };
     let inside = format!(
-        "cd /work/rudder && cargo xtask setup && cargo xtask setup --check{build} \
+        "update-ca-certificates >/dev/null && cd /work/rudder \
+         && cargo xtask setup && cargo xtask setup --check{build} \
          && echo 'fresh-check: PASSED: setup, setup --check{build} on a fresh {suite} root'",
         suite = args.suite
     );
