@@ -8,10 +8,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde_json::{Map, Value};
 
-use crate::subnet::{ipv4_add, SubnetRange};
-
-/// The only backend rudder speaks on the wire (flannel's `udp`).
-pub const BACKEND_UDP: &str = "udp";
+use crate::json::field;
+use crate::subnet::{ipv4_add, SubnetRange, BACKEND_UDP};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -204,15 +202,6 @@ impl NetworkConfig {
     pub fn range(&self) -> SubnetRange {
         SubnetRange::new(self.subnet_min, self.subnet_max, self.subnet_len)
     }
-}
-
-/// Case-insensitive key lookup, as Go's encoding/json does for flannel.
-pub(crate) fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    obj.get(name).or_else(|| {
-        obj.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-    })
 }
 
 fn as_str<'a>(v: &'a Value, name: &'static str) -> Result<&'a str, ConfigError> {

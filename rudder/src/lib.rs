@@ -16,6 +16,7 @@ pub mod etcd;
 pub mod firewall;
 pub mod host;
 pub mod http;
+pub mod json;
 pub mod lease;
 pub mod metrics;
 pub mod packet;

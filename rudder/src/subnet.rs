@@ -7,7 +7,10 @@ use ipnet::Ipv4Net;
 use rand::Rng;
 use serde_json::Value;
 
-use crate::config::field;
+use crate::json::field;
+
+/// The only backend rudder speaks on the wire (flannel's `udp`).
+pub const BACKEND_UDP: &str = "udp";
 
 pub fn ipv4_add(addr: Ipv4Addr, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(addr).wrapping_add(n))
@@ -115,7 +118,7 @@ impl LeaseValue {
     pub fn udp(public_ip: Ipv4Addr) -> Self {
         LeaseValue {
             public_ip,
-            backend_type: Some(crate::config::BACKEND_UDP.to_string()),
+            backend_type: Some(BACKEND_UDP.to_string()),
         }
     }
 
@@ -153,7 +156,7 @@ impl LeaseValue {
     pub fn speaks_udp(&self) -> bool {
         self.backend_type
             .as_deref()
-            .is_none_or(|t| t.is_empty() || t == crate::config::BACKEND_UDP)
+            .is_none_or(|t| t.is_empty() || t == BACKEND_UDP)
     }
 }
 
