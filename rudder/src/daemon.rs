@@ -16,9 +16,9 @@ use crate::etcd::{self, Backoff, Etcd};
 use crate::firewall::{self, ForwardRules};
 use crate::host::{self, Netlink};
 use crate::lease::{renew_after, AcquireError, Lease, LeaseManager, Renewal};
-use crate::metrics::State;
 use crate::peers::PeerRegistry;
 use crate::reconcile::Reconciler;
+use crate::status::State;
 use crate::subnet::gateway;
 use crate::subnet_file::{self, SubnetFile};
 

@@ -13,7 +13,7 @@ use axum::Router;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::metrics::State;
+use crate::status::State;
 
 fn router(state: State) -> Router {
     Router::new()

@@ -22,5 +22,6 @@ pub mod metrics;
 pub mod packet;
 pub mod peers;
 pub mod reconcile;
+pub mod status;
 pub mod subnet;
 pub mod subnet_file;

@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use crate::dataplane::Dataplane;
-use crate::metrics::State;
 use crate::peers::{PeerEvent, PeerMap};
+use crate::status::State;
 
 /// How long a peer missing from a resync snapshot (but never deleted by a watch event)
 /// stays installed: longer than the peers' own reconnect back-off plus a re-acquisition.
