@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use rudder::dataplane::tun::{
+use rudder::dataplane::forwarding::{
     decide_inbound, decide_outbound, ForwardingTable, IcmpSources, Inbound, Outbound,
 };
 use rudder::packet::{parse_ipv4, ICMP_ERROR_MAX_LEN};

@@ -4,8 +4,13 @@
 //! socket in the daemon) and `ebpf` (in-kernel encapsulation). The reconciler only ever
 //! tells a data plane which peers exist; it never waits on etcd, so installed state stays
 //! as it is while etcd is unreachable.
+//!
+//! Shared rooms, below both planes: `counters` (snapshots, per-peer traffic) and
+//! `forwarding` (the userspace forwarding table and rules).
 
+pub mod counters;
 pub mod ebpf;
+pub mod forwarding;
 pub mod tun;
 
 use std::net::Ipv4Addr;
@@ -13,7 +18,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ipnet::Ipv4Net;
-use rudder_ebpf::Counter;
+
+pub use counters::{CounterSnapshot, PeerTraffic};
 
 /// Which implementation carries the traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -35,11 +41,6 @@ impl DataplaneKind {
         }
     }
 }
-
-/// Packet (or byte) counters indexed by [`Counter`], summed over CPUs/queues.
-pub type CounterSnapshot = [u64; Counter::COUNT];
-
-pub use rudder_ebpf::PeerTraffic;
 
 /// One installed peer as the data plane sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +71,7 @@ pub trait Dataplane: Send + Sync {
     /// Current packet counters.
     fn counters(&self) -> CounterSnapshot;
 
-    /// Current byte counters, by the same [`Counter`] index.
+    /// Current byte counters, by the same [`Counter`](rudder_ebpf::Counter) index.
     fn byte_counters(&self) -> CounterSnapshot;
 
     /// Every installed peer with its traffic, ordered by subnet.

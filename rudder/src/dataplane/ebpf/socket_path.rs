@@ -23,10 +23,10 @@ use rudder_ebpf::Counter;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-use crate::dataplane::tun::{
-    decide_inbound, default_device_icmp_source, Counters, ForwardingTable, IcmpSources, Inbound,
+use crate::dataplane::counters::{CounterSnapshot, Counters, PeerTraffic};
+use crate::dataplane::forwarding::{
+    decide_inbound, default_device_icmp_source, ForwardingTable, IcmpSources, Inbound,
 };
-use crate::dataplane::{CounterSnapshot, PeerTraffic};
 use crate::packet::ICMP_ERROR_MAX_LEN;
 use crate::subnet::gateway;
 

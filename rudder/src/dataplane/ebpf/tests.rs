@@ -735,7 +735,7 @@ fn programs_pass_the_verifier_within_budget() {
 /// `packet.rs` for the same bytes: both data planes enforce one set of rules.
 #[test]
 fn decap_agrees_with_the_tun_rules_on_mutated_packets() {
-    use crate::dataplane::tun::{decide_inbound, ForwardingTable, IcmpSources, Inbound};
+    use crate::dataplane::forwarding::{decide_inbound, ForwardingTable, IcmpSources, Inbound};
     use crate::packet::ICMP_ERROR_MAX_LEN;
     use rand::{Rng, SeedableRng};
 

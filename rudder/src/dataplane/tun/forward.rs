@@ -26,10 +26,9 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
-use super::{
-    decide_inbound, decide_outbound, Inbound, Outbound, PeerCounters, Shared, TaskLogs,
-    MAX_PACKET_LEN, RECV_ERROR_BACKOFF,
-};
+use super::{Shared, TaskLogs, MAX_PACKET_LEN, RECV_ERROR_BACKOFF};
+use crate::dataplane::counters::PeerCounters;
+use crate::dataplane::forwarding::{decide_inbound, decide_outbound, Inbound, Outbound};
 use crate::packet::ICMP_ERROR_MAX_LEN;
 
 /// Segments one device read can yield: a 64 KB GSO packet at the smallest MSS the
