@@ -6,16 +6,17 @@
 //! parallel runs, and the namespace is removed by the kernel when the thread ends,
 //! whether the test passed, failed or panicked — no cleanup step that could be skipped.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::Context;
 use ipnet::Ipv4Net;
 use nix::sched::CloneFlags;
-use rtnetlink::{LinkBridge, LinkUnspec};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 use rudder_ebpf::Counter;
 use tokio::net::UdpSocket;
 
+use super::device::netlink_connect;
 use super::*;
 use crate::dataplane::Dataplane;
 use crate::packet::{internet_checksum, parse_ipv4};

@@ -19,6 +19,7 @@
 use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
+use std::time::Duration;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use rudder_ebpf::Counter;
@@ -26,10 +27,18 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 
-use super::{Shared, TaskLogs, MAX_PACKET_LEN, RECV_ERROR_BACKOFF};
-use crate::dataplane::counters::PeerCounters;
-use crate::dataplane::forwarding::{decide_inbound, decide_outbound, Inbound, Outbound};
+use super::log_limit::TaskLogs;
+use crate::dataplane::counters::{Counters, PeerCounters};
+use crate::dataplane::forwarding::{
+    decide_inbound, decide_outbound, Inbound, Outbound, PublishedTable,
+};
 use crate::packet::ICMP_ERROR_MAX_LEN;
+
+/// Largest IPv4 packet: the receive buffers hold any datagram the kernel can hand us.
+const MAX_PACKET_LEN: usize = 65_535;
+
+/// Pause after a failed device/socket receive, so a persistent error cannot spin a core.
+const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 
 /// Segments one device read can yield: a 64 KB GSO packet at the smallest MSS the
 /// kernel allows, with room to spare.
@@ -58,6 +67,17 @@ const WRITE_OFFSET: usize = VIRTIO_NET_HDR_LEN;
 /// whole coalesced 64 KB packet in place (tun-rs never reallocates: a buffer without the
 /// capacity is written uncoalesced), so this bounds the task's memory to about 4 MB.
 const WRITE_BATCH: usize = 64;
+
+/// State shared between the data plane handle and its tasks.
+pub(super) struct Shared {
+    pub(super) counters: Counters,
+    pub(super) table: PublishedTable,
+    /// Port every peer listens on (ours too).
+    pub(super) peer_port: u16,
+    pub(super) mtu: usize,
+    /// The device was opened with `IFF_VNET_HDR` and offloads.
+    pub(super) offload: bool,
+}
 
 /// The UDP socket with the state quinn-udp keeps about it (GSO/GRO support).
 pub struct OverlaySocket {
