@@ -1,0 +1,95 @@
+//! Starting a data plane: what it needs ([`DataplaneOptions`]) and which one runs
+//! ([`create`]: `auto` tries eBPF and falls back to TUN).
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use ipnet::Ipv4Net;
+
+use super::{ebpf, tun, Dataplane, DataplaneKind};
+
+/// Everything a data plane needs to start.
+#[derive(Debug, Clone)]
+pub struct DataplaneOptions {
+    pub kind: DataplaneKind,
+    pub underlay: crate::host::Underlay,
+    pub network: Ipv4Net,
+    pub local_subnet: Ipv4Net,
+    /// Overlay UDP port (from the network config's Backend.Port).
+    pub port: u16,
+    /// Underlay MTU minus the encapsulation overhead.
+    pub overlay_mtu: u16,
+    pub tun_name: String,
+    /// TUN data plane: use TSO/USO and UDP GSO/GRO.
+    pub tun_offload: bool,
+    pub bridge: Option<String>,
+    /// Test hook: make the eBPF load fail (exercises the `auto` fall-back).
+    pub ebpf_force_fail: bool,
+}
+
+/// Starts the requested data plane; returns it with a line saying why it was chosen.
+/// `auto` tries eBPF and falls back to TUN on any failure, logging the reason once.
+pub async fn create(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplane>, String)> {
+    match opts.kind {
+        DataplaneKind::Tun => {
+            let (dp, batching) = start_tun(opts).await?;
+            Ok((dp, format!("--dataplane tun; {batching}")))
+        }
+        DataplaneKind::Ebpf => {
+            let dp = load_ebpf(opts)
+                .await
+                .context("--dataplane ebpf: the eBPF data plane could not start (use --dataplane auto to fall back to TUN)")?;
+            Ok((dp, "--dataplane ebpf".into()))
+        }
+        DataplaneKind::Auto => match load_ebpf(opts).await {
+            Ok(dp) => Ok((dp, "auto: eBPF loaded".into())),
+            Err(e) => {
+                let why = format!("{e:#}");
+                tracing::warn!(
+                    "eBPF data plane unavailable ({why}); falling back to the TUN data plane"
+                );
+                let (dp, batching) = start_tun(opts).await?;
+                Ok((dp, format!("auto: eBPF unavailable: {why}; {batching}")))
+            }
+        },
+    }
+}
+
+async fn load_ebpf(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>> {
+    use crate::host::{has_capability, CAP_BPF, CAP_SYS_ADMIN};
+    if !has_capability(CAP_BPF) && !has_capability(CAP_SYS_ADMIN) {
+        anyhow::bail!(
+            "missing CAP_BPF (or CAP_SYS_ADMIN on kernels before 5.8): loading BPF programs needs it"
+        );
+    }
+    let ebpf_opts = ebpf::EbpfOptions {
+        underlay_ifname: opts.underlay.name.clone(),
+        underlay_ifindex: opts.underlay.index,
+        public_ip: opts.underlay.public_ip,
+        network: opts.network,
+        local_subnet: opts.local_subnet,
+        udp_port: opts.port,
+        overlay_mtu: opts.overlay_mtu,
+        bridge: opts.bridge.clone(),
+        force_fail: opts.ebpf_force_fail,
+    };
+    // Loading talks to the kernel synchronously (verifier, netlink): keep it off the runtime.
+    let dp = tokio::task::spawn_blocking(move || ebpf::EbpfDataplane::load(ebpf_opts))
+        .await
+        .context("the eBPF loader panicked")??;
+    dp.start_socket_path().await?;
+    Ok(Arc::new(dp))
+}
+
+/// Starts the TUN data plane; returns it with a line saying how it batches.
+async fn start_tun(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplane>, String)> {
+    let mut tun_opts = tun::TunOptions::new(opts.local_subnet, opts.network, 0);
+    tun_opts.mtu = opts.overlay_mtu;
+    tun_opts.device_name = opts.tun_name.clone();
+    tun_opts.offload = opts.tun_offload;
+    tun_opts.bind = std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, opts.port);
+    let dp = tun::TunDataplane::start(tun_opts).await?;
+    let batching = dp.batching();
+    Ok((Arc::new(dp), batching))
+}
