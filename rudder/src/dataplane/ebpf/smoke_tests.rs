@@ -248,7 +248,7 @@ fn rudder_routes(topo: &Topology, host: &str) -> String {
 
 #[test]
 fn containers_talk_through_the_ebpf_overlay() {
-    super::tests::require_root();
+    super::kernel_tests::require_root();
     let topo = Topology::build();
     let a = topo.load("hA", UNDERLAY_A, "10.5.1.0/24");
     let b = topo.load("hB", UNDERLAY_B, "10.5.2.0/24");
@@ -410,7 +410,7 @@ fn containers_talk_through_the_ebpf_overlay() {
 
 #[test]
 fn load_removes_routes_left_by_a_crashed_instance() {
-    super::tests::require_root();
+    super::kernel_tests::require_root();
     let topo = Topology::build();
     topo.ip(
         "hA",
@@ -485,7 +485,7 @@ fn iperf3(topo: &Topology, seconds: u32) -> f64 {
 #[test]
 #[ignore = "benchmark (about 40 s, needs iperf3): run explicitly with --ignored"]
 fn throughput_vs_plain_routing() {
-    super::tests::require_root();
+    super::kernel_tests::require_root();
     let topo = Topology::build();
     let subnet_a: Ipv4Net = "10.5.1.0/24".parse().unwrap();
     let subnet_b: Ipv4Net = "10.5.2.0/24".parse().unwrap();

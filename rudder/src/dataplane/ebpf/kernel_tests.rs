@@ -8,7 +8,9 @@ use std::net::Ipv4Addr;
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use rudder_ebpf::{Counter, DataplaneConfig, LocalEndpoint, PeerValue};
 
-use super::{names, Kernel};
+use rudder_ebpf::names;
+
+use super::kernel::Kernel;
 
 const TC_ACT_UNSPEC: i32 = -1;
 const TC_ACT_OK: i32 = 0;

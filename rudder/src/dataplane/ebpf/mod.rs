@@ -1,0 +1,559 @@
+//! In-kernel data plane: TC (TCX) programs from `rudder-ebpf` on the underlay interface
+//! and, when it exists, the containers' bridge.
+//!
+//! # Design
+//! - **Egress** (`rudder_egress`, TCX egress of the underlay device): every peer subnet gets
+//!   a route `<subnet> via <next hop> dev <underlay> onlink mtu <overlay MTU> proto 211`,
+//!   where the next hop is the peer's public IP, or the underlay gateway the kernel uses to
+//!   reach it (looked up when the peer is added). The kernel forwards a container's packet
+//!   onto the underlay with the right MAC already resolved; the program looks the inner
+//!   destination up in the peer LPM trie and inserts outer IPv4 + UDP after the Ethernet
+//!   header (GSO kept). This path also carries host-originated overlay traffic.
+//! - **Bridge fast path** (`rudder_br_in`, TCX ingress of the bridge): container packets
+//!   for a peer reach the bridge device (they are addressed to the gateway MAC); the
+//!   program decrements the TTL, encapsulates and `bpf_redirect_neigh`s them to the
+//!   underlay, skipping the host's forwarding path. Exceptions (TTL 1, too big, no peer)
+//!   continue to the stack and then to `rudder_egress`.
+//! - **Ingress** (`rudder_ingress`, TCX ingress of the underlay device): checks and
+//!   decapsulates overlay datagrams, decrements the inner TTL and hands packets for known
+//!   local containers to `bpf_redirect_peer` (straight into the container's namespace,
+//!   GSO kept); other local destinations go up the host stack (correct, ~4x slower for
+//!   TCP here, because the still tunnel-marked GSO packet is segmented in software).
+//! - **MTU**: the peer routes carry the overlay MTU, so the kernel itself sends
+//!   "fragmentation needed" to senders (or fragments DF-less packets) before the program
+//!   sees them; a non-GSO packet still larger than the overlay MTU is dropped and counted
+//!   as `too_big` (only possible when something bypasses those routes). The bridge fast
+//!   path leaves such packets to the stack for the same ICMP answer.
+//! - **Unknown overlay destinations**: an `unreachable <network> proto 211` route makes the
+//!   kernel answer with ICMP "destination unreachable" instead of leaking the packet onto
+//!   the underlay; the egress program also drops (and counts `no_route`) any such packet.
+//!
+//! # What the daemon must provide
+//! - `net.ipv4.ip_forward=1`; containers' MTU = the overlay MTU; the bridge (with the
+//!   subnet's first host address) before `load` to get the bridge fast path and the
+//!   peer routes' preferred source.
+//! - Local endpoints for the fast delivery path: call
+//!   [`EbpfDataplane::refresh_local_endpoints`] four times a second (it reads the bridge's
+//!   neighbours and FDB), or feed [`EbpfDataplane::upsert_local_endpoint`] yourself.
+//! - Redirected packets bypass the host's forwarding path: host netfilter (forward chain,
+//!   conntrack) does not see container ↔ peer traffic on the fast paths.
+//!
+//! Kernel state is owned by this process: the TCX links vanish with it (they are not
+//! pinned) and routes carry protocol [`RTPROT_RUDDER`], so the next `load` removes a
+//! crashed daemon's routes.
+//!
+//! Rooms: `kernel` (the BPF object, its programs and maps), `routes` (peer routes),
+//! `endpoints` (local container discovery), `socket_path` (datagrams BPF passes up);
+//! this file ties them into [`EbpfDataplane`].
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use anyhow::{bail, Context as _};
+use aya::maps::lpm_trie::Key;
+use ipnet::Ipv4Net;
+use rudder_ebpf::{names, Counter, DataplaneConfig, LocalEndpoint, PeerValue};
+
+use super::{CounterSnapshot, Dataplane, DataplaneKind, PeerStats};
+
+mod endpoints;
+mod kernel;
+#[cfg(test)]
+mod kernel_tests;
+mod routes;
+#[cfg(test)]
+mod smoke_tests;
+mod socket_path;
+
+use kernel::{ignore_missing, Kernel};
+use routes::Routes;
+pub use routes::RTPROT_RUDDER;
+
+/// What [`EbpfDataplane::load`] needs to know about this host.
+#[derive(Clone, Debug)]
+pub struct EbpfOptions {
+    /// Underlay interface: both programs attach to it, peer routes point out of it.
+    pub underlay_ifname: String,
+    pub underlay_ifindex: u32,
+    /// Our underlay address: the outer source of encapsulated packets.
+    pub public_ip: Ipv4Addr,
+    /// The whole overlay network (e.g. 10.5.0.0/16).
+    pub network: Ipv4Net,
+    /// Our leased subnet (e.g. 10.5.34.0/24).
+    pub local_subnet: Ipv4Net,
+    pub udp_port: u16,
+    /// Underlay MTU − 28.
+    pub overlay_mtu: u16,
+    /// Bridge holding the local subnet's gateway address (first host address, as in
+    /// flannel's subnet file). When set, peer routes use that address as preferred
+    /// source, so host-originated overlay traffic passes the peers' anti-spoofing check.
+    pub bridge: Option<String>,
+    /// Test hook: fail as if the kernel refused the programs.
+    pub force_fail: bool,
+}
+
+/// The eBPF data plane. See the module documentation for the design.
+pub struct EbpfDataplane {
+    state: Mutex<State>,
+    /// Where the datagrams BPF passes up are handled; set by [`Self::start_socket_path`].
+    socket_path: Mutex<Option<Arc<socket_path::SocketPath>>>,
+    /// Counts `refresh_host_state` calls: endpoints are re-read on every call (new
+    /// containers get the fast path quickly), routes checked on every 8th (a full dump).
+    refreshes: std::sync::atomic::AtomicU64,
+}
+
+struct State {
+    opts: EbpfOptions,
+    /// `None` after `shutdown`.
+    kernel: Option<Kernel>,
+    routes: Option<Routes>,
+    peers: BTreeMap<Ipv4Net, Ipv4Addr>,
+    /// Each peer entry's traffic id (see [`PeerValue::traffic_id`]) and when it was
+    /// installed or moved: its traffic counters start there.
+    peer_entries: BTreeMap<Ipv4Net, (u32, std::time::SystemTime)>,
+    /// The next traffic id to hand out.
+    next_traffic_id: u32,
+    /// Endpoints installed by `refresh_local_endpoints` (container IP → entry).
+    discovered: BTreeMap<Ipv4Addr, LocalEndpoint>,
+}
+
+impl EbpfDataplane {
+    /// Loads the programs, attaches them to the underlay (TCX ingress and egress), fills the
+    /// config map and installs the network's unreachable route. Removes routes a previous
+    /// (crashed) instance left behind first.
+    ///
+    /// Must run in the host's network namespace (the calling thread's is used for the
+    /// interface lookup, the TCX attach and the netlink socket).
+    pub fn load(opts: EbpfOptions) -> anyhow::Result<Self> {
+        if opts.force_fail {
+            bail!("eBPF data plane load failed on purpose (force_fail test hook)");
+        }
+        validate(&opts)?;
+        let mut kernel = Kernel::load()?;
+        // Before touching any route: a running instance must keep its state.
+        Kernel::ensure_not_attached(&opts.underlay_ifname, opts.bridge.as_deref())?;
+        let routes = Routes::connect(opts.underlay_ifindex)?;
+        let removed = routes.remove_stale()?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed routes left by a previous rudder (proto {RTPROT_RUDDER})"
+            );
+        }
+        kernel.set_config(&config_of(&opts))?;
+        kernel.attach(&opts.underlay_ifname, opts.bridge.as_deref())?;
+        routes
+            .add_unreachable(opts.network)
+            .with_context(|| format!("adding the route `unreachable {}`", opts.network))?;
+        Ok(EbpfDataplane {
+            socket_path: Mutex::new(None),
+            refreshes: std::sync::atomic::AtomicU64::new(0),
+            state: Mutex::new(State {
+                opts,
+                kernel: Some(kernel),
+                routes: Some(routes),
+                peers: BTreeMap::new(),
+                peer_entries: BTreeMap::new(),
+                next_traffic_id: 1,
+                discovered: BTreeMap::new(),
+            }),
+        })
+    }
+
+    /// Binds the overlay port for the datagrams the ingress program passes up (see
+    /// [`socket_path`]). Must run inside tokio.
+    pub async fn start_socket_path(&self) -> anyhow::Result<()> {
+        let (port, local_subnet, network, peers) = {
+            let state = self.lock();
+            (
+                state.opts.udp_port,
+                state.opts.local_subnet,
+                state.opts.network,
+                state.peers.clone(),
+            )
+        };
+        let path = socket_path::SocketPath::start(port, local_subnet, network, &peers).await?;
+        *self.socket_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+        Ok(())
+    }
+
+    /// A counter snapshot of the BPF programs plus the socket path's.
+    fn both_paths(
+        &self,
+        kernel: fn(&Kernel) -> CounterSnapshot,
+        socket: fn(&socket_path::SocketPath) -> CounterSnapshot,
+    ) -> CounterSnapshot {
+        let from_kernel = self
+            .lock()
+            .kernel
+            .as_ref()
+            .map_or([0; Counter::COUNT], kernel);
+        let from_socket = self.socket_path().map(|p| socket(&p)).unwrap_or_default();
+        std::array::from_fn(|i| from_kernel[i] + from_socket[i])
+    }
+
+    fn socket_path(&self) -> Option<Arc<socket_path::SocketPath>> {
+        self.socket_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Registers a container on this host for the fast delivery path: decapsulated packets
+    /// for `ip` go straight into the namespace of `host_veth_ifindex`'s peer, with Ethernet
+    /// destination `container_mac` and source `gateway_mac` (the bridge's MAC).
+    pub fn upsert_local_endpoint(
+        &self,
+        ip: Ipv4Addr,
+        host_veth_ifindex: u32,
+        container_mac: [u8; 6],
+        gateway_mac: [u8; 6],
+    ) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let kernel = state.kernel_mut()?;
+        let endpoint = LocalEndpoint {
+            host_ifindex: host_veth_ifindex,
+            container_mac,
+            gateway_mac,
+        };
+        kernel
+            .endpoints
+            .insert(ip.octets(), endpoint, 0)
+            .with_context(|| {
+                format!("adding local endpoint {ip} (ifindex {host_veth_ifindex}) to the BPF map")
+            })
+    }
+
+    /// Puts back routes the kernel or an operator removed behind our back: taking the
+    /// underlay link down flushes every route through it, and without them the peers would
+    /// stay unreachable until the peer set changed.
+    fn restore_lost_routes(&self) -> anyhow::Result<usize> {
+        let state = self.lock();
+        let routes = state.routes()?;
+        let present = routes.installed_destinations()?;
+        let mut restored = 0;
+        if !present.contains(&state.opts.network) {
+            routes.add_unreachable(state.opts.network)?;
+            restored += 1;
+        }
+        let src = state.pref_source();
+        for (subnet, public_ip) in &state.peers {
+            if !present.contains(subnet) {
+                routes.add_peer(*subnet, *public_ip, state.opts.overlay_mtu, src)?;
+                restored += 1;
+            }
+        }
+        if restored > 0 {
+            tracing::warn!(
+                restored,
+                "re-added data plane routes that had been removed (underlay link down/up?)"
+            );
+        }
+        Ok(restored)
+    }
+
+    /// Finds the containers behind the bridge ([`EbpfOptions::bridge`]) and installs them
+    /// as local endpoints, removing those that vanished since the last call; returns how
+    /// many there are. A container is an IPv4 neighbour of the bridge inside the local
+    /// subnet whose MAC the bridge's FDB places on a veth port. Call it periodically (e.g.
+    /// every few seconds) or on netlink neighbour events; endpoints added with
+    /// [`Self::upsert_local_endpoint`] for the same IP are overwritten.
+    pub fn refresh_local_endpoints(&self) -> anyhow::Result<usize> {
+        let mut state = self.lock();
+        let bridge = state
+            .opts
+            .bridge
+            .clone()
+            .context("refreshing local endpoints needs EbpfOptions::bridge")?;
+        let subnet = state.opts.local_subnet;
+        let found: BTreeMap<Ipv4Addr, LocalEndpoint> = state
+            .routes()?
+            .discover_endpoints(&bridge, subnet)?
+            .into_iter()
+            .collect();
+        let State {
+            kernel, discovered, ..
+        } = &mut *state;
+        let kernel = kernel.as_mut().context("eBPF data plane is shut down")?;
+        for (ip, endpoint) in &found {
+            if discovered.get(ip) != Some(endpoint) {
+                kernel
+                    .endpoints
+                    .insert(ip.octets(), *endpoint, 0)
+                    .with_context(|| format!("adding local endpoint {ip} to the BPF map"))?;
+            }
+        }
+        for ip in discovered.keys().filter(|ip| !found.contains_key(ip)) {
+            ignore_missing(kernel.endpoints.remove(&ip.octets()))
+                .with_context(|| format!("removing vanished local endpoint {ip}"))?;
+        }
+        let count = found.len();
+        *discovered = found;
+        Ok(count)
+    }
+
+    /// Forgets a local container; absent ones are not an error.
+    pub fn remove_local_endpoint(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let kernel = state.kernel_mut()?;
+        ignore_missing(kernel.endpoints.remove(&ip.octets()))
+            .with_context(|| format!("removing local endpoint {ip} from the BPF map"))
+    }
+
+    /// For status output: (program name, instructions after translation, instructions
+    /// the verifier processed) of every loaded program.
+    pub fn program_sizes(&self) -> anyhow::Result<Vec<(&'static str, u32, u32)>> {
+        let state = self.lock();
+        let kernel = state
+            .kernel
+            .as_ref()
+            .context("eBPF data plane is shut down")?;
+        [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_BRIDGE]
+            .into_iter()
+            .map(|name| {
+                let (verified, size) = kernel.program_sizes(name)?;
+                Ok((name, size, verified))
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent maps: keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl State {
+    fn kernel_mut(&mut self) -> anyhow::Result<&mut Kernel> {
+        self.kernel.as_mut().context("eBPF data plane is shut down")
+    }
+
+    fn routes(&self) -> anyhow::Result<&Routes> {
+        self.routes.as_ref().context("eBPF data plane is shut down")
+    }
+
+    /// Preferred source for peer routes: the local subnet's gateway address.
+    fn pref_source(&self) -> Option<Ipv4Addr> {
+        self.opts.bridge.as_ref()?;
+        self.opts.local_subnet.hosts().next()
+    }
+
+    /// Keeps the sender map in step with `peers` for one public IP.
+    fn sync_sender(&mut self, public_ip: Ipv4Addr) -> anyhow::Result<()> {
+        let subnets = self.peers.values().filter(|ip| **ip == public_ip).count() as u32;
+        let kernel = self.kernel_mut()?;
+        if subnets == 0 {
+            ignore_missing(kernel.senders.remove(&public_ip.octets()))
+        } else {
+            kernel.senders.insert(public_ip.octets(), subnets, 0)
+        }
+        .with_context(|| format!("updating the sender map for {public_ip}"))
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    fn kind(&self) -> DataplaneKind {
+        DataplaneKind::Ebpf
+    }
+
+    fn refresh_host_state(&self) -> anyhow::Result<()> {
+        let n = self
+            .refreshes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n.is_multiple_of(8) {
+            self.restore_lost_routes()?;
+            let mut state = self.lock();
+            let live = state.peer_entries.values().map(|(id, _)| *id).collect();
+            state.kernel_mut()?.forget_traffic_except(&live);
+        }
+        if self.lock().opts.bridge.is_some() {
+            self.refresh_local_endpoints()?;
+        }
+        Ok(())
+    }
+
+    fn set_local_subnet(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        state.opts.local_subnet = subnet;
+        let config = config_of(&state.opts);
+        state.kernel_mut()?.set_config(&config)?;
+        // The preferred source of the peer routes follows the subnet.
+        let src = state.pref_source();
+        let mtu = state.opts.overlay_mtu;
+        let routes = state.routes()?;
+        for (peer_subnet, public_ip) in &state.peers {
+            routes.add_peer(*peer_subnet, *public_ip, mtu, src)?;
+        }
+        if let Some(path) = self.socket_path() {
+            path.set_local_subnet(subnet, state.opts.network, &state.peers);
+        }
+        Ok(())
+    }
+
+    fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let subnet = subnet.trunc();
+        let local = state.opts.local_subnet;
+        if subnet.contains(&local.network()) || local.contains(&subnet.network()) {
+            bail!(
+                "peer subnet {subnet} overlaps our own subnet {}; not installing it",
+                state.opts.local_subnet
+            );
+        }
+        let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
+        let unchanged = state.peers.get(&subnet) == Some(&public_ip);
+        let existing = state.peer_entries.get(&subnet).map(|&(id, _)| id);
+        let (traffic_id, stale_id) = match existing {
+            Some(id) if unchanged => (id, None),
+            _ => {
+                let id = state.next_traffic_id;
+                state.next_traffic_id = id.wrapping_add(1).max(1);
+                (id, existing)
+            }
+        };
+        let value = PeerValue::new(public_ip.octets(), traffic_id);
+        let kernel = state.kernel_mut()?;
+        kernel
+            .peers
+            .insert(&key, value, 0)
+            .with_context(|| format!("adding peer {subnet} -> {public_ip} to the BPF LPM trie"))?;
+        if let Some(stale) = stale_id {
+            let _ = kernel.peer_traffic.remove(&stale);
+        }
+        let previous = state.peers.insert(subnet, public_ip);
+        if let Some(path) = self.socket_path() {
+            path.upsert_peer(subnet, public_ip, previous);
+        }
+        if !unchanged {
+            state
+                .peer_entries
+                .insert(subnet, (traffic_id, std::time::SystemTime::now()));
+        }
+        state.sync_sender(public_ip)?;
+        if let Some(old_ip) = previous.filter(|old| *old != public_ip) {
+            state.sync_sender(old_ip)?;
+        }
+        let src = state.pref_source();
+        let mtu = state.opts.overlay_mtu;
+        state.routes()?.add_peer(subnet, public_ip, mtu, src)
+    }
+
+    fn remove_peer(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let subnet = subnet.trunc();
+        state.routes()?.remove_peer(subnet)?;
+        let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
+        ignore_missing(state.kernel_mut()?.peers.remove(&key))
+            .with_context(|| format!("removing peer {subnet} from the BPF LPM trie"))?;
+        if let Some((traffic_id, _)) = state.peer_entries.remove(&subnet) {
+            let _ = state.kernel_mut()?.peer_traffic.remove(&traffic_id);
+        }
+        if let Some(public_ip) = state.peers.remove(&subnet) {
+            if let Some(path) = self.socket_path() {
+                path.remove_peer(subnet, public_ip);
+            }
+            state.sync_sender(public_ip)?;
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> CounterSnapshot {
+        self.both_paths(Kernel::packet_counts, socket_path::SocketPath::packets)
+    }
+
+    fn byte_counters(&self) -> CounterSnapshot {
+        self.both_paths(Kernel::byte_counts, socket_path::SocketPath::bytes)
+    }
+
+    fn peer_stats(&self) -> Vec<PeerStats> {
+        let socket_path = self.socket_path();
+        let state = self.lock();
+        state
+            .peers
+            .iter()
+            .map(|(subnet, public_ip)| {
+                let (traffic_id, changed) = state
+                    .peer_entries
+                    .get(subnet)
+                    .copied()
+                    .unwrap_or((0, std::time::UNIX_EPOCH));
+                let mut traffic = state
+                    .kernel
+                    .as_ref()
+                    .map(|k| k.peer_traffic(traffic_id))
+                    .unwrap_or_default();
+                // Trains the socket path decapsulated are received traffic too.
+                if let Some(path) = &socket_path {
+                    let socket = path.traffic(*subnet);
+                    traffic.rx_packets += socket.rx_packets;
+                    traffic.rx_bytes += socket.rx_bytes;
+                }
+                PeerStats {
+                    subnet: *subnet,
+                    public_ip: *public_ip,
+                    changed,
+                    traffic,
+                }
+            })
+            .collect()
+    }
+
+    fn shutdown(&self) -> anyhow::Result<()> {
+        if let Some(path) = self
+            .socket_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            path.stop();
+        }
+        let mut state = self.lock();
+        // Dropping the programs releases the (unpinned) TCX links: traffic stops here.
+        drop(state.kernel.take());
+        state.peers.clear();
+        state.peer_entries.clear();
+        state.discovered.clear();
+        if let Some(routes) = state.routes.take() {
+            routes
+                .remove_stale()
+                .context("removing rudder's routes at shutdown")?;
+        }
+        Ok(())
+    }
+}
+
+fn validate(opts: &EbpfOptions) -> anyhow::Result<()> {
+    if !opts.network.contains(&opts.local_subnet) {
+        bail!(
+            "local subnet {} is not inside the network {}",
+            opts.local_subnet,
+            opts.network
+        );
+    }
+    if opts.overlay_mtu < 68 {
+        bail!(
+            "overlay MTU {} is below IPv4's minimum of 68",
+            opts.overlay_mtu
+        );
+    }
+    if opts.udp_port == 0 {
+        bail!("UDP port 0 is not usable for the overlay");
+    }
+    Ok(())
+}
+
+fn config_of(opts: &EbpfOptions) -> DataplaneConfig {
+    DataplaneConfig {
+        local_subnet: opts.local_subnet.network().octets(),
+        local_prefix_len: u32::from(opts.local_subnet.prefix_len()),
+        network: opts.network.network().octets(),
+        network_prefix_len: u32::from(opts.network.prefix_len()),
+        public_ip: opts.public_ip.octets(),
+        udp_port: opts.udp_port,
+        overlay_mtu: opts.overlay_mtu,
+        underlay_ifindex: opts.underlay_ifindex,
+    }
+}

@@ -1,0 +1,229 @@
+//! Peer routes over rtnetlink: one route per peer subnet, the network's unreachable
+//! route, and finding and removing the routes a crashed daemon left.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context as _;
+use futures::TryStreamExt as _;
+use ipnet::Ipv4Net;
+use rtnetlink::{
+    packet_route::route::{RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteType},
+    RouteMessageBuilder,
+};
+
+/// Route protocol number marking the routes this data plane owns (`ip route show proto 211`).
+pub const RTPROT_RUDDER: u8 = 211;
+
+/// Route changes over rtnetlink. rtnetlink is async; the daemon calls us from sync code
+/// that may itself run inside tokio, so requests run on a private current-thread runtime,
+/// driven from the calling thread (under `block_in_place` on a multi-thread runtime; a
+/// helper thread only on a current-thread runtime, which cannot block inside itself).
+pub(super) struct Routes {
+    runtime: Option<tokio::runtime::Runtime>,
+    pub(super) handle: rtnetlink::Handle,
+    underlay_ifindex: u32,
+}
+
+impl Routes {
+    /// Opens the netlink socket in the calling thread's network namespace.
+    pub(super) fn connect(underlay_ifindex: u32) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("creating the netlink runtime")?;
+        let handle = {
+            let _entered = runtime.enter();
+            let (connection, handle, _) =
+                rtnetlink::new_connection().context("opening a route netlink socket")?;
+            runtime.spawn(connection);
+            handle
+        };
+        Ok(Routes {
+            runtime: Some(runtime),
+            handle,
+            underlay_ifindex,
+        })
+    }
+
+    pub(super) fn run<F>(&self, future: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .expect("runtime lives as long as Routes");
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current().map(|h| h.runtime_flavor()) {
+            // A thread per request cost two thread spawns per peer route: lend this one.
+            Ok(RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| runtime.block_on(future))
+            }
+            Err(_) => runtime.block_on(future),
+            // A current-thread runtime cannot lend its only thread.
+            Ok(_) => std::thread::scope(|scope| {
+                scope
+                    .spawn(|| runtime.block_on(future))
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            }),
+        }
+    }
+
+    /// Installs (or replaces) the route of one peer subnet.
+    pub(super) fn add_peer(
+        &self,
+        subnet: Ipv4Net,
+        public_ip: Ipv4Addr,
+        overlay_mtu: u16,
+        pref_source: Option<Ipv4Addr>,
+    ) -> anyhow::Result<()> {
+        let next_hop = self.next_hop(public_ip);
+        let build = |src: Option<Ipv4Addr>| {
+            let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(subnet.network(), subnet.prefix_len())
+                .gateway(next_hop)
+                .output_interface(self.underlay_ifindex)
+                .protocol(RouteProtocol::Other(RTPROT_RUDDER))
+                .onlink();
+            if let Some(src) = src {
+                builder = builder.pref_source(src);
+            }
+            let mut message = builder.build();
+            message
+                .attributes
+                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(u32::from(
+                    overlay_mtu,
+                ))]));
+            message
+        };
+        let result = self.run(
+            self.handle
+                .route()
+                .add(build(pref_source))
+                .replace()
+                .execute(),
+        );
+        let result = match result {
+            // The gateway address is not on the bridge (yet): route without it.
+            Err(_) if pref_source.is_some() => {
+                tracing::warn!(%subnet, src = ?pref_source, "preferred source not configured locally; peer route added without it");
+                self.run(self.handle.route().add(build(None)).replace().execute())
+            }
+            other => other,
+        };
+        result.with_context(|| {
+            format!("adding route {subnet} via {next_hop} (peer {public_ip}) dev ifindex {} mtu {overlay_mtu}", self.underlay_ifindex)
+        })
+    }
+
+    /// The underlay gateway towards `public_ip` if the kernel routes it through one,
+    /// else `public_ip` itself (same link).
+    fn next_hop(&self, public_ip: Ipv4Addr) -> Ipv4Addr {
+        let query = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(public_ip, 32)
+            .build();
+        let answer = self.run(async {
+            let mut stream = self.handle.route().get(query).execute();
+            stream.try_next().await
+        });
+        answer
+            .ok()
+            .flatten()
+            .and_then(|route| {
+                route.attributes.iter().find_map(|attr| match attr {
+                    RouteAttribute::Gateway(
+                        rtnetlink::packet_route::route::RouteAddress::Inet(gw),
+                    ) => Some(*gw),
+                    _ => None,
+                })
+            })
+            .unwrap_or(public_ip)
+    }
+
+    pub(super) fn remove_peer(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(subnet.network(), subnet.prefix_len())
+            .protocol(RouteProtocol::Other(RTPROT_RUDDER))
+            .build();
+        match self.run(self.handle.route().del(message).execute()) {
+            Ok(()) => Ok(()),
+            Err(e) if is_no_such_route(&e) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing route {subnet}")),
+        }
+    }
+
+    pub(super) fn add_unreachable(&self, network: Ipv4Net) -> anyhow::Result<()> {
+        let mut message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(network.network(), network.prefix_len())
+            .protocol(RouteProtocol::Other(RTPROT_RUDDER))
+            .kind(RouteType::Unreachable)
+            .build();
+        message.header.scope = rtnetlink::packet_route::route::RouteScope::Universe;
+        Ok(self.run(self.handle.route().add(message).replace().execute())?)
+    }
+
+    /// Every IPv4 route with our protocol number.
+    fn ours(&self) -> anyhow::Result<Vec<RouteMessage>> {
+        let dump = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        Ok(self
+            .run(
+                self.handle
+                    .route()
+                    .get(dump)
+                    .execute()
+                    .try_collect::<Vec<_>>(),
+            )
+            .context("listing IPv4 routes")?
+            .into_iter()
+            .filter(|route| route.header.protocol == RouteProtocol::Other(RTPROT_RUDDER))
+            .collect())
+    }
+
+    /// Destinations of our routes that are present now.
+    pub(super) fn installed_destinations(
+        &self,
+    ) -> anyhow::Result<std::collections::BTreeSet<Ipv4Net>> {
+        Ok(self
+            .ours()?
+            .iter()
+            .filter_map(|route| {
+                route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(
+                        rtnetlink::packet_route::route::RouteAddress::Inet(addr),
+                    ) => Ipv4Net::new(*addr, route.header.destination_prefix_length).ok(),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Deletes every IPv4 route with our protocol number; returns how many.
+    pub(super) fn remove_stale(&self) -> anyhow::Result<usize> {
+        let ours = self.ours()?;
+        let count = ours.len();
+        for route in ours {
+            match self.run(self.handle.route().del(route.clone()).execute()) {
+                Ok(()) => {}
+                Err(e) if is_no_such_route(&e) => {}
+                Err(e) => return Err(e).with_context(|| format!("removing stale route {route:?}")),
+            }
+        }
+        Ok(count)
+    }
+}
+
+impl Drop for Routes {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one panics; this never blocks.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn is_no_such_route(error: &rtnetlink::Error) -> bool {
+    matches!(error, rtnetlink::Error::NetlinkError(msg)
+        if msg.code.map(|c| c.get()) == Some(-libc::ESRCH))
+}
