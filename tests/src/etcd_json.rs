@@ -23,8 +23,8 @@ pub fn base64(bytes: &[u8]) -> String {
 /// the JSON answer. HTTP/1.0, so the answer is never chunked and ends at close.
 pub fn call(cluster: &Cluster, path: &str, body: &Value) -> Result<Value> {
     let addr = (
-        crate::cluster::UNDERLAY_GW,
-        crate::cluster::ETCD_CLIENT_PORT,
+        crate::underlay::UNDERLAY_GW,
+        crate::underlay::ETCD_CLIENT_PORT,
     )
         .into();
     // A socket keeps the namespace it was created in.

@@ -10,8 +10,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::cleanup::NS_PREFIX;
-use crate::cluster::{stop_child, Cluster, UNDERLAY_BRIDGE, UNDERLAY_PREFIX_LEN};
+use crate::cluster::Cluster;
 use crate::netns;
+use crate::process::stop_child;
+use crate::underlay::{UNDERLAY_BRIDGE, UNDERLAY_PREFIX_LEN};
 use crate::util::{ip, run, wait_until};
 
 pub struct EtcdMember {

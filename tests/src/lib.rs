@@ -16,15 +16,21 @@
 
 pub mod cleanup;
 pub mod cluster;
+mod container;
+mod daemon;
 pub mod docker;
 pub mod etcd_json;
 pub mod etcd_members;
+pub mod host;
 pub mod netns;
 pub mod packet;
+pub mod process;
 pub mod traffic;
+pub mod underlay;
 pub mod util;
 
-pub use cluster::{Cluster, Host, HostOpts, SubnetEnv};
+pub use cluster::Cluster;
+pub use host::{Host, HostOpts, SubnetEnv};
 pub use traffic::{
     ping, ping_series, send_udp, tcp_transfer, wait_ping, Endpoint, Transfer, UdpProbe,
 };

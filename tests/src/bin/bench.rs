@@ -264,7 +264,7 @@ fn machine_busy() -> Result<Duration> {
         .take(8)
         .map(str::parse)
         .collect::<Result<_, _>>()?;
-    rudder_tests::cluster::clock_ticks(f[0] + f[1] + f[2] + f[5] + f[6] + f[7])
+    rudder_tests::process::clock_ticks(f[0] + f[1] + f[2] + f[5] + f[6] + f[7])
 }
 
 fn run_cmd(ns: &str, prog: &str, args: &[&str]) -> Result<String> {

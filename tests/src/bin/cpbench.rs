@@ -14,7 +14,8 @@
 use anyhow::{anyhow, bail, Context, Result};
 use rudder::subnet::{subnet_to_key, LeaseValue};
 use rudder_tests::cleanup::install_signal_cleanup;
-use rudder_tests::cluster::{cpu_time_of, peak_rss_kib, DEFAULT_PREFIX};
+use rudder_tests::cluster::DEFAULT_PREFIX;
+use rudder_tests::process::{cpu_time_of, peak_rss_kib};
 use rudder_tests::util::{machine, percentile, require_daemon, rudder_bin};
 use rudder_tests::{etcd_json, Cluster, Host, HostOpts};
 use std::io::{BufRead, BufReader, Read, Seek};
