@@ -1,10 +1,13 @@
 //! rudder: an IP-in-UDP overlay network for containers, leased through etcd.
 //!
-//! One module per concern: `config` (etcd network config), `subnet` (arithmetic and lease
-//! encodings), `etcd` (connection, back-off), `lease` (our subnet), `peers` (everyone
-//! else), `reconcile` (peers → data plane), `dataplane` (`tun` and `ebpf` behind one
-//! trait), `host` (netlink), `firewall` (iptables forward rules, nftables masquerade), `subnet_file`, `metrics` and `http` (status and
-//! health), `cli` and `daemon` (the `rudder` command).
+//! One module per concern, bottom-up: `json` (flannel's JSON), `subnet` (arithmetic and
+//! lease encodings), `config` (etcd network config), `packet` (packet rules), `host`
+//! (netlink), `firewall` (iptables forward rules, nftables masquerade), `metrics`
+//! (control-plane counters), `dataplane` (`tun` and `ebpf` behind one trait), `cli`,
+//! `etcd` (connection, back-off, diagnosis), `lease` (our subnet), `peers` (everyone
+//! else), `status` and `http` (status, health, metrics), `reconcile` (peers → data
+//! plane), `subnet_file`, `docker_opts`, `admin`, `daemon` (the `rudder` command). Each
+//! imports only from those before it.
 
 pub mod admin;
 pub mod cli;
