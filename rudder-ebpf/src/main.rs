@@ -1,6 +1,6 @@
 //! rudder's in-kernel data plane: two TC (TCX) programs on the underlay interface.
 //!
-//! Hook points (see `rudder/src/dataplane/ebpf.rs` for the userspace half):
+//! Hook points (see `rudder/src/dataplane/ebpf/` for the userspace half):
 //! - `rudder_egress`, TCX egress of the underlay device. The daemon routes every peer
 //!   subnet `via <peer public IP> dev <underlay> mtu <overlay MTU>`, so the kernel forwards
 //!   a container's packet to the underlay with the peer's MAC already resolved by the
