@@ -1,10 +1,11 @@
 //! `cargo xtask fresh-check`: proves the set-up works on a machine that has nothing installed.
 //!
 //! Builds a minimal Debian root with debootstrap (only the packages a Rust toolchain itself
-//! needs: a C linker and CA certificates), bind-mounts this machine's Rust toolchain read-only,
-//! copies the checkout in, and runs `cargo xtask setup`, `cargo xtask setup --check` and
-//! `cargo build --workspace` there. Everything runs in a private mount namespace, so the bind
-//! mounts vanish with it, whatever happens; the root is deleted afterwards unless `--keep`.
+//! needs: a C linker and CA certificates), copies this machine's Rust toolchain in as a fresh
+//! machine has it (rustup and its proxies; no rust-src, no bpf-linker, no registry cache),
+//! copies the checkout, and runs `cargo xtask setup`, `cargo xtask setup --check` and
+//! `cargo build --workspace` there. Everything runs in a private mount namespace, so its mounts
+//! vanish with it, whatever happens; the root is deleted afterwards unless `--keep`.
 
 use crate::util::{run, workspace_root};
 use anyhow::{bail, Context, Result};
@@ -65,24 +66,25 @@ pub fn run_check(args: &FreshCheckArgs) -> Result<i32> {
     copy_into(root, Path::new("/etc/apt/sources.list"))?;
     copy_into(root, Path::new("/etc/resolv.conf"))?;
     let _ = std::fs::remove_file(root.join("usr/sbin/policy-rc.d"));
-    std::fs::create_dir_all(root.join("root/.cargo"))?;
+    copy_rustup_proxies(&cargo_bin, &root.join("root/.cargo/bin"))?;
+    eprintln!("fresh-check: copying the toolchain ({})", rustup_home.display());
     run(Command::new("cp")
-        .arg("-a")
-        .arg(&cargo_bin)
-        .arg(root.join("root/.cargo/bin")))?;
-    std::fs::create_dir_all(root.join("root/.rustup"))?;
+        .args(["-a", "--reflink=auto"])
+        .arg(&rustup_home)
+        .arg(root.join("root/.rustup")))?;
     let checkout = root.join("work/rudder");
     copy_checkout(&checkout)?;
 
-    let build = if args.no_build {
-        ""
+    let (build, built) = if args.no_build {
+        ("", "")
     } else {
-        " && cargo build --workspace"
+        (" && cargo build --workspace", ", cargo build --workspace")
     };
     let inside = format!(
-        "update-ca-certificates >/dev/null && cd /work/rudder \
+        "update-ca-certificates >/dev/null \
+         && {{ rustup component remove rust-src 2>/dev/null || true; }} && cd /work/rudder \
          && cargo xtask setup && cargo xtask setup --check{build} \
-         && echo 'fresh-check: PASSED: setup, setup --check{build} on a fresh {suite} root'",
+         && echo 'fresh-check: PASSED: cargo xtask setup, cargo xtask setup --check{built} on a fresh {suite} root'",
         suite = args.suite
     );
     let r = root.display();
@@ -93,12 +95,9 @@ pub fn run_check(args: &FreshCheckArgs) -> Result<i32> {
          mount --rbind /sys {r}/sys
          mount --rbind /dev {r}/dev
          mount -t tmpfs tmpfs {r}/tmp
-         mount --bind {rustup} {r}/root/.rustup
-         mount -o remount,bind,ro {r}/root/.rustup
          exec chroot {r} /usr/bin/env -i HOME=/root TERM=dumb RUSTUP_AUTO_INSTALL=0 \
               PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
               sh -c \"$0\"",
-        rustup = rustup_home.display(),
     );
     eprintln!("fresh-check: in the root: {inside}");
     let status = Command::new("unshare")
@@ -114,6 +113,19 @@ pub fn run_check(args: &FreshCheckArgs) -> Result<i32> {
         eprintln!("fresh-check: FAILED (see the output above)");
     }
     Ok(status.code().unwrap_or(1))
+}
+
+/// `rustup` and the proxies that point at it (cargo, rustc, …), nothing a session installed.
+fn copy_rustup_proxies(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    std::fs::copy(from.join("rustup"), to.join("rustup"))?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if std::fs::read_link(entry.path()).is_ok_and(|t| t == Path::new("rustup")) {
+            std::os::unix::fs::symlink("rustup", to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The first Debian mirror this machine's apt uses (deb822 `URIs:` or a one-line `deb` entry).
