@@ -198,11 +198,12 @@ impl Cluster {
             HEALTHZ_PORT.to_string(),
             "--tun-name".into(),
             TUN.into(),
-            "--bridge".into(),
-            BRIDGE.into(),
             "--dataplane".into(),
             opts.dataplane.clone().unwrap_or_else(test_dataplane),
         ];
+        if !opts.external_bridge {
+            args.extend(["--bridge".into(), BRIDGE.into()]);
+        }
         if let Some(iface) = &opts.iface {
             args.extend(["--iface".into(), iface.clone()]);
         }
@@ -229,6 +230,7 @@ impl Cluster {
             daemon: Mutex::new(None),
             subnet: Mutex::new(None),
             container_made: AtomicBool::new(false),
+            external_bridge: opts.external_bridge,
             res: self.res.clone(),
         }));
         self.hosts.lock().unwrap().push(host.clone());

@@ -64,8 +64,8 @@ impl Host {
         Ok(())
     }
 
-    /// Waits for the subnet file and `/readyz` 200, then makes sure the container namespace
-    /// exists and is attached to the daemon's bridge.
+    /// Waits for the subnet file and `/readyz` 200, then (unless the bridge is external) makes
+    /// sure the container namespace exists and is attached to the daemon's bridge.
     pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
         wait_until(
             &format!("{} to write its subnet file and be ready", self.0.name),
@@ -84,6 +84,9 @@ impl Host {
             },
         )
         .map_err(|e| anyhow!("{e:#}\nlog of {}:\n{}", self.0.name, self.log()))?;
+        if self.0.external_bridge {
+            return Ok(());
+        }
         self.ensure_container()
     }
 

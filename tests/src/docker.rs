@@ -176,6 +176,25 @@ impl Dockerd {
             .with_context(|| format!("container {name} has no address: {text:?}"))
     }
 
+    /// The container's network namespace as a named one (`ip netns attach`), so the harness's
+    /// traffic helpers (TCP with content check, UDP, ping) run from inside the container.
+    /// `ns` must carry the cluster's prefix (it is deleted with the cluster).
+    pub fn endpoint(&self, container: &str, ns: &str) -> Result<crate::Endpoint> {
+        let pid = self.docker(&["inspect", "--format", "{{.State.Pid}}", container])?;
+        let pid = pid.trim();
+        self.res.add_netns(ns);
+        run(Command::new("ip").args(["netns", "attach", ns, pid]))?;
+        Ok(crate::Endpoint {
+            ns: ns.to_string(),
+            ip: self.container_ip(container)?,
+        })
+    }
+
+    /// Replaces dockerd's flags (used at the next [`Dockerd::restart`]).
+    pub fn set_args(&mut self, args: &[String]) {
+        self.args = args.to_vec();
+    }
+
     /// `docker exec` in a container; stdout on success.
     pub fn exec(&self, name: &str, cmd: &[&str]) -> Result<String> {
         let mut args = vec!["exec", name];
@@ -221,11 +240,7 @@ impl Dockerd {
     /// Fetches `http://<ip>:<port>/<file>` from inside container `from` with busybox nc (its
     /// wget crashes in such images) and returns the md5 of the body.
     pub fn fetch_md5(&self, from: &str, ip: Ipv4Addr, port: u16, file: &str) -> Result<String> {
-        let script = format!(
-            "printf 'GET /{file} HTTP/1.0\\r\\n\\r\\n' | timeout 20 nc {ip} {port} > /tmp/resp \
-             && n=$(sed -n '/^\\r$/=' /tmp/resp | head -n 1) && tail -n +$((n+1)) /tmp/resp | md5sum"
-        );
-        let out = self.exec(from, &["sh", "-c", &script])?;
+        let out = self.exec(from, &["sh", "-c", &fetch_md5_script(ip, port, file)])?;
         Ok(out
             .split_whitespace()
             .next()
@@ -287,6 +302,15 @@ impl Dockerd {
         }
         let _ = self.stop();
     }
+}
+
+/// A busybox shell script: HTTP/1.0 GET with nc, the body's md5 (`md5sum` output).
+pub fn fetch_md5_script(ip: Ipv4Addr, port: u16, file: &str) -> String {
+    format!(
+        "printf 'GET /{file} HTTP/1.0\\r\\n\\r\\n' | timeout 20 nc {ip} {port} > /tmp/resp-$$ \
+         && n=$(sed -n '/^\\r$/=' /tmp/resp-$$ | head -n 1) && tail -n +$((n+1)) /tmp/resp-$$ | md5sum \
+         ; rm -f /tmp/resp-$$"
+    )
 }
 
 impl Drop for Dockerd {

@@ -45,6 +45,9 @@ pub struct HostOpts {
     pub command_prefix: Vec<String>,
     /// `--etcd-endpoints` (default: the cluster's own etcd), e.g. an [`crate::etcd_members::EtcdMembers`] list.
     pub etcd_endpoints: Option<String>,
+    /// Containers live on a bridge someone else makes (docker0, cni0): the daemon gets no
+    /// `--bridge` and the harness makes no container namespace of its own.
+    pub external_bridge: bool,
 }
 
 impl Default for HostOpts {
@@ -56,6 +59,7 @@ impl Default for HostOpts {
             iface: None,
             dataplane: None,
             wait_ready: true,
+            external_bridge: false,
             extra_args: Vec::new(),
             etcd_endpoints: None,
             command_prefix: Vec::new(),
@@ -105,6 +109,7 @@ pub(crate) struct HostInner {
     pub(crate) daemon: Mutex<Option<Child>>,
     pub(crate) subnet: Mutex<Option<SubnetEnv>>,
     pub(crate) container_made: AtomicBool,
+    pub(crate) external_bridge: bool,
     pub(crate) res: Arc<Resources>,
 }
 

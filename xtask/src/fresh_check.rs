@@ -67,7 +67,10 @@ pub fn run_check(args: &FreshCheckArgs) -> Result<i32> {
     copy_into(root, Path::new("/etc/resolv.conf"))?;
     let _ = std::fs::remove_file(root.join("usr/sbin/policy-rc.d"));
     copy_rustup_proxies(&cargo_bin, &root.join("root/.cargo/bin"))?;
-    eprintln!("fresh-check: copying the toolchain ({})", rustup_home.display());
+    eprintln!(
+        "fresh-check: copying the toolchain ({})",
+        rustup_home.display()
+    );
     run(Command::new("cp")
         .args(["-a", "--reflink=auto"])
         .arg(&rustup_home)
