@@ -110,6 +110,16 @@ pub fn status_table(status: &serde_json::Value) -> String {
         text("dataplane"),
         text("dataplane_reason")
     );
+    if status["fast_path"].is_object() {
+        let fast = &status["fast_path"];
+        out += &format!(
+            "fast path:  bridge {}, {} local containers\n",
+            fast["bridge"]
+                .as_str()
+                .unwrap_or("none (no bridge holds the gateway address)"),
+            fast["local_endpoints"]
+        );
+    }
     if let Some(expires) = status["lease_expires_unix"].as_u64() {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -223,6 +233,10 @@ pub fn status_json(state: &State) -> serde_json::Value {
         .into_iter()
         .map(|(name, v)| (name.to_string(), v.into()))
         .collect();
+    let fast_path = state
+        .dataplane()
+        .and_then(|dp| dp.fast_path())
+        .map(|f| json!({"bridge": f.bridge, "local_endpoints": f.local_endpoints}));
     let m = &state.metrics;
     json!({
         "ready": state.is_ready(),
@@ -233,6 +247,7 @@ pub fn status_json(state: &State) -> serde_json::Value {
         "mtu": info.mtu,
         "dataplane": info.dataplane,
         "dataplane_reason": info.dataplane_reason,
+        "fast_path": fast_path,
         "lease_expires_unix": info.lease_expires_unix,
         "config_error": info.config_error,
         "peers": peers,

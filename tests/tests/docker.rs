@@ -130,6 +130,35 @@ fn talk(
     Ok(())
 }
 
+/// On eBPF, docker0 is adopted (the fast paths are attached to it) and the containers are
+/// local endpoints; the status says so.
+fn check_fast_path(host: &Host) -> anyhow::Result<()> {
+    let status = host.status()?;
+    if status["dataplane"] != "ebpf" {
+        check!(
+            status["fast_path"].is_null(),
+            "TUN has no fast path: {status}"
+        );
+        return Ok(());
+    }
+    wait_until(
+        "docker0's containers on the fast path",
+        Duration::from_secs(5),
+        || {
+            let fast = &host.status()?["fast_path"];
+            Ok(fast["bridge"] == "docker0" && fast["local_endpoints"].as_u64() >= Some(1))
+        },
+    )?;
+    let fast = &host.status()?["fast_path"];
+    println!(
+        "{}: fast path on {} with {} local containers",
+        host.name(),
+        fast["bridge"],
+        fast["local_endpoints"]
+    );
+    Ok(())
+}
+
 fn rules_of(host: &Host) -> anyhow::Result<(String, String)> {
     Ok((
         netns::exec_ok(host.netns(), "iptables", &["-S"])?,
@@ -153,6 +182,8 @@ fn docker_containers_talk_across_hosts_with_dockers_masquerade() {
         // The host to a remote container and back.
         ping(&a.host.host_endpoint(), wb.ip)?;
         ping(&b.host.host_endpoint(), wa.ip)?;
+        check_fast_path(&a.host)?;
+        check_fast_path(&b.host)?;
 
         // A container started now is reachable from the other host at once.
         let started = Instant::now();
@@ -170,6 +201,7 @@ fn docker_containers_talk_across_hosts_with_dockers_masquerade() {
             .dockerd
             .endpoint("web-b", &format!("{}-web-b2", b.host.netns()))?;
         wait_ping(&wa, wb.ip, Duration::from_secs(30))?;
+        check_fast_path(&b.host)?;
         println!(
             "after a dockerd restart cross-host traffic worked again in {:.2} s",
             restart.elapsed().as_secs_f64()

@@ -53,6 +53,15 @@ pub struct PeerStats {
     pub traffic: PeerTraffic,
 }
 
+/// Where the in-kernel fast paths serve local containers (eBPF only).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FastPath {
+    /// The adopted bridge `rudder_br_in` is attached to.
+    pub bridge: Option<String>,
+    /// Containers behind it that decapsulated packets are redirected into directly.
+    pub local_endpoints: usize,
+}
+
 /// What every data plane does. Methods are idempotent: applying the same peer twice, or
 /// removing an absent one, is not an error.
 pub trait Dataplane: Send + Sync {
@@ -84,5 +93,10 @@ pub trait Dataplane: Send + Sync {
     /// path's local containers); called every few seconds. Nothing by default.
     fn refresh_host_state(&self) -> anyhow::Result<()> {
         Ok(())
+    }
+
+    /// The fast paths' view of local containers; `None` for a data plane without them.
+    fn fast_path(&self) -> Option<FastPath> {
+        None
     }
 }

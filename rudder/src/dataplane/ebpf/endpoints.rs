@@ -1,5 +1,7 @@
-//! Local endpoints: the containers behind the bridge that get the fast delivery path,
-//! found from the bridge's IPv4 neighbours and FDB.
+//! Local endpoints: the bridge the containers sit behind (rudder's own with `--bridge`, else
+//! whichever interface holds the subnet's gateway address: docker0, cni0, a hand-made one),
+//! and the containers behind it that get the fast delivery path, found from the bridge's IPv4
+//! neighbours and FDB.
 
 use std::net::Ipv4Addr;
 
@@ -11,6 +13,69 @@ use rudder_ebpf::LocalEndpoint;
 use super::routes::Routes;
 
 impl Routes {
+    /// The interface holding `address` (name, ifindex): docker's `--bip` and CNI's
+    /// `isGateway` put the subnet's gateway address on their bridge.
+    pub(super) fn interface_holding(
+        &self,
+        address: Ipv4Addr,
+    ) -> anyhow::Result<Option<(String, u32)>> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let index = self
+            .run(async {
+                let mut dump = self.handle.address().get().execute();
+                while let Some(msg) = dump.try_next().await? {
+                    let holds = msg.attributes.iter().any(|a| {
+                    matches!(a, AddressAttribute::Local(std::net::IpAddr::V4(ip)) if *ip == address)
+                });
+                    if holds {
+                        return Ok::<_, rtnetlink::Error>(Some(msg.header.index));
+                    }
+                }
+                Ok(None)
+            })
+            .context("dumping the host's addresses")?;
+        match index {
+            Some(index) => Ok(self.link_name(index)?.map(|name| (name, index))),
+            None => Ok(None),
+        }
+    }
+
+    /// The ifindex of interface `name`, if it exists.
+    pub(super) fn link_index(&self, name: &str) -> anyhow::Result<Option<u32>> {
+        self.run(async {
+            let mut links = self
+                .handle
+                .link()
+                .get()
+                .match_name(name.to_owned())
+                .execute();
+            match links.try_next().await {
+                Ok(link) => Ok(link.map(|l| l.header.index)),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .with_context(|| format!("looking up interface {name}"))
+    }
+
+    fn link_name(&self, index: u32) -> anyhow::Result<Option<String>> {
+        use rtnetlink::packet_route::link::LinkAttribute;
+        self.run(async {
+            let mut links = self.handle.link().get().match_index(index).execute();
+            match links.try_next().await {
+                Ok(link) => Ok(link.and_then(|l| {
+                    l.attributes.into_iter().find_map(|a| match a {
+                        LinkAttribute::IfName(name) => Some(name),
+                        _ => None,
+                    })
+                })),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .with_context(|| format!("looking up interface {index}"))
+    }
+
     /// Containers behind `bridge` with an address in `subnet`; see
     /// `EbpfDataplane::refresh_local_endpoints`.
     pub(super) fn discover_endpoints(

@@ -10,6 +10,8 @@ use rudder_ebpf::{names, Counter, DataplaneConfig, LocalEndpoint, PeerValue};
 
 use crate::dataplane::counters::{CounterSnapshot, PeerTraffic};
 
+pub(super) use aya::programs::tc::SchedClassifierLinkId;
+
 /// The BPF object built by `build.rs`.
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rudder-ebpf"));
 
@@ -125,25 +127,18 @@ impl Kernel {
             .context("writing the data plane config map")
     }
 
-    /// The (program, interface, direction) triples this data plane attaches.
-    fn attachments<'a>(
-        underlay: &'a str,
-        bridge: Option<&'a str>,
-    ) -> Vec<(&'static str, &'a str, TcAttachType)> {
-        let mut list = vec![
+    /// The (program, interface, direction) pairs attached to the underlay.
+    fn underlay_attachments(underlay: &str) -> [(&'static str, &str, TcAttachType); 2] {
+        [
             (names::PROG_INGRESS, underlay, TcAttachType::Ingress),
             (names::PROG_EGRESS, underlay, TcAttachType::Egress),
-        ];
-        if let Some(bridge) = bridge.filter(|b| interface_exists(b)) {
-            list.push((names::PROG_BRIDGE, bridge, TcAttachType::Ingress));
-        }
-        list
+        ]
     }
 
     /// Our links are not pinned, so programs of ours already attached mean a live second
     /// instance in this namespace.
-    pub(super) fn ensure_not_attached(underlay: &str, bridge: Option<&str>) -> anyhow::Result<()> {
-        for (name, ifname, direction) in Self::attachments(underlay, bridge) {
+    pub(super) fn ensure_not_attached(underlay: &str) -> anyhow::Result<()> {
+        for (name, ifname, direction) in Self::underlay_attachments(underlay) {
             let (_, attached) = SchedClassifier::query_tcx(ifname, direction).with_context(|| {
                 format!("listing TCX programs on {ifname} ({direction:?}): does the interface exist in this namespace?")
             })?;
@@ -154,23 +149,29 @@ impl Kernel {
         Ok(())
     }
 
-    /// TCX attach (kernel >= 6.6): ingress and egress of the underlay, and ingress of the
-    /// bridge for the container → peer fast path when the bridge exists. Without it,
-    /// container traffic takes the host's forwarding path to `rudder_egress` (correct,
-    /// slower).
-    pub(super) fn attach(&mut self, underlay: &str, bridge: Option<&str>) -> anyhow::Result<()> {
-        if let Some(missing) = bridge.filter(|b| !interface_exists(b)) {
-            tracing::warn!(
-                bridge = missing,
-                "bridge not found: container traffic to peers takes the host's forwarding path"
-            );
-        }
-        for (name, ifname, direction) in Self::attachments(underlay, bridge) {
+    /// TCX attach (kernel >= 6.6) to ingress and egress of the underlay. The bridge program
+    /// is attached separately ([`Kernel::attach_bridge`]), whenever a bridge is adopted.
+    pub(super) fn attach(&mut self, underlay: &str) -> anyhow::Result<()> {
+        for (name, ifname, direction) in Self::underlay_attachments(underlay) {
             classifier(&mut self.ebpf, name)?
                 .attach(ifname, direction)
                 .with_context(|| format!("attaching {name} to {ifname} ({direction:?}) failed: does the interface exist in this namespace?"))?;
         }
         Ok(())
+    }
+
+    /// Attaches the container → peer fast path to a bridge's ingress.
+    pub(super) fn attach_bridge(&mut self, bridge: &str) -> anyhow::Result<SchedClassifierLinkId> {
+        classifier(&mut self.ebpf, names::PROG_BRIDGE)?
+            .attach(bridge, TcAttachType::Ingress)
+            .with_context(|| format!("attaching {} to {bridge} (ingress)", names::PROG_BRIDGE))
+    }
+
+    /// Detaches it again; a link whose interface is gone already went with it.
+    pub(super) fn detach_bridge(&mut self, link: SchedClassifierLinkId) {
+        if let Ok(program) = classifier(&mut self.ebpf, names::PROG_BRIDGE) {
+            let _ = program.detach(link);
+        }
     }
 
     pub(super) fn packet_counts(&self) -> CounterSnapshot {
@@ -235,14 +236,6 @@ fn sum_over_cpus(map: &PerCpuArray<MapData, u64>) -> CounterSnapshot {
         }
     }
     snapshot
-}
-
-fn interface_exists(ifname: &str) -> bool {
-    let Ok(name) = std::ffi::CString::new(ifname) else {
-        return false;
-    };
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {

@@ -1,5 +1,5 @@
 //! In-kernel data plane: TC (TCX) programs from `rudder-ebpf` on the underlay interface
-//! and, when it exists, the containers' bridge.
+//! and on the containers' bridge, whoever made it (adopted, see below).
 //!
 //! # Design
 //! - **Egress** (`rudder_egress`, TCX egress of the underlay device): every peer subnet gets
@@ -28,13 +28,19 @@
 //!   kernel answer with ICMP "destination unreachable" instead of leaking the packet onto
 //!   the underlay; the egress program also drops (and counts `no_route`) any such packet.
 //!
+//! - **The bridge is adopted, not owned**: `--bridge` names it, else it is whichever
+//!   interface holds the subnet's gateway address (first host address, what docker's
+//!   `--bip` and CNI's `isGateway` put on docker0/cni0). It is looked for on every refresh
+//!   (four times a second): when it appears, or is deleted and re-created (a docker
+//!   restart), `rudder_br_in` is attached to it, and the peer routes get the gateway
+//!   address as preferred source while that address is local (host-originated overlay
+//!   traffic then passes the peers' anti-spoofing check), and lose it when it goes.
+//!
 //! # What the daemon must provide
-//! - `net.ipv4.ip_forward=1`; containers' MTU = the overlay MTU; the bridge (with the
-//!   subnet's first host address) before `load` to get the bridge fast path and the
-//!   peer routes' preferred source.
-//! - Local endpoints for the fast delivery path: call
-//!   [`EbpfDataplane::refresh_local_endpoints`] four times a second (it reads the bridge's
-//!   neighbours and FDB), or feed [`EbpfDataplane::upsert_local_endpoint`] yourself.
+//! - `net.ipv4.ip_forward=1`; containers' MTU = the overlay MTU.
+//! - Call [`Dataplane::refresh_host_state`] four times a second: it adopts the bridge and
+//!   re-reads the local endpoints (the bridge's neighbours and FDB); or feed
+//!   [`EbpfDataplane::upsert_local_endpoint`] yourself.
 //! - Redirected packets bypass the host's forwarding path: host netfilter (forward chain,
 //!   conntrack) does not see container ↔ peer traffic on the fast paths.
 //!
@@ -59,6 +65,8 @@ use rudder_ebpf::{names, Counter, DataplaneConfig, LocalEndpoint, PeerValue};
 
 use super::{CounterSnapshot, Dataplane, DataplaneKind, PeerStats};
 
+#[cfg(test)]
+mod bridge_tests;
 mod endpoints;
 mod kernel;
 #[cfg(test)]
@@ -87,9 +95,8 @@ pub struct EbpfOptions {
     pub udp_port: u16,
     /// Underlay MTU − 28.
     pub overlay_mtu: u16,
-    /// Bridge holding the local subnet's gateway address (first host address, as in
-    /// flannel's subnet file). When set, peer routes use that address as preferred
-    /// source, so host-originated overlay traffic passes the peers' anti-spoofing check.
+    /// The containers' bridge by name (`--bridge`); `None`: the interface that holds the
+    /// local subnet's gateway address, whoever made it (docker0, cni0).
     pub bridge: Option<String>,
     /// Test hook: fail as if the kernel refused the programs.
     pub force_fail: bool,
@@ -118,6 +125,18 @@ struct State {
     next_traffic_id: u32,
     /// Endpoints installed by `refresh_local_endpoints` (container IP → entry).
     discovered: BTreeMap<Ipv4Addr, LocalEndpoint>,
+    /// The bridge `rudder_br_in` is attached to.
+    bridge: Option<AdoptedBridge>,
+    /// Whether the gateway address is on this host (then it is the peer routes' source).
+    gateway_local: bool,
+}
+
+/// A bridge made by someone else (or by `--bridge`) that the fast paths serve.
+struct AdoptedBridge {
+    name: String,
+    ifindex: u32,
+    /// `None` when attaching failed (logged; container traffic takes the host's path).
+    link: Option<kernel::SchedClassifierLinkId>,
 }
 
 impl EbpfDataplane {
@@ -134,7 +153,7 @@ impl EbpfDataplane {
         validate(&opts)?;
         let mut kernel = Kernel::load()?;
         // Before touching any route: a running instance must keep its state.
-        Kernel::ensure_not_attached(&opts.underlay_ifname, opts.bridge.as_deref())?;
+        Kernel::ensure_not_attached(&opts.underlay_ifname)?;
         let routes = Routes::connect(opts.underlay_ifindex)?;
         let removed = routes.remove_stale()?;
         if removed > 0 {
@@ -144,11 +163,11 @@ impl EbpfDataplane {
             );
         }
         kernel.set_config(&config_of(&opts))?;
-        kernel.attach(&opts.underlay_ifname, opts.bridge.as_deref())?;
+        kernel.attach(&opts.underlay_ifname)?;
         routes
             .add_unreachable(opts.network)
             .with_context(|| format!("adding the route `unreachable {}`", opts.network))?;
-        Ok(EbpfDataplane {
+        let dataplane = EbpfDataplane {
             socket_path: Mutex::new(None),
             refreshes: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(State {
@@ -159,8 +178,72 @@ impl EbpfDataplane {
                 peer_entries: BTreeMap::new(),
                 next_traffic_id: 1,
                 discovered: BTreeMap::new(),
+                bridge: None,
+                gateway_local: false,
             }),
-        })
+        };
+        dataplane.adopt_bridge()?;
+        Ok(dataplane)
+    }
+
+    /// Finds the containers' bridge and the gateway address (see the module documentation)
+    /// and follows what changed: attaches `rudder_br_in` to a new or re-created bridge, and
+    /// re-programs the peer routes when the gateway address comes or goes.
+    fn adopt_bridge(&self) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let gateway = gateway_of(state.opts.local_subnet);
+        let holder = state.routes()?.interface_holding(gateway)?;
+        let found = match &state.opts.bridge {
+            Some(name) => state.routes()?.link_index(name)?.map(|i| (name.clone(), i)),
+            None => holder.clone(),
+        };
+        let current = state.bridge.as_ref().map(|b| b.ifindex);
+        if found.as_ref().map(|(_, i)| *i) != current {
+            let State { kernel, bridge, .. } = &mut *state;
+            let kernel = kernel.as_mut().context("eBPF data plane is shut down")?;
+            if let Some(old) = bridge.take() {
+                if let Some(link) = old.link {
+                    kernel.detach_bridge(link);
+                }
+                tracing::info!(bridge = %old.name, "the containers' bridge is gone");
+            }
+            if let Some((name, ifindex)) = found {
+                let link = match kernel.attach_bridge(&name) {
+                    Ok(link) => {
+                        tracing::info!(bridge = %name, ifindex, %gateway, "adopted the containers' bridge: container to peer fast path attached");
+                        Some(link)
+                    }
+                    Err(e) => {
+                        tracing::warn!(bridge = %name, "{e:#}; container traffic to peers takes the host's forwarding path");
+                        None
+                    }
+                };
+                *bridge = Some(AdoptedBridge {
+                    name,
+                    ifindex,
+                    link,
+                });
+            }
+        }
+        let gateway_local = holder.is_some();
+        if gateway_local != state.gateway_local {
+            state.gateway_local = gateway_local;
+            let src = state.pref_source();
+            let mtu = state.opts.overlay_mtu;
+            let routes = state.routes()?;
+            for (subnet, public_ip) in &state.peers {
+                routes.add_peer(*subnet, *public_ip, mtu, src)?;
+            }
+            if !state.peers.is_empty() {
+                tracing::info!(
+                    peers = state.peers.len(),
+                    src = ?src,
+                    "peer routes re-programmed: the gateway address {gateway} {}",
+                    if gateway_local { "is now on this host" } else { "left this host" }
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Binds the overlay port for the datagrams the ingress program passes up (see
@@ -249,13 +332,14 @@ impl EbpfDataplane {
         if restored > 0 {
             tracing::warn!(
                 restored,
-                "re-added data plane routes that had been removed (underlay link down/up?)"
+                "re-added data plane routes that had vanished (the kernel flushes a link's \
+                 routes when it goes down, and routes whose source address was removed)"
             );
         }
         Ok(restored)
     }
 
-    /// Finds the containers behind the bridge ([`EbpfOptions::bridge`]) and installs them
+    /// Finds the containers behind the adopted bridge and installs them
     /// as local endpoints, removing those that vanished since the last call; returns how
     /// many there are. A container is an IPv4 neighbour of the bridge inside the local
     /// subnet whose MAC the bridge's FDB places on a veth port. Call it periodically (e.g.
@@ -263,17 +347,15 @@ impl EbpfDataplane {
     /// [`Self::upsert_local_endpoint`] for the same IP are overwritten.
     pub fn refresh_local_endpoints(&self) -> anyhow::Result<usize> {
         let mut state = self.lock();
-        let bridge = state
-            .opts
-            .bridge
-            .clone()
-            .context("refreshing local endpoints needs EbpfOptions::bridge")?;
         let subnet = state.opts.local_subnet;
-        let found: BTreeMap<Ipv4Addr, LocalEndpoint> = state
-            .routes()?
-            .discover_endpoints(&bridge, subnet)?
-            .into_iter()
-            .collect();
+        let found: BTreeMap<Ipv4Addr, LocalEndpoint> = match &state.bridge {
+            Some(bridge) => state
+                .routes()?
+                .discover_endpoints(&bridge.name, subnet)?
+                .into_iter()
+                .collect(),
+            None => BTreeMap::new(),
+        };
         let State {
             kernel, discovered, ..
         } = &mut *state;
@@ -335,10 +417,11 @@ impl State {
         self.routes.as_ref().context("eBPF data plane is shut down")
     }
 
-    /// Preferred source for peer routes: the local subnet's gateway address.
+    /// Preferred source for peer routes: the local subnet's gateway address, while it is on
+    /// this host (a route with a source the host lacks cannot be added).
     fn pref_source(&self) -> Option<Ipv4Addr> {
-        self.opts.bridge.as_ref()?;
-        self.opts.local_subnet.hosts().next()
+        self.gateway_local
+            .then(|| gateway_of(self.opts.local_subnet))
     }
 
     /// Keeps the sender map in step with `peers` for one public IP.
@@ -363,21 +446,35 @@ impl Dataplane for EbpfDataplane {
         let n = self
             .refreshes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.adopt_bridge()?;
         if n.is_multiple_of(8) {
             self.restore_lost_routes()?;
             let mut state = self.lock();
             let live = state.peer_entries.values().map(|(id, _)| *id).collect();
             state.kernel_mut()?.forget_traffic_except(&live);
         }
-        if self.lock().opts.bridge.is_some() {
-            self.refresh_local_endpoints()?;
-        }
+        self.refresh_local_endpoints()?;
         Ok(())
+    }
+
+    /// The adopted bridge and how many local containers are on the fast delivery path.
+    fn fast_path(&self) -> Option<super::FastPath> {
+        let state = self.lock();
+        Some(super::FastPath {
+            bridge: state
+                .bridge
+                .as_ref()
+                .filter(|b| b.link.is_some())
+                .map(|b| b.name.clone()),
+            local_endpoints: state.discovered.len(),
+        })
     }
 
     fn set_local_subnet(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
         let mut state = self.lock();
         state.opts.local_subnet = subnet;
+        // Re-checked for the new gateway address by the next `adopt_bridge`.
+        state.gateway_local = false;
         let config = config_of(&state.opts);
         state.kernel_mut()?.set_config(&config)?;
         // The preferred source of the peer routes follows the subnet.
@@ -523,6 +620,11 @@ impl Dataplane for EbpfDataplane {
         }
         Ok(())
     }
+}
+
+/// The subnet's first host address: where docker's `--bip` and CNI's gateway put the bridge.
+fn gateway_of(subnet: Ipv4Net) -> Ipv4Addr {
+    crate::subnet::gateway(subnet)
 }
 
 fn validate(opts: &EbpfOptions) -> anyhow::Result<()> {

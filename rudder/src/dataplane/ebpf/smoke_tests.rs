@@ -22,8 +22,8 @@ use rudder_ebpf::Counter;
 use super::{EbpfDataplane, EbpfOptions, RTPROT_RUDDER};
 use crate::dataplane::Dataplane as _;
 
-const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
-const UNDERLAY_B: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
+pub(super) const UNDERLAY_A: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+pub(super) const UNDERLAY_B: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
 const CONTAINER_A: Ipv4Addr = Ipv4Addr::new(10, 5, 1, 10);
 const CONTAINER_B: Ipv4Addr = Ipv4Addr::new(10, 5, 2, 10);
 const OVERLAY_MTU: u16 = 1472;
@@ -43,30 +43,30 @@ fn sh(args: &[&str]) -> String {
 }
 
 /// The namespaces of one run; `Drop` deletes them.
-struct Topology {
+pub(super) struct Topology {
     suffix: String,
 }
 
 impl Topology {
-    fn ns(&self, role: &str) -> String {
+    pub(super) fn ns(&self, role: &str) -> String {
         format!("rbpf-{role}-{}", self.suffix)
     }
 
-    fn ip(&self, role: &str, args: &str) -> String {
+    pub(super) fn ip(&self, role: &str, args: &str) -> String {
         let ns = self.ns(role);
         let mut argv = vec!["ip", "-n", ns.as_str()];
         argv.extend(args.split_whitespace());
         sh(&argv)
     }
 
-    fn exec(&self, role: &str, args: &[&str]) -> String {
+    pub(super) fn exec(&self, role: &str, args: &[&str]) -> String {
         let ns = self.ns(role);
         let mut argv = vec!["ip", "netns", "exec", ns.as_str()];
         argv.extend_from_slice(args);
         sh(&argv)
     }
 
-    fn build() -> Topology {
+    pub(super) fn build() -> Topology {
         let topo = Topology {
             suffix: format!("{}-{:04x}", std::process::id(), rand::random::<u16>()),
         };
@@ -110,7 +110,7 @@ impl Topology {
     }
 
     /// (ifindex, MAC) of `dev` in namespace `role`.
-    fn link(&self, role: &str, dev: &str) -> (u32, [u8; 6]) {
+    pub(super) fn link(&self, role: &str, dev: &str) -> (u32, [u8; 6]) {
         let json: serde_json::Value =
             serde_json::from_str(&self.ip(role, &format!("-j link show dev {dev}"))).unwrap();
         let ifindex = json[0]["ifindex"].as_u64().unwrap() as u32;
@@ -123,7 +123,7 @@ impl Topology {
     }
 
     /// Runs `f` on a thread inside namespace `role`.
-    fn in_ns<T: Send + 'static>(
+    pub(super) fn in_ns<T: Send + 'static>(
         &self,
         role: &str,
         f: impl FnOnce() -> T + Send + 'static,
@@ -136,7 +136,18 @@ impl Topology {
         })
     }
 
-    fn load(&self, host: &str, public_ip: Ipv4Addr, subnet: &str) -> EbpfDataplane {
+    pub(super) fn load(&self, host: &str, public_ip: Ipv4Addr, subnet: &str) -> EbpfDataplane {
+        self.load_with_bridge(host, public_ip, subnet, Some("br0"))
+    }
+
+    /// `bridge: None`: the data plane finds the bridge by the gateway address.
+    pub(super) fn load_with_bridge(
+        &self,
+        host: &str,
+        public_ip: Ipv4Addr,
+        subnet: &str,
+        bridge: Option<&str>,
+    ) -> EbpfDataplane {
         let (ifindex, _) = self.link(host, "eth0");
         let opts = EbpfOptions {
             underlay_ifname: "eth0".into(),
@@ -146,7 +157,7 @@ impl Topology {
             local_subnet: subnet.parse().unwrap(),
             udp_port: rudder_ebpf::DEFAULT_UDP_PORT,
             overlay_mtu: OVERLAY_MTU,
-            bridge: Some("br0".into()),
+            bridge: bridge.map(String::from),
             force_fail: false,
         };
         self.in_ns(host, move || EbpfDataplane::load(opts))
@@ -242,7 +253,7 @@ fn try_ping(topo: &Topology, role: &str, flags: &[&str]) -> (bool, String) {
     (output.status.success(), text)
 }
 
-fn rudder_routes(topo: &Topology, host: &str) -> String {
+pub(super) fn rudder_routes(topo: &Topology, host: &str) -> String {
     topo.ip(host, &format!("route show proto {RTPROT_RUDDER}"))
 }
 
