@@ -160,6 +160,66 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+
+/// Finishes a TCP or UDP checksum its sender's kernel left for a NIC to complete.
+///
+/// With checksum offload (`CHECKSUM_PARTIAL`) the field holds only the folded pseudo-header
+/// sum. An eBPF sender encapsulates such packets in the kernel, and a veth or virtio underlay
+/// (no NIC on the way) hands them over unfinished: a kernel receiver takes them as they are,
+/// but here, in userspace, the inner stack would drop them as corrupt. When the field equals
+/// that pseudo-header sum, the checksum is computed and written, and `true` returned. A
+/// packet whose correct checksum happens to have that value is recomputed to the same value,
+/// so a correct packet is never changed.
+pub fn complete_partial_checksum(packet: &mut [u8], view: &Ipv4View) -> bool {
+    if view.fragment_offset != 0 || view.more_fragments {
+        return false;
+    }
+    let (check_at, min_len) = match view.protocol {
+        PROTO_TCP => (16, 20),
+        PROTO_UDP => (6, 8),
+        _ => return false,
+    };
+    let Some(l4) = packet.get_mut(view.header_len..view.total_len) else {
+        return false;
+    };
+    if l4.len() < min_len {
+        return false;
+    }
+    let field = read_u16(l4, check_at);
+    if view.protocol == PROTO_UDP && field == 0 {
+        return false; // UDP without a checksum
+    }
+    let pseudo = pseudo_header_sum(view.src, view.dst, view.protocol, l4.len());
+    if field != pseudo {
+        return false;
+    }
+    l4[check_at..check_at + 2].fill(0);
+    let mut sum = u32::from(!internet_checksum(l4)) + u32::from(pseudo);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let mut checksum = !(sum as u16);
+    if view.protocol == PROTO_UDP && checksum == 0 {
+        checksum = 0xffff; // 0 means "no checksum" in UDP
+    }
+    l4[check_at..check_at + 2].copy_from_slice(&checksum.to_be_bytes());
+    true
+}
+
+/// The TCP/UDP pseudo-header's one's-complement sum, folded, not inverted (what a kernel
+/// with checksum offload leaves in the field).
+fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4_len: usize) -> u16 {
+    let words = |a: Ipv4Addr| {
+        let o = a.octets();
+        u32::from(u16::from_be_bytes([o[0], o[1]])) + u32::from(u16::from_be_bytes([o[2], o[3]]))
+    };
+    let mut sum = words(src) + words(dst) + u32::from(protocol) + l4_len as u32;
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
 /// Checks a packet received from the underlay before it is delivered into our subnet.
 ///
 /// `sender_subnets` are the subnets leased by the host at the datagram's outer source

@@ -435,3 +435,105 @@ fn never_an_error_about_broadcast_or_multicast() {
         );
     }
 }
+
+/// The pseudo header (RFC 793/768) as bytes, for the reference checksums below.
+fn pseudo_header(p: &[u8]) -> Vec<u8> {
+    let header_len = usize::from(p[0] & 0x0f) * 4;
+    let l4_len = (p.len() - header_len) as u16;
+    let mut pseudo = p[12..20].to_vec();
+    pseudo.extend_from_slice(&[0, p[9]]);
+    pseudo.extend_from_slice(&l4_len.to_be_bytes());
+    pseudo
+}
+
+/// A TCP segment (20-byte header, `payload`) in an IPv4 packet, its checksum correct.
+fn tcp_packet(payload: &[u8]) -> Vec<u8> {
+    let mut p = udp_packet(SRC, DST, 64, &[]);
+    p.truncate(20);
+    p[9] = 6;
+    let mut tcp = vec![
+        0x30, 0x39, 0x1f, 0x90, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff,
+    ];
+    tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    p.extend_from_slice(&tcp);
+    p.extend_from_slice(payload);
+    let total = p.len() as u16;
+    p[2..4].copy_from_slice(&total.to_be_bytes());
+    fix_header_checksum(&mut p);
+    let mut summed = pseudo_header(&p);
+    summed.extend_from_slice(&p[20..]);
+    let c = reference_checksum(&summed);
+    p[36..38].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// What a kernel with checksum offload leaves in the field: the pseudo-header sum, folded.
+fn make_partial(p: &mut [u8], check_at: usize) {
+    let partial = !reference_checksum(&pseudo_header(p));
+    p[check_at..check_at + 2].copy_from_slice(&partial.to_be_bytes());
+}
+
+#[test]
+fn a_partial_tcp_checksum_is_completed_and_a_correct_one_left_alone() {
+    for payload_len in [0usize, 1, 2, 1399, 1400] {
+        let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7 + 3) as u8).collect();
+        let correct = tcp_packet(&payload);
+        let mut partial = correct.clone();
+        make_partial(&mut partial, 36);
+        assert_ne!(partial, correct);
+        let view = parse_ipv4(&partial).unwrap();
+        assert!(
+            complete_partial_checksum(&mut partial, &view),
+            "{payload_len}"
+        );
+        assert_eq!(
+            partial, correct,
+            "completed checksum, payload {payload_len}"
+        );
+
+        let mut untouched = correct.clone();
+        let view = parse_ipv4(&untouched).unwrap();
+        assert!(!complete_partial_checksum(&mut untouched, &view));
+        assert_eq!(untouched, correct);
+    }
+}
+
+#[test]
+fn a_partial_udp_checksum_is_completed_but_no_checksum_stays_none() {
+    let mut p = udp_packet(SRC, DST, 64, b"some datagram");
+    let view = parse_ipv4(&p).unwrap();
+    let none = p.clone();
+    assert!(
+        !complete_partial_checksum(&mut p, &view),
+        "UDP checksum 0 = none"
+    );
+    assert_eq!(p, none);
+
+    make_partial(&mut p, 26);
+    assert!(complete_partial_checksum(&mut p, &view));
+    let mut summed = pseudo_header(&p);
+    summed.extend_from_slice(&p[20..]);
+    assert_eq!(
+        reference_checksum(&summed),
+        0,
+        "the completed UDP checksum verifies"
+    );
+}
+
+#[test]
+fn fragments_and_other_protocols_are_not_touched() {
+    let mut p = tcp_packet(b"payload");
+    make_partial(&mut p, 36);
+    p[6] = 0x20; // MF: the L4 header is only in this first fragment, not all of it
+    fix_header_checksum(&mut p);
+    let before = p.clone();
+    let view = parse_ipv4(&p).unwrap();
+    assert!(!complete_partial_checksum(&mut p, &view));
+    assert_eq!(p, before);
+
+    let mut icmp = icmp_packet(8);
+    let before = icmp.clone();
+    let view = parse_ipv4(&icmp).unwrap();
+    assert!(!complete_partial_checksum(&mut icmp, &view));
+    assert_eq!(icmp, before);
+}

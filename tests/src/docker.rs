@@ -8,6 +8,7 @@
 
 use crate::cleanup::Resources;
 use crate::util::{output, run, wait_until};
+use crate::{check, Cluster, Host, HostOpts};
 use anyhow::{bail, Context, Result};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -302,6 +303,77 @@ impl Dockerd {
         }
         let _ = self.stop();
     }
+}
+
+/// A test host as a docker user has it: rudder plus a dockerd started with its options.
+pub struct DockerHost {
+    pub host: Host,
+    pub dockerd: Dockerd,
+}
+
+/// A host as a docker user has it: docker first (forwarding off until docker turns it on,
+/// hence FORWARD policy DROP), then rudder, then docker restarted with rudder's options.
+/// `opts.ip_masq` picks who masquerades (rudder, else docker); the bridge is docker's.
+pub fn docker_host(c: &Cluster, opts: HostOpts) -> Result<DockerHost> {
+    let rudder_masq = opts.ip_masq;
+    let host = c.add_host_without_daemon(HostOpts {
+        external_bridge: true,
+        ..opts
+    })?;
+    crate::netns::run_in(host.netns(), || {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "0\n").context("ip_forward off")
+    })?;
+    let mut dockerd = Dockerd::start(
+        host.netns(),
+        &c.dir().join(format!("{}-docker", host.name())),
+        c.resources(),
+        &[],
+    )?;
+    let forward = crate::netns::exec_ok(host.netns(), "iptables", &["-S", "FORWARD"])?;
+    check!(
+        forward.contains("-P FORWARD DROP"),
+        "docker did not set FORWARD policy DROP:\n{forward}"
+    );
+
+    host.start()?;
+    host.wait_ready(Duration::from_secs(60))?;
+    let opts_file = c.dir().join(format!("{}-docker_opts.env", host.name()));
+    let out = output(
+        std::process::Command::new(crate::util::rudder_bin())
+            .arg("docker-opts")
+            .arg("--subnet-file")
+            .arg(host.subnet_file())
+            .arg("--output")
+            .arg(&opts_file),
+    )?;
+    check!(out.status.success(), "rudder docker-opts failed: {out:?}");
+    let opts = std::fs::read_to_string(&opts_file)?;
+    let combined = opts
+        .lines()
+        .find_map(|l| l.strip_prefix("DOCKER_OPTS="))
+        .context("no DOCKER_OPTS line")?
+        .trim_matches('"');
+    let args: Vec<String> = combined.split_whitespace().map(String::from).collect();
+    check!(
+        args.contains(&format!(
+            "--bip={}/{}",
+            host.gateway_ip(),
+            host.subnet().prefix_len()
+        )),
+        "docker-opts: {args:?}"
+    );
+    check!(
+        args.contains(&"--ip-masq=false".to_string()) == rudder_masq,
+        "docker-opts masquerade flag: {args:?}"
+    );
+    dockerd.set_args(&args);
+    dockerd.restart()?;
+    let forward = crate::netns::exec_ok(host.netns(), "iptables", &["-S", "FORWARD"])?;
+    check!(
+        forward.contains("-P FORWARD DROP"),
+        "a docker restart set the policy back (the test would be friendlier than a real host):\n{forward}"
+    );
+    Ok(DockerHost { host, dockerd })
 }
 
 /// A busybox shell script: HTTP/1.0 GET with nc, the body's md5 (`md5sum` output).

@@ -9,83 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rudder_tests::cluster::UNDERLAY_GW;
-use rudder_tests::docker::{fetch_md5_script, Dockerd};
-use rudder_tests::util::{output, rudder_bin};
+use rudder_tests::docker::{docker_host, fetch_md5_script, DockerHost};
 use rudder_tests::{
-    check, e2e, netns, ping, ping_series, send_udp, tcp_transfer, wait_ping, wait_until, Cluster,
-    Endpoint, Host, HostOpts, UdpProbe,
+    check, e2e, netns, ping, ping_series, send_udp, tcp_transfer, wait_ping, wait_until, Endpoint,
+    Host, HostOpts, UdpProbe,
 };
 
 const WEB_FILE_KB: usize = 270;
-
-struct DockerHost {
-    host: Host,
-    dockerd: Dockerd,
-}
-
-/// A host as a docker user has it: docker first (forwarding off until docker turns it on,
-/// hence FORWARD policy DROP), then rudder, then docker restarted with rudder's options.
-fn docker_host(c: &Cluster, rudder_masq: bool) -> anyhow::Result<DockerHost> {
-    let host = c.add_host_without_daemon(HostOpts {
-        ip_masq: rudder_masq,
-        external_bridge: true,
-        ..HostOpts::default()
-    })?;
-    netns::run_in(host.netns(), || {
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "0\n").context("ip_forward off")
-    })?;
-    let mut dockerd = Dockerd::start(
-        host.netns(),
-        &c.dir().join(format!("{}-docker", host.name())),
-        c.resources(),
-        &[],
-    )?;
-    let forward = netns::exec_ok(host.netns(), "iptables", &["-S", "FORWARD"])?;
-    check!(
-        forward.contains("-P FORWARD DROP"),
-        "docker did not set FORWARD policy DROP:\n{forward}"
-    );
-
-    host.start()?;
-    host.wait_ready(Duration::from_secs(60))?;
-    let opts_file = c.dir().join(format!("{}-docker_opts.env", host.name()));
-    let out = output(
-        std::process::Command::new(rudder_bin())
-            .arg("docker-opts")
-            .arg("--subnet-file")
-            .arg(host.subnet_file())
-            .arg("--output")
-            .arg(&opts_file),
-    )?;
-    check!(out.status.success(), "rudder docker-opts failed: {out:?}");
-    let opts = std::fs::read_to_string(&opts_file)?;
-    let combined = opts
-        .lines()
-        .find_map(|l| l.strip_prefix("DOCKER_OPTS="))
-        .context("no DOCKER_OPTS line")?
-        .trim_matches('"');
-    let args: Vec<String> = combined.split_whitespace().map(String::from).collect();
-    check!(
-        args.contains(&format!(
-            "--bip={}/{}",
-            host.gateway_ip(),
-            host.subnet().prefix_len()
-        )),
-        "docker-opts: {args:?}"
-    );
-    check!(
-        args.contains(&"--ip-masq=false".to_string()) == rudder_masq,
-        "docker-opts masquerade flag: {args:?}"
-    );
-    dockerd.set_args(&args);
-    dockerd.restart()?;
-    let forward = netns::exec_ok(host.netns(), "iptables", &["-S", "FORWARD"])?;
-    check!(
-        forward.contains("-P FORWARD DROP"),
-        "a docker restart set the policy back (the test would be friendlier than a real host):\n{forward}"
-    );
-    Ok(DockerHost { host, dockerd })
-}
 
 /// A container serving a random file over HTTP, attached as a harness endpoint.
 fn web(d: &DockerHost, name: &str, extra: &[&str]) -> anyhow::Result<(Endpoint, String)> {
@@ -170,8 +100,8 @@ fn rules_of(host: &Host) -> anyhow::Result<(String, String)> {
 #[test]
 fn docker_containers_talk_across_hosts_with_dockers_masquerade() {
     e2e(|c| {
-        let a = docker_host(c, false)?;
-        let b = docker_host(c, false)?;
+        let a = docker_host(c, HostOpts::default())?;
+        let b = docker_host(c, HostOpts::default())?;
         let (wa, ma) = web(&a, "web-a", &["--restart", "always"])?;
         let (wb, mb) = web(&b, "web-b", &["--restart", "always"])?;
         wait_until("a and b to see each other", Duration::from_secs(20), || {
@@ -254,8 +184,20 @@ fn docker_containers_talk_across_hosts_with_dockers_masquerade() {
 #[test]
 fn docker_with_rudders_masquerade_published_ports_and_rudder_restarts() {
     e2e(|c| {
-        let a = docker_host(c, true)?;
-        let b = docker_host(c, true)?;
+        let a = docker_host(
+            c,
+            HostOpts {
+                ip_masq: true,
+                ..HostOpts::default()
+            },
+        )?;
+        let b = docker_host(
+            c,
+            HostOpts {
+                ip_masq: true,
+                ..HostOpts::default()
+            },
+        )?;
         let (wa, ma) = web(&a, "web-a", &["-p", "8080:80"])?;
         let (wb, mb) = web(&b, "web-b", &[])?;
         wait_until("a and b to see each other", Duration::from_secs(20), || {
@@ -309,9 +251,9 @@ fn docker_with_rudders_masquerade_published_ports_and_rudder_restarts() {
 #[test]
 fn container_churn_on_one_host_loses_nothing_between_the_others() {
     e2e(|c| {
-        let a = docker_host(c, false)?;
-        let b = docker_host(c, false)?;
-        let churn = docker_host(c, false)?;
+        let a = docker_host(c, HostOpts::default())?;
+        let b = docker_host(c, HostOpts::default())?;
+        let churn = docker_host(c, HostOpts::default())?;
         let (wa, _) = web(&a, "web-a", &[])?;
         let (wb, _) = web(&b, "web-b", &[])?;
         wait_until(

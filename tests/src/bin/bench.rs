@@ -1,17 +1,26 @@
 //! rudder data-plane benchmark: 2 hosts on the harness's underlay (MTU 1500), one container
 //! behind each; modes `route` (host-gw routes), `vxlan` (kernel vxlan, VNI 1, port 8472),
-//! `rudder-ebpf`, `rudder-tun`, alternated over rounds; medians and ratios to `route`.
+//! `rudder-ebpf`, `rudder-tun`, and `rudder-ebpf-docker` (real dockerd on both hosts, docker0
+//! adopted by rudder, the containers docker's), alternated over rounds; medians and ratios to
+//! `route`.
 //!
 //! Run as root: `cargo xtask bench [--rounds N] [--seconds S] [--json FILE]`.
 
 use anyhow::{anyhow, bail, Result};
 use rudder_tests::cleanup::install_signal_cleanup;
+use rudder_tests::docker::docker_host;
 use rudder_tests::util::{ip, machine, percentile, require_daemon};
-use rudder_tests::{netns, wait_mesh, wait_ping, Cluster, Endpoint, HostOpts};
+use rudder_tests::{netns, wait_mesh, wait_ping, Cluster, Endpoint, Host, HostOpts};
 use std::time::Duration;
 
 const PORT: u16 = 5201;
-const MODES: [&str; 4] = ["route", "vxlan", "rudder-ebpf", "rudder-tun"];
+const MODES: [&str; 5] = [
+    "route",
+    "vxlan",
+    "rudder-ebpf",
+    "rudder-tun",
+    "rudder-ebpf-docker",
+];
 const METRICS: [&str; 8] = [
     "tcp1_gbps",
     "tcp4_gbps",
@@ -130,13 +139,41 @@ fn median(v: &[f64]) -> f64 {
 /// Sets up a fresh 2-host cluster for `mode`, measures, tears down (Drop).
 fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
     let cluster = Cluster::new()?;
-    let dp = if mode == "rudder-ebpf" { "ebpf" } else { "tun" };
+    let dp = if mode.starts_with("rudder-ebpf") {
+        "ebpf"
+    } else {
+        "tun"
+    };
     let opts = || HostOpts {
         dataplane: Some(dp.into()),
         ..HostOpts::default()
     };
-    let hosts = vec![cluster.add_host(opts())?, cluster.add_host(opts())?];
-    wait_mesh(&hosts, Duration::from_secs(30))?;
+    // Docker hosts as users run them (docker0 adopted by rudder), or the harness's own.
+    let mut docker = Vec::new();
+    let (hosts, from, to) = if mode == "rudder-ebpf-docker" {
+        for i in 0..2 {
+            let d = docker_host(&cluster, opts())?;
+            let name = format!("bench{i}");
+            d.dockerd.run_container(&name, &[], &["sleep", "100000"])?;
+            docker.push((d, name));
+        }
+        let mut endpoints = Vec::new();
+        for (d, name) in &docker {
+            endpoints.push(
+                d.dockerd
+                    .endpoint(name, &format!("{}-{name}", d.host.netns()))?,
+            );
+        }
+        let hosts: Vec<Host> = docker.iter().map(|(d, _)| d.host.clone()).collect();
+        let to = endpoints.pop().expect("two endpoints");
+        let from = endpoints.pop().expect("two endpoints");
+        (hosts, from, to)
+    } else {
+        let hosts = vec![cluster.add_host(opts())?, cluster.add_host(opts())?];
+        wait_mesh(&hosts, Duration::from_secs(30))?;
+        let (from, to) = (hosts[0].container(), hosts[1].container());
+        (hosts, from, to)
+    };
     let (a, b) = (&hosts[0], &hosts[1]);
     match mode {
         // More specific /32 routes than the daemon's, inside the host namespaces only.
@@ -207,8 +244,7 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
         }
         _ => {}
     }
-    wait_ping(&a.container(), b.container_ip(), Duration::from_secs(10))?;
-    let (from, to) = (a.container(), b.container());
+    wait_ping(&from, to.ip, Duration::from_secs(30))?;
     let daemons_cpu = || -> Result<Duration> { Ok(a.cpu_time()? + b.cpu_time()?) };
     let (busy_before, daemons_before) = (machine_busy()?, daemons_cpu()?);
     let tcp1_run = iperf(&from, &to, secs, &[])?;
@@ -237,6 +273,7 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
     let kpps = recv / s["seconds"].as_f64().unwrap_or(1.0) / 1e3;
     let loss_pct = s["lost_percent"].as_f64().unwrap_or(f64::NAN);
     let (med, p99) = rtt(&from, &to)?;
+    drop(docker);
     let _ = &cluster;
     Ok(vec![
         tcp1,
