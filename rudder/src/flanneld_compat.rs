@@ -249,7 +249,8 @@ pub fn run_value_flags(cmd: &clap::Command) -> HashSet<String> {
 }
 
 /// Applies both rewrites to this process: copies `FLANNELD_*` into the environment (call it
-/// before any thread starts) and returns the argv to parse.
+/// before any thread starts) and returns the argv to parse. clap reads the environment when a
+/// command is built, so parse with a command built after this.
 pub fn prepare(cmd: &clap::Command) -> Result<Vec<OsString>, Rejected> {
     for (key, value) in env_from_flanneld(std::env::vars(), &known_env(cmd))? {
         std::env::set_var(key, value);

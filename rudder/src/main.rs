@@ -15,15 +15,15 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // flanneld's command line and FLANNELD_* environment, before any thread starts.
-    let command = Cli::command();
-    let argv = match flanneld_compat::prepare(&command) {
+    // (clap reads each variable when the command is built: build it again afterwards.)
+    let argv = match flanneld_compat::prepare(&Cli::command()) {
         Ok(argv) => argv,
         Err(e) => {
             eprintln!("rudder: {e}");
             return std::process::ExitCode::from(2);
         }
     };
-    let cli = match command
+    let cli = match Cli::command()
         .try_get_matches_from(argv)
         .and_then(|m| Cli::from_arg_matches(&m))
     {
