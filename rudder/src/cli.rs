@@ -1,6 +1,7 @@
-//! Command line: flannel's flag names, each also read from `RUDDER_<FLAG>`.
+//! Command line: flannel's flag names, each also read from `RUDDER_<FLAG>` (and, through
+//! `flanneld_compat`, from flanneld's `FLANNELD_<FLAG>` and in flanneld's Go syntax).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -15,16 +16,27 @@ use crate::dataplane::DataplaneKind;
     about = "IP-in-UDP overlay network for containers, leased through etcd (flannel-compatible)",
     long_about = "rudder gives every host a subnet of one cluster network, leased through etcd, and \
                   carries container traffic between hosts as IP-in-UDP (flannel's udp wire format), \
-                  encapsulated in the kernel by eBPF or, where BPF is unavailable, by a TUN device."
+                  encapsulated in the kernel by eBPF or, where BPF is unavailable, by a TUN device.",
+    after_help = FLANNELD_HELP,
+    propagate_version = true
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// What `--help` says about flanneld's command line and environment.
+pub const FLANNELD_HELP: &str = "\
+flanneld compatibility: `rudder` given flags and no subcommand, or run under the name `flanneld` \
+(a symlink), runs the daemon as `rudder run` does, with flanneld's Go flag syntax \
+(-flag=value, -flag value, --ip-masq=true). Every flag is also read from RUDDER_<FLAG> and from \
+flanneld's FLANNELD_<FLAG> (e.g. FLANNELD_ETCD_ENDPOINTS); the command line wins over both, and \
+RUDDER_<FLAG> wins over FLANNELD_<FLAG> when both are set.";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: lease a subnet, program the data plane, follow the other hosts.
+    #[command(after_help = FLANNELD_HELP)]
     Run(Box<RunArgs>),
     /// Show the running daemon's subnet, lease, data plane and peers.
     Status(StatusArgs),
@@ -166,26 +178,64 @@ pub struct RunArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
 
-    /// Underlay interface (default: the interface of the default route).
-    #[arg(long, env = "RUDDER_IFACE")]
-    pub iface: Option<String>,
+    /// Underlay interface, by name or by one of its IPv4 addresses; repeat it to try several
+    /// in order (default: the interface holding --public-ip, else the default route's).
+    #[arg(long, env = "RUDDER_IFACE", action = clap::ArgAction::Append, value_name = "NAME|IP")]
+    pub iface: Vec<String>,
 
-    /// Address other hosts reach us at (default: the first IPv4 address of --iface).
+    /// Regex matched against each interface's IPv4 addresses, then its name; the first match
+    /// is the underlay. Repeatable, tried in order after every --iface.
+    #[arg(long, env = "RUDDER_IFACE_REGEX", action = clap::ArgAction::Append,
+          value_name = "REGEX", value_parser = parse_regex)]
+    pub iface_regex: Vec<String>,
+
+    /// Use the interface (and its source address) of the route to this address, as
+    /// `ip route get <IP>` shows; tried after --iface and --iface-regex.
+    #[arg(long, env = "RUDDER_IFACE_CAN_REACH", value_name = "IP", value_parser = parse_ipv4_only)]
+    pub iface_can_reach: Option<Ipv4Addr>,
+
+    /// Address other hosts reach us at (default: the address --iface found, else the first
+    /// IPv4 address of the interface).
     #[arg(long, env = "RUDDER_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
 
+    /// flanneld's IPv6 public address: accepted so units parse, but rudder's overlay is IPv4
+    /// only, so giving it fails at start with a clear message.
+    #[arg(long, env = "RUDDER_PUBLIC_IPV6", value_name = "IPV6")]
+    pub public_ipv6: Option<String>,
+
     /// Masquerade traffic from the overlay to destinations outside it (nftables).
-    #[arg(long, env = "RUDDER_IP_MASQ")]
+    #[arg(long, env = "RUDDER_IP_MASQ", action = clap::ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_value = "false", default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
     pub ip_masq: bool,
 
-    /// flannel's forward rules, in iptables: accept overlay traffic in FORWARD (docker sets its
+    /// With --ip-masq: masquerade without nftables' `fully-random` port mapping.
+    #[arg(long, env = "RUDDER_IP_MASQ_FULLY_RANDOM_DISABLE", action = clap::ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
+    pub ip_masq_fully_random_disable: bool,
+
+    /// Add a blackhole route for our own subnet, so traffic to its unused addresses is dropped
+    /// here instead of leaving by the default route; re-checked every --iptables-resync
+    /// seconds, removed on stop.
+    #[arg(long, env = "RUDDER_IP_BLACKHOLE_ROUTE", action = clap::ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
+    pub ip_blackhole_route: bool,
+
+    /// flanneld's forward rules, in iptables: accept overlay traffic in FORWARD (docker sets its
     /// policy to DROP) and keep overlay-to-overlay traffic out of docker's masquerade. Chains
     /// RUDDER-FWD and RUDDER-POSTRTG; removed on stop.
-    #[arg(long, env = "RUDDER_IPTABLES_FORWARD_RULES", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    #[arg(long, env = "RUDDER_IPTABLES_FORWARD_RULES", action = clap::ArgAction::Set,
+          num_args = 0..=1, default_value = "true", default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
     pub iptables_forward_rules: bool,
 
-    /// Seconds between checks that the iptables rules are still in place (a docker restart
-    /// rewrites its chains); missing rules are re-added and logged.
+    /// Seconds between checks that the iptables rules (and the --ip-blackhole-route route) are
+    /// still in place (a docker restart rewrites its chains); missing ones are re-added and logged.
     #[arg(
         long,
         env = "RUDDER_IPTABLES_RESYNC",
@@ -193,6 +243,22 @@ pub struct RunArgs {
         value_name = "SECONDS"
     )]
     pub iptables_resync: u64,
+
+    /// flanneld's log verbosity (klog): accepted and ignored; set RUST_LOG=debug for more.
+    #[arg(long = "v", env = "RUDDER_V", value_name = "LEVEL")]
+    pub klog_v: Option<String>,
+
+    /// flanneld's klog per-module verbosity: accepted and ignored (see RUST_LOG).
+    #[arg(long = "vmodule", env = "RUDDER_VMODULE", hide = true)]
+    pub klog_vmodule: Option<String>,
+
+    /// flanneld's klog backtrace location: accepted and ignored.
+    #[arg(
+        long = "log_backtrace_at",
+        env = "RUDDER_LOG_BACKTRACE_AT",
+        hide = true
+    )]
+    pub klog_backtrace_at: Option<String>,
 
     /// Where to write the subnet file docker and the flannel CNI plugin read.
     #[arg(
@@ -229,7 +295,9 @@ pub struct RunArgs {
 
     /// TUN data plane: batch with the kernel's offloads (TSO/USO on the device, UDP GSO/GRO
     /// on the socket). `false` moves one packet per system call; the wire format is the same.
-    #[arg(long, env = "RUDDER_TUN_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    #[arg(long, env = "RUDDER_TUN_OFFLOAD", action = clap::ArgAction::Set, num_args = 0..=1,
+          default_value = "true", default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
     pub tun_offload: bool,
 
     /// Create this bridge with our subnet's first address (what docker0 or cni0 would be).
@@ -237,7 +305,10 @@ pub struct RunArgs {
     pub bridge: Option<String>,
 
     /// Delete our lease from etcd on a clean exit (default: keep it, so a restart gets the same subnet).
-    #[arg(long, env = "RUDDER_RELEASE_LEASE_ON_EXIT")]
+    #[arg(long, env = "RUDDER_RELEASE_LEASE_ON_EXIT", action = clap::ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
     pub release_lease_on_exit: bool,
 
     /// Data plane: auto (eBPF, falling back to TUN), ebpf, or tun.
@@ -247,6 +318,20 @@ pub struct RunArgs {
     /// Test hook: make the eBPF load fail, to exercise `--dataplane auto`'s fall-back.
     #[arg(long, env = "RUDDER_EBPF_FORCE_FAIL", hide = true)]
     pub ebpf_force_fail: bool,
+}
+
+fn parse_regex(s: &str) -> Result<String, String> {
+    regex::Regex::new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("not a regex: {e}"))
+}
+
+fn parse_ipv4_only(s: &str) -> Result<Ipv4Addr, String> {
+    match s.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => Ok(ip),
+        Ok(IpAddr::V6(_)) => Err("IPv6 is not supported yet; give an IPv4 address".into()),
+        Err(e) => Err(format!("{e}")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -289,5 +374,64 @@ mod tests {
         assert!(run(&["--subnet-lease-ttl", "1s"]).is_err());
         assert!(run(&["--public-ip", "300.1.1.1"]).is_err());
         assert!(run(&["--dataplane", "vxlan"]).is_err());
+    }
+
+    #[test]
+    fn booleans_take_go_syntax() {
+        let r = run(&[]).unwrap();
+        assert!(!r.ip_masq && r.iptables_forward_rules && r.tun_offload);
+        assert!(!r.ip_masq_fully_random_disable && !r.ip_blackhole_route);
+        assert!(run(&["--ip-masq"]).unwrap().ip_masq);
+        assert!(run(&["--ip-masq=true"]).unwrap().ip_masq);
+        assert!(run(&["--ip-masq=1"]).unwrap().ip_masq);
+        assert!(!run(&["--ip-masq=false"]).unwrap().ip_masq);
+        assert!(
+            !run(&["--iptables-forward-rules=false"])
+                .unwrap()
+                .iptables_forward_rules
+        );
+        assert!(
+            !run(&["--iptables-forward-rules", "false"])
+                .unwrap()
+                .iptables_forward_rules
+        );
+        assert!(
+            run(&["--iptables-forward-rules"])
+                .unwrap()
+                .iptables_forward_rules
+        );
+        assert!(!run(&["--tun-offload", "false"]).unwrap().tun_offload);
+        let r = run(&[
+            "--ip-masq",
+            "--ip-masq-fully-random-disable",
+            "--ip-blackhole-route",
+        ])
+        .unwrap();
+        assert!(r.ip_masq && r.ip_masq_fully_random_disable && r.ip_blackhole_route);
+        assert!(run(&["--ip-masq=maybe"]).is_err());
+    }
+
+    #[test]
+    fn interface_selection_flags() {
+        let r = run(&[
+            "--iface",
+            "eth9",
+            "--iface=192.168.1.2",
+            "--iface-regex",
+            "^10\\.",
+            "--iface-can-reach",
+            "8.8.8.8",
+        ])
+        .unwrap();
+        assert_eq!(r.iface, ["eth9", "192.168.1.2"]);
+        assert_eq!(r.iface_regex, ["^10\\."]);
+        assert_eq!(r.iface_can_reach, Some(Ipv4Addr::new(8, 8, 8, 8)));
+        assert!(run(&["--iface-regex", "(unclosed"]).is_err());
+        let e = run(&["--iface-can-reach", "2001:db8::1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IPv6 is not supported yet"), "{e}");
+        // klog's flags are accepted.
+        assert!(run(&["--v=2", "--vmodule=x=1", "--log_backtrace_at=a.go:1"]).is_ok());
     }
 }

@@ -23,7 +23,19 @@ use crate::subnet::gateway;
 use crate::subnet_file::{self, SubnetFile};
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    // Partial TLS/auth flags fail first, before anything is touched.
+    // Flags rudder accepts but cannot honour, and partial TLS/auth flags, fail first, before
+    // anything is touched.
+    if let Some(v6) = args.public_ipv6.as_deref().filter(|v| !v.is_empty()) {
+        anyhow::bail!(
+            "--public-ipv6 {v6}: IPv6 is not supported yet; rudder's overlay is IPv4 only: drop \
+             --public-ipv6 (and FLANNELD_PUBLIC_IPV6) and keep --public-ip"
+        );
+    }
+    if args.klog_v.is_some() || args.klog_vmodule.is_some() {
+        tracing::info!(
+            "flanneld's -v/-vmodule have no effect: set RUST_LOG=debug for more logging"
+        );
+    }
     etcd::connect_options(&args.etcd)?;
     host::require_capability(
         host::CAP_NET_ADMIN,
@@ -33,7 +45,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state = State::default();
     let netlink = Netlink::new()?;
     let underlay = netlink
-        .underlay(args.iface.as_deref(), args.public_ip)
+        .underlay(&host::UnderlaySelection {
+            ifaces: args.iface.clone(),
+            regexes: args.iface_regex.clone(),
+            can_reach: args.iface_can_reach,
+            public_ip: args.public_ip,
+        })
         .await?;
     let overlay_mtu = u16::try_from(
         underlay
@@ -120,6 +137,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     *state.dataplane.write().expect("dataplane lock poisoned") = Some(dp.clone());
 
     let (subnet_tx, subnet_rx) = watch::channel(lease.subnet);
+    let blackhole_task = args.ip_blackhole_route.then(|| {
+        let period = Duration::from_secs(args.iptables_resync.max(1));
+        tokio::spawn(keep_blackhole_route(
+            netlink.clone(),
+            subnet_rx.clone(),
+            period,
+        ))
+    });
     let lease_check = Arc::new(Notify::new());
     let (peer_tx, peer_rx) = mpsc::channel(1024);
     let registry = PeerRegistry::new(
@@ -170,8 +195,53 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     reconcile_task.abort();
     let _ = stop_tx.send(());
     let keeper = keeper_task.await.context("the lease keeper panicked")?;
+    let last_subnet = *keeper.subnet_tx.borrow();
     keeper.finish(args.release_lease_on_exit).await;
+    if let Some(task) = blackhole_task {
+        task.abort();
+        if let Err(e) = netlink.remove_blackhole(last_subnet).await {
+            tracing::warn!("removing the blackhole route {last_subnet}: {e:#}");
+        }
+    }
     Ok(())
+}
+
+/// `--ip-blackhole-route`: keeps a blackhole route for our subnet, as flanneld does, checking
+/// every `period` (its --iptables-resync); follows the subnet when the lease changes.
+async fn keep_blackhole_route(
+    netlink: Netlink,
+    mut subnet: watch::Receiver<Ipv4Net>,
+    period: Duration,
+) {
+    let mut tick = tokio::time::interval(period);
+    let mut installed: Option<Ipv4Net> = None;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = subnet.changed() => if changed.is_err() { return },
+        }
+        let current = *subnet.borrow();
+        if let Some(old) = installed.filter(|old| *old != current) {
+            if let Err(e) = netlink.remove_blackhole(old).await {
+                tracing::warn!("removing the blackhole route {old}: {e:#}");
+            }
+        }
+        match netlink.ensure_blackhole(current).await {
+            Ok(added) => {
+                if added {
+                    tracing::info!(subnet = %current, "blackhole route added");
+                }
+                installed = Some(current);
+                failing = false;
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!("adding the blackhole route {current}: {e:#}");
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// Lets the data plane re-read host state (local containers, its routes) four times a second.
@@ -347,7 +417,11 @@ impl LocalSetup {
                 .await?;
         }
         if self.args.ip_masq {
-            firewall::install_masquerade(self.network, subnet)?;
+            firewall::install_masquerade(
+                self.network,
+                subnet,
+                !self.args.ip_masq_fully_random_disable,
+            )?;
         } else {
             // A previous run with --ip-masq may have left its table.
             firewall::remove_masquerade().ok();

@@ -241,7 +241,13 @@ pub async fn keep_forward_rules(rules: ForwardRules, period: std::time::Duration
 pub const NFT_TABLE: &str = "rudder";
 
 /// flannel's masquerade semantics: overlay to outside is masqueraded, overlay to overlay is not.
-pub fn masquerade_ruleset(network: Ipv4Net, subnet: Ipv4Net) -> String {
+/// `fully_random` is flanneld's default; `--ip-masq-fully-random-disable` turns it off.
+pub fn masquerade_ruleset(network: Ipv4Net, subnet: Ipv4Net, fully_random: bool) -> String {
+    let masquerade = if fully_random {
+        "masquerade fully-random"
+    } else {
+        "masquerade"
+    };
     format!(
         "table ip {NFT_TABLE}
 delete table ip {NFT_TABLE}
@@ -252,8 +258,8 @@ table ip {NFT_TABLE} {{
     ip saddr {subnet} ip daddr {network} return
     ip saddr {network} ip daddr {subnet} return
     ip saddr != {network} ip daddr {subnet} return
-    ip saddr {network} ip daddr != 224.0.0.0/4 masquerade fully-random
-    ip saddr != {network} ip daddr {network} masquerade fully-random
+    ip saddr {network} ip daddr != 224.0.0.0/4 {masquerade}
+    ip saddr != {network} ip daddr {network} {masquerade}
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
@@ -265,8 +271,13 @@ table ip {NFT_TABLE} {{
     )
 }
 
-pub fn install_masquerade(network: Ipv4Net, subnet: Ipv4Net) -> anyhow::Result<()> {
-    nft(&masquerade_ruleset(network, subnet)).context("installing the --ip-masq rules")
+pub fn install_masquerade(
+    network: Ipv4Net,
+    subnet: Ipv4Net,
+    fully_random: bool,
+) -> anyhow::Result<()> {
+    nft(&masquerade_ruleset(network, subnet, fully_random))
+        .context("installing the --ip-masq rules")
 }
 
 /// Removes rudder's nftables table if present.
@@ -307,6 +318,7 @@ mod tests {
         let rules = masquerade_ruleset(
             "10.5.0.0/16".parse().unwrap(),
             "10.5.7.0/24".parse().unwrap(),
+            true,
         );
         assert!(rules.contains("ip saddr 10.5.7.0/24 ip daddr 10.5.0.0/16 return"));
         assert!(
@@ -317,6 +329,14 @@ mod tests {
         );
         // Replaces the whole table in one transaction.
         assert!(rules.starts_with("table ip rudder\ndelete table ip rudder\n"));
+        // --ip-masq-fully-random-disable
+        let plain = masquerade_ruleset(
+            "10.5.0.0/16".parse().unwrap(),
+            "10.5.7.0/24".parse().unwrap(),
+            false,
+        );
+        assert!(!plain.contains("fully-random"));
+        assert!(plain.contains("ip saddr 10.5.0.0/16 ip daddr != 224.0.0.0/4 masquerade\n"));
     }
 
     /// Real iptables in a private network namespace: a docker-like FORWARD policy DROP with a

@@ -17,6 +17,7 @@ pub mod dataplane;
 pub mod docker_opts;
 pub mod etcd;
 pub mod firewall;
+pub mod flanneld_compat;
 pub mod host;
 pub mod http;
 pub mod json;

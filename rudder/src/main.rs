@@ -1,10 +1,10 @@
 //! The `rudder` command: parses flags, sets up logging, runs the chosen subcommand.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;
 
 use rudder::cli::{Cli, Command, NetworkCommand};
-use rudder::{admin, daemon, docker_opts, http};
+use rudder::{admin, daemon, docker_opts, flanneld_compat, http};
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -14,7 +14,22 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    // flanneld's command line and FLANNELD_* environment, before any thread starts.
+    // (clap reads each variable when the command is built: build it again afterwards.)
+    let argv = match flanneld_compat::prepare(&Cli::command()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("rudder: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::command()
+        .try_get_matches_from(argv)
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -227,6 +227,8 @@ impl Cluster {
             bin,
             args,
             command_prefix: opts.command_prefix.clone(),
+            flanneld_style: AtomicBool::new(false),
+            extra_env: Mutex::new(Vec::new()),
             daemon: Mutex::new(None),
             subnet: Mutex::new(None),
             container_made: AtomicBool::new(false),

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
 use crate::host::Host;
 use crate::process::{cpu_time_of, stop_child};
 use crate::util::wait_until;
@@ -43,9 +46,14 @@ impl Host {
             .open(&self.0.log)?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.0.ns])
-            .args(&self.0.command_prefix)
-            .arg(&self.0.bin)
-            .args(&self.0.args)
+            .args(&self.0.command_prefix);
+        if self.0.flanneld_style.load(Ordering::SeqCst) {
+            let (argv, env) = self.flanneld_command_line();
+            cmd.arg(self.flanneld_symlink()?).args(argv).envs(env);
+        } else {
+            cmd.arg(&self.0.bin).args(&self.0.args);
+        }
+        cmd.envs(self.0.extra_env.lock().unwrap().iter().cloned())
             .env_remove("RUDDER_BIN")
             .env_remove("RUDDER_TEST_DATAPLANE")
             .env_remove("RUDDER_TEST_SHOW_LOGS")
@@ -62,6 +70,39 @@ impl Host {
         self.0.res.add_pid(child.id());
         *guard = Some(child);
         Ok(())
+    }
+
+    /// From the next start on, start the daemon as a flanneld unit would: through a symlink
+    /// named `flanneld`, with [`Host::flanneld_command_line`]'s argv and environment.
+    pub fn set_flanneld_style(&self, on: bool) {
+        self.0.flanneld_style.store(on, Ordering::SeqCst);
+    }
+
+    /// Environment variables added to the daemon's from the next start on.
+    pub fn set_env(&self, env: &[(&str, &str)]) {
+        *self.0.extra_env.lock().unwrap() = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// The flanneld-style argv (after the program name) and environment for this host's
+    /// arguments: see [`crate::flanneld::flanneld_command_line`].
+    pub fn flanneld_command_line(&self) -> (Vec<String>, Vec<(String, String)>) {
+        crate::flanneld::flanneld_command_line(&self.0.args)
+    }
+
+    /// `<host dir>/bin/flanneld`, a symlink to the daemon binary.
+    pub fn flanneld_symlink(&self) -> Result<PathBuf> {
+        let dir = self.0.log.with_file_name("bin");
+        std::fs::create_dir_all(&dir)?;
+        let link = dir.join("flanneld");
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(&self.0.bin, &link).with_context(|| {
+                format!("linking {} to {}", link.display(), self.0.bin.display())
+            })?;
+        }
+        Ok(link)
     }
 
     /// Waits for the subnet file and `/readyz` 200, then (unless the bridge is external) makes

@@ -106,6 +106,10 @@ pub(crate) struct HostInner {
     pub(crate) bin: PathBuf,
     pub(crate) args: Vec<String>,
     pub(crate) command_prefix: Vec<String>,
+    /// Start the daemon as a flanneld unit would ([`Host::set_flanneld_style`]).
+    pub(crate) flanneld_style: AtomicBool,
+    /// Environment added to the daemon's (on top of what the flanneld style sets).
+    pub(crate) extra_env: Mutex<Vec<(String, String)>>,
     pub(crate) daemon: Mutex<Option<Child>>,
     pub(crate) subnet: Mutex<Option<SubnetEnv>>,
     pub(crate) container_made: AtomicBool,

@@ -21,6 +21,7 @@ mod daemon;
 pub mod docker;
 pub mod etcd_json;
 pub mod etcd_members;
+pub mod flanneld;
 pub mod host;
 pub mod netns;
 pub mod packet;
