@@ -131,7 +131,9 @@ impl NetConf {
         let mut ipam = json!({
             "type": "host-local",
             "ranges": [[{ "subnet": env.subnet.network().to_string() }]],
-            "routes": [{ "dst": env.network.to_string() }],
+            // The gateway is given (bridge's default gateway is the same address): bridge
+            // 1.1.1's CHECK does not match a route without one against the one it installed.
+            "routes": [{ "dst": env.network.to_string(), "gw": env.subnet.addr.to_string() }],
         })
         .as_object()
         .cloned()
@@ -194,7 +196,7 @@ mod tests {
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": "10.1.74.0/24"}]],
-                    "routes": [{"dst": "10.1.0.0/16"}],
+                    "routes": [{"dst": "10.1.0.0/16", "gw": "10.1.74.1"}],
                 },
             })
         );

@@ -169,12 +169,14 @@ fn exec_delegate(
         .and_then(Value::as_str)
         .map(String::from)
         .unwrap_or_else(|| format!("exited with {}", out.status));
-    let details = parsed
-        .as_ref()
-        .and_then(|v| v.get("details"))
-        .and_then(Value::as_str)
-        .map(String::from)
-        .unwrap_or_else(|| String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let details = match &parsed {
+        Some(v) => v
+            .get("details")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        None => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    };
     Err(CniError::new(code, format!("delegate {t} {command}: {msg}")).details(details))
 }
 
