@@ -16,6 +16,7 @@
 
 pub mod cleanup;
 pub mod cluster;
+pub mod cni;
 mod container;
 mod daemon;
 pub mod docker;
