@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rudder_tests::cni::{chain_entry, endpoint, has_link, result_ip, sandbox_ip, CniHost, Sandbox};
+use rudder_tests::containerd::Containerd;
 use rudder_tests::{
     check, e2e, netns, ping, send_udp, tcp_transfer, wait_ping, wait_until, Cluster, Endpoint,
     HostOpts, UdpProbe,
@@ -378,4 +379,108 @@ fn cni_containers_on_three_hosts_talk_and_publish_a_port() {
 #[test]
 fn cni_containers_on_a_mixed_cluster_ping_both_ways() {
     e2e(|c| three_hosts(c, [Some("ebpf"), Some("tun"), Some("ebpf")], true));
+}
+
+/// A real runtime: containerd 1.6 in host 1's namespace, `ctr run --cni` with the shipped
+/// conflist attaches a busybox httpd through the plugin; host 2's container (attached by the
+/// plugin directly) reaches it and back; when the task ends ctr's DEL releases everything.
+#[test]
+fn containerd_attaches_a_container_through_the_plugin() {
+    e2e(|c| {
+        let a = cni_host(c, None)?;
+        let b = cni_host(c, None)?;
+        let sb = b.sandbox(c.resources(), "p1")?;
+        let out = b.rudder("ADD", &b.net_conf("1.0.0"), &sb)?;
+        out.expect_ok()?;
+        let eb = endpoint(&sb, &out.json()?)?;
+
+        let conf_dir = a.state.join("net.d");
+        std::fs::create_dir_all(&conf_dir)?;
+        std::fs::write(
+            conf_dir.join("10-rudder.conflist"),
+            serde_json::to_string_pretty(&a.conflist()?)?,
+        )?;
+        let ctrd = Containerd::start(
+            a.host.netns(),
+            &c.dir().join(format!("{}-containerd", a.host.name())),
+            c.resources(),
+        )?;
+        println!("containerd: {}", ctrd.ctr(&["version"])?.replace('\n', " "));
+        let rootfs = ctrd.rootfs("web", "hello from containerd\n")?;
+        let web = ctrd.run_cni(
+            "web",
+            &rootfs,
+            &conf_dir,
+            &a.bin_dir,
+            &["/bin/httpd", "-f", "-p", "80", "-h", "/www"],
+        )?;
+        println!("ctr task ls:\n{}", ctrd.ctr(&["task", "ls"])?);
+        let pid = ctrd.task_pid("web")?;
+        let ns = format!("{}-ctrweb", a.host.netns());
+        c.resources().add_netns(&ns);
+        rudder_tests::util::ip(&["netns", "attach", &ns, &pid.to_string()])?;
+        let addr = rudder_tests::util::ip(&["-n", &ns, "-o", "-4", "addr", "show", "dev", "eth0"])?;
+        println!("container web (ctr): {}", addr.trim());
+        let ip: Ipv4Addr = addr
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .context("no address on eth0")?
+            .parse()?;
+        check!(
+            a.host.subnet().contains(&ip),
+            "{ip} not in {}",
+            a.host.subnet()
+        );
+        let saved_web = a.state.join("rudder-data").join("default-web-eth0.json");
+        check!(saved_web.exists(), "no saved attachment for default-web");
+        let ea = Endpoint { ns: ns.clone(), ip };
+
+        wait_until("peers", Duration::from_secs(30), || {
+            Ok(a.host.sees_peer(&b.host)? && b.host.sees_peer(&a.host)?)
+        })?;
+        wait_ping(&ea, eb.ip, Duration::from_secs(20))?;
+        wait_ping(&eb, ea.ip, Duration::from_secs(20))?;
+        tcp_transfer(&ea, &eb, 256 * 1024)?;
+        tcp_transfer(&eb, &ea, 256 * 1024)?;
+        let page = netns::exec_ok(
+            &sb.ns,
+            "busybox",
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | busybox timeout 10 busybox nc {ip} 80"
+                ),
+            ],
+        )?;
+        check!(page.contains("hello from containerd"), "HTTP: {page}");
+        println!(
+            "HTTP from host 2's container to the ctr container: {:?}",
+            page.lines().next()
+        );
+
+        // The task ends: ctr runs DEL through the plugin (no netns any more: the saved delegate
+        // config is what releases the address).
+        rudder_tests::util::ip(&["netns", "del", &ns])?;
+        let out = ctrd.stop_container(web)?;
+        println!("ctr run output: {}", out.trim());
+        check!(!saved_web.exists(), "saved attachment left after ctr's DEL");
+        check!(
+            !ip_reserved(&a, &format!("rudder-{}", a.host.name()), ip),
+            "{ip} still reserved after ctr's DEL"
+        );
+        wait_until("the veth to go from cni0", Duration::from_secs(10), || {
+            Ok(netns::exec_ok(
+                a.host.netns(),
+                "ip",
+                &["-o", "link", "show", "master", "cni0"],
+            )?
+            .trim()
+            .is_empty())
+        })?;
+        b.rudder("DEL", &b.net_conf("1.0.0"), &sb)?.expect_ok()?;
+        Ok(())
+    });
 }
