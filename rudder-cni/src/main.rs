@@ -505,3 +505,95 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod delegate_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A stand-in `bridge` that logs its command and container, and answers ADD with a result.
+    fn fake_bridge(dir: &std::path::Path) -> PathBuf {
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let p = bin.join("bridge");
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\ncat > {log}/stdin-$CNI_COMMAND-$CNI_CONTAINERID\n\
+                 echo \"$CNI_COMMAND $CNI_CONTAINERID $CNI_IFNAME\" >> {log}/calls\n\
+                 [ \"$CNI_COMMAND\" = ADD ] && echo '{{\"cniVersion\":\"1.1.0\",\"ips\":[]}}'\n\
+                 exit 0\n",
+                log = dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        bin
+    }
+
+    #[test]
+    fn add_saves_del_uses_the_saved_config_and_gc_deletes_the_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = fake_bridge(dir.path());
+        let sf = dir.path().join("subnet.env");
+        std::fs::write(
+            &sf,
+            "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
+        let data = dir.path().join("data");
+        let conf = format!(
+            r#"{{"cniVersion":"1.1.0","name":"n","type":"rudder","subnetFile":"{}","dataDir":"{}"}}"#,
+            sf.display(),
+            data.display()
+        );
+        let env = |cmd: &str, id: &str| Env {
+            command: cmd.into(),
+            container_id: id.into(),
+            netns: "/run/netns/x".into(),
+            ifname: "eth0".into(),
+            path: vec![bin.clone()],
+        };
+        for id in ["a", "b", "c"] {
+            let out = run(&env("ADD", id), conf.as_bytes()).1.unwrap().unwrap();
+            assert!(String::from_utf8_lossy(&out).contains("\"ips\""));
+        }
+        let sent: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("stdin-ADD-a")).unwrap())
+                .unwrap();
+        assert_eq!(sent["mtu"], 1472);
+        assert_eq!(sent["ipMasq"], false);
+        assert_eq!(store::list(&data).len(), 3);
+
+        // The subnet file changes: DEL of "a" still sends what ADD used.
+        std::fs::write(
+            &sf,
+            "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.99.1/24\nFLANNEL_MTU=1400\nFLANNEL_IPMASQ=false\n",
+        )
+        .unwrap();
+        run(&env("DEL", "a"), conf.as_bytes()).1.unwrap();
+        let sent: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("stdin-DEL-a")).unwrap())
+                .unwrap();
+        assert_eq!(sent["mtu"], 1472);
+        assert_eq!(sent["ipam"]["ranges"][0][0]["subnet"], "10.1.74.0/24");
+
+        // GC keeps the valid attachment "b", deletes the stale "c".
+        let gc = format!(
+            r#"{{"cniVersion":"1.1.0","name":"n","type":"rudder","dataDir":"{}",
+                "cni.dev/valid-attachments":[{{"containerID":"b","ifname":"eth0"}}]}}"#,
+            data.display()
+        );
+        run(&env("GC", ""), gc.as_bytes()).1.unwrap();
+        let left: Vec<String> = store::list(&data)
+            .into_iter()
+            .map(|a| a.container_id)
+            .collect();
+        assert_eq!(left, vec!["b".to_string()]);
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert!(
+            calls.contains("DEL c eth0") && !calls.contains("DEL b"),
+            "{calls}"
+        );
+    }
+}
