@@ -16,7 +16,9 @@
 
 pub mod cleanup;
 pub mod cluster;
+pub mod cni;
 mod container;
+pub mod containerd;
 mod daemon;
 pub mod docker;
 pub mod etcd_json;

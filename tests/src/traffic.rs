@@ -107,12 +107,46 @@ impl Transfer {
 /// Sends `bytes` bytes over TCP from `from` to a listener on `to` (port 5201+random) and checks
 /// that exactly the same bytes arrived. Each side runs on a thread inside its namespace.
 pub fn tcp_transfer(from: &Endpoint, to: &Endpoint, bytes: usize) -> Result<Transfer> {
+    let to_ip = to.ip;
+    transfer(
+        from,
+        &to.ns,
+        (to.ip, 0),
+        |port| SocketAddr::from((to_ip, port)),
+        bytes,
+    )
+}
+
+/// Like [`tcp_transfer`], but the listener is on `port` (any address) in `to`'s namespace and
+/// the sender connects to `dst` (e.g. a published port on a host's address, DNATed to `to`).
+pub fn tcp_transfer_via(
+    from: &Endpoint,
+    to: &Endpoint,
+    port: u16,
+    dst: SocketAddrV4,
+    bytes: usize,
+) -> Result<Transfer> {
+    transfer(
+        from,
+        &to.ns,
+        (Ipv4Addr::UNSPECIFIED, port),
+        |_| SocketAddr::V4(dst),
+        bytes,
+    )
+}
+
+fn transfer(
+    from: &Endpoint,
+    to_ns: &str,
+    bind: (Ipv4Addr, u16),
+    dst: impl Fn(u16) -> SocketAddr,
+    bytes: usize,
+) -> Result<Transfer> {
     let seed: u64 = rand::random();
     let data = std::sync::Arc::new(pattern(bytes, seed));
     let (tx, rx) = std::sync::mpsc::channel::<u16>();
-    let to_ip = to.ip;
-    let receiver = netns::spawn_in(&to.ns, move || {
-        let l = TcpListener::bind((to_ip, 0)).context("bind listener")?;
+    let receiver = netns::spawn_in(to_ns, move || {
+        let l = TcpListener::bind(bind).context("bind listener")?;
         tx.send(l.local_addr()?.port()).ok();
         l.set_nonblocking(true)?;
         let start = Instant::now();
@@ -136,8 +170,8 @@ pub fn tcp_transfer(from: &Endpoint, to: &Endpoint, bytes: usize) -> Result<Tran
     });
     let port = rx
         .recv_timeout(Duration::from_secs(10))
-        .map_err(|_| anyhow!("listener in {} did not start", to.ns))?;
-    let dst = SocketAddr::from((to.ip, port));
+        .map_err(|_| anyhow!("listener in {to_ns} did not start"))?;
+    let dst = dst(port);
     let send_data = data.clone();
     let start = Instant::now();
     let sender = netns::spawn_in(&from.ns, move || {

@@ -85,5 +85,10 @@ pub fn build_workspace() -> Result<PathBuf> {
     if !bin.is_file() {
         bail!("build finished but {} does not exist", bin.display());
     }
+    // The CNI plugin the CNI tests install as `rudder` (found beside the daemon binary).
+    let cni = target_dir().join("debug/rudder-cni");
+    if !cni.is_file() {
+        bail!("build finished but {} does not exist", cni.display());
+    }
     Ok(bin)
 }

@@ -122,11 +122,13 @@ const CHECKS: &[Check] = &[
         run: dockerd,
     },
     Check {
-        tool: "containerd, runc",
-        tried: "containerd --version, runc --version",
+        tool: "containerd, ctr, runc",
+        tried: "containerd --version, ctr --version, runc --version",
         remedy: "apt-get install containerd runc",
         run: |_| {
             ok(Command::new("containerd").arg("--version"))?;
+            // The CNI tests' real runtime: `ctr run --cni` against a containerd of their own.
+            ok(Command::new("ctr").arg("--version"))?;
             ok(Command::new("runc").arg("--version"))
         },
     },
