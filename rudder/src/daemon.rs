@@ -13,14 +13,14 @@ use crate::cli::RunArgs;
 use crate::config::NetworkConfig;
 use crate::dataplane::{self, Dataplane, DataplaneOptions};
 use crate::etcd::{self, Backoff, Etcd};
-use crate::firewall::{self, ForwardRules};
+use crate::firewall;
 use crate::host::{self, Netlink};
 use crate::lease::{renew_after, AcquireError, Lease, LeaseManager, Renewal};
+use crate::local_setup::{keep_blackhole_route, LocalSetup};
 use crate::peers::PeerRegistry;
 use crate::reconcile::Reconciler;
 use crate::status::State;
-use crate::subnet::gateway;
-use crate::subnet_file::{self, SubnetFile};
+use crate::subnet_file;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Flags rudder accepts but cannot honour, and partial TLS/auth flags, fail first, before
@@ -37,8 +37,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     etcd::connect_options(&args.etcd)?;
-    host::require_capability(
-        host::CAP_NET_ADMIN,
+    crate::capabilities::require_capability(
+        crate::capabilities::CAP_NET_ADMIN,
         "CAP_NET_ADMIN",
         "rudder creates devices, routes and nftables rules",
     )?;
@@ -206,44 +206,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--ip-blackhole-route`: keeps a blackhole route for our subnet, as flanneld does, checking
-/// every `period` (its --iptables-resync); follows the subnet when the lease changes.
-async fn keep_blackhole_route(
-    netlink: Netlink,
-    mut subnet: watch::Receiver<Ipv4Net>,
-    period: Duration,
-) {
-    let mut tick = tokio::time::interval(period);
-    let mut installed: Option<Ipv4Net> = None;
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            changed = subnet.changed() => if changed.is_err() { return },
-        }
-        let current = *subnet.borrow();
-        if let Some(old) = installed.filter(|old| *old != current) {
-            if let Err(e) = netlink.remove_blackhole(old).await {
-                tracing::warn!("removing the blackhole route {old}: {e:#}");
-            }
-        }
-        match netlink.ensure_blackhole(current).await {
-            Ok(added) => {
-                if added {
-                    tracing::info!(subnet = %current, "blackhole route added");
-                }
-                installed = Some(current);
-                failing = false;
-            }
-            Err(e) if !failing => {
-                failing = true;
-                tracing::warn!("adding the blackhole route {current}: {e:#}");
-            }
-            Err(_) => {}
-        }
-    }
-}
-
 /// Lets the data plane re-read host state (local containers, its routes) four times a second.
 async fn refresh_host_state(dp: Arc<dyn Dataplane>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -397,76 +359,6 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// What depends on our subnet outside the data plane: subnet file, bridge, masquerade.
-struct LocalSetup {
-    args: RunArgs,
-    network: Ipv4Net,
-    overlay_mtu: u16,
-    netlink: Netlink,
-}
-
-impl LocalSetup {
-    async fn apply(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
-        host::enable_ip_forwarding()?;
-        if let Some(bridge) = &self.args.bridge {
-            let address = Ipv4Net::new(gateway(subnet), subnet.prefix_len())?;
-            self.netlink
-                .ensure_bridge(bridge, address, u32::from(self.overlay_mtu))
-                .await?;
-        }
-        if self.args.ip_masq {
-            firewall::install_masquerade(
-                self.network,
-                subnet,
-                !self.args.ip_masq_fully_random_disable,
-            )?;
-        } else {
-            // A previous run with --ip-masq may have left its table.
-            firewall::remove_masquerade().ok();
-        }
-        if let Some(rules) = self.forward_rules() {
-            // Not fatal: a host without iptables has no docker chains to get past.
-            match rules.ensure() {
-                Ok(_) => tracing::info!(network = %self.network, "iptables forward rules in place"),
-                Err(e) => tracing::warn!("installing the iptables forward rules failed: {e:#}"),
-            }
-        }
-        SubnetFile {
-            network: self.network,
-            subnet,
-            mtu: self.overlay_mtu,
-            ip_masq: self.args.ip_masq,
-        }
-        .write(&self.args.subnet_file)?;
-        tracing::info!(file = %self.args.subnet_file.display(), %subnet, "subnet file written");
-        Ok(())
-    }
-
-    async fn undo(&self) {
-        if let Some(bridge) = &self.args.bridge {
-            if let Err(e) = self.netlink.delete_link(bridge).await {
-                tracing::warn!("removing bridge {bridge}: {e:#}");
-            }
-        }
-        if self.args.ip_masq {
-            if let Err(e) = firewall::remove_masquerade() {
-                tracing::warn!("removing masquerade rules: {e:#}");
-            }
-        }
-        if let Some(rules) = self.forward_rules() {
-            if let Err(e) = rules.remove() {
-                tracing::warn!("removing the iptables forward rules: {e:#}");
-            }
-        }
-    }
-
-    fn forward_rules(&self) -> Option<ForwardRules> {
-        self.args
-            .iptables_forward_rules
-            .then(|| ForwardRules::new(self.network))
-    }
 }
 
 /// Owns our lease after start: renews it, and re-acquires it when it is lost.

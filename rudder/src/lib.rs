@@ -6,10 +6,12 @@
 //! (control-plane counters), `dataplane` (`tun` and `ebpf` behind one trait), `cli`,
 //! `etcd` (connection, back-off, diagnosis), `lease` (our subnet), `peers` (everyone
 //! else), `status` and `http` (status, health, metrics), `reconcile` (peers → data
-//! plane), `subnet_file`, `docker_opts`, `admin`, `daemon` (the `rudder` command). Each
+//! plane), `subnet_file`, `docker_opts`, `local_setup` (this host's plumbing for the lease), `admin`,
+//! `daemon` (the `rudder` command). Each
 //! imports only from those before it.
 
 pub mod admin;
+pub mod capabilities;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -22,6 +24,7 @@ pub mod host;
 pub mod http;
 pub mod json;
 pub mod lease;
+pub mod local_setup;
 pub mod metrics;
 pub mod packet;
 pub mod peers;

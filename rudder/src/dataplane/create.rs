@@ -57,7 +57,7 @@ pub async fn create(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplan
 }
 
 async fn load_ebpf(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>> {
-    use crate::host::{has_capability, CAP_BPF, CAP_SYS_ADMIN};
+    use crate::capabilities::{has_capability, CAP_BPF, CAP_SYS_ADMIN};
     if !has_capability(CAP_BPF) && !has_capability(CAP_SYS_ADMIN) {
         anyhow::bail!(
             "missing CAP_BPF (or CAP_SYS_ADMIN on kernels before 5.8): loading BPF programs needs it"

@@ -49,6 +49,7 @@
 //! crashed daemon's routes.
 //!
 //! Rooms: `kernel` (the BPF object, its programs and maps), `routes` (peer routes),
+//! `bridge` (adopting the containers' bridge),
 //! `endpoints` (local container discovery), `socket_path` (datagrams BPF passes up);
 //! this file ties them into [`EbpfDataplane`].
 
@@ -65,6 +66,7 @@ use rudder_ebpf::{names, Counter, DataplaneConfig, LocalEndpoint, PeerValue};
 
 use super::{CounterSnapshot, Dataplane, DataplaneKind, PeerStats};
 
+mod bridge;
 #[cfg(test)]
 mod bridge_tests;
 mod endpoints;
@@ -76,6 +78,7 @@ mod routes;
 mod smoke_tests;
 mod socket_path;
 
+use bridge::{gateway_of, AdoptedBridge};
 use kernel::{ignore_missing, Kernel};
 use routes::Routes;
 pub use routes::RTPROT_RUDDER;
@@ -131,14 +134,6 @@ struct State {
     gateway_local: bool,
 }
 
-/// A bridge made by someone else (or by `--bridge`) that the fast paths serve.
-struct AdoptedBridge {
-    name: String,
-    ifindex: u32,
-    /// `None` when attaching failed (logged; container traffic takes the host's path).
-    link: Option<kernel::SchedClassifierLinkId>,
-}
-
 impl EbpfDataplane {
     /// Loads the programs, attaches them to the underlay (TCX ingress and egress), fills the
     /// config map and installs the network's unreachable route. Removes routes a previous
@@ -184,66 +179,6 @@ impl EbpfDataplane {
         };
         dataplane.adopt_bridge()?;
         Ok(dataplane)
-    }
-
-    /// Finds the containers' bridge and the gateway address (see the module documentation)
-    /// and follows what changed: attaches `rudder_br_in` to a new or re-created bridge, and
-    /// re-programs the peer routes when the gateway address comes or goes.
-    fn adopt_bridge(&self) -> anyhow::Result<()> {
-        let mut state = self.lock();
-        let gateway = gateway_of(state.opts.local_subnet);
-        let holder = state.routes()?.interface_holding(gateway)?;
-        let found = match &state.opts.bridge {
-            Some(name) => state.routes()?.link_index(name)?.map(|i| (name.clone(), i)),
-            None => holder.clone(),
-        };
-        let current = state.bridge.as_ref().map(|b| b.ifindex);
-        if found.as_ref().map(|(_, i)| *i) != current {
-            let State { kernel, bridge, .. } = &mut *state;
-            let kernel = kernel.as_mut().context("eBPF data plane is shut down")?;
-            if let Some(old) = bridge.take() {
-                if let Some(link) = old.link {
-                    kernel.detach_bridge(link);
-                }
-                tracing::info!(bridge = %old.name, "the containers' bridge is gone");
-            }
-            if let Some((name, ifindex)) = found {
-                let link = match kernel.attach_bridge(&name) {
-                    Ok(link) => {
-                        tracing::info!(bridge = %name, ifindex, %gateway, "adopted the containers' bridge: container to peer fast path attached");
-                        Some(link)
-                    }
-                    Err(e) => {
-                        tracing::warn!(bridge = %name, "{e:#}; container traffic to peers takes the host's forwarding path");
-                        None
-                    }
-                };
-                *bridge = Some(AdoptedBridge {
-                    name,
-                    ifindex,
-                    link,
-                });
-            }
-        }
-        let gateway_local = holder.is_some();
-        if gateway_local != state.gateway_local {
-            state.gateway_local = gateway_local;
-            let src = state.pref_source();
-            let mtu = state.opts.overlay_mtu;
-            let routes = state.routes()?;
-            for (subnet, public_ip) in &state.peers {
-                routes.add_peer(*subnet, *public_ip, mtu, src)?;
-            }
-            if !state.peers.is_empty() {
-                tracing::info!(
-                    peers = state.peers.len(),
-                    src = ?src,
-                    "peer routes re-programmed: the gateway address {gateway} {}",
-                    if gateway_local { "is now on this host" } else { "left this host" }
-                );
-            }
-        }
-        Ok(())
     }
 
     /// Binds the overlay port for the datagrams the ingress program passes up (see
@@ -620,11 +555,6 @@ impl Dataplane for EbpfDataplane {
         }
         Ok(())
     }
-}
-
-/// The subnet's first host address: where docker's `--bip` and CNI's gateway put the bridge.
-fn gateway_of(subnet: Ipv4Net) -> Ipv4Addr {
-    crate::subnet::gateway(subnet)
 }
 
 fn validate(opts: &EbpfOptions) -> anyhow::Result<()> {
