@@ -173,28 +173,14 @@ const PROTO_UDP: u8 = 17;
 /// packet whose correct checksum happens to have that value is recomputed to the same value,
 /// so a correct packet is never changed.
 pub fn complete_partial_checksum(packet: &mut [u8], view: &Ipv4View) -> bool {
-    if view.fragment_offset != 0 || view.more_fragments {
+    if !has_partial_l4_checksum(packet, view) {
         return false;
     }
-    let (check_at, min_len) = match view.protocol {
-        PROTO_TCP => (16, 20),
-        PROTO_UDP => (6, 8),
-        _ => return false,
+    let (check_at, l4) = match view.protocol {
+        PROTO_TCP => (16, &mut packet[view.header_len..view.total_len]),
+        _ => (6, &mut packet[view.header_len..view.total_len]),
     };
-    let Some(l4) = packet.get_mut(view.header_len..view.total_len) else {
-        return false;
-    };
-    if l4.len() < min_len {
-        return false;
-    }
-    let field = read_u16(l4, check_at);
-    if view.protocol == PROTO_UDP && field == 0 {
-        return false; // UDP without a checksum
-    }
     let pseudo = pseudo_header_sum(view.src, view.dst, view.protocol, l4.len());
-    if field != pseudo {
-        return false;
-    }
     l4[check_at..check_at + 2].fill(0);
     let mut sum = u32::from(!internet_checksum(l4)) + u32::from(pseudo);
     sum = (sum & 0xffff) + (sum >> 16);
@@ -204,6 +190,47 @@ pub fn complete_partial_checksum(packet: &mut [u8], view: &Ipv4View) -> bool {
     }
     l4[check_at..check_at + 2].copy_from_slice(&checksum.to_be_bytes());
     true
+}
+
+/// Whether the packet is TCP or UDP (not a fragment) whose checksum field holds only the
+/// pseudo-header sum, as a kernel with checksum offload leaves it.
+pub fn has_partial_l4_checksum(packet: &[u8], view: &Ipv4View) -> bool {
+    if view.fragment_offset != 0 || view.more_fragments {
+        return false;
+    }
+    let (check_at, min_len) = match view.protocol {
+        PROTO_TCP => (16, 20),
+        PROTO_UDP => (6, 8),
+        _ => return false,
+    };
+    let Some(l4) = packet.get(view.header_len..view.total_len) else {
+        return false;
+    };
+    if l4.len() < min_len {
+        return false;
+    }
+    let field = read_u16(l4, check_at);
+    if view.protocol == PROTO_UDP && field == 0 {
+        return false; // UDP without a checksum
+    }
+    field == pseudo_header_sum(view.src, view.dst, view.protocol, l4.len())
+}
+
+/// For a TCP packet longer than `mtu` whose checksum is left partial (a sender's whole TSO
+/// packet, which a veth or virtio underlay delivers unsegmented inside one datagram): the
+/// TCP header's end and the segment size that fits `mtu`, so the kernel can segment it
+/// (a virtio GSO header on a TUN write). `None` for anything else.
+pub fn tcp_super_packet(packet: &[u8], view: &Ipv4View, mtu: usize) -> Option<(usize, usize)> {
+    if view.protocol != PROTO_TCP || view.total_len <= mtu || !has_partial_l4_checksum(packet, view)
+    {
+        return None;
+    }
+    let tcp_header_len = usize::from(packet.get(view.header_len + 12)? >> 4) * 4;
+    let headers = view.header_len + tcp_header_len;
+    if tcp_header_len < 20 || headers >= mtu || headers >= view.total_len {
+        return None;
+    }
+    Some((headers, mtu - headers))
 }
 
 /// The TCP/UDP pseudo-header's one's-complement sum, folded, not inverted (what a kernel

@@ -537,3 +537,20 @@ fn fragments_and_other_protocols_are_not_touched() {
     assert!(!complete_partial_checksum(&mut icmp, &view));
     assert_eq!(icmp, before);
 }
+
+#[test]
+fn a_whole_tso_packet_is_recognised_for_kernel_segmentation() {
+    let payload = vec![7u8; 4000];
+    let mut p = tcp_packet(&payload);
+    let view = parse_ipv4(&p).unwrap();
+    // A complete checksum: an ordinary (if oversized) packet, left alone.
+    assert_eq!(tcp_super_packet(&p, &view, 1472), None);
+    make_partial(&mut p, 36);
+    assert_eq!(tcp_super_packet(&p, &view, 1472), Some((40, 1432)));
+    // Not longer than the MTU: a single packet, its checksum completed instead.
+    assert_eq!(tcp_super_packet(&p, &view, 9000), None);
+    let mut udp = udp_packet(SRC, DST, 64, &[1u8; 4000]);
+    make_partial(&mut udp, 26);
+    let view = parse_ipv4(&udp).unwrap();
+    assert_eq!(tcp_super_packet(&udp, &view, 1472), None, "only TCP");
+}

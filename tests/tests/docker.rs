@@ -246,6 +246,31 @@ fn docker_with_rudders_masquerade_published_ports_and_rudder_restarts() {
     });
 }
 
+/// An eBPF docker host and a TUN docker host, default offloads on the veth underlay.
+#[test]
+fn docker_containers_talk_across_a_mixed_ebpf_and_tun_cluster() {
+    e2e(|c| {
+        let dataplane = |d: &str| HostOpts {
+            dataplane: Some(d.into()),
+            ..HostOpts::default()
+        };
+        let a = docker_host(c, dataplane("ebpf"))?;
+        let b = docker_host(c, dataplane("tun"))?;
+        let (wa, ma) = web(&a, "web-a", &[])?;
+        let (wb, mb) = web(&b, "web-b", &[])?;
+        wait_until("a and b to see each other", Duration::from_secs(20), || {
+            Ok(a.host.sees_peer(&b.host)? && b.host.sees_peer(&a.host)?)
+        })?;
+        check!(a.host.status()?["dataplane"] == "ebpf", "a is not on eBPF");
+        check!(b.host.status()?["dataplane"] == "tun", "b is not on TUN");
+        talk((&a, "web-a", &wa), (&b, "web-b", &wb, &mb))?;
+        talk((&b, "web-b", &wb), (&a, "web-a", &wa, &ma))?;
+        ping(&a.host.host_endpoint(), wb.ip)?;
+        ping(&b.host.host_endpoint(), wa.ip)?;
+        Ok(())
+    });
+}
+
 /// 20 containers started and stopped on one host while two others talk: no loss between
 /// those two, every new container reachable.
 #[test]

@@ -339,8 +339,6 @@ pub fn decide_inbound(
             icmp_len: None,
         };
     }
-    // A kernel sender on a virtual underlay may leave the L4 checksum unfinished.
-    packet::complete_partial_checksum(packet, &view);
     if let Err(reason) = packet::decrement_ttl(packet) {
         // The source is inside the sender's subnet (checked above), so the error can go
         // straight back to the sender.

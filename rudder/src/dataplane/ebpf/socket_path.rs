@@ -171,6 +171,11 @@ async fn receive(socket: UdpSocket, raw: OwnedFd, path: Arc<SocketPath>) {
         };
         match verdict {
             Inbound::Deliver { len, .. } => {
+                // Re-injected through a raw socket: the kernel will not finish a checksum
+                // the sender's kernel left partial.
+                if let Ok(view) = crate::packet::parse_ipv4(&buf[..len]) {
+                    crate::packet::complete_partial_checksum(&mut buf[..len], &view);
+                }
                 let dst = Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]);
                 let to = SockaddrIn::from(SocketAddrV4::new(dst, 0));
                 match sendto(raw.as_raw_fd(), &buf[..len], &to, MsgFlags::empty()) {

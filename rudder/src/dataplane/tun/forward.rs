@@ -333,6 +333,7 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
         .collect();
     let mut gro = GROTable::default();
     let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
+    let mut super_buf = Vec::with_capacity(WRITE_OFFSET + MAX_PACKET_LEN);
     let mut reader = shared.table.reader();
     let mut logs = TaskLogs::new();
     loop {
@@ -359,6 +360,42 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                 let size = datagram.len();
                 match decide_inbound(datagram, sender, table, &mut icmp) {
                     Inbound::Deliver { len, from: slot } => {
+                        let packet = &mut datagram[..len];
+                        let view = match crate::packet::parse_ipv4(packet) {
+                            Ok(view) => view,
+                            Err(_) => continue, // decide_inbound parsed it already
+                        };
+                        if shared.offload {
+                            if let Some((headers, mss)) =
+                                crate::packet::tcp_super_packet(packet, &view, shared.mtu)
+                            {
+                                // Keep order: what is queued goes first.
+                                write_batch(
+                                    &device,
+                                    &mut gro,
+                                    &mut outgoing[..queued],
+                                    &shared,
+                                    &mut logs,
+                                )
+                                .await;
+                                queued = 0;
+                                write_super_packet(
+                                    &device,
+                                    packet,
+                                    headers,
+                                    mss,
+                                    &mut super_buf,
+                                    &shared,
+                                    &mut logs,
+                                )
+                                .await;
+                                if let Some(slot) = slot {
+                                    table.traffic(slot).add_rx(1, len);
+                                }
+                                continue;
+                            }
+                        }
+                        crate::packet::complete_partial_checksum(packet, &view);
                         if queued == WRITE_BATCH {
                             write_batch(&device, &mut gro, &mut outgoing, &shared, &mut logs).await;
                             queued = 0;
@@ -392,6 +429,45 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
             &mut logs,
         )
         .await;
+    }
+}
+
+/// Writes a sender's whole TSO packet (delivered unsegmented by a veth or virtio underlay,
+/// its checksum partial) with a virtio GSO header: the kernel segments it to `mss` and
+/// finishes each segment's checksum, as the sender's NIC would have.
+async fn write_super_packet(
+    device: &AsyncDevice,
+    packet: &[u8],
+    headers: usize,
+    mss: usize,
+    buf: &mut Vec<u8>,
+    shared: &Shared,
+    logs: &mut TaskLogs,
+) {
+    const NEEDS_CSUM: u8 = 1;
+    const GSO_TCPV4: u8 = 1;
+    const TCP_CHECKSUM_OFFSET: u16 = 16;
+    let ip_header_len = usize::from(packet[0] & 0x0f) * 4;
+    buf.clear();
+    buf.push(NEEDS_CSUM);
+    buf.push(GSO_TCPV4);
+    // Host byte order: the device is not set to a fixed virtio endianness.
+    for field in [
+        headers as u16,
+        mss as u16,
+        ip_header_len as u16,
+        TCP_CHECKSUM_OFFSET,
+    ] {
+        buf.extend_from_slice(&field.to_ne_bytes());
+    }
+    debug_assert_eq!(buf.len(), VIRTIO_NET_HDR_LEN);
+    buf.extend_from_slice(packet);
+    match device.send(buf).await {
+        Ok(_) => shared.counters.add(Counter::Decapsulated, packet.len()),
+        Err(error) => {
+            shared.counters.add(Counter::DropIoError, packet.len());
+            logs.io("writing a TSO packet into the TUN device", &error);
+        }
     }
 }
 
