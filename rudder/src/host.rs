@@ -157,16 +157,20 @@ impl Netlink {
             .ok_or_else(|| anyhow!("no interface #{index}"))
     }
 
-    /// The output interface of the IPv4 default route in the main table.
-    pub async fn default_route_iface(&self) -> anyhow::Result<Option<u32>> {
-        let routes: Vec<_> = self
-            .handle
+    /// Every IPv4 route (all tables), one dump.
+    async fn ipv4_routes(&self) -> anyhow::Result<Vec<RouteMessage>> {
+        self.handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute()
             .try_collect()
             .await
-            .context("listing routes")?;
+            .context("listing routes")
+    }
+
+    /// The output interface of the IPv4 default route in the main table.
+    pub async fn default_route_iface(&self) -> anyhow::Result<Option<u32>> {
+        let routes = self.ipv4_routes().await?;
         Ok(routes
             .iter()
             .filter(|r| r.header.destination_prefix_length == 0)
@@ -401,14 +405,7 @@ impl Netlink {
     }
 
     async fn blackholes(&self, subnet: Ipv4Net) -> anyhow::Result<Vec<RouteMessage>> {
-        let routes: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .context("listing routes")?;
+        let routes = self.ipv4_routes().await?;
         Ok(routes
             .into_iter()
             .filter(|r| {

@@ -2,13 +2,11 @@
 //! the subnet's gateway address (docker0, cni0). `rudder_br_in` follows it as it appears,
 //! goes and comes back; the peer routes use the gateway address as source while it is local.
 
-use std::net::Ipv4Addr;
-
 use anyhow::Context as _;
-use ipnet::Ipv4Net;
 
 use super::kernel::SchedClassifierLinkId;
 use super::{EbpfDataplane, State};
+use crate::subnet::gateway;
 
 /// A bridge made by someone else (or by `--bridge`) that the fast paths serve.
 pub(super) struct AdoptedBridge {
@@ -24,7 +22,7 @@ impl EbpfDataplane {
     /// re-programs the peer routes when the gateway address comes or goes.
     pub(super) fn adopt_bridge(&self) -> anyhow::Result<()> {
         let mut state = self.lock();
-        let gateway = gateway_of(state.opts.local_subnet);
+        let gateway = gateway(state.opts.local_subnet);
         let holder = state.routes()?.interface_holding(gateway)?;
         let found = match &state.opts.bridge {
             Some(name) => state.routes()?.link_index(name)?.map(|i| (name.clone(), i)),
@@ -78,9 +76,4 @@ impl EbpfDataplane {
         }
         Ok(())
     }
-}
-
-/// The subnet's first host address: where docker's `--bip` and CNI's gateway put the bridge.
-pub(super) fn gateway_of(subnet: Ipv4Net) -> Ipv4Addr {
-    crate::subnet::gateway(subnet)
 }

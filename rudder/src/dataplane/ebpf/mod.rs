@@ -78,7 +78,7 @@ mod routes;
 mod smoke_tests;
 mod socket_path;
 
-use bridge::{gateway_of, AdoptedBridge};
+use bridge::AdoptedBridge;
 use kernel::{ignore_missing, Kernel};
 use routes::Routes;
 pub use routes::RTPROT_RUDDER;
@@ -356,7 +356,7 @@ impl State {
     /// this host (a route with a source the host lacks cannot be added).
     fn pref_source(&self) -> Option<Ipv4Addr> {
         self.gateway_local
-            .then(|| gateway_of(self.opts.local_subnet))
+            .then(|| crate::subnet::gateway(self.opts.local_subnet))
     }
 
     /// Keeps the sender map in step with `peers` for one public IP.
