@@ -18,6 +18,7 @@ pub mod names {
     pub const MAP_COUNTERS: &str = "RUDDER_COUNTERS";
     pub const MAP_BYTES: &str = "RUDDER_BYTES";
     pub const MAP_PEER_TRAFFIC: &str = "RUDDER_PEER_TRAF";
+    pub const MAP_STACK_FLOWS: &str = "RUDDER_STK_FLOWS";
 }
 
 /// Capacity of the peer maps: a /8 network cut into /24 subnets has 65536 of them.
@@ -25,6 +26,9 @@ pub const MAX_PEERS: u32 = 65536;
 
 /// Capacity of the local endpoint map (containers on this host).
 pub const MAX_LOCAL_ENDPOINTS: u32 = 4096;
+
+/// Capacity of the LRU map of flows the host's stack forwarded to peers (possibly NAT'd).
+pub const MAX_STACK_FLOWS: u32 = 65536;
 
 /// flannel's udp backend port: rudder speaks the same wire format on it.
 pub const DEFAULT_UDP_PORT: u16 = 8285;
@@ -71,11 +75,14 @@ pub enum Counter {
     /// Overlay datagrams the BPF programs hand to the daemon's UDP socket instead: UDP GSO
     /// trains (several datagrams in one buffer) that arrive unsegmented over virtual links.
     ToDaemon = 13,
+    /// A plain (unencapsulated) packet from the underlay whose source and destination lie in
+    /// the overlay network: only a tunnel may carry such packets.
+    DropUnencapsulated = 14,
 }
 
 impl Counter {
     /// Number of counters; the length of the counter arrays.
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 15;
 
     /// Every counter in index order.
     pub const ALL: [Counter; Counter::COUNT] = [
@@ -93,6 +100,7 @@ impl Counter {
         Counter::DropTooBig,
         Counter::DropIoError,
         Counter::ToDaemon,
+        Counter::DropUnencapsulated,
     ];
 
     pub const fn index(self) -> usize {
@@ -116,6 +124,7 @@ impl Counter {
             Counter::DropTooBig => "too_big",
             Counter::DropIoError => "io_error",
             Counter::ToDaemon => "to_daemon",
+            Counter::DropUnencapsulated => "unencapsulated",
         }
     }
 
@@ -198,6 +207,50 @@ pub struct LocalEndpoint {
     pub gateway_mac: [u8; 6],
 }
 
+/// Key of the stack-flow map: one direction of a flow (ports 0 for protocols without them).
+/// `rudder_egress` stores the reversed tuple of what the host's stack forwarded to a peer, so
+/// `rudder_ingress` recognises the replies and hands them to the stack (conntrack un-NATs them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+
+impl FlowKey {
+    pub const fn new(
+        src: [u8; 4],
+        dst: [u8; 4],
+        src_port: u16,
+        dst_port: u16,
+        protocol: u8,
+    ) -> Self {
+        FlowKey {
+            src,
+            dst,
+            src_port,
+            dst_port,
+            protocol,
+            pad: [0; 3],
+        }
+    }
+
+    /// The other direction of the same flow.
+    pub const fn reversed(self) -> Self {
+        FlowKey::new(
+            self.dst,
+            self.src,
+            self.dst_port,
+            self.src_port,
+            self.protocol,
+        )
+    }
+}
+
 /// Per-host settings the daemon writes into a single-entry array map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,6 +279,7 @@ mod user {
     unsafe impl aya::Pod for super::PeerTraffic {}
     unsafe impl aya::Pod for super::LocalEndpoint {}
     unsafe impl aya::Pod for super::DataplaneConfig {}
+    unsafe impl aya::Pod for super::FlowKey {}
 }
 
 // The kernel reads these with fixed layouts; a changed size is a wire break.
@@ -234,6 +288,7 @@ const _: () = assert!(core::mem::size_of::<PeerValue>() == 8);
 const _: () = assert!(core::mem::size_of::<PeerTraffic>() == 32);
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 16);
 const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 28);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
 /// True when `addr` lies inside `net`/`prefix_len` (all in network byte order).
 pub const fn ipv4_in_subnet(addr: [u8; 4], net: [u8; 4], prefix_len: u32) -> bool {

@@ -10,13 +10,13 @@ use aya_ebpf::{
         bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect_neigh, bpf_redirect_peer,
     },
     macros::{classifier, map},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
 use rudder_ebpf::{
-    ipv4_in_subnet, Counter, DataplaneConfig, LocalEndpoint, PeerTraffic, PeerValue,
-    ENCAP_OVERHEAD, MAX_LOCAL_ENDPOINTS, MAX_PEERS, OUTER_TTL,
+    ipv4_in_subnet, Counter, DataplaneConfig, FlowKey, LocalEndpoint, PeerTraffic, PeerValue,
+    ENCAP_OVERHEAD, MAX_LOCAL_ENDPOINTS, MAX_PEERS, MAX_STACK_FLOWS, OUTER_TTL,
 };
 
 const ETH_HLEN: usize = 14;
@@ -24,6 +24,8 @@ const ETH_P_IP: u16 = 0x0800;
 const IPV4_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_TCP: u8 = 6;
+const TCP_HLEN: usize = 20;
 const IP_DF: u16 = 0x4000;
 /// MF flag and fragment offset: any of them set means "a fragment".
 const IP_FRAG_MASK: u16 = 0x3fff;
@@ -58,6 +60,12 @@ static SENDERS: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_PEERS, 0);
 #[map(name = "RUDDER_ENDPTS")]
 static ENDPOINTS: HashMap<[u8; 4], LocalEndpoint> =
     HashMap::with_max_entries(MAX_LOCAL_ENDPOINTS, 0);
+
+/// Replies of flows the host's stack sent to peers (stored reversed by `rudder_egress`): the
+/// stack may have NAT'd them, so their replies go back through it (conntrack), never through
+/// `bpf_redirect_peer`. LRU: idle flows age out as new ones come.
+#[map(name = "RUDDER_STK_FLOWS")]
+static STACK_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::with_max_entries(MAX_STACK_FLOWS, 0);
 
 /// Packets by [`Counter`].
 #[map(name = "RUDDER_COUNTERS")]
@@ -185,6 +193,41 @@ fn addr(b: &[u8], off: usize) -> [u8; 4] {
     [b[off], b[off + 1], b[off + 2], b[off + 3]]
 }
 
+#[inline(always)]
+fn is_fragment(hdr: &[u8; IPV4_HLEN]) -> bool {
+    be16(hdr, 6) & IP_FRAG_MASK != 0
+}
+
+/// The flow of the unfragmented IPv4 packet whose header (`hdr`, `header_len` bytes with
+/// options) starts at `l3_off`: TCP and UDP with their ports, other protocols with ports 0.
+#[inline(always)]
+fn flow_of(ctx: &TcContext, l3_off: usize, hdr: &[u8; IPV4_HLEN], header_len: usize) -> FlowKey {
+    let protocol = hdr[9];
+    let (mut src_port, mut dst_port) = (0, 0);
+    if protocol == IPPROTO_TCP || protocol == IPPROTO_UDP {
+        if let Ok(ports) = ctx.load::<[u8; 4]>(l3_off + header_len) {
+            src_port = be16(&ports, 0);
+            dst_port = be16(&ports, 2);
+        }
+    }
+    FlowKey::new(addr(hdr, 12), addr(hdr, 16), src_port, dst_port, protocol)
+}
+
+/// Remembers that the stack forwarded this flow to a peer, so its replies take the stack too.
+// Out of line: its branches would otherwise multiply with encapsulate's in the verifier.
+#[inline(never)]
+fn remember_stack_flow(ctx: &TcContext, hdr: &[u8; IPV4_HLEN]) {
+    if is_fragment(hdr) {
+        // Fragmented: the ports are not in every piece; their replies take the stack anyway.
+        return;
+    }
+    let reply = flow_of(ctx, L3_OFF, hdr, usize::from(hdr[0] & 0x0f) * 4).reversed();
+    // A lookup marks the entry as used for the LRU; only a new flow pays for an update.
+    if STACK_FLOWS.get_ptr(reply).is_none() {
+        let _ = STACK_FLOWS.insert(reply, 0, 0);
+    }
+}
+
 #[classifier]
 pub fn rudder_egress(ctx: TcContext) -> i32 {
     egress(&ctx)
@@ -228,6 +271,9 @@ fn egress(ctx: &TcContext) -> i32 {
     if !is_gso(ctx) && inner_len > cfg.overlay_mtu {
         return drop_with(ctx, Counter::DropTooBig);
     }
+    // The fast path (`rudder_br_in`) skips this program, so this packet went through the
+    // host's stack and may have been NAT'd there (a DNAT'd service address, a published port).
+    remember_stack_flow(ctx, &inner);
     let inner_bytes = l3_len(ctx);
     if let Err(counter) = encapsulate(ctx, &cfg, &inner, peer.public_ip) {
         return drop_with(ctx, counter);
@@ -239,8 +285,37 @@ fn egress(ctx: &TcContext) -> i32 {
 
 #[inline(always)]
 fn is_gso(ctx: &TcContext) -> bool {
+    gso_size(ctx) != 0
+}
+
+#[inline(always)]
+fn gso_size(ctx: &TcContext) -> u16 {
     // SAFETY: the context pointer is valid for the whole program run.
-    unsafe { (*ctx.skb.skb).gso_size != 0 }
+    unsafe { (*ctx.skb.skb).gso_size as u16 }
+}
+
+/// True when the packet, or each segment of a GSO packet (segment payload + IPv4 header +
+/// TCP/UDP header), fits the overlay MTU. Encapsulated and redirected, a too-large segment
+/// would be dropped on the underlay without "fragmentation needed": a blackhole.
+#[inline(always)]
+fn fits_overlay_mtu(ctx: &TcContext, inner: &[u8; IPV4_HLEN], overlay_mtu: u16) -> bool {
+    let segment_payload = gso_size(ctx);
+    if segment_payload == 0 {
+        return be16(inner, 2) <= overlay_mtu;
+    }
+    let header_len = usize::from(inner[0] & 0x0f) * 4;
+    let l4_len = match inner[9] {
+        IPPROTO_UDP => UDP_HLEN,
+        IPPROTO_TCP => match ctx.load::<u8>(L3_OFF + header_len + 12) {
+            Ok(data_offset) => usize::from(data_offset >> 4) * 4,
+            Err(_) => return false,
+        },
+        _ => return false,
+    };
+    if l4_len < UDP_HLEN || (inner[9] == IPPROTO_TCP && l4_len < TCP_HLEN) {
+        return false;
+    }
+    u32::from(segment_payload) + (header_len + l4_len) as u32 <= u32::from(overlay_mtu)
 }
 
 /// Inserts outer IPv4 + UDP between the Ethernet header and `inner` (the packet's
@@ -347,8 +422,9 @@ fn bridge_ingress(ctx: &TcContext) -> i32 {
         return TCX_NEXT;
     };
     let ttl = inner[8];
-    // The stack sends "time exceeded" and "fragmentation needed" for these.
-    if ttl <= 1 || (!is_gso(ctx) && be16(&inner, 2) > cfg.overlay_mtu) {
+    // The stack sends "time exceeded" and "fragmentation needed" for these (the peer routes
+    // carry the overlay MTU). A GSO packet is judged by the size of its segments.
+    if ttl <= 1 || !fits_overlay_mtu(ctx, &inner, cfg.overlay_mtu) {
         return TCX_NEXT;
     }
     if let Err(counter) = decrement_ttl(ctx, L3_OFF, ttl, inner[9]) {
@@ -385,6 +461,19 @@ fn ingress(ctx: &TcContext) -> i32 {
     };
     if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
         return pass(ctx);
+    }
+    let Ok(outer_ip) = ctx.load::<[u8; IPV4_HLEN]>(L3_OFF) else {
+        return pass(ctx);
+    };
+    // Overlay to overlay only ever travels encapsulated: a plain one is forged by a neighbour
+    // on the underlay (forwarding is on and the peer routes satisfy rp_filter). Overlay
+    // sources to other destinations (a peer container reaching this host's underlay address
+    // without masquerade) are legitimate.
+    if outer_ip[0] >> 4 == 4
+        && in_overlay_range(addr(&outer_ip, 12), &cfg)
+        && in_overlay_range(addr(&outer_ip, 16), &cfg)
+    {
+        return drop_with(ctx, Counter::DropUnencapsulated);
     }
     let Ok(outer) = ctx.load::<[u8; IPV4_HLEN + UDP_HLEN]>(L3_OFF) else {
         return pass(ctx);
@@ -467,8 +556,10 @@ fn ingress(ctx: &TcContext) -> i32 {
 
     let inner_bytes = l3_len(ctx);
     // SAFETY: the value is copied out before any other map call.
-    let Some(endpoint) = (unsafe { ENDPOINTS.get(dst) }).copied() else {
-        // Not a known container (e.g. the bridge address): the stack forwards it.
+    let endpoint = (unsafe { ENDPOINTS.get(dst) }).copied();
+    let Some(endpoint) = endpoint.filter(|_| !reply_to_stack_flow(ctx, &inner, header_len)) else {
+        // Not a known container (e.g. the bridge address), or a reply the stack must see
+        // (conntrack un-NATs it): the stack forwards it.
         count(Counter::Decapsulated, inner_bytes);
         add_traffic(owner, true, inner_bytes);
         return TC_ACT_OK as i32;
@@ -483,6 +574,17 @@ fn ingress(ctx: &TcContext) -> i32 {
     add_traffic(owner, true, inner_bytes);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT or TC_ACT_SHOT.
     unsafe { bpf_redirect_peer(endpoint.host_ifindex, 0) as i32 }
+}
+
+/// True for a decapsulated packet (now at `L3_OFF`) of a flow the stack forwarded out, and for
+/// fragments (their ports are not in every piece; conntrack reassembles them).
+#[inline(never)]
+fn reply_to_stack_flow(ctx: &TcContext, inner: &[u8; IPV4_HLEN], header_len: u32) -> bool {
+    if is_fragment(inner) {
+        return true;
+    }
+    let flow = flow_of(ctx, L3_OFF, inner, header_len as usize);
+    STACK_FLOWS.get_ptr(flow).is_some()
 }
 
 /// Verifies the inner header checksum, options included (IHL up to 15 words).

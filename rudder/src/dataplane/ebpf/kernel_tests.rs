@@ -12,21 +12,21 @@ use rudder_ebpf::names;
 
 use super::kernel::Kernel;
 
-const TC_ACT_UNSPEC: i32 = -1;
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
-const TC_ACT_REDIRECT: i32 = 7;
+pub(super) const TC_ACT_UNSPEC: i32 = -1;
+pub(super) const TC_ACT_OK: i32 = 0;
+pub(super) const TC_ACT_SHOT: i32 = 2;
+pub(super) const TC_ACT_REDIRECT: i32 = 7;
 
-const OUR_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 1);
-const PEER_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 2);
+pub(super) const OUR_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 1);
+pub(super) const PEER_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 2);
 const STRANGER_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 99);
-const LOCAL_CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 5, 1, 10);
-const PEER_CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 5, 2, 20);
-const PORT: u16 = 8285;
-const MTU: u16 = 1472;
+pub(super) const LOCAL_CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 5, 1, 10);
+pub(super) const PEER_CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 5, 2, 20);
+pub(super) const PORT: u16 = 8285;
+pub(super) const MTU: u16 = 1472;
 
-const OUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub(super) const OUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub(super) const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
 pub(super) fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -39,7 +39,7 @@ pub(super) fn require_root() {
 }
 
 /// A loaded object with one peer (10.5.2.0/24 at 192.168.64.2); we own 10.5.1.0/24.
-fn fixture() -> Kernel {
+pub(super) fn fixture() -> Kernel {
     require_root();
     let mut kernel = Kernel::load().expect("loading the BPF object");
     kernel
@@ -66,7 +66,7 @@ fn fixture() -> Kernel {
     kernel
 }
 
-fn run(kernel: &Kernel, program: &str, frame: &[u8]) -> (i32, Vec<u8>) {
+pub(super) fn run(kernel: &Kernel, program: &str, frame: &[u8]) -> (i32, Vec<u8>) {
     let program: &SchedClassifier = kernel.ebpf.program(program).unwrap().try_into().unwrap();
     let mut out = vec![0u8; frame.len() + 256];
     let result = program
@@ -80,7 +80,7 @@ fn run(kernel: &Kernel, program: &str, frame: &[u8]) -> (i32, Vec<u8>) {
     (result.return_value as i32, out)
 }
 
-fn checksum(bytes: &[u8]) -> u16 {
+pub(super) fn checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
@@ -92,7 +92,7 @@ fn checksum(bytes: &[u8]) -> u16 {
 }
 
 /// An IPv4/UDP packet with a valid header checksum and `payload_len` payload bytes.
-fn ipv4_udp(
+pub(super) fn ipv4_udp(
     src: Ipv4Addr,
     dst: Ipv4Addr,
     ttl: u8,
@@ -123,7 +123,7 @@ fn ipv4_udp(
     p
 }
 
-fn ethernet(dst: [u8; 6], src: [u8; 6], l3: &[u8]) -> Vec<u8> {
+pub(super) fn ethernet(dst: [u8; 6], src: [u8; 6], l3: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(14 + l3.len());
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
@@ -133,7 +133,12 @@ fn ethernet(dst: [u8; 6], src: [u8; 6], l3: &[u8]) -> Vec<u8> {
 }
 
 /// An overlay datagram as a peer sends it: outer IPv4 + UDP around `inner`.
-fn overlay_frame(outer_src: Ipv4Addr, outer_dst: Ipv4Addr, dst_port: u16, inner: &[u8]) -> Vec<u8> {
+pub(super) fn overlay_frame(
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    dst_port: u16,
+    inner: &[u8],
+) -> Vec<u8> {
     let total = 28 + inner.len();
     let mut l3 = vec![0u8; 28];
     l3[0] = 0x45;
@@ -153,7 +158,7 @@ fn overlay_frame(outer_src: Ipv4Addr, outer_dst: Ipv4Addr, dst_port: u16, inner:
 }
 
 /// Runs `program` on `frame` and asserts the verdict and which counter moved by one.
-fn expect_counted(
+pub(super) fn expect_counted(
     kernel: &Kernel,
     program: &str,
     frame: &[u8],

@@ -73,6 +73,8 @@ mod endpoints;
 mod kernel;
 #[cfg(test)]
 mod kernel_tests;
+#[cfg(test)]
+mod kernel_tests_stack_flows;
 mod routes;
 #[cfg(test)]
 mod smoke_tests;
