@@ -30,6 +30,10 @@ pub const MAX_LOCAL_ENDPOINTS: u32 = 4096;
 /// Capacity of the LRU map of flows the host's stack forwarded to peers (possibly NAT'd).
 pub const MAX_STACK_FLOWS: u32 = 65536;
 
+/// Packet mark bit (`skb->mark`) that rudder's nftables rule sets on packets of NAT'd
+/// connections after DNAT: `rudder_br_in` leaves such packets to the stack.
+pub const STACK_MARK: u32 = 0x0100_0000;
+
 /// flannel's udp backend port: rudder speaks the same wire format on it.
 pub const DEFAULT_UDP_PORT: u16 = 8285;
 

@@ -16,7 +16,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use rudder_ebpf::{
     ipv4_in_subnet, Counter, DataplaneConfig, FlowKey, LocalEndpoint, PeerTraffic, PeerValue,
-    ENCAP_OVERHEAD, MAX_LOCAL_ENDPOINTS, MAX_PEERS, MAX_STACK_FLOWS, OUTER_TTL,
+    ENCAP_OVERHEAD, MAX_LOCAL_ENDPOINTS, MAX_PEERS, MAX_STACK_FLOWS, OUTER_TTL, STACK_MARK,
 };
 
 const ETH_HLEN: usize = 14;
@@ -410,6 +410,12 @@ fn bridge_ingress(ctx: &TcContext) -> i32 {
         return TCX_NEXT;
     };
     if cfg.underlay_ifindex == 0 || ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
+        return TCX_NEXT;
+    }
+    // A NAT'd connection (marked by rudder's nftables rule, after a bridge-level DNAT): only
+    // the stack completes its conntrack entry, so its replies can be un-NATed.
+    // SAFETY: the context pointer is valid for the whole program run.
+    if unsafe { (*ctx.skb.skb).mark } & STACK_MARK != 0 {
         return TCX_NEXT;
     }
     let Ok(mut inner) = ctx.load::<[u8; IPV4_HLEN]>(L3_OFF) else {

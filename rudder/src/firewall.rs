@@ -287,7 +287,7 @@ pub fn remove_masquerade() -> anyhow::Result<()> {
     ))
 }
 
-fn nft(script: &str) -> anyhow::Result<()> {
+pub(crate) fn nft(script: &str) -> anyhow::Result<()> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())

@@ -35,7 +35,8 @@ pub mod util;
 pub use cluster::Cluster;
 pub use host::{Host, HostOpts, SubnetEnv};
 pub use traffic::{
-    ping, ping_series, send_udp, tcp_transfer, wait_ping, Endpoint, Transfer, UdpProbe,
+    ping, ping_series, send_udp, send_udp_from, tcp_echo_via, tcp_transfer, wait_ping, Endpoint,
+    Transfer, UdpProbe,
 };
 pub use util::{wait_until, which};
 

@@ -203,6 +203,97 @@ fn transfer(
     Ok(Transfer { bytes, elapsed })
 }
 
+/// Connects from `from` to `dst` (e.g. a service address DNATed to `to`), sends `bytes` bytes
+/// to a listener on `port` (any address) in `to`'s namespace, which sends them back; checks
+/// the content that arrived at each end.
+pub fn tcp_echo_via(
+    from: &Endpoint,
+    to: &Endpoint,
+    port: u16,
+    dst: SocketAddrV4,
+    bytes: usize,
+) -> Result<()> {
+    let data = std::sync::Arc::new(pattern(bytes, rand::random()));
+    let expected = data.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let server = netns::spawn_in(&to.ns, move || {
+        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).context("bind listener")?;
+        tx.send(()).ok();
+        let mut s = accept_within(&l, Duration::from_secs(15))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut got = Vec::with_capacity(bytes);
+        s.read_to_end(&mut got).context("server receiving")?;
+        if got != *expected {
+            bail!(
+                "server received {} bytes, not the {} sent (or other content)",
+                got.len(),
+                expected.len()
+            );
+        }
+        s.write_all(&got).context("server echoing")?;
+        Ok(())
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .map_err(|_| anyhow!("listener in {} did not start", to.ns))?;
+    let sent = data.clone();
+    let client = netns::spawn_in(&from.ns, move || {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::V4(dst), Duration::from_secs(10))
+            .with_context(|| format!("connect to {dst}"))?;
+        s.set_write_timeout(Some(Duration::from_secs(20)))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.write_all(&sent).context("client sending")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut echo = Vec::with_capacity(sent.len());
+        s.read_to_end(&mut echo)
+            .context("client receiving the echo")?;
+        if echo != *sent {
+            bail!(
+                "echo from {dst}: {} bytes back of {} sent (or other content)",
+                echo.len(),
+                sent.len()
+            );
+        }
+        Ok(())
+    });
+    let client = client.join().map_err(|_| anyhow!("client panicked"))?;
+    client.with_context(|| format!("tcp echo {} -> {dst}", from.ip))?;
+    server
+        .join()
+        .map_err(|_| anyhow!("server panicked"))?
+        .with_context(|| format!("tcp echo server in {}", to.ns))
+}
+
+/// The first connection on `l` within `limit`.
+fn accept_within(l: &TcpListener, limit: Duration) -> Result<TcpStream> {
+    l.set_nonblocking(true)?;
+    let start = Instant::now();
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if start.elapsed() > limit {
+                    bail!("no connection within {limit:?}");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Sends one UDP datagram with `payload` from `from` (an address of namespace `ns`) to `to`.
+pub fn send_udp_from(ns: &str, from: Ipv4Addr, to: SocketAddrV4, payload: &[u8]) -> Result<()> {
+    let payload = payload.to_vec();
+    netns::run_in(ns, move || {
+        let s = UdpSocket::bind((from, 0))?;
+        s.send_to(&payload, to)?;
+        Ok(())
+    })
+}
+
 /// Sends one UDP datagram with `payload` from namespace `ns` (any source port) to `to`.
 pub fn send_udp(ns: &str, to: SocketAddrV4, payload: &[u8]) -> Result<()> {
     let payload = payload.to_vec();

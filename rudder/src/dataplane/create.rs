@@ -88,6 +88,7 @@ async fn start_tun(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplane
     tun_opts.mtu = opts.overlay_mtu;
     tun_opts.device_name = opts.tun_name.clone();
     tun_opts.offload = opts.tun_offload;
+    tun_opts.underlay = Some(opts.underlay.name.clone());
     tun_opts.bind = std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, opts.port);
     let dp = tun::TunDataplane::start(tun_opts).await?;
     let batching = dp.batching();

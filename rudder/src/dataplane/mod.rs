@@ -12,6 +12,7 @@ pub mod counters;
 mod create;
 pub mod ebpf;
 pub mod forwarding;
+pub mod stack_rules;
 pub mod tun;
 
 use std::net::Ipv4Addr;

@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use rudder_ebpf::{names, Counter, LocalEndpoint};
+use rudder_ebpf::{names, Counter, LocalEndpoint, STACK_MARK};
 
 use super::kernel::Kernel;
 use super::kernel_tests::{
@@ -117,6 +117,25 @@ fn flows_of_the_bridge_fast_path_keep_the_redirect() {
 }
 
 #[test]
+fn bridge_fast_path_leaves_packets_of_nat_connections_to_the_stack() {
+    let kernel = fixture();
+    // After a bridge-level DNAT the destination is the peer container: only the mark that
+    // rudder's nftables rule sets tells it apart.
+    let frame = ethernet(
+        OUR_MAC,
+        PEER_MAC,
+        &udp(LOCAL_CONTAINER, PEER_CONTAINER, 40003, 80),
+    );
+    let before = kernel.packet_counts();
+    let (verdict, out) = run_with_skb(&kernel, names::PROG_BRIDGE, &frame, 0, STACK_MARK | 0x4000);
+    assert_eq!(verdict, TC_ACT_UNSPEC, "marked: to the stack");
+    assert_eq!(out, frame);
+    assert_eq!(kernel.packet_counts(), before);
+    let (verdict, _) = run_with_skb(&kernel, names::PROG_BRIDGE, &frame, 0, 0x4000);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "other mark bits: fast path");
+}
+
+#[test]
 fn inner_fragments_go_to_the_stack() {
     let kernel = with_local_endpoint();
     let mut fragment = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, false, 100);
@@ -179,15 +198,27 @@ fn ipv4_tcp(src: Ipv4Addr, dst: Ipv4Addr, payload_len: usize) -> Vec<u8> {
     p
 }
 
-/// Offset of `gso_size` in `struct __sk_buff` (uapi/linux/bpf.h), which
+/// Offsets of `mark` and `gso_size` in `struct __sk_buff` (uapi/linux/bpf.h), which
 /// `BPF_PROG_TEST_RUN` copies into the test skb.
+const SKB_MARK_OFFSET: usize = 8;
 const SKB_GSO_SIZE_OFFSET: usize = 176;
 const SKB_CTX_LEN: usize = 192;
 
 fn run_gso(kernel: &Kernel, program: &str, frame: &[u8], gso_size: u32) -> (i32, Vec<u8>) {
+    run_with_skb(kernel, program, frame, gso_size, 0)
+}
+
+fn run_with_skb(
+    kernel: &Kernel,
+    program: &str,
+    frame: &[u8],
+    gso_size: u32,
+    mark: u32,
+) -> (i32, Vec<u8>) {
     let program: &SchedClassifier = kernel.ebpf.program(program).unwrap().try_into().unwrap();
     let mut ctx = [0u8; SKB_CTX_LEN];
     ctx[SKB_GSO_SIZE_OFFSET..SKB_GSO_SIZE_OFFSET + 4].copy_from_slice(&gso_size.to_ne_bytes());
+    ctx[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
     let mut out = vec![0u8; frame.len() + 256];
     let result = program
         .test_run(TestRunOptions {
@@ -196,7 +227,7 @@ fn run_gso(kernel: &Kernel, program: &str, frame: &[u8], gso_size: u32) -> (i32,
             ctx_in: Some(&ctx),
             ..TestRunOptions::default()
         })
-        .expect("BPF_PROG_TEST_RUN with a GSO context");
+        .expect("BPF_PROG_TEST_RUN with an skb context");
     out.truncate(result.data_size_out as usize);
     (result.return_value as i32, out)
 }

@@ -160,6 +160,7 @@ impl EbpfDataplane {
             );
         }
         kernel.set_config(&config_of(&opts))?;
+        super::stack_rules::install_nat_mark()?;
         kernel.attach(&opts.underlay_ifname)?;
         routes
             .add_unreachable(opts.network)
@@ -555,6 +556,8 @@ impl Dataplane for EbpfDataplane {
                 .remove_stale()
                 .context("removing rudder's routes at shutdown")?;
         }
+        super::stack_rules::remove_table(super::stack_rules::FAST_PATH_TABLE)
+            .context("removing the NAT'd-flow mark rule at shutdown")?;
         Ok(())
     }
 }

@@ -31,12 +31,14 @@ pub use options::{TunOptions, DEFAULT_DEVICE_NAME};
 
 use super::counters::{Counters, PeerCounters};
 use super::forwarding::{default_device_icmp_source, ForwardingTable, IcmpSources, PublishedTable};
+use super::stack_rules::UnderlayGuard;
 use super::{CounterSnapshot, Dataplane, DataplaneKind, PeerStats};
 use crate::subnet::gateway;
 use device::{
     add_device_address, delete_link, link_index, remove_device_address, run_netlink_blocking,
 };
 use forward::Shared;
+use rudder_ebpf::Counter;
 
 fn on_off(on: bool) -> &'static str {
     if on {
@@ -71,7 +73,11 @@ pub struct TunDataplane {
     shut_down: AtomicBool,
     /// Sends are batched with `UDP_SEGMENT`.
     udp_gso: bool,
+    guard: Option<UnderlayGuard>,
 }
+
+/// How old the guard's counter reading may be in a status or metrics answer.
+const GUARD_READING_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl TunDataplane {
     /// Creates and configures the device, binds the UDP socket and starts forwarding.
@@ -88,6 +94,13 @@ impl TunDataplane {
         let socket = forward::OverlaySocket::new(socket, options.offload)
             .context("configuring the overlay UDP socket (GSO/GRO) failed")?;
 
+        let guard = options
+            .underlay
+            .as_deref()
+            .map(|underlay| UnderlayGuard::new(underlay, options.network));
+        if let Some(guard) = &guard {
+            guard.install()?;
+        }
         let (device, offload) = device::open(&options).await?;
 
         let icmp_sources = IcmpSources {
@@ -139,6 +152,7 @@ impl TunDataplane {
             tasks: Mutex::new(tasks),
             shut_down: AtomicBool::new(false),
             udp_gso: socket_gso,
+            guard,
         })
     }
 
@@ -251,11 +265,27 @@ impl Dataplane for TunDataplane {
     }
 
     fn counters(&self) -> CounterSnapshot {
-        self.shared.counters.snapshot()
+        let mut snapshot = self.shared.counters.snapshot();
+        if let Some(guard) = &self.guard {
+            snapshot[Counter::DropUnencapsulated.index()] += guard.counts(GUARD_READING_MAX_AGE).0;
+        }
+        snapshot
     }
 
     fn byte_counters(&self) -> CounterSnapshot {
-        self.shared.counters.bytes_snapshot()
+        let mut snapshot = self.shared.counters.bytes_snapshot();
+        if let Some(guard) = &self.guard {
+            snapshot[Counter::DropUnencapsulated.index()] += guard.counts(GUARD_READING_MAX_AGE).1;
+        }
+        snapshot
+    }
+
+    /// Re-installs the unencapsulated-packet drop if someone flushed it (checked every 5 s).
+    fn refresh_host_state(&self) -> anyhow::Result<()> {
+        if let Some(guard) = &self.guard {
+            guard.counts(std::time::Duration::from_secs(5));
+        }
+        Ok(())
     }
 
     fn peer_stats(&self) -> Vec<PeerStats> {
@@ -295,6 +325,11 @@ impl Dataplane for TunDataplane {
             }
             Ok(())
         })?;
+        if let Some(guard) = &self.guard {
+            guard
+                .remove()
+                .context("removing the unencapsulated-packet drop")?;
+        }
         tracing::info!(device = %self.options.device_name, "TUN data plane stopped");
         Ok(())
     }

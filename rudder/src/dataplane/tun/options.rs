@@ -39,6 +39,9 @@ pub struct TunOptions {
     /// Batch with the kernel's offloads: TSO/USO on the device (`IFF_VNET_HDR`), GSO and
     /// GRO on the socket. Off means one packet per system call, as flannel's udp backend.
     pub offload: bool,
+    /// The underlay interface: plain overlay-to-overlay packets arriving on it are dropped
+    /// by an nftables rule (counted `unencapsulated`). `None`: no rule (tests).
+    pub underlay: Option<String>,
 }
 
 impl TunOptions {
@@ -55,6 +58,7 @@ impl TunOptions {
             gateway: gateway(local_subnet),
             device_icmp_source: default_device_icmp_source(network, local_subnet),
             offload: true,
+            underlay: None,
         }
     }
 
