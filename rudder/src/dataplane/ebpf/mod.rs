@@ -160,7 +160,11 @@ impl EbpfDataplane {
             );
         }
         kernel.set_config(&config_of(&opts))?;
-        super::stack_rules::install_nat_mark()?;
+        // Without it only NAT'd flows across hosts break (with br_netfilter): not a reason to
+        // give up the whole data plane.
+        if let Err(e) = super::stack_rules::install_nat_mark() {
+            tracing::warn!("{e:#}: NAT'd connections to containers on other hosts may fail when the bridge DNATs (br_netfilter)");
+        }
         kernel.attach(&opts.underlay_ifname)?;
         routes
             .add_unreachable(opts.network)
@@ -556,8 +560,9 @@ impl Dataplane for EbpfDataplane {
                 .remove_stale()
                 .context("removing rudder's routes at shutdown")?;
         }
-        super::stack_rules::remove_table(super::stack_rules::FAST_PATH_TABLE)
-            .context("removing the NAT'd-flow mark rule at shutdown")?;
+        if let Err(e) = super::stack_rules::remove_table(super::stack_rules::FAST_PATH_TABLE) {
+            tracing::warn!("removing the NAT'd-flow mark rule at shutdown: {e:#}");
+        }
         Ok(())
     }
 }

@@ -101,7 +101,15 @@ impl TunDataplane {
         if let Some(guard) = &guard {
             guard.install()?;
         }
-        let (device, offload) = device::open(&options).await?;
+        let (device, offload) = match device::open(&options).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                if let Some(guard) = &guard {
+                    let _ = guard.remove();
+                }
+                return Err(e);
+            }
+        };
 
         let icmp_sources = IcmpSources {
             to_peers: options.gateway,
