@@ -187,4 +187,56 @@ mod tests {
             "{rules}"
         );
     }
+
+    /// Real nftables in a private network namespace: installed, read, re-installed when
+    /// flushed, removed.
+    #[test]
+    fn guard_is_installed_read_restored_and_removed_in_a_private_namespace() {
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test needs root (it unshares a network namespace)"
+        );
+        // A thread of its own: unshare(CLONE_NEWNET) changes only the calling thread.
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            let table_exists = || {
+                Command::new("nft")
+                    .args(["list", "table", "ip", GUARD_TABLE])
+                    .output()
+                    .unwrap()
+                    .status
+                    .success()
+            };
+            let guard = UnderlayGuard::new("eth0", "10.5.0.0/16".parse().unwrap());
+            guard.install().unwrap();
+            guard
+                .install()
+                .expect("installing again replaces the table");
+            assert_eq!(guard.read().unwrap(), Some((0, 0)));
+            assert_eq!(guard.counts(Duration::ZERO), (0, 0));
+
+            nft(&format!("delete table ip {GUARD_TABLE}\n")).unwrap();
+            assert_eq!(guard.read().unwrap(), None);
+            guard.counts(Duration::ZERO);
+            assert!(table_exists(), "a flushed guard is re-installed");
+
+            guard.remove().unwrap();
+            assert!(!table_exists());
+            guard.remove().expect("removing an absent table is fine");
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_recreated_counter_keeps_what_the_old_one_counted() {
+        let mut reading = Reading {
+            current: (5, 500),
+            ..Reading::default()
+        };
+        reading.carry();
+        reading.current = (2, 200);
+        assert_eq!(reading.total(), (7, 700));
+    }
 }
