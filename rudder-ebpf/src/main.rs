@@ -19,8 +19,11 @@
 //!   MAC; the program decrements its TTL, encapsulates it and sends it with
 //!   `bpf_redirect_neigh` straight to the underlay (FIB + neighbour lookup on the outer
 //!   destination), skipping the host's forwarding path. Whatever it does not handle
-//!   (TTL about to expire, too big, not for a peer) continues to the stack, which answers
+//!   (TTL about to expire, too big (for GSO: a segment too big), not for a peer, a NAT'd
+//!   connection marked by rudder's nftables rule) continues to the stack, which answers
 //!   with the proper ICMP error and then reaches `rudder_egress` through the peer route.
+//! - `stack_flows`: what reached `rudder_egress` went through the stack (maybe NAT'd); its
+//!   replies are handed to the stack by `rudder_ingress`, so conntrack un-NATs them.
 //!
 //! All packet access goes through `bpf_skb_load_bytes`/`store_bytes`, so non-linear skbs
 //! need no pulls and the verifier sees no packet-pointer arithmetic.
@@ -28,6 +31,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod programs;
+#[cfg(target_arch = "bpf")]
+mod stack_flows;
 
 /// On the host this binary is empty: the programs exist only for the BPF target.
 #[cfg(not(target_arch = "bpf"))]

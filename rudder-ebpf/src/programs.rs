@@ -10,28 +10,30 @@ use aya_ebpf::{
         bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect_neigh, bpf_redirect_peer,
     },
     macros::{classifier, map},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
 use rudder_ebpf::{
-    ipv4_in_subnet, Counter, DataplaneConfig, FlowKey, LocalEndpoint, PeerTraffic, PeerValue,
-    ENCAP_OVERHEAD, MAX_LOCAL_ENDPOINTS, MAX_PEERS, MAX_STACK_FLOWS, OUTER_TTL, STACK_MARK,
+    ipv4_in_subnet, Counter, DataplaneConfig, LocalEndpoint, PeerTraffic, PeerValue,
+    ENCAP_OVERHEAD, MAX_LOCAL_ENDPOINTS, MAX_PEERS, OUTER_TTL, STACK_MARK,
 };
+
+use crate::stack_flows::{remember_stack_flow, reply_to_stack_flow};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
-const IPV4_HLEN: usize = 20;
+pub(crate) const IPV4_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_TCP: u8 = 6;
+pub(crate) const IPPROTO_UDP: u8 = 17;
+pub(crate) const IPPROTO_TCP: u8 = 6;
 const TCP_HLEN: usize = 20;
 const IP_DF: u16 = 0x4000;
 /// MF flag and fragment offset: any of them set means "a fragment".
-const IP_FRAG_MASK: u16 = 0x3fff;
+pub(crate) const IP_FRAG_MASK: u16 = 0x3fff;
 
 /// Where the outer (or, on egress before encapsulation, the only) IPv4 header starts.
-const L3_OFF: usize = ETH_HLEN;
+pub(crate) const L3_OFF: usize = ETH_HLEN;
 const UDP_OFF: usize = L3_OFF + IPV4_HLEN;
 /// Where the inner IPv4 header starts in an overlay datagram.
 const INNER_OFF: usize = UDP_OFF + UDP_HLEN;
@@ -60,12 +62,6 @@ static SENDERS: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_PEERS, 0);
 #[map(name = "RUDDER_ENDPTS")]
 static ENDPOINTS: HashMap<[u8; 4], LocalEndpoint> =
     HashMap::with_max_entries(MAX_LOCAL_ENDPOINTS, 0);
-
-/// Replies of flows the host's stack sent to peers (stored reversed by `rudder_egress`): the
-/// stack may have NAT'd them, so their replies go back through it (conntrack), never through
-/// `bpf_redirect_peer`. LRU: idle flows age out as new ones come.
-#[map(name = "RUDDER_STK_FLOWS")]
-static STACK_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::with_max_entries(MAX_STACK_FLOWS, 0);
 
 /// Packets by [`Counter`].
 #[map(name = "RUDDER_COUNTERS")]
@@ -184,48 +180,13 @@ fn in_overlay_range(dst: [u8; 4], cfg: &DataplaneConfig) -> bool {
 }
 
 #[inline(always)]
-fn be16(b: &[u8], off: usize) -> u16 {
+pub(crate) fn be16(b: &[u8], off: usize) -> u16 {
     u16::from_be_bytes([b[off], b[off + 1]])
 }
 
 #[inline(always)]
-fn addr(b: &[u8], off: usize) -> [u8; 4] {
+pub(crate) fn addr(b: &[u8], off: usize) -> [u8; 4] {
     [b[off], b[off + 1], b[off + 2], b[off + 3]]
-}
-
-#[inline(always)]
-fn is_fragment(hdr: &[u8; IPV4_HLEN]) -> bool {
-    be16(hdr, 6) & IP_FRAG_MASK != 0
-}
-
-/// The flow of the unfragmented IPv4 packet whose header (`hdr`, `header_len` bytes with
-/// options) starts at `l3_off`: TCP and UDP with their ports, other protocols with ports 0.
-#[inline(always)]
-fn flow_of(ctx: &TcContext, l3_off: usize, hdr: &[u8; IPV4_HLEN], header_len: usize) -> FlowKey {
-    let protocol = hdr[9];
-    let (mut src_port, mut dst_port) = (0, 0);
-    if protocol == IPPROTO_TCP || protocol == IPPROTO_UDP {
-        if let Ok(ports) = ctx.load::<[u8; 4]>(l3_off + header_len) {
-            src_port = be16(&ports, 0);
-            dst_port = be16(&ports, 2);
-        }
-    }
-    FlowKey::new(addr(hdr, 12), addr(hdr, 16), src_port, dst_port, protocol)
-}
-
-/// Remembers that the stack forwarded this flow to a peer, so its replies take the stack too.
-// Out of line: its branches would otherwise multiply with encapsulate's in the verifier.
-#[inline(never)]
-fn remember_stack_flow(ctx: &TcContext, hdr: &[u8; IPV4_HLEN]) {
-    if is_fragment(hdr) {
-        // Fragmented: the ports are not in every piece; their replies take the stack anyway.
-        return;
-    }
-    let reply = flow_of(ctx, L3_OFF, hdr, usize::from(hdr[0] & 0x0f) * 4).reversed();
-    // A lookup marks the entry as used for the LRU; only a new flow pays for an update.
-    if STACK_FLOWS.get_ptr(reply).is_none() {
-        let _ = STACK_FLOWS.insert(reply, 0, 0);
-    }
 }
 
 #[classifier]
@@ -580,17 +541,6 @@ fn ingress(ctx: &TcContext) -> i32 {
     add_traffic(owner, true, inner_bytes);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT or TC_ACT_SHOT.
     unsafe { bpf_redirect_peer(endpoint.host_ifindex, 0) as i32 }
-}
-
-/// True for a decapsulated packet (now at `L3_OFF`) of a flow the stack forwarded out, and for
-/// fragments (their ports are not in every piece; conntrack reassembles them).
-#[inline(never)]
-fn reply_to_stack_flow(ctx: &TcContext, inner: &[u8; IPV4_HLEN], header_len: u32) -> bool {
-    if is_fragment(inner) {
-        return true;
-    }
-    let flow = flow_of(ctx, L3_OFF, inner, header_len as usize);
-    STACK_FLOWS.get_ptr(flow).is_some()
 }
 
 /// Verifies the inner header checksum, options included (IHL up to 15 words).
