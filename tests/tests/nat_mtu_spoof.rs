@@ -1,19 +1,21 @@
 //! The fast paths leave to the host's stack what only the stack can do right, on both planes:
-//! - a flow DNATed on one host (a service address, as kube-proxy or docker make) to a
+//! - a flow (TCP and UDP) DNATed on one host (a service address, as kube-proxy makes) to a
 //!   container on another: its replies are un-NATed by conntrack;
 //! - a container whose interface MTU exceeds the overlay MTU: bulk TCP gets "fragmentation
 //!   needed" instead of a blackhole;
 //! - plain (unencapsulated) packets that claim an overlay source, sent from the underlay to
 //!   a container: dropped and counted (`unencapsulated`).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+
+use anyhow::Context as _;
 use std::time::Duration;
 
-use rudder_tests::netns::exec_ok;
+use rudder_tests::netns::{self, exec_ok};
 use rudder_tests::util::ip;
 use rudder_tests::{
     add_hosts, check, e2e, send_udp_from, tcp_echo_via, tcp_transfer, wait_mesh, wait_until,
-    UdpProbe,
+    Endpoint, UdpProbe,
 };
 
 const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -21,14 +23,14 @@ const SERVICE_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
 
 #[test]
-fn dnat_to_a_container_on_another_host_works_both_ways() {
+fn dnat_to_a_container_on_another_host_works_both_ways_tcp_and_udp() {
     e2e(|c| {
         let hosts = add_hosts(c, 2)?;
         wait_mesh(&hosts, Duration::from_secs(30))?;
         let (a, b) = (&hosts[0], &hosts[1]);
         // What kube-proxy does for a ClusterIP reached from a container: DNAT in prerouting.
         let dnat = format!(
-            "ip daddr {SERVICE} tcp dport {SERVICE_PORT} dnat to {}:{BACKEND_PORT}",
+            "ip daddr {SERVICE} meta l4proto {{ tcp, udp }} th dport {SERVICE_PORT} dnat to {}:{BACKEND_PORT}",
             b.container_ip()
         );
         let ruleset = format!(
@@ -42,12 +44,47 @@ fn dnat_to_a_container_on_another_host_works_both_ways() {
         exec_ok(a.netns(), "nft", &["-f", rules.to_str().unwrap()])?;
         let service = SocketAddrV4::new(SERVICE, SERVICE_PORT);
         const BYTES: usize = 4 << 20;
+        udp_echo_via(&a.container(), &b.container(), service)?;
         tcp_echo_via(&a.container(), &b.container(), BACKEND_PORT, service, BYTES)?;
         // Plain container-to-container traffic is unaffected.
         tcp_transfer(&a.container(), &b.container(), BYTES)?;
         tcp_transfer(&b.container(), &a.container(), BYTES)?;
         Ok(())
     });
+}
+
+/// One datagram to `service` (DNATed to `backend`'s port), echoed by `backend`: the answer
+/// must come back from the service address (un-NATed), with the same bytes.
+fn udp_echo_via(
+    client: &Endpoint,
+    backend: &Endpoint,
+    service: SocketAddrV4,
+) -> anyhow::Result<()> {
+    let echo = netns::spawn_in(&backend.ns, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, BACKEND_PORT))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = [0u8; 2048];
+        let (n, from) = s.recv_from(&mut buf)?;
+        s.send_to(&buf[..n], from)?;
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let answer = netns::run_in(&client.ns, move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.send_to(b"service request", service)?;
+        let mut buf = [0u8; 2048];
+        let (n, from) = s.recv_from(&mut buf)?;
+        Ok((buf[..n].to_vec(), from))
+    })
+    .context("UDP answer through the service address")?;
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("echo panicked"))??;
+    check!(
+        answer == (b"service request".to_vec(), SocketAddr::V4(service)),
+        "UDP answer {answer:?}, expected the request back from {service}"
+    );
+    Ok(())
 }
 
 #[test]
