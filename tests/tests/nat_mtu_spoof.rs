@@ -201,6 +201,19 @@ fn plain_packets_with_overlay_sources_from_the_underlay_are_dropped_and_counted(
         )?;
         // Real overlay traffic goes on.
         tcp_transfer(&b.container(), &a.container(), 1 << 20)?;
+
+        // A stop removes rudder's nftables tables (the guard on TUN, the NAT mark on eBPF).
+        let tables = exec_ok(a.netns(), "nft", &["list", "tables"])?;
+        check!(
+            tables.contains("rudder_guard") || tables.contains("rudder_fastpath"),
+            "no rudder table while running: {tables}"
+        );
+        a.stop()?;
+        let tables = exec_ok(a.netns(), "nft", &["list", "tables"])?;
+        check!(
+            !tables.contains("rudder_guard") && !tables.contains("rudder_fastpath"),
+            "left behind after stop: {tables}"
+        );
         Ok(())
     });
 }
