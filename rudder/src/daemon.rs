@@ -62,8 +62,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         iface = %underlay.name, public_ip = %underlay.public_ip, mtu = underlay.mtu,
         overlay_mtu, "underlay"
     );
+    if underlay.behind_nat() {
+        tracing::info!(
+            "--public-ip {} is not an address of this host: datagrams leave from {} and peers are expected to reach this host through a 1:1 NAT",
+            underlay.public_ip,
+            underlay.local_ip
+        );
+    }
     state.update(|s| {
         s.public_ip = Some(underlay.public_ip);
+        s.local_ip = Some(underlay.local_ip);
         s.iface = Some(underlay.name.clone());
         s.mtu = Some(overlay_mtu);
     });

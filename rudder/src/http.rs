@@ -99,8 +99,14 @@ pub fn status_table(status: &serde_json::Value) -> String {
     out += &format!("ready:      {}\n", text("ready"));
     out += &format!("network:    {}\n", text("network"));
     out += &format!("subnet:     {}\n", text("subnet"));
+    let nat = match status["local_ip"].as_str() {
+        Some(local) if status["local_ip"] != status["public_ip"] => {
+            format!(", sent from {local} through a 1:1 NAT")
+        }
+        _ => String::new(),
+    };
     out += &format!(
-        "public ip:  {} on {} (overlay MTU {})\n",
+        "public ip:  {} on {}{nat} (overlay MTU {})\n",
         text("public_ip"),
         text("iface"),
         text("mtu")
@@ -243,6 +249,7 @@ pub fn status_json(state: &State) -> serde_json::Value {
         "network": info.network.map(|n| n.to_string()),
         "subnet": info.subnet.map(|n| n.to_string()),
         "public_ip": info.public_ip.map(|ip| ip.to_string()),
+        "local_ip": info.local_ip.map(|ip| ip.to_string()),
         "iface": info.iface,
         "mtu": info.mtu,
         "dataplane": info.dataplane,
