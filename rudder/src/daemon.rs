@@ -76,7 +76,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         s.mtu = Some(overlay_mtu);
     });
 
-    crate::http::serve_unix(&args.status_socket, state.clone()).await?;
+    // Removed on every way out of `run` (only if still ours).
+    let _status_socket = crate::http::serve_unix(&args.status_socket, state.clone()).await?;
     if args.healthz_port != 0 {
         crate::http::serve(
             SocketAddr::from((args.healthz_ip, args.healthz_port)),

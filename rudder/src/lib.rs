@@ -30,5 +30,6 @@ pub mod packet;
 pub mod peers;
 pub mod reconcile;
 pub mod status;
+pub mod status_socket;
 pub mod subnet;
 pub mod subnet_file;
