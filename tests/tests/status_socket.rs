@@ -73,7 +73,7 @@ fn a_live_daemons_status_socket_is_never_taken_over() {
             .map(|i| c.dir().join(format!("pair{i}.log")))
             .collect();
         for round in 0..PAIRED_STARTS {
-            let mut pair = vec![
+            let mut pair = [
                 start_with_socket(c, &hosts[0], &socket, &logs[0])?,
                 start_with_socket(c, &hosts[1], &socket, &logs[1])?,
             ];
