@@ -52,7 +52,7 @@ fn expired_and_vanished_auth_tokens_are_renewed() {
 
         // etcd restarted: every token is gone and the watches break.
         etcd.restart()?;
-        etcd.wait_healthy(&[&format!("--user=root:rootpw")])?;
+        etcd.wait_healthy(&["--user=root:rootpw"])?;
         let d = host(c, &etcd)?;
         for h in [&a, &b] {
             wait_until(
