@@ -265,8 +265,9 @@ pub struct DataplaneConfig {
     /// The overlay network as a whole.
     pub network: [u8; 4],
     pub network_prefix_len: u32,
-    /// Our underlay address: the outer source of encapsulated packets.
-    pub public_ip: [u8; 4],
+    /// The underlay address this host owns: outer source of what it encapsulates, outer
+    /// destination of what it accepts (behind a 1:1 NAT not the lease's PublicIP).
+    pub local_ip: [u8; 4],
     /// UDP port of the overlay, host byte order.
     pub udp_port: u16,
     /// Overlay MTU: inner packets larger than this are not encapsulated.

@@ -209,7 +209,7 @@ fn egress(ctx: &TcContext) -> i32 {
     }
     let dst = addr(&inner, 16);
     if inner[9] == IPPROTO_UDP
-        && addr(&inner, 12) == cfg.public_ip
+        && addr(&inner, 12) == cfg.local_ip
         && !in_overlay_range(dst, &cfg)
         && ctx.load::<[u8; 4]>(UDP_OFF).map(|udp| be16(&udp, 2)) == Ok(cfg.udp_port)
     {
@@ -322,7 +322,7 @@ fn encapsulate(
     ip[6..8].copy_from_slice(&(inner_frag & IP_DF).to_be_bytes());
     ip[8] = OUTER_TTL;
     ip[9] = IPPROTO_UDP;
-    ip[12..16].copy_from_slice(&cfg.public_ip);
+    ip[12..16].copy_from_slice(&cfg.local_ip);
     ip[16..20].copy_from_slice(&peer_ip);
     let csum = !fold(sum_header(&ip));
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
@@ -450,7 +450,7 @@ fn ingress(ctx: &TcContext) -> i32 {
     if outer[0] != 0x45
         || outer[9] != IPPROTO_UDP
         || be16(&outer, 6) & IP_FRAG_MASK != 0
-        || addr(&outer, 16) != cfg.public_ip
+        || addr(&outer, 16) != cfg.local_ip
         || be16(&outer, IPV4_HLEN + 2) != cfg.udp_port
     {
         return pass(ctx);

@@ -195,7 +195,9 @@ pub struct RunArgs {
     pub iface_can_reach: Option<Ipv4Addr>,
 
     /// Address other hosts reach us at (default: the address --iface found, else the first
-    /// IPv4 address of the interface).
+    /// IPv4 address of the interface). Datagrams leave from it when this host holds it; an
+    /// address it does not hold is taken as a 1:1 NAT's (a cloud's elastic IP): they then
+    /// leave from the interface's own address and the NAT translates.
     #[arg(long, env = "RUDDER_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
 

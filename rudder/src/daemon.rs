@@ -62,13 +62,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         iface = %underlay.name, public_ip = %underlay.public_ip, mtu = underlay.mtu,
         overlay_mtu, "underlay"
     );
+    if underlay.behind_nat() {
+        tracing::info!(
+            "--public-ip {} is not an address of this host: datagrams leave from {} and peers are expected to reach this host through a 1:1 NAT",
+            underlay.public_ip,
+            underlay.local_ip
+        );
+    }
     state.update(|s| {
         s.public_ip = Some(underlay.public_ip);
+        s.local_ip = Some(underlay.local_ip);
         s.iface = Some(underlay.name.clone());
         s.mtu = Some(overlay_mtu);
     });
 
-    crate::http::serve_unix(&args.status_socket, state.clone()).await?;
+    // Removed on every way out of `run` (only if still ours).
+    let _status_socket = crate::http::serve_unix(&args.status_socket, state.clone()).await?;
     if args.healthz_port != 0 {
         crate::http::serve(
             SocketAddr::from((args.healthz_ip, args.healthz_port)),

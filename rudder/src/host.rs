@@ -17,7 +17,19 @@ pub struct Underlay {
     pub name: String,
     pub index: u32,
     pub mtu: u32,
+    /// The address peers send to (the lease's PublicIP): `--public-ip`, else `local_ip`.
     pub public_ip: Ipv4Addr,
+    /// The address this host owns on the underlay: the outer source of what it sends and the
+    /// outer destination of what it receives. Differs from `public_ip` only behind a 1:1 NAT
+    /// (a cloud's elastic IP), where the provider translates between the two.
+    pub local_ip: Ipv4Addr,
+}
+
+impl Underlay {
+    /// Whether peers reach us through an address translation (`--public-ip` is not ours).
+    pub fn behind_nat(&self) -> bool {
+        self.public_ip != self.local_ip
+    }
 }
 
 /// How to pick the underlay: flanneld's `--iface` (repeatable), `--iface-regex`
@@ -360,18 +372,29 @@ impl Netlink {
             .find(|(l, _)| l.index == link.index)
             .map(|(_, a)| a.clone())
             .unwrap_or_default();
-        let public_ip = match sel.public_ip.or(found_ip).or(addresses.first().copied()) {
-            Some(ip) => ip,
-            None => bail!(
+        // `--public-ip` held by this host (any interface) is also the source; one it does not
+        // hold is a NAT's address: send from the underlay's own address.
+        let public_ip_is_local = sel
+            .public_ip
+            .is_some_and(|ip| holding(&links, ip).is_some());
+        let own = if public_ip_is_local {
+            sel.public_ip
+        } else {
+            found_ip.or(addresses.first().copied())
+        };
+        // An interface without an IPv4 address of its own: the kernel picks the source.
+        let Some(local_ip) = own.or(sel.public_ip) else {
+            bail!(
                 "interface {} has no IPv4 address: give it one or pass --public-ip",
                 link.name
-            ),
+            );
         };
         Ok(Underlay {
             name: link.name,
             index: link.index,
             mtu: link.mtu,
-            public_ip,
+            public_ip: sel.public_ip.unwrap_or(local_ip),
+            local_ip,
         })
     }
 

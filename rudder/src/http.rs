@@ -1,7 +1,6 @@
 //! The health, status and metrics HTTP server (`--healthz-ip`/`--healthz-port`).
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use anyhow::Context;
@@ -40,27 +39,20 @@ pub async fn serve(addr: SocketAddr, state: State) -> anyhow::Result<()> {
 }
 
 /// Serves the same endpoints on a Unix socket for `rudder status` (mode 0660).
-pub async fn serve_unix(path: &Path, state: State) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating {} for --status-socket", dir.display()))?;
-    }
-    // A crashed daemon leaves its socket file behind.
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
-    }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("binding --status-socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+pub async fn serve_unix(
+    path: &Path,
+    state: State,
+) -> anyhow::Result<crate::status_socket::ClaimedSocket> {
+    let (listener, claimed) = crate::status_socket::claim(path)?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
     let app = router(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("status socket stopped: {e}");
         }
     });
-    Ok(())
+    Ok(claimed)
 }
 
 /// `GET path` over the daemon's Unix socket; returns the body of a 200 answer.
@@ -99,8 +91,14 @@ pub fn status_table(status: &serde_json::Value) -> String {
     out += &format!("ready:      {}\n", text("ready"));
     out += &format!("network:    {}\n", text("network"));
     out += &format!("subnet:     {}\n", text("subnet"));
+    let nat = match status["local_ip"].as_str() {
+        Some(local) if status["local_ip"] != status["public_ip"] => {
+            format!(", sent from {local} through a 1:1 NAT")
+        }
+        _ => String::new(),
+    };
     out += &format!(
-        "public ip:  {} on {} (overlay MTU {})\n",
+        "public ip:  {} on {}{nat} (overlay MTU {})\n",
         text("public_ip"),
         text("iface"),
         text("mtu")
@@ -240,9 +238,11 @@ pub fn status_json(state: &State) -> serde_json::Value {
     let m = &state.metrics;
     json!({
         "ready": state.is_ready(),
+        "pid": std::process::id(),
         "network": info.network.map(|n| n.to_string()),
         "subnet": info.subnet.map(|n| n.to_string()),
         "public_ip": info.public_ip.map(|ip| ip.to_string()),
+        "local_ip": info.local_ip.map(|ip| ip.to_string()),
         "iface": info.iface,
         "mtu": info.mtu,
         "dataplane": info.dataplane,
@@ -286,6 +286,7 @@ async fn metrics(AxumState(state): AxumState<State>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[tokio::test]
     async fn status_is_served_on_the_unix_socket() {
@@ -299,7 +300,7 @@ mod tests {
                 "192.168.77.12".parse().unwrap(),
             );
         });
-        serve_unix(&socket, state.clone()).await.unwrap();
+        let _claimed = serve_unix(&socket, state.clone()).await.unwrap();
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
 

@@ -4,7 +4,6 @@
 //! lease grant, then one create-if-absent transaction per attempt (a lost race marks that
 //! subnet taken and tries another without re-reading).
 
-use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use ipnet::Ipv4Net;
 use crate::config::NetworkConfig;
 use crate::etcd::Etcd;
 use crate::subnet::{key_to_subnet, subnet_to_key, LeaseValue};
+use crate::subnet_set::SubnetSet;
 
 /// Create attempts after one listing before we list again.
 const ATTEMPTS_PER_LISTING: usize = 8;
@@ -119,7 +119,35 @@ impl LeaseManager {
         let range = self.config.range();
         loop {
             let listing = self.list().await?;
-            let mut taken: HashSet<Ipv4Net> = listing.iter().map(|l| l.subnet).collect();
+            // Every lease, of any length: a new one must overlap none of them.
+            let mut taken: SubnetSet = listing.iter().map(|l| l.subnet).collect();
+
+            // Ours from before a change of Network or SubnetLen: give it back (as flannel
+            // does) instead of letting it linger until its TTL runs out.
+            if let Some(stale) = listing.iter().find(|l| {
+                l.value
+                    .as_ref()
+                    .is_some_and(|v| v.public_ip == self.public_ip)
+                    && !range.contains(l.subnet)
+            }) {
+                let key = self.key_of(stale.subnet);
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.as_str(),
+                        CompareOp::Equal,
+                        stale.mod_revision,
+                    )])
+                    .and_then([TxnOp::delete(key.as_str(), None)]);
+                if self.etcd.client().txn(txn).await?.succeeded() {
+                    tracing::warn!(
+                        subnet = %stale.subnet,
+                        "released our lease from an earlier network config: it does not fit Network {} with SubnetLen {}",
+                        self.config.network,
+                        self.config.subnet_len
+                    );
+                }
+                continue;
+            }
 
             // A lease that already names our public IP is ours (e.g. from before a restart):
             // move it onto the fresh etcd lease, unless someone changed it meanwhile.
@@ -152,7 +180,8 @@ impl LeaseManager {
                 continue;
             }
 
-            let mut candidate = hint.filter(|h| range.contains(*h) && !taken.contains(h));
+            let mut candidate =
+                hint.filter(|h| range.contains(*h) && taken.overlapping(*h).is_none());
             for _ in 0..ATTEMPTS_PER_LISTING {
                 let subnet = match candidate.take() {
                     Some(s) => s,

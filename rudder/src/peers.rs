@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::etcd::{Backoff, Etcd};
 use crate::metrics::Metrics;
+use crate::peer_book::{PeerBook, Refused};
 use crate::subnet::{key_to_subnet, LeaseValue};
 
 /// Subnet → public IP of every usable peer lease (ours included; the reconciler skips it).
@@ -75,7 +76,9 @@ pub struct PeerRegistry {
     network: Ipv4Net,
     events: mpsc::Sender<PeerEvent>,
     metrics: Metrics,
+    /// Keys of other backends' leases, logged once each (forgotten when the key goes).
     logged_other_backend: HashSet<Vec<u8>>,
+    book: PeerBook,
 }
 
 impl PeerRegistry {
@@ -93,6 +96,7 @@ impl PeerRegistry {
             events,
             metrics,
             logged_other_backend: HashSet::new(),
+            book: PeerBook::default(),
         }
     }
 
@@ -130,11 +134,19 @@ impl PeerRegistry {
             )
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let mut snapshot = PeerMap::new();
+        // Only keys that still exist stay remembered as "logged once".
+        let listed: HashSet<&[u8]> = resp.kvs().iter().map(|kv| kv.key()).collect();
+        self.logged_other_backend
+            .retain(|key| listed.contains(key.as_slice()));
+        let mut leases = Vec::new();
         for kv in resp.kvs() {
             if let Some((subnet, ip)) = self.accept(kv.key(), kv.value()) {
-                snapshot.insert(subnet, ip);
+                leases.push((subnet, ip, kv.create_revision()));
             }
+        }
+        let (snapshot, refusals) = self.book.reset(leases);
+        for refused in refusals {
+            self.report(refused);
         }
         if self
             .events
@@ -171,22 +183,35 @@ impl PeerRegistry {
             }
             for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };
-                let peer_event = match event.event_type() {
+                let peer_events = match event.event_type() {
                     EventType::Put => match self.accept(kv.key(), kv.value()) {
-                        Some((subnet, ip)) => PeerEvent::Upsert(subnet, ip),
+                        Some((subnet, ip)) => {
+                            match self.book.upsert(subnet, ip, kv.create_revision()) {
+                                Ok(peer_event) => vec![peer_event],
+                                Err(refused) => {
+                                    self.report(refused);
+                                    continue;
+                                }
+                            }
+                        }
                         // A key that turned bad, or another backend, is no peer of ours any more.
                         None => match self.subnet_of(kv.key()) {
-                            Some(subnet) => PeerEvent::Remove(subnet),
+                            Some(subnet) => self.book.remove(subnet),
                             None => continue,
                         },
                     },
-                    EventType::Delete => match self.subnet_of(kv.key()) {
-                        Some(subnet) => PeerEvent::Remove(subnet),
-                        None => continue,
-                    },
+                    EventType::Delete => {
+                        self.logged_other_backend.remove(kv.key());
+                        match self.subnet_of(kv.key()) {
+                            Some(subnet) => self.book.remove(subnet),
+                            None => continue,
+                        }
+                    }
                 };
-                if self.events.send(peer_event).await.is_err() {
-                    return Ok(Stop::ReceiverGone);
+                for peer_event in peer_events {
+                    if self.events.send(peer_event).await.is_err() {
+                        return Ok(Stop::ReceiverGone);
+                    }
                 }
             }
         }
@@ -196,6 +221,15 @@ impl PeerRegistry {
     fn subnet_of(&self, key: &[u8]) -> Option<Ipv4Net> {
         let suffix = key.strip_prefix(self.subnets_prefix.as_bytes())?;
         key_to_subnet(std::str::from_utf8(suffix).ok()?)
+    }
+
+    fn report(&self, refused: Refused) {
+        tracing::error!(
+            "refusing lease {}: it overlaps the earlier lease {} (leases carved with different SubnetLen or Network, or written by hand?); it becomes a peer once that one is gone",
+            refused.subnet,
+            refused.earlier
+        );
+        self.metrics.invalid_leases.inc();
     }
 
     fn accept(&mut self, key: &[u8], value: &[u8]) -> Option<(Ipv4Net, Ipv4Addr)> {

@@ -22,6 +22,8 @@ pub struct StatusInfo {
     pub network: Option<Ipv4Net>,
     pub subnet: Option<Ipv4Net>,
     pub public_ip: Option<Ipv4Addr>,
+    /// The underlay address datagrams leave from; differs from `public_ip` behind a 1:1 NAT.
+    pub local_ip: Option<Ipv4Addr>,
     pub iface: Option<String>,
     pub mtu: Option<u16>,
     pub dataplane: Option<String>,

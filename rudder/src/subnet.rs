@@ -1,6 +1,5 @@
 //! Subnet arithmetic and the etcd encodings of a lease (key and value), as flannel writes them.
 
-use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -8,6 +7,7 @@ use rand::Rng;
 use serde_json::Value;
 
 use crate::json::field;
+use crate::subnet_set::SubnetSet;
 
 /// The only backend rudder speaks on the wire (flannel's `udp`).
 pub const BACKEND_UDP: &str = "udp";
@@ -68,16 +68,17 @@ impl SubnetRange {
             && (addr - self.first).is_multiple_of(step)
     }
 
-    /// A random subnet of the range not in `taken`, or `None` when all are taken.
+    /// A random subnet of the range overlapping nothing in `taken` (leases of any length),
+    /// or `None` when there is none.
     /// Starts at a random index and scans forward, so it is O(range) at worst and never loops.
-    pub fn pick_free(&self, taken: &HashSet<Ipv4Net>, rng: &mut impl Rng) -> Option<Ipv4Net> {
+    pub fn pick_free(&self, taken: &SubnetSet, rng: &mut impl Rng) -> Option<Ipv4Net> {
         if self.count == 0 {
             return None;
         }
         let start = rng.random_range(0..self.count);
         (0..self.count)
             .map(|i| self.get((start + i) % self.count))
-            .find(|s| !taken.contains(s))
+            .find(|s| taken.overlapping(*s).is_none())
     }
 }
 
@@ -245,13 +246,37 @@ mod tests {
         let r = SubnetRange::new(Ipv4Addr::new(10, 5, 0, 4), Ipv4Addr::new(10, 5, 0, 12), 30);
         assert_eq!(r.len(), 3);
         let mut rng = rand::rng();
-        let mut taken = HashSet::new();
+        let mut taken = SubnetSet::new();
         for _ in 0..3 {
             let s = r.pick_free(&taken, &mut rng).expect("a free subnet");
             assert!(r.contains(s));
-            assert!(taken.insert(s), "{s} handed out twice");
+            assert!(taken.overlapping(s).is_none(), "{s} handed out twice");
+            taken.insert(s);
         }
         assert_eq!(r.pick_free(&taken, &mut rng), None);
+    }
+
+    #[test]
+    fn pick_free_never_overlaps_a_lease_of_another_length() {
+        // /20s wanted while /24 leases from an older config live in 10.5.0.0/20..10.5.48.0/20.
+        let r = SubnetRange::new(Ipv4Addr::new(10, 5, 0, 0), Ipv4Addr::new(10, 5, 64, 0), 20);
+        assert_eq!(r.len(), 5);
+        let taken: SubnetSet = [
+            "10.5.3.0/24",
+            "10.5.17.0/24",
+            "10.5.40.0/24",
+            "10.5.50.0/24",
+        ]
+        .iter()
+        .map(|s| net(s))
+        .collect();
+        let mut rng = rand::rng();
+        for _ in 0..50 {
+            assert_eq!(r.pick_free(&taken, &mut rng), Some(net("10.5.64.0/20")));
+        }
+        // A /16 lease covers everything.
+        let all: SubnetSet = [net("10.5.0.0/16")].into_iter().collect();
+        assert_eq!(r.pick_free(&all, &mut rng), None);
     }
 
     #[test]

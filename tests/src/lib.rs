@@ -23,6 +23,7 @@ mod daemon;
 pub mod docker;
 pub mod etcd_json;
 pub mod etcd_members;
+pub mod extra_etcd;
 pub mod flanneld;
 pub mod host;
 pub mod netns;

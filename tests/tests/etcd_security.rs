@@ -3,12 +3,11 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::Context;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType};
 use rudder_tests::cluster::{DEFAULT_CONFIG, DEFAULT_PREFIX, UNDERLAY_GW};
+use rudder_tests::extra_etcd::{ExtraEtcd, RUDDER_PASSWORD};
 use rudder_tests::util::{output, rudder_bin};
 use rudder_tests::{check, e2e, netns, ping, wait_until, Cluster, Host, HostOpts};
 
@@ -58,56 +57,6 @@ fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
     })
 }
 
-/// A second etcd in the underlay namespace, on `port` (peer port + 1), with extra flags.
-fn start_extra_etcd(
-    c: &Cluster,
-    name: &str,
-    scheme: &str,
-    port: u16,
-    flags: &[String],
-) -> anyhow::Result<String> {
-    let client_url = format!("{scheme}://{UNDERLAY_GW}:{port}");
-    let peer_url = format!("http://127.0.0.1:{}", port + 1);
-    let log = std::fs::File::create(c.dir().join(format!("{name}.log")))?;
-    let child = netns::exec(c.underlay_ns(), "etcd")
-        .args(["--name", name, "--data-dir"])
-        .arg(c.dir().join(format!("{name}-data")))
-        .args([
-            "--listen-client-urls",
-            &client_url,
-            "--advertise-client-urls",
-            &client_url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args([
-            "--initial-cluster",
-            &format!("{name}={peer_url}"),
-            "--log-level",
-            "warn",
-        ])
-        .args(flags)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting etcd")?;
-    c.resources().add_pid(child.id());
-    Ok(client_url)
-}
-
-fn etcdctl(c: &Cluster, endpoint: &str, extra: &[&str], args: &[&str]) -> anyhow::Result<String> {
-    netns::exec_ok(
-        c.underlay_ns(),
-        "etcdctl",
-        &[&[format!("--endpoints={endpoint}").as_str()], extra, args].concat(),
-    )
-}
-
 fn secured_host(
     c: &Cluster,
     endpoint: &str,
@@ -130,7 +79,7 @@ fn path(p: &Path) -> String {
 fn tls_with_client_certificates() {
     e2e(|c| {
         let pki = make_pki(c.dir())?;
-        let endpoint = start_extra_etcd(
+        let etcd = ExtraEtcd::start(
             c,
             "tls",
             "https",
@@ -151,15 +100,12 @@ fn tls_with_client_certificates() {
             format!("--key={}", path(&pki.client_key)),
         ];
         let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
-        wait_until("TLS etcd to answer", Duration::from_secs(30), || {
-            Ok(etcdctl(c, &endpoint, &tls, &["endpoint", "health"]).is_ok())
-        })?;
-        etcdctl(
-            c,
-            &endpoint,
+        etcd.wait_healthy(&tls)?;
+        etcd.etcdctl(
             &tls,
             &["put", &format!("{DEFAULT_PREFIX}/config"), DEFAULT_CONFIG],
         )?;
+        let endpoint = etcd.endpoint().to_string();
 
         let flags = vec![
             "--etcd-cafile".into(),
@@ -220,33 +166,10 @@ fn tls_with_client_certificates() {
 #[test]
 fn username_and_password() {
     e2e(|c| {
-        let endpoint = start_extra_etcd(c, "auth", "http", AUTH_PORT, &[])?;
-        wait_until("auth etcd to answer", Duration::from_secs(30), || {
-            Ok(etcdctl(c, &endpoint, &[], &["endpoint", "health"]).is_ok())
-        })?;
-        for args in [
-            vec!["user", "add", "root:rootpw"],
-            vec!["user", "add", "rudder:s3cret"],
-            vec!["role", "add", "rudder"],
-            vec![
-                "role",
-                "grant-permission",
-                "rudder",
-                "--prefix=true",
-                "readwrite",
-                "/coreos.com/network/",
-            ],
-            vec!["user", "grant-role", "rudder", "rudder"],
-            vec!["auth", "enable"],
-        ] {
-            etcdctl(c, &endpoint, &[], &args)?;
-        }
-        etcdctl(
-            c,
-            &endpoint,
-            &["--user=root:rootpw"],
-            &["put", &format!("{DEFAULT_PREFIX}/config"), DEFAULT_CONFIG],
-        )?;
+        let etcd = ExtraEtcd::start(c, "auth", "http", AUTH_PORT, &[])?;
+        etcd.wait_healthy(&[])?;
+        etcd.enable_auth()?;
+        let endpoint = etcd.endpoint().to_string();
 
         let creds = |password: &str| -> Vec<String> {
             vec![
@@ -256,7 +179,7 @@ fn username_and_password() {
                 password.into(),
             ]
         };
-        let a = secured_host(c, &endpoint, creds("s3cret"), true)?;
+        let a = secured_host(c, &endpoint, creds(RUDDER_PASSWORD), true)?;
         check!(
             a.status()?["subnet"].is_string(),
             "no subnet with the right password"

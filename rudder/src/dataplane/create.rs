@@ -1,7 +1,6 @@
 //! Starting a data plane: what it needs ([`DataplaneOptions`]) and which one runs
 //! ([`create`]: `auto` tries eBPF and falls back to TUN).
 
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -66,7 +65,7 @@ async fn load_ebpf(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>
     let ebpf_opts = ebpf::EbpfOptions {
         underlay_ifname: opts.underlay.name.clone(),
         underlay_ifindex: opts.underlay.index,
-        public_ip: opts.underlay.public_ip,
+        local_ip: opts.underlay.local_ip,
         network: opts.network,
         local_subnet: opts.local_subnet,
         udp_port: opts.port,
@@ -89,7 +88,9 @@ async fn start_tun(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplane
     tun_opts.device_name = opts.tun_name.clone();
     tun_opts.offload = opts.tun_offload;
     tun_opts.underlay = Some(opts.underlay.name.clone());
-    tun_opts.bind = std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, opts.port);
+    // Bound to the address we own, so datagrams leave from it even when it is not the
+    // interface's primary one (peers only accept the address our lease names, or its NAT).
+    tun_opts.bind = std::net::SocketAddrV4::new(opts.underlay.local_ip, opts.port);
     let dp = tun::TunDataplane::start(tun_opts).await?;
     let batching = dp.batching();
     Ok((Arc::new(dp), batching))

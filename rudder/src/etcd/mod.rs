@@ -16,7 +16,13 @@ pub fn connect_options(args: &EtcdArgs) -> anyhow::Result<ConnectOptions> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout(Duration::from_secs(10))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        // A member cut from quorum refuses (and cancels our watches) instead of serving
+        // stale data forever; we then go on to another member.
+        .with_require_leader(true)
+        // etcd's simple tokens expire when idle (--auth-token-ttl, 300 s) and vanish when it
+        // restarts, JWTs after a fixed time: log in again and retry instead of failing for good.
+        .with_auto_token_refresh(true);
 
     match (&args.etcd_username, &args.etcd_password) {
         (Some(user), Some(password)) => opts = opts.with_user(user, password),

@@ -48,7 +48,7 @@ pub(super) fn fixture() -> Kernel {
             local_prefix_len: 24,
             network: [10, 5, 0, 0],
             network_prefix_len: 16,
-            public_ip: OUR_PUBLIC.octets(),
+            local_ip: OUR_PUBLIC.octets(),
             udp_port: PORT,
             overlay_mtu: MTU,
             underlay_ifindex: 1,

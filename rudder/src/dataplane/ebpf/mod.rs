@@ -91,8 +91,9 @@ pub struct EbpfOptions {
     /// Underlay interface: both programs attach to it, peer routes point out of it.
     pub underlay_ifname: String,
     pub underlay_ifindex: u32,
-    /// Our underlay address: the outer source of encapsulated packets.
-    pub public_ip: Ipv4Addr,
+    /// The underlay address this host owns: the outer source of encapsulated packets and
+    /// the outer destination of accepted ones.
+    pub local_ip: Ipv4Addr,
     /// The whole overlay network (e.g. 10.5.0.0/16).
     pub network: Ipv4Net,
     /// Our leased subnet (e.g. 10.5.34.0/24).
@@ -191,16 +192,16 @@ impl EbpfDataplane {
     /// Binds the overlay port for the datagrams the ingress program passes up (see
     /// [`socket_path`]). Must run inside tokio.
     pub async fn start_socket_path(&self) -> anyhow::Result<()> {
-        let (port, local_subnet, network, peers) = {
+        let (local, local_subnet, network, peers) = {
             let state = self.lock();
             (
-                state.opts.udp_port,
+                std::net::SocketAddrV4::new(state.opts.local_ip, state.opts.udp_port),
                 state.opts.local_subnet,
                 state.opts.network,
                 state.peers.clone(),
             )
         };
-        let path = socket_path::SocketPath::start(port, local_subnet, network, &peers).await?;
+        let path = socket_path::SocketPath::start(local, local_subnet, network, &peers).await?;
         *self.socket_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
         Ok(())
     }
@@ -593,7 +594,7 @@ fn config_of(opts: &EbpfOptions) -> DataplaneConfig {
         local_prefix_len: u32::from(opts.local_subnet.prefix_len()),
         network: opts.network.network().octets(),
         network_prefix_len: u32::from(opts.network.prefix_len()),
-        public_ip: opts.public_ip.octets(),
+        local_ip: opts.local_ip.octets(),
         udp_port: opts.udp_port,
         overlay_mtu: opts.overlay_mtu,
         underlay_ifindex: opts.underlay_ifindex,

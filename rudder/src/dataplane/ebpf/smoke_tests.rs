@@ -152,7 +152,7 @@ impl Topology {
         let opts = EbpfOptions {
             underlay_ifname: "eth0".into(),
             underlay_ifindex: ifindex,
-            public_ip,
+            local_ip: public_ip,
             network: "10.5.0.0/16".parse().unwrap(),
             local_subnet: subnet.parse().unwrap(),
             udp_port: rudder_ebpf::DEFAULT_UDP_PORT,
@@ -451,7 +451,7 @@ fn force_fail_reports_a_load_error() {
     let opts = EbpfOptions {
         underlay_ifname: "eth0".into(),
         underlay_ifindex: 1,
-        public_ip: UNDERLAY_A,
+        local_ip: UNDERLAY_A,
         network: "10.5.0.0/16".parse().unwrap(),
         local_subnet: "10.5.1.0/24".parse().unwrap(),
         udp_port: 8285,

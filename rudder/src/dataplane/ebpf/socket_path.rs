@@ -41,16 +41,15 @@ impl SocketPath {
     /// Binds the overlay port and starts the receive task with `peers` installed. Must
     /// run inside tokio.
     pub async fn start(
-        port: u16,
+        local: SocketAddrV4,
         local_subnet: Ipv4Net,
         network: Ipv4Net,
         peers: &BTreeMap<Ipv4Net, Ipv4Addr>,
     ) -> anyhow::Result<Arc<Self>> {
-        let udp = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
-            .await
-            .with_context(|| {
-                format!("binding the overlay UDP port {port} failed; is another flanneld/rudder using it?")
-            })?;
+        // Our own address, as the TUN path: what it sends (ICMP errors) leaves from it.
+        let udp = UdpSocket::bind(local).await.with_context(|| {
+            format!("binding the overlay UDP socket to {local} failed; is another flanneld/rudder using the port?")
+        })?;
         let raw = socket(
             AddressFamily::Inet,
             SockType::Raw,
