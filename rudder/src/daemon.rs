@@ -21,6 +21,7 @@ use crate::peers::PeerRegistry;
 use crate::reconcile::Reconciler;
 use crate::status::State;
 use crate::subnet_file;
+use crate::underlay_watch::{self, UnderlayEvent, UnderlayFollower};
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Flags rudder accepts but cannot honour, and partial TLS/auth flags, fail first, before
@@ -52,12 +53,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             public_ip: args.public_ip,
         })
         .await?;
-    let overlay_mtu = u16::try_from(
-        underlay
-            .mtu
-            .saturating_sub(u32::from(rudder_ebpf::ENCAP_OVERHEAD)),
-    )
-    .unwrap_or(u16::MAX);
+    let overlay_mtu = crate::underlay::overlay_mtu(underlay.mtu);
     tracing::info!(
         iface = %underlay.name, public_ip = %underlay.public_ip, mtu = underlay.mtu,
         overlay_mtu, "underlay"
@@ -161,7 +157,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         subnet_rx,
         lease_check.clone(),
     );
+    let follower = UnderlayFollower {
+        name: underlay.name.clone(),
+        mtu: underlay.mtu,
+        dataplane: dp.clone(),
+        state: state.clone(),
+    };
     let keeper = LeaseKeeper {
+        underlay_events: underlay_watch::watch(underlay.index, underlay.mtu),
+        follower,
         leases,
         lease,
         renew_margin: Duration::from_secs(args.subnet_lease_renew_margin * 60),
@@ -363,6 +367,8 @@ fn unix_now() -> u64 {
 
 /// Owns our lease after start: renews it, and re-acquires it when it is lost.
 struct LeaseKeeper {
+    underlay_events: mpsc::Receiver<UnderlayEvent>,
+    follower: UnderlayFollower,
     leases: LeaseManager,
     lease: Lease,
     renew_margin: Duration,
@@ -381,6 +387,10 @@ impl LeaseKeeper {
         loop {
             tokio::select! {
                 _ = &mut stop => return self,
+                Some(event) = self.underlay_events.recv() => {
+                    let subnet = self.lease.subnet;
+                    self.follower.apply(event, &mut self.local, subnet).await;
+                }
                 _ = tokio::time::sleep_until(next_renewal.into()) => {
                     match self.leases.renew(&self.lease).await {
                         Ok(Renewal::Renewed(ttl)) => {

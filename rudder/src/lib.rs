@@ -32,3 +32,5 @@ pub mod reconcile;
 pub mod status;
 pub mod subnet;
 pub mod subnet_file;
+pub mod underlay;
+pub mod underlay_watch;

@@ -46,15 +46,37 @@ impl LocalSetup {
                 Err(e) => tracing::warn!("installing the iptables forward rules failed: {e:#}"),
             }
         }
+        self.subnet_file(subnet).write(&self.args.subnet_file)?;
+        tracing::info!(file = %self.args.subnet_file.display(), %subnet, "subnet file written");
+        Ok(())
+    }
+
+    /// The underlay's MTU changed: the bridge's MTU and the subnet file's FLANNEL_MTU follow
+    /// (containers made from now on get it).
+    pub(crate) async fn set_overlay_mtu(
+        &mut self,
+        overlay_mtu: u16,
+        subnet: Ipv4Net,
+    ) -> anyhow::Result<()> {
+        self.overlay_mtu = overlay_mtu;
+        if let Some(bridge) = &self.args.bridge {
+            let address = Ipv4Net::new(gateway(subnet), subnet.prefix_len())?;
+            self.netlink
+                .ensure_bridge(bridge, address, u32::from(overlay_mtu))
+                .await?;
+        }
+        self.subnet_file(subnet).write(&self.args.subnet_file)?;
+        tracing::info!(file = %self.args.subnet_file.display(), mtu = overlay_mtu, "subnet file rewritten");
+        Ok(())
+    }
+
+    fn subnet_file(&self, subnet: Ipv4Net) -> SubnetFile {
         SubnetFile {
             network: self.network,
             subnet,
             mtu: self.overlay_mtu,
             ip_masq: self.args.ip_masq,
         }
-        .write(&self.args.subnet_file)?;
-        tracing::info!(file = %self.args.subnet_file.display(), %subnet, "subnet file written");
-        Ok(())
     }
 
     pub(crate) async fn undo(&self) {

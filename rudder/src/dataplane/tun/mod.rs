@@ -35,6 +35,7 @@ use super::{CounterSnapshot, Dataplane, DataplaneKind, PeerStats};
 use crate::subnet::gateway;
 use device::{
     add_device_address, delete_link, link_index, remove_device_address, run_netlink_blocking,
+    set_device_mtu,
 };
 use forward::Shared;
 
@@ -104,7 +105,7 @@ impl TunDataplane {
             counters: Counters::default(),
             table: PublishedTable::new(table.clone()),
             peer_port: options.bind.port(),
-            mtu: usize::from(options.mtu),
+            mtu: usize::from(options.mtu).into(),
             offload,
         });
         let socket_gso = socket.gso();
@@ -216,6 +217,19 @@ impl Dataplane for TunDataplane {
             }
             state.table = table;
         });
+        Ok(())
+    }
+
+    /// The device MTU (its route has none of its own) and the forwarding checks.
+    fn set_overlay_mtu(&self, overlay_mtu: u16) -> anyhow::Result<()> {
+        let name = self.options.device_name.clone();
+        run_netlink_blocking(move |handle| async move {
+            let index = link_index(&handle, &name)
+                .await?
+                .with_context(|| format!("TUN device {name:?} disappeared"))?;
+            set_device_mtu(&handle, index, &name, overlay_mtu).await
+        })?;
+        self.shared.set_mtu(usize::from(overlay_mtu));
         Ok(())
     }
 

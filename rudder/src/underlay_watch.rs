@@ -1,0 +1,226 @@
+//! Follows the underlay while running: its MTU (link messages) and the host's IPv4 routes
+//! and neighbours (the eBPF peer routes' next hops). One rtnetlink multicast subscription;
+//! events flow one way: [`watch`] → the daemon's lease keeper ([`UnderlayFollower`]) → data
+//! plane, subnet file, status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_core::NetlinkPayload;
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::neighbour::NeighbourState;
+use rtnetlink::packet_route::route::RouteProtocol;
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::MulticastGroup;
+use tokio::sync::mpsc;
+
+use crate::dataplane::ebpf::RTPROT_RUDDER;
+use crate::dataplane::Dataplane;
+use crate::host::Netlink;
+use crate::local_setup::LocalSetup;
+use crate::status::State;
+use crate::underlay::overlay_mtu;
+
+/// What changed on the host that the data plane derives something from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnderlayEvent {
+    /// The underlay link's MTU is now this.
+    Mtu(u32),
+    /// IPv4 routes (not ours) or the underlay's neighbours changed.
+    Routes,
+}
+
+/// Bursts of route messages (a link going down flushes many) become one event.
+const ROUTE_SETTLE: Duration = Duration::from_millis(100);
+/// Before re-subscribing after the subscription failed or ended.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
+
+/// Watches the underlay (interface `index`, started with MTU `mtu`) until the receiver is
+/// dropped. A (re)subscription re-reads the MTU and reports a route change, so nothing
+/// missed in between is lost.
+pub fn watch(index: u32, mtu: u32) -> mpsc::Receiver<UnderlayEvent> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut known_mtu = mtu;
+        loop {
+            if let Err(e) = subscription(index, &mut known_mtu, &tx).await {
+                tracing::warn!("underlay watch: {e:#}; re-subscribing in {RESUBSCRIBE_AFTER:?}");
+            }
+            if tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+        }
+    });
+    rx
+}
+
+async fn subscription(
+    index: u32,
+    known_mtu: &mut u32,
+    tx: &mpsc::Sender<UnderlayEvent>,
+) -> anyhow::Result<()> {
+    let (connection, _, mut messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Neigh,
+    ])?;
+    let driver = tokio::spawn(connection);
+    let _stop_driver = AbortOnDrop(driver);
+    // Subscribed first, then read: a change from before is seen here, one after as an event.
+    let link = Netlink::new()?.link_by_index(index).await?;
+    report_mtu(known_mtu, link.mtu, tx).await;
+    let _ = tx.try_send(UnderlayEvent::Routes);
+    let mut routes_changed = false;
+    loop {
+        let next = if routes_changed {
+            match tokio::time::timeout(ROUTE_SETTLE, messages.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    routes_changed = false;
+                    // Full: a route event is queued already.
+                    let _ = tx.try_send(UnderlayEvent::Routes);
+                    continue;
+                }
+            }
+        } else {
+            messages.next().await
+        };
+        let Some((message, _)) = next else {
+            anyhow::bail!("the netlink subscription ended");
+        };
+        let NetlinkPayload::InnerMessage(message) = message.payload else {
+            continue;
+        };
+        match classify(index, &message) {
+            Some(UnderlayEvent::Mtu(mtu)) => {
+                report_mtu(known_mtu, mtu, tx).await;
+                // Link changes (down/up) flush or restore routes through it.
+                routes_changed = true;
+            }
+            Some(UnderlayEvent::Routes) => routes_changed = true,
+            None => {}
+        }
+    }
+}
+
+async fn report_mtu(known: &mut u32, mtu: u32, tx: &mpsc::Sender<UnderlayEvent>) {
+    if *known != mtu {
+        *known = mtu;
+        let _ = tx.send(UnderlayEvent::Mtu(mtu)).await;
+    }
+}
+
+/// What one netlink message means for us, if anything.
+fn classify(underlay: u32, message: &RouteNetlinkMessage) -> Option<UnderlayEvent> {
+    match message {
+        RouteNetlinkMessage::NewLink(link) if link.header.index == underlay => {
+            link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(mtu) => Some(UnderlayEvent::Mtu(*mtu)),
+                _ => None,
+            })
+        }
+        // Our own peer routes would make every change of ours an event.
+        RouteNetlinkMessage::NewRoute(route) | RouteNetlinkMessage::DelRoute(route)
+            if route.header.protocol != RouteProtocol::Other(RTPROT_RUDDER) =>
+        {
+            Some(UnderlayEvent::Routes)
+        }
+        // A next hop that stopped answering, or whose entry was removed.
+        RouteNetlinkMessage::DelNeighbour(n) if n.header.ifindex == underlay => {
+            Some(UnderlayEvent::Routes)
+        }
+        RouteNetlinkMessage::NewNeighbour(n)
+            if n.header.ifindex == underlay && n.header.state == NeighbourState::Failed =>
+        {
+            Some(UnderlayEvent::Routes)
+        }
+        _ => None,
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Applies underlay events: owned by the daemon's lease keeper, which also owns the local
+/// set-up the subnet file belongs to.
+pub(crate) struct UnderlayFollower {
+    pub(crate) name: String,
+    pub(crate) mtu: u32,
+    pub(crate) dataplane: Arc<dyn Dataplane>,
+    pub(crate) state: State,
+}
+
+impl UnderlayFollower {
+    pub(crate) async fn apply(
+        &mut self,
+        event: UnderlayEvent,
+        local: &mut LocalSetup,
+        subnet: Ipv4Net,
+    ) {
+        match event {
+            UnderlayEvent::Mtu(mtu) if mtu != self.mtu => {
+                self.mtu_changed(mtu, local, subnet).await
+            }
+            UnderlayEvent::Mtu(_) => {}
+            UnderlayEvent::Routes => {
+                if let Err(e) = self.dataplane.underlay_routes_changed() {
+                    tracing::warn!("re-resolving the peer routes' next hops failed: {e:#}");
+                }
+            }
+        }
+    }
+
+    async fn mtu_changed(&mut self, mtu: u32, local: &mut LocalSetup, subnet: Ipv4Net) {
+        let overlay = overlay_mtu(mtu);
+        tracing::info!(
+            "underlay {} MTU {} → {mtu}: overlay MTU {overlay}",
+            self.name,
+            self.mtu
+        );
+        self.mtu = mtu;
+        if let Err(e) = self.dataplane.set_overlay_mtu(overlay) {
+            tracing::error!("the data plane could not take the new overlay MTU {overlay}: {e:#}");
+            return;
+        }
+        if let Err(e) = local.set_overlay_mtu(overlay, subnet).await {
+            tracing::error!("applying the new overlay MTU {overlay} locally failed: {e:#}");
+        }
+        self.state.update(|s| s.mtu = Some(overlay));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtnetlink::packet_route::link::LinkMessage;
+    use rtnetlink::packet_route::route::RouteMessage;
+
+    #[test]
+    fn only_the_underlays_mtu_and_foreign_routes_are_events() {
+        let mut link = LinkMessage::default();
+        link.header.index = 2;
+        link.attributes.push(LinkAttribute::Mtu(1400));
+        assert_eq!(
+            classify(2, &RouteNetlinkMessage::NewLink(link.clone())),
+            Some(UnderlayEvent::Mtu(1400))
+        );
+        assert_eq!(classify(3, &RouteNetlinkMessage::NewLink(link)), None);
+
+        let mut route = RouteMessage::default();
+        route.header.protocol = RouteProtocol::Boot;
+        assert_eq!(
+            classify(2, &RouteNetlinkMessage::NewRoute(route.clone())),
+            Some(UnderlayEvent::Routes)
+        );
+        route.header.protocol = RouteProtocol::Other(RTPROT_RUDDER);
+        assert_eq!(classify(2, &RouteNetlinkMessage::NewRoute(route)), None);
+    }
+}
