@@ -28,6 +28,7 @@ pub mod host;
 pub mod netns;
 pub mod packet;
 pub mod process;
+pub mod router;
 pub mod traffic;
 pub mod underlay;
 pub mod util;
