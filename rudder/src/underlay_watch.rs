@@ -73,20 +73,21 @@ async fn subscription(
     let link = Netlink::new()?.link_by_index(index).await?;
     report_mtu(known_mtu, link.mtu, tx).await;
     let _ = tx.try_send(UnderlayEvent::Routes);
-    let mut routes_changed = false;
+    // When the pending route event is due: a fixed time after the first change, however
+    // many unrelated messages arrive meanwhile.
+    let mut routes_due: Option<tokio::time::Instant> = None;
     loop {
-        let next = if routes_changed {
-            match tokio::time::timeout(ROUTE_SETTLE, messages.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    routes_changed = false;
+        let next = match routes_due {
+            Some(due) => tokio::select! {
+                next = messages.next() => next,
+                _ = tokio::time::sleep_until(due) => {
+                    routes_due = None;
                     // Full: a route event is queued already.
                     let _ = tx.try_send(UnderlayEvent::Routes);
                     continue;
                 }
-            }
-        } else {
-            messages.next().await
+            },
+            None => messages.next().await,
         };
         let Some((message, _)) = next else {
             anyhow::bail!("the netlink subscription ended");
@@ -94,14 +95,12 @@ async fn subscription(
         let NetlinkPayload::InnerMessage(message) = message.payload else {
             continue;
         };
-        match classify(index, &message) {
-            Some(UnderlayEvent::Mtu(mtu)) => {
+        if let Some(event) = classify(index, &message) {
+            if let UnderlayEvent::Mtu(mtu) = event {
                 report_mtu(known_mtu, mtu, tx).await;
-                // Link changes (down/up) flush or restore routes through it.
-                routes_changed = true;
             }
-            Some(UnderlayEvent::Routes) => routes_changed = true,
-            None => {}
+            // Link changes (down/up) also flush or restore routes through it.
+            routes_due.get_or_insert_with(|| tokio::time::Instant::now() + ROUTE_SETTLE);
         }
     }
 }
@@ -165,6 +164,7 @@ impl UnderlayFollower {
         local: &mut LocalSetup,
         subnet: Ipv4Net,
     ) {
+        tracing::debug!(?event, "underlay event");
         match event {
             UnderlayEvent::Mtu(mtu) if mtu != self.mtu => {
                 self.mtu_changed(mtu, local, subnet).await
