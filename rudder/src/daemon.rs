@@ -14,7 +14,7 @@ use crate::config::NetworkConfig;
 use crate::dataplane::{self, Dataplane, DataplaneOptions};
 use crate::etcd::{self, Backoff, Etcd};
 use crate::firewall;
-use crate::host::{self, Netlink};
+use crate::host::Netlink;
 use crate::lease::{renew_after, AcquireError, Lease, LeaseManager, Renewal};
 use crate::local_setup::{keep_blackhole_route, LocalSetup};
 use crate::peers::PeerRegistry;
@@ -46,7 +46,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state = State::default();
     let netlink = Netlink::new()?;
     let underlay = netlink
-        .underlay(&host::UnderlaySelection {
+        .underlay(&crate::underlay::UnderlaySelection {
             ifaces: args.iface.clone(),
             regexes: args.iface_regex.clone(),
             can_reach: args.iface_can_reach,

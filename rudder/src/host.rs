@@ -11,8 +11,6 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, RouteMessageBuilder};
 
-pub use crate::underlay::{Underlay, UnderlaySelection};
-
 /// Metric of the `--ip-blackhole-route` route: last, behind any route to the same subnet.
 pub const BLACKHOLE_METRIC: u32 = u32::MAX;
 

@@ -13,7 +13,7 @@ use super::{ebpf, tun, Dataplane, DataplaneKind};
 #[derive(Debug, Clone)]
 pub struct DataplaneOptions {
     pub kind: DataplaneKind,
-    pub underlay: crate::host::Underlay,
+    pub underlay: crate::underlay::Underlay,
     pub network: Ipv4Net,
     pub local_subnet: Ipv4Net,
     /// Overlay UDP port (from the network config's Backend.Port).
