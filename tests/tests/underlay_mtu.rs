@@ -121,6 +121,27 @@ fn an_underlay_mtu_change_is_followed_without_a_restart() {
                 t.mbit_per_s()
             );
         }
+
+        // And back up: the larger MTU is taken too (the TUN path's read buffers grow).
+        for h in [a, b] {
+            set_underlay_mtu(c, h, 1500)?;
+        }
+        for h in [a, b] {
+            wait_until(
+                &format!("{}: subnet file with FLANNEL_MTU=1472 again", h.name()),
+                Duration::from_secs(10),
+                || Ok(h.read_subnet_file()?.map(|e| e.mtu) == Some(1472)),
+            )?;
+        }
+        for (from, to) in [(a, b), (b, a)] {
+            check!(
+                ping_df(&from.host_endpoint(), to.container_ip(), 1472 - 28)?,
+                "a DF ping of 1444 bytes {} -> {} failed after the MTU went back to 1500",
+                from.name(),
+                to.name()
+            );
+            tcp_transfer(&from.container(), &to.container(), 4 << 20)?;
+        }
         a.check_alive()?;
         b.check_alive()
     });
