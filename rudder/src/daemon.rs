@@ -21,7 +21,7 @@ use crate::peers::PeerRegistry;
 use crate::reconcile::Reconciler;
 use crate::status::State;
 use crate::subnet_file;
-use crate::underlay_watch::{self, UnderlayEvent, UnderlayFollower};
+use crate::underlay_watch::{self, UnderlayFollower};
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Flags rudder accepts but cannot honour, and partial TLS/auth flags, fail first, before
@@ -98,12 +98,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = shutdown.wait() => return Ok(()),
     };
 
-    let local = LocalSetup {
-        args: args.clone(),
-        network: config.network,
-        overlay_mtu,
-        netlink: netlink.clone(),
-    };
+    let local = LocalSetup::new(args.clone(), config.network, overlay_mtu, netlink.clone());
     local.apply(lease.subnet).await?;
 
     let opts = DataplaneOptions {
@@ -163,9 +158,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         dataplane: dp.clone(),
         state: state.clone(),
     };
+    let underlay_task = tokio::spawn(follower.run(
+        underlay_watch::watch(underlay.index, underlay.mtu),
+        local.clone(),
+    ));
     let keeper = LeaseKeeper {
-        underlay_events: underlay_watch::watch(underlay.index, underlay.mtu),
-        follower,
         leases,
         lease,
         renew_margin: Duration::from_secs(args.subnet_lease_renew_margin * 60),
@@ -192,6 +189,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     config_task.abort();
     refresh_task.abort();
+    underlay_task.abort();
     if let Some(task) = firewall_task {
         task.abort();
     }
@@ -367,8 +365,6 @@ fn unix_now() -> u64 {
 
 /// Owns our lease after start: renews it, and re-acquires it when it is lost.
 struct LeaseKeeper {
-    underlay_events: mpsc::Receiver<UnderlayEvent>,
-    follower: UnderlayFollower,
     leases: LeaseManager,
     lease: Lease,
     renew_margin: Duration,
@@ -387,10 +383,6 @@ impl LeaseKeeper {
         loop {
             tokio::select! {
                 _ = &mut stop => return self,
-                Some(event) = self.underlay_events.recv() => {
-                    let subnet = self.lease.subnet;
-                    self.follower.apply(event, &mut self.local, subnet).await;
-                }
                 _ = tokio::time::sleep_until(next_renewal.into()) => {
                     match self.leases.renew(&self.lease).await {
                         Ok(Renewal::Renewed(ttl)) => {

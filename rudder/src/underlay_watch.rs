@@ -1,13 +1,12 @@
 //! Follows the underlay while running: its MTU (link messages) and the host's IPv4 routes
 //! and neighbours (the eBPF peer routes' next hops). One rtnetlink multicast subscription;
-//! events flow one way: [`watch`] → the daemon's lease keeper ([`UnderlayFollower`]) → data
-//! plane, subnet file, status.
+//! events flow one way: [`watch`] → [`UnderlayFollower`] (a daemon task) → data plane,
+//! subnet file, bridge, status.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use ipnet::Ipv4Net;
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::neighbour::NeighbourState;
@@ -31,6 +30,9 @@ pub enum UnderlayEvent {
     /// IPv4 routes (not ours) or the underlay's neighbours changed.
     Routes,
 }
+
+/// IPv4's minimum MTU.
+const MIN_OVERLAY_MTU: u16 = 68;
 
 /// Bursts of route messages (a link going down flushes many) become one event.
 const ROUTE_SETTLE: Duration = Duration::from_millis(100);
@@ -148,8 +150,8 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Applies underlay events: owned by the daemon's lease keeper, which also owns the local
-/// set-up the subnet file belongs to.
+/// Applies underlay events in a task of its own: an etcd outage (which a gateway change can
+/// cause) must not hold up the fix.
 pub(crate) struct UnderlayFollower {
     pub(crate) name: String,
     pub(crate) mtu: u32,
@@ -158,17 +160,20 @@ pub(crate) struct UnderlayFollower {
 }
 
 impl UnderlayFollower {
-    pub(crate) async fn apply(
-        &mut self,
-        event: UnderlayEvent,
-        local: &mut LocalSetup,
-        subnet: Ipv4Net,
+    pub(crate) async fn run(
+        mut self,
+        mut events: mpsc::Receiver<UnderlayEvent>,
+        local: LocalSetup,
     ) {
+        while let Some(event) = events.recv().await {
+            self.apply(event, &local).await;
+        }
+    }
+
+    async fn apply(&mut self, event: UnderlayEvent, local: &LocalSetup) {
         tracing::debug!(?event, "underlay event");
         match event {
-            UnderlayEvent::Mtu(mtu) if mtu != self.mtu => {
-                self.mtu_changed(mtu, local, subnet).await
-            }
+            UnderlayEvent::Mtu(mtu) if mtu != self.mtu => self.mtu_changed(mtu, local).await,
             UnderlayEvent::Mtu(_) => {}
             UnderlayEvent::Routes => {
                 if let Err(e) = self.dataplane.underlay_routes_changed() {
@@ -178,19 +183,26 @@ impl UnderlayFollower {
         }
     }
 
-    async fn mtu_changed(&mut self, mtu: u32, local: &mut LocalSetup, subnet: Ipv4Net) {
+    async fn mtu_changed(&mut self, mtu: u32, local: &LocalSetup) {
         let overlay = overlay_mtu(mtu);
+        let old = std::mem::replace(&mut self.mtu, mtu);
+        if overlay < MIN_OVERLAY_MTU {
+            tracing::error!(
+                "underlay {} MTU {old} → {mtu}: an overlay MTU of {overlay} is below IPv4's \
+                 minimum of {MIN_OVERLAY_MTU}; keeping the previous one",
+                self.name
+            );
+            return;
+        }
         tracing::info!(
-            "underlay {} MTU {} → {mtu}: overlay MTU {overlay}",
-            self.name,
-            self.mtu
+            "underlay {} MTU {old} → {mtu}: overlay MTU {overlay}",
+            self.name
         );
-        self.mtu = mtu;
         if let Err(e) = self.dataplane.set_overlay_mtu(overlay) {
             tracing::error!("the data plane could not take the new overlay MTU {overlay}: {e:#}");
             return;
         }
-        if let Err(e) = local.set_overlay_mtu(overlay, subnet).await {
+        if let Err(e) = local.set_overlay_mtu(overlay).await {
             tracing::error!("applying the new overlay MTU {overlay} locally failed: {e:#}");
         }
         self.state.update(|s| s.mtu = Some(overlay));
