@@ -153,7 +153,7 @@ impl TunDataplane {
         )
     }
 
-    /// The options the data plane was started with (`local_subnet` as at start).
+    /// The options the data plane was started with (`local_subnet` and `mtu` as at start).
     pub fn options(&self) -> &TunOptions {
         &self.options
     }
