@@ -72,9 +72,8 @@ async fn subscription(
     let driver = tokio::spawn(connection);
     let _stop_driver = AbortOnDrop(driver);
     // Subscribed first, then read: a change from before is seen here, one after as an event.
-    let link = Netlink::new()?.link_by_index(index).await?;
-    report_mtu(known_mtu, link.mtu, tx).await;
-    let _ = tx.try_send(UnderlayEvent::Routes);
+    let netlink = Netlink::new()?;
+    resync(&netlink, index, known_mtu, tx).await?;
     // When the pending route event is due: a fixed time after the first change, however
     // many unrelated messages arrive meanwhile.
     let mut routes_due: Option<tokio::time::Instant> = None;
@@ -94,8 +93,15 @@ async fn subscription(
         let Some((message, _)) = next else {
             anyhow::bail!("the netlink subscription ended");
         };
-        let NetlinkPayload::InnerMessage(message) = message.payload else {
-            continue;
+        let message = match message.payload {
+            NetlinkPayload::InnerMessage(message) => message,
+            // The socket's buffer overflowed and events were lost: read the state again.
+            NetlinkPayload::Overrun(_) => {
+                tracing::warn!("underlay watch: netlink events lost (buffer full); re-reading");
+                resync(&netlink, index, known_mtu, tx).await?;
+                continue;
+            }
+            _ => continue,
         };
         if let Some(event) = classify(index, &message) {
             if let UnderlayEvent::Mtu(mtu) = event {
@@ -105,6 +111,20 @@ async fn subscription(
             routes_due.get_or_insert_with(|| tokio::time::Instant::now() + ROUTE_SETTLE);
         }
     }
+}
+
+/// Reads the underlay's MTU and reports a route change: for what happened unseen.
+async fn resync(
+    netlink: &Netlink,
+    index: u32,
+    known_mtu: &mut u32,
+    tx: &mpsc::Sender<UnderlayEvent>,
+) -> anyhow::Result<()> {
+    let link = netlink.link_by_index(index).await?;
+    report_mtu(known_mtu, link.mtu, tx).await;
+    // Full: a route event is queued already.
+    let _ = tx.try_send(UnderlayEvent::Routes);
+    Ok(())
 }
 
 async fn report_mtu(known: &mut u32, mtu: u32, tx: &mpsc::Sender<UnderlayEvent>) {
