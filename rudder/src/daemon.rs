@@ -14,13 +14,14 @@ use crate::config::NetworkConfig;
 use crate::dataplane::{self, Dataplane, DataplaneOptions};
 use crate::etcd::{self, Backoff, Etcd};
 use crate::firewall;
-use crate::host::{self, Netlink};
+use crate::host::Netlink;
 use crate::lease::{renew_after, AcquireError, Lease, LeaseManager, Renewal};
 use crate::local_setup::{keep_blackhole_route, LocalSetup};
 use crate::peers::PeerRegistry;
 use crate::reconcile::Reconciler;
 use crate::status::State;
 use crate::subnet_file;
+use crate::underlay_watch::{self, UnderlayFollower};
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Flags rudder accepts but cannot honour, and partial TLS/auth flags, fail first, before
@@ -45,19 +46,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state = State::default();
     let netlink = Netlink::new()?;
     let underlay = netlink
-        .underlay(&host::UnderlaySelection {
+        .underlay(&crate::underlay::UnderlaySelection {
             ifaces: args.iface.clone(),
             regexes: args.iface_regex.clone(),
             can_reach: args.iface_can_reach,
             public_ip: args.public_ip,
         })
         .await?;
-    let overlay_mtu = u16::try_from(
-        underlay
-            .mtu
-            .saturating_sub(u32::from(rudder_ebpf::ENCAP_OVERHEAD)),
-    )
-    .unwrap_or(u16::MAX);
+    let overlay_mtu = crate::underlay::overlay_mtu(underlay.mtu);
     tracing::info!(
         iface = %underlay.name, public_ip = %underlay.public_ip, mtu = underlay.mtu,
         overlay_mtu, "underlay"
@@ -111,12 +107,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = shutdown.wait() => return Ok(()),
     };
 
-    let local = LocalSetup {
-        args: args.clone(),
-        network: config.network,
-        overlay_mtu,
-        netlink: netlink.clone(),
-    };
+    let local = LocalSetup::new(args.clone(), config.network, overlay_mtu, netlink.clone());
     local.apply(lease.subnet).await?;
 
     let opts = DataplaneOptions {
@@ -170,6 +161,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         subnet_rx,
         lease_check.clone(),
     );
+    let follower = UnderlayFollower {
+        name: underlay.name.clone(),
+        mtu: underlay.mtu,
+        dataplane: dp.clone(),
+        state: state.clone(),
+    };
+    let underlay_task = tokio::spawn(follower.run(
+        underlay_watch::watch(underlay.index, underlay.mtu),
+        local.clone(),
+    ));
     let keeper = LeaseKeeper {
         leases,
         lease,
@@ -197,6 +198,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     config_task.abort();
     refresh_task.abort();
+    underlay_task.abort();
     if let Some(task) = firewall_task {
         task.abort();
     }

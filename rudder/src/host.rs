@@ -3,44 +3,13 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, RouteMessageBuilder};
-
-/// The interface other hosts reach us through.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Underlay {
-    pub name: String,
-    pub index: u32,
-    pub mtu: u32,
-    /// The address peers send to (the lease's PublicIP): `--public-ip`, else `local_ip`.
-    pub public_ip: Ipv4Addr,
-    /// The address this host owns on the underlay: the outer source of what it sends and the
-    /// outer destination of what it receives. Differs from `public_ip` only behind a 1:1 NAT
-    /// (a cloud's elastic IP), where the provider translates between the two.
-    pub local_ip: Ipv4Addr,
-}
-
-impl Underlay {
-    /// Whether peers reach us through an address translation (`--public-ip` is not ours).
-    pub fn behind_nat(&self) -> bool {
-        self.public_ip != self.local_ip
-    }
-}
-
-/// How to pick the underlay: flanneld's `--iface` (repeatable), `--iface-regex`
-/// (repeatable), `--iface-can-reach` and `--public-ip`.
-#[derive(Debug, Clone, Default)]
-pub struct UnderlaySelection {
-    pub ifaces: Vec<String>,
-    pub regexes: Vec<String>,
-    pub can_reach: Option<Ipv4Addr>,
-    pub public_ip: Option<Ipv4Addr>,
-}
 
 /// Metric of the `--ip-blackhole-route` route: last, behind any route to the same subnet.
 pub const BLACKHOLE_METRIC: u32 = u32::MAX;
@@ -53,66 +22,12 @@ fn blackhole_route(subnet: Ipv4Net) -> RouteMessage {
         .build()
 }
 
-/// The interface holding address `ip`, with it.
-fn holding(
-    links: &[(LinkInfo, Vec<Ipv4Addr>)],
-    ip: Ipv4Addr,
-) -> Option<(LinkInfo, Option<Ipv4Addr>)> {
-    links
-        .iter()
-        .find(|(_, addrs)| addrs.contains(&ip))
-        .map(|(l, _)| (l.clone(), Some(ip)))
-}
-
-/// `--iface`: an IPv4 address names the interface holding it; anything else is a name.
-fn by_name_or_address(
-    links: &[(LinkInfo, Vec<Ipv4Addr>)],
-    want: &str,
-) -> Option<(LinkInfo, Option<Ipv4Addr>)> {
-    match want.parse::<Ipv4Addr>() {
-        Ok(ip) => holding(links, ip),
-        Err(_) => links
-            .iter()
-            .find(|(l, _)| l.name == want)
-            .map(|(l, _)| (l.clone(), None)),
-    }
-}
-
-/// `--iface-regex`: the first interface with a matching IPv4 address (that address), else
-/// the first interface with a matching name.
-fn match_regex(
-    re: &regex::Regex,
-    links: &[(LinkInfo, Vec<Ipv4Addr>)],
-) -> Option<(LinkInfo, Option<Ipv4Addr>)> {
-    links
-        .iter()
-        .find_map(|(l, addrs)| {
-            addrs
-                .iter()
-                .find(|ip| re.is_match(&ip.to_string()))
-                .map(|ip| (l.clone(), Some(*ip)))
-        })
-        .or_else(|| {
-            links
-                .iter()
-                .find(|(l, _)| re.is_match(&l.name))
-                .map(|(l, _)| (l.clone(), None))
-        })
-}
-
-fn describe(links: &[(LinkInfo, Vec<Ipv4Addr>)]) -> String {
-    links
-        .iter()
-        .map(|(l, a)| format!("{}:{a:?}", l.name))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkInfo {
     pub index: u32,
     pub name: String,
     pub mtu: u32,
+    pub link_layer: LinkLayerType,
 }
 
 #[derive(Clone)]
@@ -182,16 +97,7 @@ impl Netlink {
 
     /// The output interface of the IPv4 default route in the main table.
     pub async fn default_route_iface(&self) -> anyhow::Result<Option<u32>> {
-        let routes = self.ipv4_routes().await?;
-        Ok(routes
-            .iter()
-            .filter(|r| r.header.destination_prefix_length == 0)
-            .find_map(|r| {
-                r.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Oif(i) => Some(*i),
-                    _ => None,
-                })
-            }))
+        Ok(main_default_route_iface(&self.ipv4_routes().await?))
     }
 
     /// The interface's IPv4 addresses with the messages that carry them (to delete one).
@@ -231,7 +137,9 @@ impl Netlink {
     }
 
     /// Every interface with its IPv4 addresses, in index order (Go's `net.Interfaces`).
-    async fn links_with_addresses(&self) -> anyhow::Result<Vec<(LinkInfo, Vec<Ipv4Addr>)>> {
+    pub(crate) async fn links_with_addresses(
+        &self,
+    ) -> anyhow::Result<Vec<(LinkInfo, Vec<Ipv4Addr>)>> {
         let mut links: Vec<LinkInfo> = self
             .handle
             .link()
@@ -300,102 +208,6 @@ impl Netlink {
             _ => None,
         });
         Ok((oif, src))
-    }
-
-    /// Picks the underlay as flanneld's `LookupExtIface` does: with none of `--iface`,
-    /// `--iface-regex`, `--iface-can-reach`, the interface holding `--public-ip` (else the
-    /// default route's); otherwise each `--iface` (name or address) in order, then each
-    /// regex, then the route to `--iface-can-reach`, the first that resolves winning.
-    /// `--public-ip` overrides the address found.
-    pub async fn underlay(&self, sel: &UnderlaySelection) -> anyhow::Result<Underlay> {
-        let links = self.links_with_addresses().await?;
-        let (link, found_ip) = if sel.ifaces.is_empty()
-            && sel.regexes.is_empty()
-            && sel.can_reach.is_none()
-        {
-            let holder = sel.public_ip.and_then(|ip| holding(&links, ip));
-            match holder {
-                Some(found) => found,
-                None => {
-                    let index = self.default_route_iface().await?.ok_or_else(|| {
-                        anyhow!(
-                            "no IPv4 default route to pick the underlay interface from: pass --iface"
-                        )
-                    })?;
-                    (self.link_by_index(index).await?, None)
-                }
-            }
-        } else {
-            let mut found = None;
-            for want in &sel.ifaces {
-                found = by_name_or_address(&links, want);
-                match &found {
-                    Some(_) => break,
-                    None => tracing::info!("--iface {want}: no interface has that name or address"),
-                }
-            }
-            if found.is_none() {
-                for pattern in &sel.regexes {
-                    let re = regex::Regex::new(pattern)
-                        .with_context(|| format!("--iface-regex {pattern}"))?;
-                    found = match_regex(&re, &links);
-                    match &found {
-                        Some(_) => break,
-                        None => tracing::info!(
-                            "--iface-regex {pattern}: matches no interface address or name"
-                        ),
-                    }
-                }
-            }
-            if found.is_none() {
-                if let Some(dest) = sel.can_reach {
-                    match self.route_get(dest).await {
-                        Ok((oif, src)) => {
-                            found = links
-                                .iter()
-                                .find(|(l, _)| l.index == oif)
-                                .map(|(l, _)| (l.clone(), src));
-                        }
-                        Err(e) => tracing::info!("--iface-can-reach {dest}: {e:#}"),
-                    }
-                }
-            }
-            found.ok_or_else(|| {
-                anyhow!(
-                    "no interface matches --iface/--iface-regex/--iface-can-reach (interfaces: {})",
-                    describe(&links)
-                )
-            })?
-        };
-        let addresses = links
-            .iter()
-            .find(|(l, _)| l.index == link.index)
-            .map(|(_, a)| a.clone())
-            .unwrap_or_default();
-        // `--public-ip` held by this host (any interface) is also the source; one it does not
-        // hold is a NAT's address: send from the underlay's own address.
-        let public_ip_is_local = sel
-            .public_ip
-            .is_some_and(|ip| holding(&links, ip).is_some());
-        let own = if public_ip_is_local {
-            sel.public_ip
-        } else {
-            found_ip.or(addresses.first().copied())
-        };
-        // An interface without an IPv4 address of its own: the kernel picks the source.
-        let Some(local_ip) = own.or(sel.public_ip) else {
-            bail!(
-                "interface {} has no IPv4 address: give it one or pass --public-ip",
-                link.name
-            );
-        };
-        Ok(Underlay {
-            name: link.name,
-            index: link.index,
-            mtu: link.mtu,
-            public_ip: sel.public_ip.unwrap_or(local_ip),
-            local_ip,
-        })
     }
 
     /// Adds a blackhole route for `subnet` (at [`BLACKHOLE_METRIC`], so a bridge's connected
@@ -533,11 +345,54 @@ impl Netlink {
     }
 }
 
+/// The kernel's main routing table (`RT_TABLE_MAIN`).
+const MAIN_TABLE: u32 = 254;
+
+/// The table a route is in: the attribute when present (tables above 255), else the header.
+fn route_table(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table))
+}
+
+/// The output interface of the main table's default route with the lowest metric. Other
+/// tables are skipped: a VPN's policy table may hold a "better" default that the underlay's
+/// traffic never takes.
+fn main_default_route_iface(routes: &[RouteMessage]) -> Option<u32> {
+    routes
+        .iter()
+        .filter(|r| r.header.destination_prefix_length == 0 && r.header.kind == RouteType::Unicast)
+        .filter(|r| route_table(r) == MAIN_TABLE)
+        .filter_map(|r| {
+            let metric = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Priority(p) => Some(*p),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            let oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            })?;
+            Some((metric, oif))
+        })
+        .min_by_key(|(metric, _)| *metric)
+        .map(|(_, oif)| oif)
+}
+
 fn link_info(msg: rtnetlink::packet_route::link::LinkMessage) -> LinkInfo {
     let mut info = LinkInfo {
         index: msg.header.index,
         name: String::new(),
         mtu: 1500,
+        link_layer: msg.header.link_layer_type,
     };
     for attr in msg.attributes {
         match attr {
@@ -563,54 +418,29 @@ pub fn enable_ip_forwarding() -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn links() -> Vec<(LinkInfo, Vec<Ipv4Addr>)> {
-        let link = |index, name: &str| LinkInfo {
-            index,
-            name: name.into(),
-            mtu: 1500,
-        };
-        vec![
-            (link(1, "lo"), vec![Ipv4Addr::LOCALHOST]),
-            (link(2, "eth0"), vec![Ipv4Addr::new(192, 168, 1, 5)]),
-            (
-                link(3, "ens4"),
-                vec![Ipv4Addr::new(10, 1, 0, 7), Ipv4Addr::new(10, 2, 0, 7)],
-            ),
-            (link(4, "docker0"), vec![]),
-        ]
+    fn default_route(table: u32, metric: u32, oif: u32) -> RouteMessage {
+        let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(Ipv4Addr::new(192, 168, 1, 1))
+            .output_interface(oif)
+            .priority(metric)
+            .table_id(table)
+            .build();
+        route.header.kind = RouteType::Unicast;
+        route
     }
 
     #[test]
-    fn iface_is_a_name_or_an_address() {
-        let l = links();
-        let (link, ip) = by_name_or_address(&l, "ens4").unwrap();
-        assert_eq!((link.name.as_str(), ip), ("ens4", None));
-        let (link, ip) = by_name_or_address(&l, "10.2.0.7").unwrap();
-        assert_eq!(
-            (link.name.as_str(), ip),
-            ("ens4", Some(Ipv4Addr::new(10, 2, 0, 7)))
-        );
-        assert!(by_name_or_address(&l, "eth9").is_none());
-        assert!(by_name_or_address(&l, "10.9.9.9").is_none());
-    }
-
-    #[test]
-    fn iface_regex_matches_addresses_before_names() {
-        let l = links();
-        let re = |s| regex::Regex::new(s).unwrap();
-        let (link, ip) = match_regex(&re(r"^10\.2\."), &l).unwrap();
-        assert_eq!(
-            (link.name.as_str(), ip),
-            ("ens4", Some(Ipv4Addr::new(10, 2, 0, 7)))
-        );
-        // "e" is in eth0's name, but 192.168.1.5 holds no "e": names are tried after every address.
-        let (link, ip) = match_regex(&re("^(e|192)"), &l).unwrap();
-        assert_eq!(
-            (link.name.as_str(), ip),
-            ("eth0", Some(Ipv4Addr::new(192, 168, 1, 5)))
-        );
-        let (link, ip) = match_regex(&re("^dock"), &l).unwrap();
-        assert_eq!((link.name.as_str(), ip), ("docker0", None));
-        assert!(match_regex(&re("^wlan"), &l).is_none());
+    fn default_route_comes_from_the_main_table_only() {
+        // A VPN's table 100 with a better metric must not win over the main table.
+        let routes = [
+            default_route(100, 0, 7),
+            default_route(MAIN_TABLE, 600, 3),
+            default_route(MAIN_TABLE, 100, 2),
+        ];
+        assert_eq!(main_default_route_iface(&routes), Some(2));
+        assert_eq!(main_default_route_iface(&routes[..1]), None);
+        let mut blackhole = default_route(MAIN_TABLE, 0, 9);
+        blackhole.header.kind = RouteType::BlackHole;
+        assert_eq!(main_default_route_iface(&[blackhole]), None);
     }
 }

@@ -35,3 +35,5 @@ pub mod status_socket;
 pub mod subnet;
 pub mod subnet_file;
 pub mod subnet_set;
+pub mod underlay;
+pub mod underlay_watch;

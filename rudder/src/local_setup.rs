@@ -1,6 +1,7 @@
 //! What depends on our subnet on this host, outside the data plane: IP forwarding, the
 //! bridge (`--bridge`), masquerade and forward rules, the subnet file, the blackhole route.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
@@ -13,20 +14,48 @@ use crate::subnet::gateway;
 use crate::subnet_file::SubnetFile;
 
 /// What depends on our subnet outside the data plane: subnet file, bridge, masquerade.
+/// Clones share the subnet file's content: the lease keeper changes the subnet, the
+/// underlay follower the MTU.
+#[derive(Clone)]
 pub(crate) struct LocalSetup {
     pub(crate) args: RunArgs,
     pub(crate) network: Ipv4Net,
-    pub(crate) overlay_mtu: u16,
     pub(crate) netlink: Netlink,
+    file: Arc<Mutex<FileContent>>,
+}
+
+/// What the subnet file says; `subnet` is `None` until the first [`LocalSetup::apply`].
+struct FileContent {
+    subnet: Option<Ipv4Net>,
+    overlay_mtu: u16,
 }
 
 impl LocalSetup {
+    pub(crate) fn new(args: RunArgs, network: Ipv4Net, overlay_mtu: u16, netlink: Netlink) -> Self {
+        LocalSetup {
+            args,
+            network,
+            netlink,
+            file: Arc::new(Mutex::new(FileContent {
+                subnet: None,
+                overlay_mtu,
+            })),
+        }
+    }
+
+    fn overlay_mtu(&self) -> u16 {
+        self.file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .overlay_mtu
+    }
+
     pub(crate) async fn apply(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
         host::enable_ip_forwarding()?;
         if let Some(bridge) = &self.args.bridge {
             let address = Ipv4Net::new(gateway(subnet), subnet.prefix_len())?;
             self.netlink
-                .ensure_bridge(bridge, address, u32::from(self.overlay_mtu))
+                .ensure_bridge(bridge, address, u32::from(self.overlay_mtu()))
                 .await?;
         }
         if self.args.ip_masq {
@@ -46,15 +75,43 @@ impl LocalSetup {
                 Err(e) => tracing::warn!("installing the iptables forward rules failed: {e:#}"),
             }
         }
-        SubnetFile {
-            network: self.network,
-            subnet,
-            mtu: self.overlay_mtu,
-            ip_masq: self.args.ip_masq,
-        }
-        .write(&self.args.subnet_file)?;
+        self.write_subnet_file(|file| file.subnet = Some(subnet))?;
         tracing::info!(file = %self.args.subnet_file.display(), %subnet, "subnet file written");
         Ok(())
+    }
+
+    /// The underlay's MTU changed: the bridge's MTU and the subnet file's FLANNEL_MTU follow
+    /// (containers made from now on get it).
+    pub(crate) async fn set_overlay_mtu(&self, overlay_mtu: u16) -> anyhow::Result<()> {
+        let subnet = self.write_subnet_file(|file| file.overlay_mtu = overlay_mtu)?;
+        tracing::info!(file = %self.args.subnet_file.display(), mtu = overlay_mtu, "subnet file rewritten");
+        if let (Some(bridge), Some(subnet)) = (&self.args.bridge, subnet) {
+            let address = Ipv4Net::new(gateway(subnet), subnet.prefix_len())?;
+            self.netlink
+                .ensure_bridge(bridge, address, u32::from(overlay_mtu))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Changes the content and rewrites the file (once there is a subnet), under one lock so
+    /// a subnet move and an MTU change cannot undo each other; returns the subnet.
+    fn write_subnet_file(
+        &self,
+        change: impl FnOnce(&mut FileContent),
+    ) -> anyhow::Result<Option<Ipv4Net>> {
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut file);
+        if let Some(subnet) = file.subnet {
+            SubnetFile {
+                network: self.network,
+                subnet,
+                mtu: file.overlay_mtu,
+                ip_masq: self.args.ip_masq,
+            }
+            .write(&self.args.subnet_file)?;
+        }
+        Ok(file.subnet)
     }
 
     pub(crate) async fn undo(&self) {

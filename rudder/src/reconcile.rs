@@ -294,6 +294,9 @@ mod tests {
         fn set_local_subnet(&self, _: Ipv4Net) -> anyhow::Result<()> {
             Ok(())
         }
+        fn set_overlay_mtu(&self, _: u16) -> anyhow::Result<()> {
+            Ok(())
+        }
         fn upsert_peer(&self, subnet: Ipv4Net, ip: Ipv4Addr) -> anyhow::Result<()> {
             self.calls.lock().unwrap().push(format!("+{subnet}"));
             self.peers.lock().unwrap().insert(subnet, ip);

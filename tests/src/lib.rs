@@ -29,6 +29,8 @@ pub mod host;
 pub mod netns;
 pub mod packet;
 pub mod process;
+pub mod router;
+pub mod tinc;
 pub mod traffic;
 pub mod underlay;
 pub mod util;

@@ -12,7 +12,7 @@ use super::{ebpf, tun, Dataplane, DataplaneKind};
 #[derive(Debug, Clone)]
 pub struct DataplaneOptions {
     pub kind: DataplaneKind,
-    pub underlay: crate::host::Underlay,
+    pub underlay: crate::underlay::Underlay,
     pub network: Ipv4Net,
     pub local_subnet: Ipv4Net,
     /// Overlay UDP port (from the network config's Backend.Port).
@@ -57,6 +57,9 @@ pub async fn create(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplan
 
 async fn load_ebpf(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>> {
     use crate::capabilities::{has_capability, CAP_BPF, CAP_SYS_ADMIN};
+    if let Some(why) = opts.underlay.ebpf_unsupported() {
+        anyhow::bail!("{why}");
+    }
     if !has_capability(CAP_BPF) && !has_capability(CAP_SYS_ADMIN) {
         anyhow::bail!(
             "missing CAP_BPF (or CAP_SYS_ADMIN on kernels before 5.8): loading BPF programs needs it"

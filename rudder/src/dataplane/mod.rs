@@ -72,6 +72,17 @@ pub trait Dataplane: Send + Sync {
     /// Our own subnet changed (first acquisition, or a re-acquire that got another one).
     fn set_local_subnet(&self, subnet: Ipv4Net) -> anyhow::Result<()>;
 
+    /// The underlay's MTU changed: carry at most `overlay_mtu` bytes per inner packet from
+    /// now on (device and route MTUs, the "fragmentation needed" checks).
+    fn set_overlay_mtu(&self, overlay_mtu: u16) -> anyhow::Result<()>;
+
+    /// The host's routes or neighbours changed: re-resolve what was derived from them (the
+    /// eBPF peer routes' next hops). Nothing by default: the TUN plane's UDP socket is
+    /// routed by the kernel packet by packet.
+    fn underlay_routes_changed(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// Add or update the host owning `subnet`.
     fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> anyhow::Result<()>;
 

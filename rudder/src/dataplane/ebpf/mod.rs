@@ -79,6 +79,7 @@ mod routes;
 #[cfg(test)]
 mod smoke_tests;
 mod socket_path;
+mod underlay_change;
 
 use bridge::AdoptedBridge;
 use kernel::{ignore_missing, Kernel};
@@ -431,6 +432,14 @@ impl Dataplane for EbpfDataplane {
             path.set_local_subnet(subnet, state.opts.network, &state.peers);
         }
         Ok(())
+    }
+
+    fn set_overlay_mtu(&self, overlay_mtu: u16) -> anyhow::Result<()> {
+        self.apply_overlay_mtu(overlay_mtu)
+    }
+
+    fn underlay_routes_changed(&self) -> anyhow::Result<()> {
+        self.refresh_next_hops().map(|_| ())
     }
 
     fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> anyhow::Result<()> {

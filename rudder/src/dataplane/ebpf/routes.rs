@@ -120,7 +120,7 @@ impl Routes {
 
     /// The underlay gateway towards `public_ip` if the kernel routes it through one,
     /// else `public_ip` itself (same link).
-    fn next_hop(&self, public_ip: Ipv4Addr) -> Ipv4Addr {
+    pub(super) fn next_hop(&self, public_ip: Ipv4Addr) -> Ipv4Addr {
         let query = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(public_ip, 32)
             .build();
@@ -195,6 +195,32 @@ impl Routes {
                     ) => Ipv4Net::new(*addr, route.header.destination_prefix_length).ok(),
                     _ => None,
                 })
+            })
+            .collect())
+    }
+
+    /// The next hop (gateway) of each of our peer routes present now.
+    pub(super) fn installed_next_hops(
+        &self,
+    ) -> anyhow::Result<std::collections::BTreeMap<Ipv4Net, Ipv4Addr>> {
+        use rtnetlink::packet_route::route::RouteAddress;
+        Ok(self
+            .ours()?
+            .iter()
+            .filter_map(|route| {
+                let mut destination = None;
+                let mut gateway = None;
+                for attr in &route.attributes {
+                    match attr {
+                        RouteAttribute::Destination(RouteAddress::Inet(addr)) => {
+                            destination =
+                                Ipv4Net::new(*addr, route.header.destination_prefix_length).ok()
+                        }
+                        RouteAttribute::Gateway(RouteAddress::Inet(gw)) => gateway = Some(*gw),
+                        _ => {}
+                    }
+                }
+                Some((destination?, gateway?))
             })
             .collect())
     }

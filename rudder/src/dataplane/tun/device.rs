@@ -144,6 +144,24 @@ async fn set_link_up(handle: &Handle, index: u32, name: &str) -> anyhow::Result<
         .with_context(|| format!("bringing network device {name:?} (index {index}) up failed"))
 }
 
+pub(super) async fn set_device_mtu(
+    handle: &Handle,
+    index: u32,
+    name: &str,
+    mtu: u16,
+) -> anyhow::Result<()> {
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(index)
+                .mtu(u32::from(mtu))
+                .build(),
+        )
+        .execute()
+        .await
+        .with_context(|| format!("setting the MTU of network device {name:?} to {mtu} failed"))
+}
+
 pub(super) async fn add_device_address(
     handle: &Handle,
     index: u32,

@@ -18,6 +18,7 @@
 
 use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,9 +75,20 @@ pub(super) struct Shared {
     pub(super) table: PublishedTable,
     /// Port every peer listens on (ours too).
     pub(super) peer_port: u16,
-    pub(super) mtu: usize,
+    /// The device's MTU; follows the underlay's ([`Shared::set_mtu`]).
+    pub(super) mtu: AtomicUsize,
     /// The device was opened with `IFF_VNET_HDR` and offloads.
     pub(super) offload: bool,
+}
+
+impl Shared {
+    pub(super) fn mtu(&self) -> usize {
+        self.mtu.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn set_mtu(&self, mtu: usize) {
+        self.mtu.store(mtu, Ordering::Relaxed);
+    }
 }
 
 /// The UDP socket with the state quinn-udp keeps about it (GSO/GRO support).
@@ -255,7 +267,7 @@ pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
     let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET_LEN];
     // Without offload a read returns one packet of at most the MTU, straight into slot 0.
     let slot_len = if vnet_header {
-        shared.mtu
+        shared.mtu()
     } else {
         MAX_PACKET_LEN
     };
@@ -268,6 +280,11 @@ pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
     let mut reader = shared.table.reader();
     let mut logs = TaskLogs::new();
     loop {
+        // A larger underlay MTU at run time: segments of the new size must fit.
+        if vnet_header && packets[0].len() < shared.mtu() {
+            let mtu = shared.mtu();
+            packets.iter_mut().for_each(|p| p.resize(mtu, 0));
+        }
         let mut count = match device
             .recv_multiple(&mut raw, &mut packets, &mut sizes, 0)
             .await
@@ -285,7 +302,7 @@ pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
         for read in 0..READS_PER_FLUSH {
             for (packet, &size) in packets.iter_mut().zip(&sizes).take(count) {
                 let table = reader.current(&shared.table);
-                match decide_outbound(&mut packet[..size], table, shared.mtu, &mut icmp) {
+                match decide_outbound(&mut packet[..size], table, shared.mtu(), &mut icmp) {
                     Outbound::Encapsulate { len, peer, slot } => {
                         let traffic = table.traffic(slot);
                         if !batch.accepts(peer, traffic, len, socket.gso_segments) {
@@ -367,7 +384,7 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                         };
                         if shared.offload {
                             if let Some((headers, mss)) =
-                                crate::packet::tcp_super_packet(packet, &view, shared.mtu)
+                                crate::packet::tcp_super_packet(packet, &view, shared.mtu())
                             {
                                 // Keep order: what is queued goes first.
                                 write_batch(

@@ -36,6 +36,7 @@ use super::{CounterSnapshot, Dataplane, DataplaneKind, PeerStats};
 use crate::subnet::gateway;
 use device::{
     add_device_address, delete_link, link_index, remove_device_address, run_netlink_blocking,
+    set_device_mtu,
 };
 use forward::Shared;
 use rudder_ebpf::Counter;
@@ -125,7 +126,7 @@ impl TunDataplane {
             counters: Counters::default(),
             table: PublishedTable::new(table.clone()),
             peer_port: options.bind.port(),
-            mtu: usize::from(options.mtu),
+            mtu: usize::from(options.mtu).into(),
             offload,
         });
         let socket_gso = socket.gso();
@@ -174,7 +175,7 @@ impl TunDataplane {
         )
     }
 
-    /// The options the data plane was started with (`local_subnet` as at start).
+    /// The options the data plane was started with (`local_subnet` and `mtu` as at start).
     pub fn options(&self) -> &TunOptions {
         &self.options
     }
@@ -238,6 +239,19 @@ impl Dataplane for TunDataplane {
             }
             state.table = table;
         });
+        Ok(())
+    }
+
+    /// The device MTU (its route has none of its own) and the forwarding checks.
+    fn set_overlay_mtu(&self, overlay_mtu: u16) -> anyhow::Result<()> {
+        let name = self.options.device_name.clone();
+        run_netlink_blocking(move |handle| async move {
+            let index = link_index(&handle, &name)
+                .await?
+                .with_context(|| format!("TUN device {name:?} disappeared"))?;
+            set_device_mtu(&handle, index, &name, overlay_mtu).await
+        })?;
+        self.shared.set_mtu(usize::from(overlay_mtu));
         Ok(())
     }
 

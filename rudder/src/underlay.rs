@@ -1,0 +1,277 @@
+//! Picking the underlay interface (flanneld's `--iface`, `--iface-regex`,
+//! `--iface-can-reach`, `--public-ip`) and what the data planes need to know about it.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{anyhow, bail, Context};
+use rtnetlink::packet_route::link::LinkLayerType;
+
+use crate::host::{LinkInfo, Netlink};
+
+/// The interface other hosts reach us through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Underlay {
+    pub name: String,
+    pub index: u32,
+    pub mtu: u32,
+    /// The address peers send to (the lease's PublicIP): `--public-ip`, else `local_ip`.
+    pub public_ip: Ipv4Addr,
+    /// The address this host owns on the underlay: the outer source of what it sends and the
+    /// outer destination of what it receives. Differs from `public_ip` only behind a 1:1 NAT
+    /// (a cloud's elastic IP), where the provider translates between the two.
+    pub local_ip: Ipv4Addr,
+    /// ARPHRD_* of the device: the eBPF programs need Ethernet frames.
+    pub link_layer: LinkLayerType,
+}
+
+impl Underlay {
+    /// Whether peers reach us through an address translation (`--public-ip` is not ours).
+    pub fn behind_nat(&self) -> bool {
+        self.public_ip != self.local_ip
+    }
+
+    /// Why the eBPF programs cannot run on this underlay: they parse a 14-byte Ethernet
+    /// header, which an L3 device (tun, WireGuard, PPP, GRE) does not have.
+    pub fn ebpf_unsupported(&self) -> Option<String> {
+        (self.link_layer != LinkLayerType::Ether).then(|| {
+            format!(
+                "underlay {} is not an Ethernet device (link type {}): the eBPF programs need \
+                 Ethernet frames",
+                self.name,
+                link_layer_name(self.link_layer)
+            )
+        })
+    }
+}
+
+/// The overlay MTU over an underlay of `underlay_mtu`: less the encapsulation overhead.
+pub fn overlay_mtu(underlay_mtu: u32) -> u16 {
+    u16::try_from(underlay_mtu.saturating_sub(u32::from(rudder_ebpf::ENCAP_OVERHEAD)))
+        .unwrap_or(u16::MAX)
+}
+
+/// `ip link`'s name for a link type (`none` for a tun, `ppp`, `ether`).
+fn link_layer_name(kind: LinkLayerType) -> String {
+    kind.to_string().to_lowercase()
+}
+
+/// How to pick the underlay: flanneld's `--iface` (repeatable), `--iface-regex`
+/// (repeatable), `--iface-can-reach` and `--public-ip`.
+#[derive(Debug, Clone, Default)]
+pub struct UnderlaySelection {
+    pub ifaces: Vec<String>,
+    pub regexes: Vec<String>,
+    pub can_reach: Option<Ipv4Addr>,
+    pub public_ip: Option<Ipv4Addr>,
+}
+
+/// The interface holding address `ip`, with it.
+fn holding(
+    links: &[(LinkInfo, Vec<Ipv4Addr>)],
+    ip: Ipv4Addr,
+) -> Option<(LinkInfo, Option<Ipv4Addr>)> {
+    links
+        .iter()
+        .find(|(_, addrs)| addrs.contains(&ip))
+        .map(|(l, _)| (l.clone(), Some(ip)))
+}
+
+/// `--iface`: an IPv4 address names the interface holding it; anything else is a name.
+fn by_name_or_address(
+    links: &[(LinkInfo, Vec<Ipv4Addr>)],
+    want: &str,
+) -> Option<(LinkInfo, Option<Ipv4Addr>)> {
+    match want.parse::<Ipv4Addr>() {
+        Ok(ip) => holding(links, ip),
+        Err(_) => links
+            .iter()
+            .find(|(l, _)| l.name == want)
+            .map(|(l, _)| (l.clone(), None)),
+    }
+}
+
+/// `--iface-regex`: the first interface with a matching IPv4 address (that address), else
+/// the first interface with a matching name.
+fn match_regex(
+    re: &regex::Regex,
+    links: &[(LinkInfo, Vec<Ipv4Addr>)],
+) -> Option<(LinkInfo, Option<Ipv4Addr>)> {
+    links
+        .iter()
+        .find_map(|(l, addrs)| {
+            addrs
+                .iter()
+                .find(|ip| re.is_match(&ip.to_string()))
+                .map(|ip| (l.clone(), Some(*ip)))
+        })
+        .or_else(|| {
+            links
+                .iter()
+                .find(|(l, _)| re.is_match(&l.name))
+                .map(|(l, _)| (l.clone(), None))
+        })
+}
+
+fn describe(links: &[(LinkInfo, Vec<Ipv4Addr>)]) -> String {
+    links
+        .iter()
+        .map(|(l, a)| format!("{}:{a:?}", l.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Netlink {
+    /// Picks the underlay as flanneld's `LookupExtIface` does: with none of `--iface`,
+    /// `--iface-regex`, `--iface-can-reach`, the interface holding `--public-ip` (else the
+    /// default route's); otherwise each `--iface` (name or address) in order, then each
+    /// regex, then the route to `--iface-can-reach`, the first that resolves winning.
+    /// `--public-ip` overrides the address found.
+    pub async fn underlay(&self, sel: &UnderlaySelection) -> anyhow::Result<Underlay> {
+        let links = self.links_with_addresses().await?;
+        let (link, found_ip) = if sel.ifaces.is_empty()
+            && sel.regexes.is_empty()
+            && sel.can_reach.is_none()
+        {
+            let holder = sel.public_ip.and_then(|ip| holding(&links, ip));
+            match holder {
+                Some(found) => found,
+                None => {
+                    let index = self.default_route_iface().await?.ok_or_else(|| {
+                        anyhow!(
+                            "no IPv4 default route to pick the underlay interface from: pass --iface"
+                        )
+                    })?;
+                    (self.link_by_index(index).await?, None)
+                }
+            }
+        } else {
+            let mut found = None;
+            for want in &sel.ifaces {
+                found = by_name_or_address(&links, want);
+                match &found {
+                    Some(_) => break,
+                    None => tracing::info!("--iface {want}: no interface has that name or address"),
+                }
+            }
+            if found.is_none() {
+                for pattern in &sel.regexes {
+                    let re = regex::Regex::new(pattern)
+                        .with_context(|| format!("--iface-regex {pattern}"))?;
+                    found = match_regex(&re, &links);
+                    match &found {
+                        Some(_) => break,
+                        None => tracing::info!(
+                            "--iface-regex {pattern}: matches no interface address or name"
+                        ),
+                    }
+                }
+            }
+            if found.is_none() {
+                if let Some(dest) = sel.can_reach {
+                    match self.route_get(dest).await {
+                        Ok((oif, src)) => {
+                            found = links
+                                .iter()
+                                .find(|(l, _)| l.index == oif)
+                                .map(|(l, _)| (l.clone(), src));
+                        }
+                        Err(e) => tracing::info!("--iface-can-reach {dest}: {e:#}"),
+                    }
+                }
+            }
+            found.ok_or_else(|| {
+                anyhow!(
+                    "no interface matches --iface/--iface-regex/--iface-can-reach (interfaces: {})",
+                    describe(&links)
+                )
+            })?
+        };
+        let addresses = links
+            .iter()
+            .find(|(l, _)| l.index == link.index)
+            .map(|(_, a)| a.clone())
+            .unwrap_or_default();
+        // `--public-ip` held by this host (any interface) is also the source; one it does not
+        // hold is a NAT's address: send from the underlay's own address.
+        let public_ip_is_local = sel
+            .public_ip
+            .is_some_and(|ip| holding(&links, ip).is_some());
+        let own = if public_ip_is_local {
+            sel.public_ip
+        } else {
+            found_ip.or(addresses.first().copied())
+        };
+        // An interface without an IPv4 address of its own: the kernel picks the source.
+        let Some(local_ip) = own.or(sel.public_ip) else {
+            bail!(
+                "interface {} has no IPv4 address: give it one or pass --public-ip",
+                link.name
+            );
+        };
+        Ok(Underlay {
+            name: link.name,
+            index: link.index,
+            mtu: link.mtu,
+            public_ip: sel.public_ip.unwrap_or(local_ip),
+            local_ip,
+            link_layer: link.link_layer,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn links() -> Vec<(LinkInfo, Vec<Ipv4Addr>)> {
+        let link = |index, name: &str| LinkInfo {
+            index,
+            name: name.into(),
+            mtu: 1500,
+            link_layer: LinkLayerType::Ether,
+        };
+        vec![
+            (link(1, "lo"), vec![Ipv4Addr::LOCALHOST]),
+            (link(2, "eth0"), vec![Ipv4Addr::new(192, 168, 1, 5)]),
+            (
+                link(3, "ens4"),
+                vec![Ipv4Addr::new(10, 1, 0, 7), Ipv4Addr::new(10, 2, 0, 7)],
+            ),
+            (link(4, "docker0"), vec![]),
+        ]
+    }
+
+    #[test]
+    fn iface_is_a_name_or_an_address() {
+        let l = links();
+        let (link, ip) = by_name_or_address(&l, "ens4").unwrap();
+        assert_eq!((link.name.as_str(), ip), ("ens4", None));
+        let (link, ip) = by_name_or_address(&l, "10.2.0.7").unwrap();
+        assert_eq!(
+            (link.name.as_str(), ip),
+            ("ens4", Some(Ipv4Addr::new(10, 2, 0, 7)))
+        );
+        assert!(by_name_or_address(&l, "eth9").is_none());
+        assert!(by_name_or_address(&l, "10.9.9.9").is_none());
+    }
+
+    #[test]
+    fn iface_regex_matches_addresses_before_names() {
+        let l = links();
+        let re = |s| regex::Regex::new(s).unwrap();
+        let (link, ip) = match_regex(&re(r"^10\.2\."), &l).unwrap();
+        assert_eq!(
+            (link.name.as_str(), ip),
+            ("ens4", Some(Ipv4Addr::new(10, 2, 0, 7)))
+        );
+        // "e" is in eth0's name, but 192.168.1.5 holds no "e": names are tried after every address.
+        let (link, ip) = match_regex(&re("^(e|192)"), &l).unwrap();
+        assert_eq!(
+            (link.name.as_str(), ip),
+            ("eth0", Some(Ipv4Addr::new(192, 168, 1, 5)))
+        );
+        let (link, ip) = match_regex(&re("^dock"), &l).unwrap();
+        assert_eq!((link.name.as_str(), ip), ("docker0", None));
+        assert!(match_regex(&re("^wlan"), &l).is_none());
+    }
+}
