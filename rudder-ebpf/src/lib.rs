@@ -71,11 +71,17 @@ pub enum Counter {
     /// Overlay datagrams the BPF programs hand to the daemon's UDP socket instead: UDP GSO
     /// trains (several datagrams in one buffer) that arrive unsegmented over virtual links.
     ToDaemon = 13,
+    /// Outer header marked congestion experienced (CE) around an inner packet that is not
+    /// ECN-capable: RFC 6040 has the decapsulator drop it (the sender cannot be told).
+    DropCeNotEct = 14,
+    /// An ICMP error the userspace rules would have sent, suppressed by the rate limit
+    /// (the offending packet is counted under its own reason as well).
+    IcmpRateLimited = 15,
 }
 
 impl Counter {
     /// Number of counters; the length of the counter arrays.
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 16;
 
     /// Every counter in index order.
     pub const ALL: [Counter; Counter::COUNT] = [
@@ -93,6 +99,8 @@ impl Counter {
         Counter::DropTooBig,
         Counter::DropIoError,
         Counter::ToDaemon,
+        Counter::DropCeNotEct,
+        Counter::IcmpRateLimited,
     ];
 
     pub const fn index(self) -> usize {
@@ -116,6 +124,8 @@ impl Counter {
             Counter::DropTooBig => "too_big",
             Counter::DropIoError => "io_error",
             Counter::ToDaemon => "to_daemon",
+            Counter::DropCeNotEct => "ce_not_ect",
+            Counter::IcmpRateLimited => "icmp_rate_limited",
         }
     }
 
@@ -123,7 +133,11 @@ impl Counter {
     pub const fn is_drop(self) -> bool {
         !matches!(
             self,
-            Counter::Encapsulated | Counter::Decapsulated | Counter::Passed | Counter::ToDaemon
+            Counter::Encapsulated
+                | Counter::Decapsulated
+                | Counter::Passed
+                | Counter::ToDaemon
+                | Counter::IcmpRateLimited
         )
     }
 }
