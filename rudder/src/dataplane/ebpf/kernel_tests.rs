@@ -134,9 +134,21 @@ fn ethernet(dst: [u8; 6], src: [u8; 6], l3: &[u8]) -> Vec<u8> {
 
 /// An overlay datagram as a peer sends it: outer IPv4 + UDP around `inner`.
 fn overlay_frame(outer_src: Ipv4Addr, outer_dst: Ipv4Addr, dst_port: u16, inner: &[u8]) -> Vec<u8> {
+    overlay_frame_with_tos(outer_src, outer_dst, dst_port, 0, inner)
+}
+
+/// [`overlay_frame`] with outer TOS byte `tos` (ECN marks the underlay may have set).
+fn overlay_frame_with_tos(
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    dst_port: u16,
+    tos: u8,
+    inner: &[u8],
+) -> Vec<u8> {
     let total = 28 + inner.len();
     let mut l3 = vec![0u8; 28];
     l3[0] = 0x45;
+    l3[1] = tos;
     l3[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     l3[6] = 0x40;
     l3[8] = 64;
@@ -395,8 +407,9 @@ fn encap_drops_non_gso_packet_above_overlay_mtu() {
     );
 }
 
+/// Not a known container: up the stack, whose forwarding makes this host's router hop.
 #[test]
-fn decap_returns_inner_packet_with_ttl_decremented() {
+fn decap_hands_inner_packet_to_the_stack_with_ttl_unchanged() {
     let kernel = fixture();
     let inner = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 100);
     let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
@@ -407,12 +420,6 @@ fn decap_returns_inner_packet_with_ttl_decremented() {
         TC_ACT_OK,
         Counter::Decapsulated,
     );
-
-    let mut expected = inner.clone();
-    expected[8] = 63;
-    expected[10..12].copy_from_slice(&[0, 0]);
-    let csum = checksum(&expected[..20]);
-    expected[10..12].copy_from_slice(&csum.to_be_bytes());
     assert_eq!(
         out[..14],
         frame[..14],
@@ -420,8 +427,133 @@ fn decap_returns_inner_packet_with_ttl_decremented() {
     );
     assert_eq!(
         out[14..],
-        expected[..],
-        "inner packet with TTL - 1 and patched checksum"
+        inner[..],
+        "inner packet as sent: the kernel decrements"
+    );
+}
+
+fn with_endpoint(kernel: &mut Kernel) {
+    kernel
+        .endpoints
+        .insert(
+            LOCAL_CONTAINER.octets(),
+            LocalEndpoint {
+                host_ifindex: 1,
+                container_mac: [0x02, 0xaa, 0, 0, 0, 0x10],
+                gateway_mac: [0x02, 0xbb, 0, 0, 0, 0x01],
+            },
+            0,
+        )
+        .unwrap();
+}
+
+/// A TTL that runs out here goes up the stack even for a known container (no redirect):
+/// the kernel's forwarding answers it with "time exceeded", through the overlay.
+#[test]
+fn decap_leaves_expiring_ttl_to_the_stack() {
+    let mut kernel = fixture();
+    with_endpoint(&mut kernel);
+    for ttl in [1, 0] {
+        let inner = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, ttl, true, 20);
+        let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
+        let out = expect_counted(
+            &kernel,
+            names::PROG_INGRESS,
+            &frame,
+            TC_ACT_OK,
+            Counter::Decapsulated,
+        );
+        assert_eq!(out[..14], frame[..14], "ttl {ttl}: Ethernet header kept");
+        assert_eq!(out[14..], inner[..], "ttl {ttl}: inner packet as sent");
+    }
+}
+
+/// Inner `ipv4_udp` packet with TOS byte `tos`, checksum fixed.
+fn inner_with_tos(ttl: u8, tos: u8) -> Vec<u8> {
+    let mut inner = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, ttl, true, 60);
+    inner[1] = tos;
+    inner[10..12].copy_from_slice(&[0, 0]);
+    let csum = checksum(&inner[..20]);
+    inner[10..12].copy_from_slice(&csum.to_be_bytes());
+    inner
+}
+
+/// RFC 6040: an outer CE mark is copied into an ECT(0)/ECT(1) inner header, DSCP kept,
+/// header checksum patched, on the stack path and the redirect path alike.
+#[test]
+fn decap_copies_outer_congestion_mark_into_ecn_capable_inner_header() {
+    let mut kernel = fixture();
+    for ect in [0b10, 0b01] {
+        let frame = overlay_frame_with_tos(
+            PEER_PUBLIC,
+            OUR_PUBLIC,
+            PORT,
+            0x03,
+            &inner_with_tos(64, 0xb8 | ect),
+        );
+        let out = expect_counted(
+            &kernel,
+            names::PROG_INGRESS,
+            &frame,
+            TC_ACT_OK,
+            Counter::Decapsulated,
+        );
+        assert_eq!(
+            out[14..],
+            inner_with_tos(64, 0xbb)[..],
+            "ECT {ect:02b} -> CE"
+        );
+    }
+    with_endpoint(&mut kernel);
+    let frame = overlay_frame_with_tos(
+        PEER_PUBLIC,
+        OUR_PUBLIC,
+        PORT,
+        0x03,
+        &inner_with_tos(64, 0xb8 | 0b10),
+    );
+    let out = expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_REDIRECT,
+        Counter::Decapsulated,
+    );
+    assert_eq!(out[14..], inner_with_tos(63, 0xbb)[..], "CE and TTL - 1");
+    // Outer ECT or Not-ECT: the inner header is left as it is (CE inside stays CE).
+    for (outer, inner) in [(0x02, 0x01), (0x01, 0x02), (0x00, 0x03), (0x02, 0x00)] {
+        let frame = overlay_frame_with_tos(
+            PEER_PUBLIC,
+            OUR_PUBLIC,
+            PORT,
+            outer,
+            &inner_with_tos(64, inner),
+        );
+        let (_, out) = run(&kernel, names::PROG_INGRESS, &frame);
+        assert_eq!(
+            out[14..],
+            inner_with_tos(63, inner)[..],
+            "outer {outer:02b}"
+        );
+    }
+}
+
+#[test]
+fn decap_drops_congestion_mark_around_a_not_ect_inner_packet() {
+    let kernel = fixture();
+    let frame = overlay_frame_with_tos(
+        PEER_PUBLIC,
+        OUR_PUBLIC,
+        PORT,
+        0x03,
+        &inner_with_tos(64, 0xb8),
+    );
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropCeNotEct,
     );
 }
 
@@ -595,8 +727,7 @@ fn decap_accepts_inner_header_with_options() {
         TC_ACT_OK,
         Counter::Decapsulated,
     );
-    assert_eq!(out[14 + 8], 63);
-    assert_eq!(checksum(&out[14..14 + 28]), 0);
+    assert_eq!(out[14..], inner[..], "up the stack as sent");
 }
 
 #[test]
@@ -648,20 +779,6 @@ fn decap_drops_destination_outside_our_subnet() {
         &frame,
         TC_ACT_SHOT,
         Counter::DropNotOurSubnet,
-    );
-}
-
-#[test]
-fn decap_drops_expiring_ttl() {
-    let kernel = fixture();
-    let inner = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 1, true, 20);
-    let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
-    expect_counted(
-        &kernel,
-        names::PROG_INGRESS,
-        &frame,
-        TC_ACT_SHOT,
-        Counter::DropTtlExceeded,
     );
 }
 
@@ -737,7 +854,9 @@ fn programs_pass_the_verifier_within_budget() {
 /// `packet.rs` for the same bytes: both data planes enforce one set of rules.
 #[test]
 fn decap_agrees_with_the_tun_rules_on_mutated_packets() {
-    use crate::dataplane::forwarding::{decide_inbound, ForwardingTable, IcmpSources, Inbound};
+    use crate::dataplane::forwarding::{
+        decide_inbound, ForwardingTable, IcmpSources, Inbound, ReceiverHop,
+    };
     use crate::packet::ICMP_ERROR_MAX_LEN;
     use rand::{Rng, SeedableRng};
 
@@ -779,9 +898,11 @@ fn decap_agrees_with_the_tun_rules_on_mutated_packets() {
                 inner[10..12].copy_from_slice(&csum.to_be_bytes());
             }
         }
-        let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
+        // Any outer ECN field, so the RFC 6040 rule is exercised too.
+        let outer_tos = rng.random_range(0..4u8);
+        let frame = overlay_frame_with_tos(PEER_PUBLIC, OUR_PUBLIC, PORT, outer_tos, &inner);
         let before = kernel.packet_counts();
-        let (verdict, _) = run(&kernel, names::PROG_INGRESS, &frame);
+        let (verdict, out) = run(&kernel, names::PROG_INGRESS, &frame);
         let after = kernel.packet_counts();
         let moved: Vec<Counter> = Counter::ALL
             .into_iter()
@@ -795,7 +916,16 @@ fn decap_agrees_with_the_tun_rules_on_mutated_packets() {
 
         let mut tun_copy = inner.clone();
         let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
-        let tun = decide_inbound(&mut tun_copy, PEER_PUBLIC, &table, &mut icmp);
+        // No endpoints here: BPF hands what it delivers to the stack, as the TUN path does.
+        let hop = ReceiverHop::Kernel;
+        let tun = decide_inbound(
+            &mut tun_copy,
+            PEER_PUBLIC,
+            outer_tos,
+            &table,
+            hop,
+            &mut icmp,
+        );
         match tun {
             Inbound::Deliver { .. } => {
                 delivered += 1;
@@ -806,6 +936,14 @@ fn decap_agrees_with_the_tun_rules_on_mutated_packets() {
                     moved[0]
                 );
                 assert_ne!(verdict, TC_ACT_SHOT, "seed {seed} round {round}");
+                let Inbound::Deliver { len, .. } = tun else {
+                    unreachable!()
+                };
+                assert_eq!(
+                    out[14..14 + len],
+                    tun_copy[..len],
+                    "seed {seed} round {round}: delivered bytes differ for {inner:02x?}"
+                );
             }
             Inbound::Drop { reason, .. } => {
                 dropped += 1;

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 mod device;
 mod forward;
+pub(crate) use forward::OverlaySocket;
 mod log_limit;
 mod options;
 
