@@ -73,6 +73,7 @@ mod endpoints;
 mod kernel;
 #[cfg(test)]
 mod kernel_tests;
+mod route_loss;
 mod routes;
 #[cfg(test)]
 mod smoke_tests;
@@ -132,6 +133,8 @@ struct State {
     bridge: Option<AdoptedBridge>,
     /// Whether the gateway address is on this host (then it is the peer routes' source).
     gateway_local: bool,
+    /// What the last route check saw (tells why routes went missing since).
+    route_events: Option<route_loss::RouteEvents>,
 }
 
 impl EbpfDataplane {
@@ -175,6 +178,7 @@ impl EbpfDataplane {
                 discovered: BTreeMap::new(),
                 bridge: None,
                 gateway_local: false,
+                route_events: None,
             }),
         };
         dataplane.adopt_bridge()?;
@@ -243,35 +247,6 @@ impl EbpfDataplane {
             .with_context(|| {
                 format!("adding local endpoint {ip} (ifindex {host_veth_ifindex}) to the BPF map")
             })
-    }
-
-    /// Puts back routes the kernel or an operator removed behind our back: taking the
-    /// underlay link down flushes every route through it, and without them the peers would
-    /// stay unreachable until the peer set changed.
-    fn restore_lost_routes(&self) -> anyhow::Result<usize> {
-        let state = self.lock();
-        let routes = state.routes()?;
-        let present = routes.installed_destinations()?;
-        let mut restored = 0;
-        if !present.contains(&state.opts.network) {
-            routes.add_unreachable(state.opts.network)?;
-            restored += 1;
-        }
-        let src = state.pref_source();
-        for (subnet, public_ip) in &state.peers {
-            if !present.contains(subnet) {
-                routes.add_peer(*subnet, *public_ip, state.opts.overlay_mtu, src)?;
-                restored += 1;
-            }
-        }
-        if restored > 0 {
-            tracing::warn!(
-                restored,
-                "re-added data plane routes that had vanished (the kernel flushes a link's \
-                 routes when it goes down, and routes whose source address was removed)"
-            );
-        }
-        Ok(restored)
     }
 
     /// Finds the containers behind the adopted bridge and installs them
