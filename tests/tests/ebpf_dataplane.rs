@@ -239,6 +239,27 @@ fn auto_falls_back_to_tun_without_cap_bpf() {
 }
 
 #[test]
+fn auto_falls_back_to_tun_without_cap_net_raw() {
+    e2e(|c| {
+        let ebpf = host(c, "ebpf")?;
+        // The eBPF socket path's raw IP socket needs CAP_NET_RAW; TUN does not.
+        let unprivileged = c.add_host(HostOpts {
+            dataplane: Some("auto".into()),
+            command_prefix: vec!["setpriv".into(), "--bounding-set".into(), "-net_raw".into()],
+            ..HostOpts::default()
+        })?;
+        let st = unprivileged.status()?;
+        check!(st["dataplane"] == "tun", "/status {st}");
+        let reason = st["dataplane_reason"].as_str().unwrap_or_default();
+        check!(
+            reason.contains("missing CAP_NET_RAW"),
+            "the reason should name the capability: {reason:?}"
+        );
+        full_mesh_traffic(&[ebpf, unprivileged])
+    });
+}
+
+#[test]
 fn without_cap_net_admin_the_daemon_says_so_and_exits() {
     e2e(|c| {
         let h = c.add_host(HostOpts {

@@ -15,9 +15,10 @@
 //!   underlay, skipping the host's forwarding path. Exceptions (TTL 1, too big, no peer)
 //!   continue to the stack and then to `rudder_egress`.
 //! - **Ingress** (`rudder_ingress`, TCX ingress of the underlay device): checks and
-//!   decapsulates overlay datagrams, decrements the inner TTL and hands packets for known
-//!   local containers to `bpf_redirect_peer` (straight into the container's namespace,
-//!   GSO kept); other local destinations go up the host stack (correct, ~4x slower for
+//!   decapsulates overlay datagrams (ECN CE copied inside) and hands packets for known
+//!   local containers to `bpf_redirect_peer` with the inner TTL decremented (straight into
+//!   the container's namespace, GSO kept); TTL <= 1 and other local destinations go up the
+//!   host stack, whose forwarding decrements or answers (correct, ~4x slower for
 //!   TCP here, because the still tunnel-marked GSO packet is segmented in software).
 //! - **MTU**: the peer routes carry the overlay MTU, so the kernel itself sends
 //!   "fragmentation needed" to senders (or fragments DF-less packets) before the program
