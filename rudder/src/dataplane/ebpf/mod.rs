@@ -73,6 +73,8 @@ mod bridge_tests;
 mod endpoints;
 mod kernel;
 #[cfg(test)]
+mod kernel_decap_tests;
+#[cfg(test)]
 mod kernel_tests;
 mod route_loss;
 mod routes;
