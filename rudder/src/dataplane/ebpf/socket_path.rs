@@ -213,3 +213,7 @@ async fn receive(socket: OverlaySocket, peer_port: u16, raw: OwnedFd, path: Arc<
         }
     }
 }
+
+#[cfg(test)]
+#[path = "socket_path_tests.rs"]
+mod tests;

@@ -45,7 +45,7 @@ fn require_root() {
 
 /// Runs `test` on a fresh thread inside a new, private network namespace, on a
 /// single-threaded tokio runtime of that thread. Panics propagate to the caller.
-fn in_private_netns<F, Fut>(test: F)
+pub(crate) fn in_private_netns<F, Fut>(test: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
@@ -89,7 +89,13 @@ fn options() -> TunOptions {
 }
 
 /// IPv4/UDP packet with a valid header checksum and no UDP checksum (0 is allowed).
-fn udp_packet(src: [u8; 4], dst: [u8; 4], ttl: u8, ports: (u16, u16), payload: &[u8]) -> Vec<u8> {
+pub(crate) fn udp_packet(
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    ports: (u16, u16),
+    payload: &[u8],
+) -> Vec<u8> {
     let total = (28 + payload.len()) as u16;
     let mut p = vec![0x45, 0, 0, 0, 0x43, 0x21, 0x40, 0, ttl, 17, 0, 0];
     p[2..4].copy_from_slice(&total.to_be_bytes());

@@ -320,4 +320,4 @@ impl Drop for TunDataplane {
 }
 
 #[cfg(test)]
-mod device_tests;
+pub(crate) mod device_tests;
