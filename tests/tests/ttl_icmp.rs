@@ -68,6 +68,13 @@ fn check_hop(from: &Host, to: &Host) -> anyhow::Result<()> {
         ttl == 62,
         "{what}: reply ttl {ttl}, want 62 (two router hops)"
     );
+    // From the host itself only the receiving host is a router on the way.
+    let ttl = reply_ttl(&from.host_endpoint(), to.container_ip())?;
+    eprintln!("{what}: from the host, the echo reply arrives with ttl {ttl}");
+    check!(
+        ttl == 63,
+        "{what}: host's reply ttl {ttl}, want 63 (one router hop)"
+    );
 
     // TTL 2: the sending host makes it 1, the receiving host cannot forward it.
     let expired = ping_with_ttl(&from.container(), to.container_ip(), 2)?;
