@@ -60,7 +60,8 @@ pub enum Counter {
     DropSpoofedSource = 7,
     /// Datagram from an underlay address that holds no lease.
     DropUnknownSender = 8,
-    /// TTL expired while forwarding.
+    /// TTL expired where the rules make the router hop (the eBPF socket path); where the
+    /// kernel's forwarding makes it, the kernel drops and answers it (`IcmpOutTimeExcds`).
     DropTtlExceeded = 9,
     /// No peer subnet holds the inner destination.
     DropNoRoute = 10,
