@@ -68,7 +68,8 @@ pub enum Counter {
     DropSpoofedSource = 7,
     /// Datagram from an underlay address that holds no lease.
     DropUnknownSender = 8,
-    /// TTL expired while forwarding.
+    /// TTL expired where the rules make the router hop (the eBPF socket path); where the
+    /// kernel's forwarding makes it, the kernel drops and answers it (`IcmpOutTimeExcds`).
     DropTtlExceeded = 9,
     /// No peer subnet holds the inner destination.
     DropNoRoute = 10,
@@ -82,11 +83,17 @@ pub enum Counter {
     /// A plain (unencapsulated) packet from the underlay whose source and destination lie in
     /// the overlay network: only a tunnel may carry such packets.
     DropUnencapsulated = 14,
+    /// Outer header marked congestion experienced (CE) around an inner packet that is not
+    /// ECN-capable: RFC 6040 has the decapsulator drop it (the sender cannot be told).
+    DropCeNotEct = 15,
+    /// An ICMP error the userspace rules would have sent, suppressed by the rate limit
+    /// (the offending packet is counted under its own reason as well).
+    IcmpRateLimited = 16,
 }
 
 impl Counter {
     /// Number of counters; the length of the counter arrays.
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 17;
 
     /// Every counter in index order.
     pub const ALL: [Counter; Counter::COUNT] = [
@@ -105,6 +112,8 @@ impl Counter {
         Counter::DropIoError,
         Counter::ToDaemon,
         Counter::DropUnencapsulated,
+        Counter::DropCeNotEct,
+        Counter::IcmpRateLimited,
     ];
 
     pub const fn index(self) -> usize {
@@ -129,6 +138,8 @@ impl Counter {
             Counter::DropIoError => "io_error",
             Counter::ToDaemon => "to_daemon",
             Counter::DropUnencapsulated => "unencapsulated",
+            Counter::DropCeNotEct => "ce_not_ect",
+            Counter::IcmpRateLimited => "icmp_rate_limited",
         }
     }
 
@@ -136,7 +147,11 @@ impl Counter {
     pub const fn is_drop(self) -> bool {
         !matches!(
             self,
-            Counter::Encapsulated | Counter::Decapsulated | Counter::Passed | Counter::ToDaemon
+            Counter::Encapsulated
+                | Counter::Decapsulated
+                | Counter::Passed
+                | Counter::ToDaemon
+                | Counter::IcmpRateLimited
         )
     }
 }

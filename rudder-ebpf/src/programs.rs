@@ -31,6 +31,10 @@ const TCP_HLEN: usize = 20;
 const IP_DF: u16 = 0x4000;
 /// MF flag and fragment offset: any of them set means "a fragment".
 pub(crate) const IP_FRAG_MASK: u16 = 0x3fff;
+/// The ECN field of the TOS byte and two of its values (RFC 3168).
+const ECN_MASK: u8 = 0x03;
+const ECN_CE: u8 = 0x03;
+const ECN_NOT_ECT: u8 = 0x00;
 
 /// Where the outer (or, on egress before encapsulation, the only) IPv4 header starts.
 pub(crate) const L3_OFF: usize = ETH_HLEN;
@@ -503,9 +507,12 @@ fn ingress(ctx: &TcContext) -> i32 {
             },
         );
     };
-    let ttl = inner[8];
-    if ttl <= 1 {
-        return drop_with(ctx, Counter::DropTtlExceeded);
+    // RFC 6040 (normal mode), as `packet::decapsulate_ecn`: an outer CE mark goes into an
+    // ECN-capable inner header; around a Not-ECT one it cannot be passed on: drop.
+    let inner_tos = inner[1];
+    let mark_ce = outer[1] & ECN_MASK == ECN_CE && inner_tos & ECN_MASK != ECN_CE;
+    if mark_ce && inner_tos & ECN_MASK == ECN_NOT_ECT {
+        return drop_with(ctx, Counter::DropCeNotEct);
     }
 
     // FIXED_GSO: the inner MSS is already right; without it the kernel would grow it by 28.
@@ -516,21 +523,32 @@ fn ingress(ctx: &TcContext) -> i32 {
     ) {
         return drop_with(ctx, io_error(ctx, "decap: bpf_skb_adjust_room", e));
     }
-    // The tunnel is a router hop: TTL - 1.
-    if let Err(counter) = decrement_ttl(ctx, L3_OFF, ttl, inner[9]) {
-        return drop_with(ctx, counter);
+    if mark_ce {
+        if let Err(counter) = set_tos(ctx, L3_OFF, inner[0], inner_tos, inner_tos | ECN_CE) {
+            return drop_with(ctx, counter);
+        }
     }
 
     let inner_bytes = l3_len(ctx);
-    // SAFETY: the value is copied out before any other map call.
-    let endpoint = (unsafe { ENDPOINTS.get(dst) }).copied();
+    let ttl = inner[8];
+    // Up the stack, the kernel's forwarding makes this host's router hop (TTL - 1, or
+    // "time exceeded" for a TTL that runs out): not a known container (e.g. the bridge
+    // address), TTL <= 1, or a reply the stack must see (conntrack un-NATs it).
+    let endpoint = if ttl > 1 {
+        // SAFETY: the value is copied out before any other map call.
+        unsafe { ENDPOINTS.get(dst) }.copied()
+    } else {
+        None
+    };
     let Some(endpoint) = endpoint.filter(|_| !reply_to_stack_flow(ctx, &inner, header_len)) else {
-        // Not a known container (e.g. the bridge address), or a reply the stack must see
-        // (conntrack un-NATs it): the stack forwards it.
         count(Counter::Decapsulated, inner_bytes);
         add_traffic(owner, true, inner_bytes);
         return TC_ACT_OK as i32;
     };
+    // bpf_redirect_peer skips the host's forwarding: the program makes the hop.
+    if let Err(counter) = decrement_ttl(ctx, L3_OFF, ttl, inner[9]) {
+        return drop_with(ctx, counter);
+    }
     let mut eth = [0u8; 12];
     eth[0..6].copy_from_slice(&endpoint.container_mac);
     eth[6..12].copy_from_slice(&endpoint.gateway_mac);
@@ -541,6 +559,33 @@ fn ingress(ctx: &TcContext) -> i32 {
     add_traffic(owner, true, inner_bytes);
     // SAFETY: plain helper call; returns TC_ACT_REDIRECT or TC_ACT_SHOT.
     unsafe { bpf_redirect_peer(endpoint.host_ifindex, 0) as i32 }
+}
+
+/// Writes `new_tos` into the IPv4 header at `l3_off` and patches its checksum (TOS is the
+/// low byte of the version/IHL/TOS word).
+#[inline(always)]
+fn set_tos(
+    ctx: &TcContext,
+    l3_off: usize,
+    version_ihl: u8,
+    old_tos: u8,
+    new_tos: u8,
+) -> Result<(), Counter> {
+    let old_word = u16::from_be_bytes([version_ihl, old_tos]);
+    let new_word = u16::from_be_bytes([version_ihl, new_tos]);
+    if ctx.store(l3_off + 1, &new_tos, 0).is_err()
+        || ctx
+            .l3_csum_replace(
+                l3_off + 10,
+                u64::from(old_word.to_be()),
+                u64::from(new_word.to_be()),
+                2,
+            )
+            .is_err()
+    {
+        return Err(Counter::DropIoError);
+    }
+    Ok(())
 }
 
 /// Verifies the inner header checksum, options included (IHL up to 15 words).

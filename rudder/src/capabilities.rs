@@ -4,6 +4,7 @@ use anyhow::bail;
 
 /// Linux capability numbers rudder checks for (`linux/capability.h`).
 pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_NET_RAW: u32 = 13;
 pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_BPF: u32 = 39;
 

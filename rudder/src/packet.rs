@@ -133,6 +133,39 @@ pub fn decrement_ttl(packet: &mut [u8]) -> Result<u8, Counter> {
     Ok(ttl - 1)
 }
 
+/// The ECN field's values (the low two bits of the TOS byte, RFC 3168).
+pub const ECN_MASK: u8 = 0x03;
+/// Congestion experienced.
+pub const ECN_CE: u8 = 0x03;
+/// Not ECN-capable transport.
+pub const ECN_NOT_ECT: u8 = 0x00;
+
+/// RFC 6040 decapsulation (normal mode) for an inner packet that [`parse_ipv4`] accepted,
+/// given the outer header's TOS byte: a congestion mark (CE) the underlay put on the outer
+/// header is copied into an ECN-capable inner header (checksum patched), so the receiver's
+/// transport sees it. Around a Not-ECT inner packet a CE mark cannot be passed on, and the
+/// RFC has the packet dropped ([`Counter::DropCeNotEct`]), as Linux's tunnels do. Any other
+/// outer value leaves the inner header as it is.
+pub fn decapsulate_ecn(packet: &mut [u8], outer_tos: u8) -> Result<(), Counter> {
+    if packet.len() < IPV4_MIN_HEADER_LEN {
+        return Err(Counter::DropTruncated);
+    }
+    let inner_tos = packet[1];
+    if outer_tos & ECN_MASK != ECN_CE || inner_tos & ECN_MASK == ECN_CE {
+        return Ok(());
+    }
+    if inner_tos & ECN_MASK == ECN_NOT_ECT {
+        return Err(Counter::DropCeNotEct);
+    }
+    // TOS shares its 16-bit checksum word with the version/IHL byte.
+    let old_word = u16::from_be_bytes([packet[0], inner_tos]);
+    let new_word = u16::from_be_bytes([packet[0], inner_tos | ECN_CE]);
+    let patched = checksum_update(read_u16(packet, 10), old_word, new_word);
+    packet[1] = inner_tos | ECN_CE;
+    packet[10..12].copy_from_slice(&patched.to_be_bytes());
+    Ok(())
+}
+
 /// RFC 1624 eqn. 3: `HC' = ~(~HC + ~m + m')`, for one 16-bit word changing from `old`
 /// to `new`. Unlike eqn. 2 it never produces 0x0000 from a non-zero sum.
 pub fn checksum_update(checksum: u16, old: u16, new: u16) -> u16 {

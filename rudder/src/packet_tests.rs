@@ -199,6 +199,47 @@ fn checksum_matches_the_reference_on_odd_and_even_lengths() {
     );
 }
 
+/// RFC 6040 normal mode, every (outer, inner) ECN pair: CE is copied into an ECN-capable
+/// inner header (checksum patched incrementally, equal to a recomputed one), dropped
+/// around Not-ECT, and nothing else changes the packet.
+#[test]
+fn ecn_decapsulation_follows_rfc_6040() {
+    for dscp in [0x00u8, 0xb8, 0xfc] {
+        for inner in 0..4u8 {
+            for outer in 0..4u8 {
+                let mut p = udp_packet(SRC, DST, 64, b"payload");
+                p[1] = dscp | inner;
+                fix_header_checksum(&mut p);
+                let sent = p.clone();
+                let result = decapsulate_ecn(&mut p, 0xe0 | outer);
+                let what = format!("dscp {dscp:#x} inner {inner:02b} outer {outer:02b}");
+                match (outer, inner) {
+                    (0b11, 0b00) => {
+                        assert_eq!(result, Err(Counter::DropCeNotEct), "{what}");
+                        assert_eq!(p, sent, "{what}: left as received");
+                    }
+                    (0b11, 0b01 | 0b10) => {
+                        assert_eq!(result, Ok(()), "{what}");
+                        let mut expected = sent.clone();
+                        expected[1] = dscp | 0b11;
+                        fix_header_checksum(&mut expected);
+                        assert_eq!(p, expected, "{what}");
+                        assert!(header_checksum_ok(&p), "{what}");
+                    }
+                    _ => {
+                        assert_eq!(result, Ok(()), "{what}");
+                        assert_eq!(p, sent, "{what}: unchanged");
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(
+        decapsulate_ecn(&mut [0x45; 10], 0b11),
+        Err(Counter::DropTruncated)
+    );
+}
+
 #[test]
 fn ttl_decrement_keeps_the_checksum_valid() {
     for ttl in [2u8, 64, 128, 255] {

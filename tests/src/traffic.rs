@@ -51,17 +51,32 @@ pub fn ping_series(
     count: u32,
     interval: Duration,
 ) -> Result<(u32, u32)> {
-    let out = output(netns::exec(&from.ns, "ping").args([
-        "-n",
-        "-q",
-        "-c",
-        &count.to_string(),
-        "-i",
-        &format!("{:.3}", interval.as_secs_f64()),
-        "-W",
-        "1",
-        &to.to_string(),
-    ]))?;
+    ping_series_with(from, to, count, interval, &[])
+}
+
+/// [`ping_series`] with extra `ping` arguments (e.g. `-Q <tos>`).
+pub fn ping_series_with(
+    from: &Endpoint,
+    to: Ipv4Addr,
+    count: u32,
+    interval: Duration,
+    extra: &[&str],
+) -> Result<(u32, u32)> {
+    let out = output(
+        netns::exec(&from.ns, "ping")
+            .args([
+                "-n",
+                "-q",
+                "-c",
+                &count.to_string(),
+                "-i",
+                &format!("{:.3}", interval.as_secs_f64()),
+                "-W",
+                "1",
+            ])
+            .args(extra)
+            .arg(to.to_string()),
+    )?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()

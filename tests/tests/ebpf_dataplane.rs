@@ -239,6 +239,27 @@ fn auto_falls_back_to_tun_without_cap_bpf() {
 }
 
 #[test]
+fn auto_falls_back_to_tun_without_cap_net_raw() {
+    e2e(|c| {
+        let ebpf = host(c, "ebpf")?;
+        // The eBPF socket path's raw IP socket needs CAP_NET_RAW; TUN does not.
+        let unprivileged = c.add_host(HostOpts {
+            dataplane: Some("auto".into()),
+            command_prefix: vec!["setpriv".into(), "--bounding-set".into(), "-net_raw".into()],
+            ..HostOpts::default()
+        })?;
+        let st = unprivileged.status()?;
+        check!(st["dataplane"] == "tun", "/status {st}");
+        let reason = st["dataplane_reason"].as_str().unwrap_or_default();
+        check!(
+            reason.contains("missing CAP_NET_RAW"),
+            "the reason should name the capability: {reason:?}"
+        );
+        full_mesh_traffic(&[ebpf, unprivileged])
+    });
+}
+
+#[test]
 fn without_cap_net_admin_the_daemon_says_so_and_exits() {
     e2e(|c| {
         let h = c.add_host(HostOpts {
@@ -259,5 +280,57 @@ fn without_cap_net_admin_the_daemon_says_so_and_exits() {
             "the error should name the capability:\n{log}"
         );
         Ok(())
+    });
+}
+
+/// Re-addressing the bridge (its gateway address removed and added again) makes the kernel
+/// delete the peer routes sourced from that address; the daemon puts them back and its
+/// log says what happened, naming the address, the bridge and the routes.
+#[test]
+fn re_addressing_the_bridge_restores_the_routes_and_the_log_says_why() {
+    e2e(|c| {
+        let hosts = vec![host(c, "ebpf")?, host(c, "ebpf")?];
+        let (a, b) = (&hosts[0], &hosts[1]);
+        wait_mesh(&hosts, Duration::from_secs(30))?;
+        let gateway = format!("{}/{}", a.gateway_ip(), a.subnet().prefix_len());
+        // One `ip -batch`: both changes land between two of the daemon's bridge checks.
+        let batch = format!(
+            "address del {gateway} dev {bridge}\naddress add {gateway} dev {bridge}\n",
+            bridge = rudder_tests::cluster::BRIDGE
+        );
+        let script = c.dir().join("readdress.batch");
+        std::fs::write(&script, batch)?;
+        netns::exec_ok(a.netns(), "ip", &["-batch", &script.to_string_lossy()])?;
+        let want = format!(
+            "the gateway address {} on {} was removed and added again (the bridge was \
+             re-addressed)",
+            a.gateway_ip(),
+            rudder_tests::cluster::BRIDGE
+        );
+        let mut line = String::new();
+        wait_until(
+            "the routes restored and explained",
+            Duration::from_secs(10),
+            || {
+                line = a
+                    .log()
+                    .lines()
+                    .find(|l| l.contains("data plane routes were removed"))
+                    .unwrap_or_default()
+                    .to_string();
+                Ok(!line.is_empty())
+            },
+        )?;
+        eprintln!("{line}");
+        check!(
+            line.contains(&want),
+            "log line does not say {want:?}: {line}"
+        );
+        check!(
+            line.contains(&b.subnet().to_string()) && line.contains("via eth0"),
+            "log line does not name the restored route: {line}"
+        );
+        ping(&a.host_endpoint(), b.container_ip())?;
+        ping(&b.container(), a.container_ip())
     });
 }

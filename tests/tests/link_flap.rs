@@ -29,6 +29,15 @@ fn overlay_recovers_after_the_underlay_link_flaps() {
             "underlay link flap: overlay back {:.1} s after the link came up",
             up.elapsed().as_secs_f64()
         );
+        // The eBPF plane's peer routes went with the link: its log says so.
+        if a.status()?["dataplane"] == "ebpf" {
+            let want = "data plane routes were removed: the underlay link eth0 went down";
+            rudder_tests::wait_until(
+                "the restored routes explained",
+                Duration::from_secs(10),
+                || Ok(a.log().contains(want)),
+            )?;
+        }
         a.check_alive()
     });
 }

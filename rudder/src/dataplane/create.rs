@@ -56,13 +56,18 @@ pub async fn create(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplan
 }
 
 async fn load_ebpf(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>> {
-    use crate::capabilities::{has_capability, CAP_BPF, CAP_SYS_ADMIN};
+    use crate::capabilities::{has_capability, CAP_BPF, CAP_NET_RAW, CAP_SYS_ADMIN};
     if let Some(why) = opts.underlay.ebpf_unsupported() {
         anyhow::bail!("{why}");
     }
     if !has_capability(CAP_BPF) && !has_capability(CAP_SYS_ADMIN) {
         anyhow::bail!(
             "missing CAP_BPF (or CAP_SYS_ADMIN on kernels before 5.8): loading BPF programs needs it"
+        );
+    }
+    if !has_capability(CAP_NET_RAW) {
+        anyhow::bail!(
+            "missing CAP_NET_RAW: the eBPF socket path re-injects decapsulated packets through a raw IP socket"
         );
     }
     let ebpf_opts = ebpf::EbpfOptions {

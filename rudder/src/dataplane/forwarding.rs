@@ -226,7 +226,7 @@ impl ForwardingTable {
 /// What to do with a packet read from the TUN device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outbound {
-    /// Send `packet[..len]` (TTL already decremented) to the peer at `peer`, whose
+    /// Send `packet[..len]` (unchanged) to the peer at `peer`, whose
     /// entry is at `slot`.
     Encapsulate {
         len: usize,
@@ -244,19 +244,20 @@ pub enum Outbound {
 /// What to do with a datagram payload received from the underlay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Inbound {
-    /// Write `packet[..len]` (TTL already decremented) into the TUN device; `from` is
-    /// the entry of the sending subnet.
+    /// Deliver `packet[..len]` (TTL decremented for [`ReceiverHop::Rules`], ECN CE
+    /// copied from the outer header); `from` is the entry of the sending subnet.
     Deliver { len: usize, from: Option<PeerSlot> },
     /// Drop it; when `icmp_len` is set, send the ICMP error built in the scratch buffer
-    /// back to the sending peer, encapsulated.
+    /// back to the sending peer, encapsulated, to its overlay port (not the datagram's
+    /// source port: an eBPF peer sends from a flow-hash port nothing listens on).
     Drop {
         reason: Counter,
         icmp_len: Option<usize>,
     },
 }
 
-/// Decides the fate of a packet the kernel routed into the overlay. May decrement the
-/// TTL in place; may build an ICMP error into `icmp`.
+/// Decides the fate of a packet the kernel routed into the overlay. Never changes the
+/// packet's bytes; may build an ICMP error into `icmp`.
 pub fn decide_outbound(
     packet: &mut [u8],
     table: &ForwardingTable,
@@ -280,11 +281,8 @@ pub fn decide_outbound(
             icmp_len: None,
         };
     }
-    if let Err(reason) = packet::decrement_ttl(packet) {
-        let source = table.icmp_sources.into_device;
-        let icmp_len = icmp_error(IcmpError::TimeExceeded, packet, &view, source, table, icmp);
-        return Outbound::Drop { reason, icmp_len };
-    }
+    // No TTL rule here: the kernel's forwarding on the way into the device was this host's
+    // router hop (TTL - 1, time exceeded); the receiving host's kernel makes the next one.
     match table.slot_of(view.dst) {
         Some(slot) => Outbound::Encapsulate {
             len: view.total_len,
@@ -314,12 +312,28 @@ pub fn decide_outbound(
     }
 }
 
-/// Decides the fate of a datagram payload that arrived from underlay address `sender`.
-/// May decrement the TTL in place; may build an ICMP error into `icmp`.
+/// Who makes the receiving host's router hop (TTL - 1, ICMP time exceeded) for a packet
+/// that arrived through the overlay. One overlay hop costs what two routers cost, the
+/// sending host and the receiving host, on every data plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReceiverHop {
+    /// The packet goes on through the kernel's forwarding (written into the TUN device,
+    /// or passed up by the BPF ingress): the kernel decrements and answers.
+    Kernel,
+    /// The packet re-enters as if sent locally (the eBPF socket path's raw socket), which
+    /// the kernel does not decrement: the rules make the hop.
+    Rules,
+}
+
+/// Decides the fate of a datagram payload that arrived from underlay address `sender` in
+/// a datagram whose outer TOS byte was `outer_tos`. May change the TTL and ECN field in
+/// place; may build an ICMP error into `icmp`.
 pub fn decide_inbound(
     packet: &mut [u8],
     sender: Ipv4Addr,
+    outer_tos: u8,
     table: &ForwardingTable,
+    hop: ReceiverHop,
     icmp: &mut [u8; ICMP_ERROR_MAX_LEN],
 ) -> Inbound {
     let view = match packet::parse_ipv4(packet) {
@@ -339,16 +353,75 @@ pub fn decide_inbound(
             icmp_len: None,
         };
     }
-    if let Err(reason) = packet::decrement_ttl(packet) {
-        // The source is inside the sender's subnet (checked above), so the error can go
-        // straight back to the sender.
-        let source = table.icmp_sources.to_peers;
-        let icmp_len = icmp_error(IcmpError::TimeExceeded, packet, &view, source, table, icmp);
-        return Inbound::Drop { reason, icmp_len };
+    if let Err(reason) = packet::decapsulate_ecn(packet, outer_tos) {
+        return Inbound::Drop {
+            reason,
+            icmp_len: None,
+        };
+    }
+    if hop == ReceiverHop::Rules {
+        if let Err(reason) = packet::decrement_ttl(packet) {
+            // The source is inside the sender's subnet (checked above), so the error can go
+            // straight back to the sender.
+            let source = table.icmp_sources.to_peers;
+            let icmp_len = icmp_error(IcmpError::TimeExceeded, packet, &view, source, table, icmp);
+            return Inbound::Drop { reason, icmp_len };
+        }
     }
     Inbound::Deliver {
         len: view.total_len,
         from: table.slot_of(view.src),
+    }
+}
+
+/// A token bucket for the ICMP errors the userspace rules originate, like the kernel's
+/// global `icmp_msgs_per_sec`/`icmp_msgs_burst`: a flood of offending packets must not
+/// become a flood of errors (RFC 1812 4.3.2.8).
+#[derive(Clone, Debug)]
+pub struct IcmpRateLimit {
+    tokens: u32,
+    burst: u32,
+    per_second: u32,
+    /// Time up to which tokens have been credited.
+    credited: std::time::Instant,
+}
+
+impl IcmpRateLimit {
+    /// The kernel's defaults: 1000 errors a second, bursts of 50.
+    pub const PER_SECOND: u32 = 1000;
+    pub const BURST: u32 = 50;
+
+    pub fn new(now: std::time::Instant) -> Self {
+        Self::with_rate(Self::PER_SECOND, Self::BURST, now)
+    }
+
+    pub fn with_rate(per_second: u32, burst: u32, now: std::time::Instant) -> Self {
+        IcmpRateLimit {
+            tokens: burst,
+            burst,
+            per_second: per_second.max(1),
+            credited: now,
+        }
+    }
+
+    /// Whether an error may be sent at `now`; takes a token when it may.
+    pub fn allow(&mut self, now: std::time::Instant) -> bool {
+        let interval = std::time::Duration::from_secs(1) / self.per_second;
+        let elapsed = now.saturating_duration_since(self.credited);
+        let earned = (elapsed.as_nanos() / interval.as_nanos().max(1)) as u64;
+        if earned > 0 {
+            self.tokens = (u64::from(self.tokens) + earned).min(u64::from(self.burst)) as u32;
+            // Keep the remainder: the next token comes one interval after the last one.
+            self.credited += interval * earned.min(u64::from(u32::MAX)) as u32;
+            if self.tokens == self.burst {
+                self.credited = now;
+            }
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
     }
 }
 

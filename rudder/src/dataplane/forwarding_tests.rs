@@ -149,7 +149,7 @@ fn sender_with_two_leases_owns_both() {
 }
 
 #[test]
-fn outbound_to_a_peer_is_encapsulated_with_ttl_decremented() {
+fn outbound_to_a_peer_is_encapsulated_unchanged() {
     let t = table(&[("10.5.2.0/24", "192.168.0.2")]);
     let mut p = udp_packet("10.5.1.7", "10.5.2.9", 64, b"hi");
     let len = p.len();
@@ -163,8 +163,8 @@ fn outbound_to_a_peer_is_encapsulated_with_ttl_decremented() {
             slot: t.slot_of(ip("10.5.2.9")).unwrap(),
         }
     );
-    let v = parse_ipv4(&p[..len]).unwrap();
-    assert_eq!(v.ttl, 63);
+    // The kernel's forwarding into the device already made this host's hop.
+    assert_eq!(p[..len], udp_packet("10.5.1.7", "10.5.2.9", 64, b"hi")[..]);
 }
 
 #[test]
@@ -194,19 +194,16 @@ fn outbound_without_lease_is_net_unreachable() {
 }
 
 #[test]
-fn outbound_ttl_one_is_time_exceeded() {
+fn outbound_ttl_one_goes_on_to_the_receiving_host() {
+    // Its kernel forwards it next and answers with time exceeded, as a router would.
     let t = table(&[("10.5.2.0/24", "192.168.0.2")]);
     let mut p = udp_packet("10.5.1.7", "10.5.2.9", 1, b"hi");
     let mut icmp = [0; ICMP_ERROR_MAX_LEN];
-    let Outbound::Drop {
-        reason: Counter::DropTtlExceeded,
-        icmp_len: Some(n),
-    } = decide_outbound(&mut p, &t, 1472, &mut icmp)
-    else {
-        panic!("expected a TTL drop with an ICMP error");
-    };
-    assert_eq!((icmp[20], icmp[21]), (11, 0));
-    assert_eq!(&icmp[28..n], &p[..28]);
+    assert!(matches!(
+        decide_outbound(&mut p, &t, 1472, &mut icmp),
+        Outbound::Encapsulate { .. }
+    ));
+    assert_eq!(p[8], 1);
 }
 
 #[test]
@@ -238,7 +235,7 @@ fn inbound_rules() {
     let mut p = udp_packet("10.5.2.9", "10.5.1.7", 64, b"hi");
     let len = p.len();
     assert_eq!(
-        decide_inbound(&mut p, peer, &t, &mut icmp),
+        decide_inbound(&mut p, peer, 0, &t, ReceiverHop::Rules, &mut icmp),
         Inbound::Deliver {
             len,
             from: t.slot_of(ip("10.5.2.9")),
@@ -266,7 +263,7 @@ fn inbound_rules() {
     ];
     for (mut packet, sender, expected) in cases {
         assert_eq!(
-            decide_inbound(&mut packet, sender, &t, &mut icmp),
+            decide_inbound(&mut packet, sender, 0, &t, ReceiverHop::Rules, &mut icmp),
             Inbound::Drop {
                 reason: expected,
                 icmp_len: None
@@ -280,12 +277,84 @@ fn inbound_rules() {
     let Inbound::Drop {
         reason: Counter::DropTtlExceeded,
         icmp_len: Some(n),
-    } = decide_inbound(&mut p, peer, &t, &mut icmp)
+    } = decide_inbound(&mut p, peer, 0, &t, ReceiverHop::Rules, &mut icmp)
     else {
         panic!("expected a TTL drop with an ICMP error");
     };
     let v = parse_ipv4(&icmp[..n]).unwrap();
     assert_eq!((v.src, v.dst), (ip("10.5.1.1"), ip("10.5.2.9")));
+}
+
+#[test]
+fn inbound_hop_is_the_kernels_when_the_packet_goes_through_its_forwarding() {
+    let t = table(&[("10.5.2.0/24", "192.168.0.2")]);
+    let peer = ip("192.168.0.2");
+    let mut icmp = [0; ICMP_ERROR_MAX_LEN];
+    for ttl in [64, 1, 0] {
+        let mut p = udp_packet("10.5.2.9", "10.5.1.7", ttl, b"hi");
+        let sent = p.clone();
+        assert!(
+            matches!(
+                decide_inbound(&mut p, peer, 0, &t, ReceiverHop::Kernel, &mut icmp),
+                Inbound::Deliver { .. }
+            ),
+            "ttl {ttl}"
+        );
+        assert_eq!(p, sent, "ttl {ttl}: unchanged, the kernel decrements");
+    }
+}
+
+#[test]
+fn inbound_outer_congestion_mark_reaches_the_inner_header() {
+    let t = table(&[("10.5.2.0/24", "192.168.0.2")]);
+    let peer = ip("192.168.0.2");
+    let mut icmp = [0; ICMP_ERROR_MAX_LEN];
+    let with_tos = |tos: u8| {
+        let mut p = udp_packet("10.5.2.9", "10.5.1.7", 64, b"hi");
+        p[1] = tos;
+        p[10..12].fill(0);
+        let c = packet::internet_checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p
+    };
+    // ECT(0) inside, CE outside: delivered as CE, DSCP kept, checksum valid.
+    let mut p = with_tos(0xb8 | 0b10);
+    let hop = ReceiverHop::Kernel;
+    assert!(matches!(
+        decide_inbound(&mut p, peer, 0b11, &t, hop, &mut icmp),
+        Inbound::Deliver { .. }
+    ));
+    assert_eq!(p, with_tos(0xb8 | 0b11));
+    // Not-ECT inside, CE outside: dropped (RFC 6040).
+    let mut p = with_tos(0xb8);
+    assert_eq!(
+        decide_inbound(&mut p, peer, 0b11, &t, hop, &mut icmp),
+        Inbound::Drop {
+            reason: Counter::DropCeNotEct,
+            icmp_len: None
+        }
+    );
+    // No mark outside: nothing changes.
+    let mut p = with_tos(0b01);
+    decide_inbound(&mut p, peer, 0b01, &t, hop, &mut icmp);
+    assert_eq!(p, with_tos(0b01));
+}
+
+#[test]
+fn icmp_rate_limit_allows_a_burst_then_one_per_interval() {
+    let start = Instant::now();
+    let mut limit = IcmpRateLimit::with_rate(1000, 50, start);
+    let allowed = (0..200).filter(|_| limit.allow(start)).count();
+    assert_eq!(allowed, 50, "the burst");
+    assert!(!limit.allow(start + Duration::from_micros(999)));
+    assert!(limit.allow(start + Duration::from_millis(1)));
+    assert!(!limit.allow(start + Duration::from_millis(1)));
+    // 10 ms later: 10 more, not a whole new burst.
+    let later = start + Duration::from_millis(11);
+    assert_eq!((0..200).filter(|_| limit.allow(later)).count(), 10);
+    // After a long quiet spell the bucket is full again, and no fuller.
+    let much_later = start + Duration::from_secs(60);
+    assert_eq!((0..200).filter(|_| limit.allow(much_later)).count(), 50);
 }
 
 #[test]

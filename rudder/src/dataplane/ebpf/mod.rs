@@ -15,9 +15,10 @@
 //!   underlay, skipping the host's forwarding path. Exceptions (TTL 1, too big, no peer)
 //!   continue to the stack and then to `rudder_egress`.
 //! - **Ingress** (`rudder_ingress`, TCX ingress of the underlay device): checks and
-//!   decapsulates overlay datagrams, decrements the inner TTL and hands packets for known
-//!   local containers to `bpf_redirect_peer` (straight into the container's namespace,
-//!   GSO kept); other local destinations go up the host stack (correct, ~4x slower for
+//!   decapsulates overlay datagrams (ECN CE copied inside) and hands packets for known
+//!   local containers to `bpf_redirect_peer` with the inner TTL decremented (straight into
+//!   the container's namespace, GSO kept); TTL <= 1 and other local destinations go up the
+//!   host stack, whose forwarding decrements or answers (correct, ~4x slower for
 //!   TCP here, because the still tunnel-marked GSO packet is segmented in software).
 //! - **MTU**: the peer routes carry the overlay MTU, so the kernel itself sends
 //!   "fragmentation needed" to senders (or fragments DF-less packets) before the program
@@ -72,9 +73,12 @@ mod bridge_tests;
 mod endpoints;
 mod kernel;
 #[cfg(test)]
+mod kernel_decap_tests;
+#[cfg(test)]
 mod kernel_tests;
 #[cfg(test)]
 mod kernel_tests_stack_flows;
+mod route_loss;
 mod routes;
 #[cfg(test)]
 mod smoke_tests;
@@ -136,6 +140,8 @@ struct State {
     bridge: Option<AdoptedBridge>,
     /// Whether the gateway address is on this host (then it is the peer routes' source).
     gateway_local: bool,
+    /// What the last route check saw (tells why routes went missing since).
+    route_events: Option<route_loss::RouteEvents>,
 }
 
 impl EbpfDataplane {
@@ -184,6 +190,7 @@ impl EbpfDataplane {
                 discovered: BTreeMap::new(),
                 bridge: None,
                 gateway_local: false,
+                route_events: None,
             }),
         };
         dataplane.adopt_bridge()?;
@@ -252,35 +259,6 @@ impl EbpfDataplane {
             .with_context(|| {
                 format!("adding local endpoint {ip} (ifindex {host_veth_ifindex}) to the BPF map")
             })
-    }
-
-    /// Puts back routes the kernel or an operator removed behind our back: taking the
-    /// underlay link down flushes every route through it, and without them the peers would
-    /// stay unreachable until the peer set changed.
-    fn restore_lost_routes(&self) -> anyhow::Result<usize> {
-        let state = self.lock();
-        let routes = state.routes()?;
-        let present = routes.installed_destinations()?;
-        let mut restored = 0;
-        if !present.contains(&state.opts.network) {
-            routes.add_unreachable(state.opts.network)?;
-            restored += 1;
-        }
-        let src = state.pref_source();
-        for (subnet, public_ip) in &state.peers {
-            if !present.contains(subnet) {
-                routes.add_peer(*subnet, *public_ip, state.opts.overlay_mtu, src)?;
-                restored += 1;
-            }
-        }
-        if restored > 0 {
-            tracing::warn!(
-                restored,
-                "re-added data plane routes that had vanished (the kernel flushes a link's \
-                 routes when it goes down, and routes whose source address was removed)"
-            );
-        }
-        Ok(restored)
     }
 
     /// Finds the containers behind the adopted bridge and installs them

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::Context;
 use ipnet::Ipv4Net;
@@ -25,8 +26,10 @@ use tokio::task::JoinHandle;
 
 use crate::dataplane::counters::{CounterSnapshot, Counters, PeerTraffic};
 use crate::dataplane::forwarding::{
-    decide_inbound, default_device_icmp_source, ForwardingTable, IcmpSources, Inbound,
+    decide_inbound, default_device_icmp_source, ForwardingTable, IcmpRateLimit, IcmpSources,
+    Inbound, ReceiverHop,
 };
+use crate::dataplane::tun::OverlaySocket;
 use crate::packet::ICMP_ERROR_MAX_LEN;
 use crate::subnet::gateway;
 
@@ -67,7 +70,11 @@ impl SocketPath {
             counters: Counters::default(),
             task: Mutex::new(None),
         });
-        let task = tokio::spawn(receive(udp, raw, path.clone()));
+        // quinn-udp's receive reports the outer ECN field (IP_RECVTOS); no GRO here: the
+        // kernel splits trains for this socket.
+        let udp = OverlaySocket::new(udp, false)
+            .context("setting up the overlay UDP socket of the socket path failed")?;
+        let task = tokio::spawn(receive(udp, local.port(), raw, path.clone()));
         *path.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         Ok(path)
     }
@@ -139,26 +146,30 @@ fn icmp_sources(local_subnet: Ipv4Net, network: Ipv4Net) -> IcmpSources {
     }
 }
 
-async fn receive(socket: UdpSocket, raw: OwnedFd, path: Arc<SocketPath>) {
-    let mut buf = vec![0u8; 65_535];
+async fn receive(socket: OverlaySocket, peer_port: u16, raw: OwnedFd, path: Arc<SocketPath>) {
+    let mut buffers = [vec![0u8; 65_535]];
+    let mut metas = [quinn_udp::RecvMeta::default()];
     let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
+    let mut icmp_limit = IcmpRateLimit::new(Instant::now());
     loop {
-        let (n, from) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            Err(error) => {
-                path.counters.add(Counter::DropIoError, 0);
-                tracing::debug!("overlay socket receive failed: {error}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
+        if let Err(error) = socket.recv(&mut buffers, &mut metas).await {
+            path.counters.add(Counter::DropIoError, 0);
+            tracing::debug!("overlay socket receive failed: {error}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            continue;
+        }
+        let (n, from) = (metas[0].len, metas[0].addr);
+        let outer_tos = metas[0].ecn.map_or(0, |ecn| ecn as u8);
+        let buf = &mut buffers[0];
         let IpAddr::V4(sender) = from.ip() else {
             path.counters.add(Counter::DropUnknownSender, n);
             continue;
         };
         let verdict = {
             let table = path.table();
-            let verdict = decide_inbound(&mut buf[..n], sender, &table, &mut icmp);
+            // The raw socket's output is not forwarded, so the rules make this host's hop.
+            let hop = ReceiverHop::Rules;
+            let verdict = decide_inbound(&mut buf[..n], sender, outer_tos, &table, hop, &mut icmp);
             if let Inbound::Deliver {
                 len,
                 from: Some(slot),
@@ -187,12 +198,21 @@ async fn receive(socket: UdpSocket, raw: OwnedFd, path: Arc<SocketPath>) {
             }
             Inbound::Drop { reason, icmp_len } => {
                 path.counters.add(reason, n);
-                if let Some(len) = icmp_len {
-                    if let Err(error) = socket.send_to(&icmp[..len], from).await {
-                        tracing::debug!(%from, "sending an ICMP error to a peer failed: {error}");
-                    }
+                let Some(len) = icmp_len else { continue };
+                if !icmp_limit.allow(Instant::now()) {
+                    path.counters.add(Counter::IcmpRateLimited, len);
+                    continue;
+                }
+                // To the peer's overlay port: an eBPF peer sends from a flow-hash port.
+                let to = SocketAddrV4::new(sender, peer_port);
+                if let Err(error) = socket.socket.send_to(&icmp[..len], to).await {
+                    tracing::debug!(%to, "sending an ICMP error to a peer failed: {error}");
                 }
             }
         }
     }
 }
+
+#[cfg(test)]
+#[path = "socket_path_tests.rs"]
+mod tests;

@@ -45,7 +45,7 @@ fn require_root() {
 
 /// Runs `test` on a fresh thread inside a new, private network namespace, on a
 /// single-threaded tokio runtime of that thread. Panics propagate to the caller.
-fn in_private_netns<F, Fut>(test: F)
+pub(crate) fn in_private_netns<F, Fut>(test: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
@@ -89,7 +89,13 @@ fn options() -> TunOptions {
 }
 
 /// IPv4/UDP packet with a valid header checksum and no UDP checksum (0 is allowed).
-fn udp_packet(src: [u8; 4], dst: [u8; 4], ttl: u8, ports: (u16, u16), payload: &[u8]) -> Vec<u8> {
+pub(crate) fn udp_packet(
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    ports: (u16, u16),
+    payload: &[u8],
+) -> Vec<u8> {
     let total = (28 + payload.len()) as u16;
     let mut p = vec![0x45, 0, 0, 0, 0x43, 0x21, 0x40, 0, ttl, 17, 0, 0];
     p[2..4].copy_from_slice(&total.to_be_bytes());
@@ -202,7 +208,8 @@ fn device_forwards_both_ways_and_counts_drops() {
         let mut buf = vec![0u8; 2048];
 
         // Overlay → underlay: an application's datagram to a peer's container arrives at
-        // the peer as IP-in-UDP, TTL decremented, checksums intact.
+        // the peer as IP-in-UDP, unchanged (sent here, so no router hop yet), checksums
+        // intact.
         let app = UdpSocket::bind("0.0.0.0:0").await?;
         app.send_to(b"hello overlay", "10.5.2.7:9999").await?;
         let (n, from) = recv_within(&peer, &mut buf).await?;
@@ -216,7 +223,7 @@ fn device_forwards_both_ways_and_counts_drops() {
             "source is the device address"
         );
         assert_eq!(view.dst, Ipv4Addr::new(10, 5, 2, 7));
-        assert_eq!((view.ttl, view.protocol), (63, 17));
+        assert_eq!((view.ttl, view.protocol), (64, 17));
         assert_eq!(&inner[22..24], &9999u16.to_be_bytes());
         assert_eq!(&inner[28..], b"hello overlay");
         assert_eq!(udp_checksum_residue(inner), 0);
@@ -284,19 +291,27 @@ fn device_forwards_both_ways_and_counts_drops() {
         }
         assert_eq!(dp.counters()[Counter::Decapsulated.index()], 1);
 
-        // TTL 1 from the underlay: dropped, and the sender gets a time exceeded from our
-        // gateway address, encapsulated.
-        let expiring = udp_packet([10, 5, 2, 9], [10, 5, 1, 0], 1, (5555, 7777), b"x");
+        // TTL 1 from the underlay for a container behind the bridge: written into the
+        // device as it came, the kernel's forwarding cannot pass it on and sends "time
+        // exceeded" back into the device, which goes to the peer's overlay port.
+        crate::host::enable_ip_forwarding()?;
+        let expiring = udp_packet([10, 5, 2, 9], [10, 5, 1, 5], 1, (5555, 7777), b"x");
         peer.send_to(&expiring, (OURS, PORT)).await?;
-        let (n, _) = recv_within(&peer, &mut buf).await?;
+        let (n, from) = recv_within(&peer, &mut buf).await?;
+        assert_eq!(from, SocketAddr::from((OURS, PORT)));
         let error = parse_ipv4(&buf[..n]).expect("an ICMP error packet");
-        assert_eq!(
-            (error.src, error.dst),
-            (Ipv4Addr::new(10, 5, 1, 1), Ipv4Addr::new(10, 5, 2, 9))
+        assert!(
+            net("10.5.1.0/24").contains(&error.src) && error.dst == Ipv4Addr::new(10, 5, 2, 9),
+            "{error:?}"
         );
         assert_eq!((buf[20], buf[21]), (11, 0));
-        assert_eq!(&buf[28..n], &expiring[..28]);
-        wait_for_counter(&dp, Counter::DropTtlExceeded, 1).await;
+        assert_eq!(
+            &buf[28..28 + 28],
+            &expiring[..28],
+            "the packet quoted as received"
+        );
+        wait_for_counter(&dp, Counter::Decapsulated, 2).await;
+        wait_for_counter(&dp, Counter::Encapsulated, 2).await;
 
         // An overlay destination no lease holds: the application hears "network
         // unreachable" from the ICMP error we wrote back into the device.
@@ -306,14 +321,16 @@ fn device_forwards_both_ways_and_counts_drops() {
         expect_socket_error(&app, nix::errno::Errno::ENETUNREACH).await?;
         wait_for_counter(&dp, Counter::DropNoRoute, 1).await;
 
-        // TTL 1 on the way out: dropped, and "time exceeded" (EHOSTUNREACH) comes back.
-        let app = error_reporting_socket().await?;
+        // TTL 1 sent from here: goes to the peer as it is; the receiving host makes the
+        // router hop (and answers), as over a plain routed link.
+        let app = UdpSocket::bind("0.0.0.0:0").await?;
         nix::sys::socket::setsockopt(&app, nix::sys::socket::sockopt::Ipv4Ttl, &1)?;
-        app.connect("10.5.2.7:9999").await?;
-        app.send(b"short-lived").await?;
-        expect_socket_error(&app, nix::errno::Errno::EHOSTUNREACH).await?;
-        wait_for_counter(&dp, Counter::DropTtlExceeded, 2).await;
-        assert_eq!(dp.counters()[Counter::Encapsulated.index()], 1);
+        app.send_to(b"short-lived", "10.5.2.7:9999").await?;
+        let (n, _) = recv_within(&peer, &mut buf).await?;
+        assert_eq!(parse_ipv4(&buf[..n]).map(|v| v.ttl), Ok(1));
+        assert_eq!(&buf[28..n], b"short-lived");
+        wait_for_counter(&dp, Counter::Encapsulated, 3).await;
+        assert_eq!(dp.counters()[Counter::DropTtlExceeded.index()], 0);
 
         // A removed peer is a stranger.
         dp.remove_peer(net(PEER_SUBNET))?;

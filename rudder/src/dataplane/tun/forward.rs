@@ -20,9 +20,9 @@ use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn_udp::{EcnCodepoint, RecvMeta, Transmit, UdpSocketState};
 use rudder_ebpf::Counter;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -31,9 +31,9 @@ use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
 use super::log_limit::TaskLogs;
 use crate::dataplane::counters::{Counters, PeerCounters};
 use crate::dataplane::forwarding::{
-    decide_inbound, decide_outbound, Inbound, Outbound, PublishedTable,
+    decide_inbound, decide_outbound, IcmpRateLimit, Inbound, Outbound, PublishedTable, ReceiverHop,
 };
-use crate::packet::ICMP_ERROR_MAX_LEN;
+use crate::packet::{ECN_MASK, ICMP_ERROR_MAX_LEN};
 
 /// Largest IPv4 packet: the receive buffers hold any datagram the kernel can hand us.
 const MAX_PACKET_LEN: usize = 65_535;
@@ -139,7 +139,7 @@ impl OverlaySocket {
             .await
     }
 
-    async fn recv(
+    pub(crate) async fn recv(
         &self,
         buffers: &mut [Vec<u8>],
         metas: &mut [RecvMeta],
@@ -164,6 +164,8 @@ struct GsoBatch {
     buffer: Vec<u8>,
     /// The peer and the traffic counters of its subnet.
     peer: Option<(Ipv4Addr, Arc<PeerCounters>)>,
+    /// ECN field of every queued packet, copied to the outer header (RFC 6040).
+    ecn: u8,
     segment_len: usize,
     segments: usize,
     /// A shorter segment ends a batch: only the last one may be short.
@@ -175,6 +177,7 @@ impl GsoBatch {
         GsoBatch {
             buffer: Vec::with_capacity(MAX_GSO_PAYLOAD),
             peer: None,
+            ecn: 0,
             segment_len: 0,
             segments: 0,
             closed: false,
@@ -185,6 +188,7 @@ impl GsoBatch {
         &self,
         peer: Ipv4Addr,
         traffic: &Arc<PeerCounters>,
+        ecn: u8,
         len: usize,
         max_segments: usize,
     ) -> bool {
@@ -193,6 +197,7 @@ impl GsoBatch {
             Some((current, current_traffic)) => {
                 *current == peer
                     && Arc::ptr_eq(current_traffic, traffic)
+                    && self.ecn == ecn
                     && !self.closed
                     && len <= self.segment_len
                     && self.segments < max_segments
@@ -204,6 +209,7 @@ impl GsoBatch {
     fn push(&mut self, peer: Ipv4Addr, traffic: &Arc<PeerCounters>, packet: &[u8]) {
         if self.peer.is_none() {
             self.peer = Some((peer, traffic.clone()));
+            self.ecn = packet[1] & ECN_MASK;
             self.segment_len = packet.len();
         } else if packet.len() < self.segment_len {
             self.closed = true;
@@ -219,7 +225,7 @@ impl GsoBatch {
         };
         let transmit = Transmit {
             destination: SocketAddr::V4(SocketAddrV4::new(peer, shared.peer_port)),
-            ecn: None,
+            ecn: EcnCodepoint::from_bits(self.ecn),
             contents: &self.buffer,
             segment_size: (self.segments > 1).then_some(self.segment_len),
             src_ip: None,
@@ -279,6 +285,7 @@ pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
     let mut batch = GsoBatch::new();
     let mut reader = shared.table.reader();
     let mut logs = TaskLogs::new();
+    let mut icmp_limit = IcmpRateLimit::new(Instant::now());
     loop {
         // A larger underlay MTU at run time: segments of the new size must fit.
         if vnet_header && packets[0].len() < shared.mtu() {
@@ -305,7 +312,8 @@ pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                 match decide_outbound(&mut packet[..size], table, shared.mtu(), &mut icmp) {
                     Outbound::Encapsulate { len, peer, slot } => {
                         let traffic = table.traffic(slot);
-                        if !batch.accepts(peer, traffic, len, socket.gso_segments) {
+                        let ecn = packet[1] & ECN_MASK;
+                        if !batch.accepts(peer, traffic, ecn, len, socket.gso_segments) {
                             batch.flush(&socket, &shared, &mut logs).await;
                         }
                         batch.push(peer, traffic, &packet[..len]);
@@ -318,6 +326,10 @@ pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                             format_args!("{size} bytes from the TUN device"),
                         );
                         if let Some(len) = icmp_len {
+                            if !icmp_limit.allow(Instant::now()) {
+                                shared.counters.add(Counter::IcmpRateLimited, len);
+                                continue;
+                            }
                             let icmp = &icmp[..len];
                             if let Err(error) =
                                 write_single(&device, vnet_header, icmp, &mut scratch).await
@@ -373,9 +385,12 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                 continue;
             };
             let stride = meta.stride.max(1);
+            let outer_tos = meta.ecn.map_or(0, |ecn| ecn as u8);
             for datagram in buffer[..meta.len].chunks_mut(stride) {
                 let size = datagram.len();
-                match decide_inbound(datagram, sender, table, &mut icmp) {
+                // The kernel's forwarding from the device makes this host's router hop.
+                let hop = ReceiverHop::Kernel;
+                match decide_inbound(datagram, sender, outer_tos, table, hop, &mut icmp) {
                     Inbound::Deliver { len, from: slot } => {
                         let packet = &mut datagram[..len];
                         let view = match crate::packet::parse_ipv4(packet) {
@@ -426,14 +441,10 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                             table.traffic(slot).add_rx(1, len);
                         }
                     }
-                    Inbound::Drop { reason, icmp_len } => {
+                    Inbound::Drop { reason, .. } => {
+                        // ReceiverHop::Kernel: the rules build no ICMP error here.
                         shared.counters.add(reason, size);
                         logs.dropped("udp->tun", reason, format_args!("{size} bytes from {from}"));
-                        if let Some(len) = icmp_len {
-                            if let Err(error) = socket.socket.send_to(&icmp[..len], from).await {
-                                logs.io("sending an ICMP error to a peer", &error);
-                            }
-                        }
                     }
                 }
             }

@@ -2,11 +2,14 @@
 //!
 //! Two tasks move packets, one per direction:
 //! - TUN → UDP: the kernel routes the whole overlay Network into the TUN device; each
-//!   packet is validated, its TTL decremented, its destination looked up among the peer
+//!   packet is validated, its destination looked up among the peer
 //!   subnets (longest prefix), and sent as the payload of a UDP datagram to the peer's
 //!   public address (flannel's udp backend wire format).
 //! - UDP → TUN: each datagram's payload is validated, checked against the sender's lease
-//!   (anti-spoofing) and our subnet, its TTL decremented, and written into the TUN device.
+//!   (anti-spoofing) and our subnet, the ECN rule applied, and written into the TUN device.
+//!
+//! The TTL is left alone: the kernel's forwarding into the device (sender) and out of it
+//! (receiver) makes both router hops of an overlay hop, and answers a TTL that runs out.
 //!
 //! Rooms: `options` (the set-up), `device` (opening the device, netlink), `forward` (the
 //! two tasks), `log_limit`; the per-packet decisions are the overlay's userspace
@@ -24,6 +27,7 @@ use tokio::task::JoinHandle;
 
 mod device;
 mod forward;
+pub(crate) use forward::OverlaySocket;
 mod log_limit;
 mod options;
 
@@ -373,4 +377,4 @@ impl Drop for TunDataplane {
 }
 
 #[cfg(test)]
-mod device_tests;
+pub(crate) mod device_tests;
