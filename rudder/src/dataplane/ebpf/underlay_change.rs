@@ -25,7 +25,8 @@ impl EbpfDataplane {
     }
 
     /// Asks the kernel again for each peer's next hop (`ip route get <peer>`) and replaces the
-    /// peer routes whose next hop moved (or that are missing); returns how many.
+    /// peer routes whose next hop moved; returns how many. Missing routes are left to the
+    /// route-loss check (`route_loss.rs`), which restores them and says what removed them.
     pub(super) fn refresh_next_hops(&self) -> anyhow::Result<usize> {
         let state = self.lock();
         let routes = state.routes()?;
@@ -34,12 +35,14 @@ impl EbpfDataplane {
         let mut replaced = 0;
         for (subnet, public_ip) in &state.peers {
             let next_hop = routes.next_hop(*public_ip);
-            let old = installed.get(subnet).copied();
-            if old == Some(next_hop) {
+            let Some(old) = installed.get(subnet).copied() else {
+                continue;
+            };
+            if old == next_hop {
                 continue;
             }
             tracing::info!(
-                %subnet, peer = %public_ip, old = ?old, new = %next_hop,
+                %subnet, peer = %public_ip, %old, new = %next_hop,
                 "peer route: next hop changed"
             );
             routes.add_peer(*subnet, *public_ip, state.opts.overlay_mtu, src)?;
