@@ -297,7 +297,7 @@ async fn acquire_until_done(
                 });
                 return lease;
             }
-            Err(e @ AcquireError::Exhausted { .. }) => {
+            Err(e @ (AcquireError::Exhausted { .. } | AcquireError::PublicIpConflict { .. })) => {
                 let wait = backoff.next_delay();
                 tracing::error!("{e}; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
