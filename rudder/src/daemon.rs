@@ -187,7 +187,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let period = Duration::from_secs(args.iptables_resync.max(1));
         tokio::spawn(firewall::keep_forward_rules(rules, period))
     });
-    let config_task = tokio::spawn(watch_config(client.clone(), prefix.clone(), config.clone()));
+    let config_task = tokio::spawn(crate::config_watch::watch_config(
+        client.clone(),
+        prefix.clone(),
+        config.clone(),
+    ));
     let registry_task = tokio::spawn(registry.run());
     let reconcile_task = tokio::spawn(reconciler.run(peer_rx));
     let (stop_tx, stop_rx) = oneshot::channel();
@@ -275,63 +279,6 @@ async fn load_config(etcd: Etcd, prefix: &str, state: &State) -> NetworkConfig {
     }
 }
 
-/// Watches `<prefix>/config` while running. A changed network cannot be applied under running
-/// containers, so it is reported (what changed, what to do) and the running config stays.
-async fn watch_config(etcd: Etcd, prefix: String, running: NetworkConfig) {
-    let key = format!("{prefix}/config");
-    let mut backoff = Backoff::default();
-    loop {
-        let result: Result<(), etcd_client::Error> = async {
-            let mut stream = etcd.client().watch(key.as_str(), None).await?;
-            while let Some(resp) = stream.message().await? {
-                backoff.reset();
-                for event in resp.events() {
-                    let Some(kv) = event.kv() else { continue };
-                    match config_change(&running, event.event_type(), kv.value()) {
-                        Some(problem) => tracing::error!("{key}: {problem}"),
-                        None => tracing::info!("{key} rewritten without changes that matter"),
-                    }
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::debug!("config watch: {e}");
-            etcd.failed().await;
-        }
-        tokio::time::sleep(backoff.next_delay()).await;
-    }
-}
-
-/// What is wrong with a config change seen while running, if anything.
-pub fn config_change(
-    running: &NetworkConfig,
-    event: etcd_client::EventType,
-    value: &[u8],
-) -> Option<String> {
-    if event == etcd_client::EventType::Delete {
-        return Some(format!(
-            "network config deleted; still running with Network {}: write it back (rudder network init)",
-            running.network
-        ));
-    }
-    match NetworkConfig::parse(value) {
-        Err(e) => Some(format!(
-            "new network config is invalid ({e}); still running with Network {}",
-            running.network
-        )),
-        Ok(new) if new != *running => {
-            Some(format!(
-            "network config changed (Network {} /{} port {} -> Network {} /{} port {}); this host \
-             keeps the running config: restart rudder on every host to apply the new one",
-            running.network, running.subnet_len, running.port, new.network, new.subnet_len, new.port
-        ))
-        }
-        Ok(_) => None,
-    }
-}
-
 /// Acquires until it succeeds: exhaustion and etcd errors are logged and retried with back-off.
 async fn acquire_until_done(
     leases: &mut LeaseManager,
@@ -350,7 +297,7 @@ async fn acquire_until_done(
                 });
                 return lease;
             }
-            Err(e @ AcquireError::Exhausted { .. }) => {
+            Err(e @ (AcquireError::Exhausted { .. } | AcquireError::PublicIpConflict { .. })) => {
                 let wait = backoff.next_delay();
                 tracing::error!("{e}; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
@@ -495,37 +442,5 @@ impl Shutdown {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use etcd_client::EventType;
-
-    #[test]
-    fn config_changes_while_running_are_explained() {
-        let running = NetworkConfig::parse(br#"{"Network":"10.5.0.0/16"}"#).unwrap();
-        assert_eq!(
-            config_change(&running, EventType::Put, br#"{"network":"10.5.0.0/16"}"#),
-            None
-        );
-        let changed =
-            config_change(&running, EventType::Put, br#"{"Network":"10.6.0.0/16"}"#).unwrap();
-        assert!(
-            changed.contains("10.5.0.0/16 /24 port 8285 -> Network 10.6.0.0/16"),
-            "{changed}"
-        );
-        assert!(
-            changed.contains("restart rudder on every host"),
-            "{changed}"
-        );
-        let invalid = config_change(&running, EventType::Put, b"{").unwrap();
-        assert!(
-            invalid.starts_with("new network config is invalid"),
-            "{invalid}"
-        );
-        let deleted = config_change(&running, EventType::Delete, b"").unwrap();
-        assert!(deleted.contains("deleted"), "{deleted}");
     }
 }

@@ -40,6 +40,15 @@ pub enum AcquireError {
         min: Ipv4Addr,
         max: Ipv4Addr,
     },
+    #[error(
+        "another host announces our public IP {public_ip} and took our subnet {subnet}: two \
+         hosts behind one address cannot share the overlay (peers tell hosts apart by it); give \
+         each host its own --public-ip. Not taking the lease back"
+    )]
+    PublicIpConflict {
+        public_ip: Ipv4Addr,
+        subnet: Ipv4Net,
+    },
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
 }
@@ -59,6 +68,9 @@ pub struct LeaseManager {
     config: NetworkConfig,
     public_ip: Ipv4Addr,
     ttl: Duration,
+    /// The etcd lease our key was last attached to in this process: a key naming our public
+    /// IP on another live etcd lease is then another host's, not ours from before a restart.
+    held: Option<i64>,
 }
 
 impl LeaseManager {
@@ -75,6 +87,7 @@ impl LeaseManager {
             config,
             public_ip,
             ttl,
+            held: None,
         }
     }
 
@@ -98,6 +111,9 @@ impl LeaseManager {
         let ttl_secs = self.ttl.as_secs().max(1) as i64;
         let granted = self.etcd.client().lease_grant(ttl_secs, None).await?.id();
         let result = self.acquire_with(granted, hint, &value).await;
+        if let Ok(lease) = &result {
+            self.held = Some(lease.lease_id);
+        }
         if !matches!(result, Ok(ref l) if l.lease_id == granted) {
             // Never leave an unused etcd lease behind.
             if let Err(e) = self.etcd.client().lease_revoke(granted).await {
@@ -157,6 +173,27 @@ impl LeaseManager {
                     .is_some_and(|v| v.public_ip == self.public_ip)
                     && range.contains(l.subnet)
             }) {
+                if let Some(held) = self.held.filter(|held| {
+                    mine.etcd_lease != 0 && mine.etcd_lease != *held && mine.etcd_lease != lease_id
+                }) {
+                    tracing::debug!(
+                        held,
+                        other = mine.etcd_lease,
+                        "our subnet's key is on another etcd lease"
+                    );
+                    return Err(AcquireError::PublicIpConflict {
+                        public_ip: self.public_ip,
+                        subnet: mine.subnet,
+                    });
+                }
+                // flannel's order: the lease naming our public IP wins over the subnet file.
+                if let Some(hint) = hint.filter(|h| *h != mine.subnet) {
+                    tracing::info!(
+                        "the subnet file says {hint} but the lease naming our public IP {} is {}: using that one (as flannel does)",
+                        self.public_ip,
+                        mine.subnet
+                    );
+                }
                 let key = self.key_of(mine.subnet);
                 let txn = Txn::new()
                     .when([Compare::mod_revision(

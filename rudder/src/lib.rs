@@ -14,6 +14,7 @@ pub mod admin;
 pub mod capabilities;
 pub mod cli;
 pub mod config;
+pub mod config_watch;
 pub mod daemon;
 pub mod dataplane;
 pub mod docker_opts;

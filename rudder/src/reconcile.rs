@@ -89,6 +89,9 @@ impl Reconciler {
 
     fn handle(&mut self, event: PeerEvent) {
         let own = *self.own_subnet.borrow();
+        // Our own key written (it changes only when we acquire): make sure it is still ours,
+        // on our etcd lease; another host announcing our public IP writes the same value.
+        let own_written = matches!(event, PeerEvent::Upsert(subnet, _) if subnet == own);
         let (check_own, changed) = match event {
             PeerEvent::Snapshot(all) => {
                 let now = Instant::now();
@@ -116,6 +119,8 @@ impl Reconciler {
         };
         if check_own && self.desired.get(&own) != Some(&self.public_ip) {
             tracing::warn!(subnet = %own, "our lease is gone from etcd or names another host; checking");
+            self.lease_check.notify_one();
+        } else if own_written {
             self.lease_check.notify_one();
         }
         match changed {
