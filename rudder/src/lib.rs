@@ -28,6 +28,7 @@ pub mod lease;
 pub mod local_setup;
 pub mod metrics;
 pub mod packet;
+pub mod packet_segment;
 pub mod peer_book;
 pub mod peers;
 pub mod reconcile;

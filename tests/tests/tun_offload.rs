@@ -92,3 +92,34 @@ fn batching_tun_host_reaches_ebpf_host_over_veth() {
         Ok(())
     });
 }
+
+/// An eBPF host and a plain TUN host (`--tun-offload false`, flannel's udp behaviour) on a veth
+/// underlay with default offloads: the eBPF sender's whole TSO packets arrive unsegmented in
+/// one datagram, partial checksums and all, and the plain host, whose device takes nothing
+/// larger than its MTU, cuts them into segments itself. TCP both ways, content checked.
+#[test]
+fn plain_tun_host_and_ebpf_host_exchange_tcp_with_default_offloads() {
+    e2e(|c| {
+        let plain = tun_host(c, false)?;
+        let ebpf = c.add_host(HostOpts {
+            dataplane: Some("ebpf".into()),
+            ..HostOpts::default()
+        })?;
+        wait_mesh(&[plain.clone(), ebpf.clone()], Duration::from_secs(30))?;
+        const BYTES: usize = 20 << 20;
+        for (from, to) in [(&ebpf, &plain), (&plain, &ebpf)] {
+            let t = tcp_transfer(&from.container(), &to.container(), BYTES)?;
+            eprintln!(
+                "{} -> {}: {:.0} Mbit/s",
+                from.name(),
+                to.name(),
+                t.mbit_per_s()
+            );
+        }
+        for reason in ["malformed", "truncated", "io_error"] {
+            let drops = plain.counter(reason)?;
+            check!(drops == 0, "plain host: {drops} {reason} drops");
+        }
+        Ok(())
+    });
+}

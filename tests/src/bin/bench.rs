@@ -1,8 +1,9 @@
 //! rudder data-plane benchmark: 2 hosts on the harness's underlay (MTU 1500), one container
 //! behind each; modes `route` (host-gw routes), `vxlan` (kernel vxlan, VNI 1, port 8472),
-//! `rudder-ebpf`, `rudder-tun`, and `rudder-ebpf-docker` (real dockerd on both hosts, docker0
-//! adopted by rudder, the containers docker's), alternated over rounds; medians and ratios to
-//! `route`.
+//! `rudder-ebpf`, `rudder-tun`, `rudder-ebpf-docker` (real dockerd on both hosts, docker0
+//! adopted by rudder, the containers docker's), and the mixed clusters `mixed-ebpf-to-tun` /
+//! `mixed-tun-to-ebpf` (sender's plane first; default offloads), alternated over rounds;
+//! medians and ratios to `route`.
 //!
 //! Run as root: `cargo xtask bench [--rounds N] [--seconds S] [--json FILE]`.
 
@@ -14,15 +15,19 @@ use rudder_tests::{netns, wait_mesh, wait_ping, Cluster, Endpoint, Host, HostOpt
 use std::time::Duration;
 
 const PORT: u16 = 5201;
-const MODES: [&str; 5] = [
+const MODES: [&str; 7] = [
     "route",
     "vxlan",
     "rudder-ebpf",
     "rudder-tun",
     "rudder-ebpf-docker",
+    "mixed-ebpf-to-tun",
+    "mixed-tun-to-ebpf",
 ];
-const METRICS: [&str; 8] = [
+const METRICS: [&str; 9] = [
     "tcp1_gbps",
+    // TCP segments the single stream's sender retransmitted (iperf3's count).
+    "tcp1_retransmits",
     "tcp4_gbps",
     "udp64_kpps",
     "udp64_loss_pct",
@@ -139,15 +144,18 @@ fn median(v: &[f64]) -> f64 {
 /// Sets up a fresh 2-host cluster for `mode`, measures, tears down (Drop).
 fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
     let cluster = Cluster::new()?;
-    let dp = if mode.starts_with("rudder-ebpf") {
-        "ebpf"
-    } else {
-        "tun"
+    // The sender's (host 0) and the receiver's data plane.
+    let planes = match mode {
+        m if m.starts_with("rudder-ebpf") => ["ebpf", "ebpf"],
+        "mixed-ebpf-to-tun" => ["ebpf", "tun"],
+        "mixed-tun-to-ebpf" => ["tun", "ebpf"],
+        _ => ["tun", "tun"],
     };
-    let opts = || HostOpts {
-        dataplane: Some(dp.into()),
+    let opts_for = |i: usize| HostOpts {
+        dataplane: Some(planes[i].into()),
         ..HostOpts::default()
     };
+    let opts = || opts_for(0);
     // Docker hosts as users run them (docker0 adopted by rudder), or the harness's own.
     let mut docker = Vec::new();
     let (hosts, from, to) = if mode == "rudder-ebpf-docker" {
@@ -169,7 +177,10 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
         let from = endpoints.pop().expect("two endpoints");
         (hosts, from, to)
     } else {
-        let hosts = vec![cluster.add_host(opts())?, cluster.add_host(opts())?];
+        let hosts = vec![
+            cluster.add_host(opts_for(0))?,
+            cluster.add_host(opts_for(1))?,
+        ];
         wait_mesh(&hosts, Duration::from_secs(30))?;
         let (from, to) = (hosts[0].container(), hosts[1].container());
         (hosts, from, to)
@@ -261,6 +272,9 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
         .unwrap_or(0.0)
         * 8.0
         / 1e9;
+    let retransmits = tcp1_run["end"]["sum_sent"]["retransmits"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
     let cpu_per_gbit = busy.as_secs_f64() / gbit_moved;
     let daemon_cpu_per_gbit = daemons.as_secs_f64() / gbit_moved;
     let tcp4 = iperf(&from, &to, secs, &["-P", "4"])?["end"]["sum_received"]["bits_per_second"]
@@ -277,6 +291,7 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
     let _ = &cluster;
     Ok(vec![
         tcp1,
+        retransmits,
         tcp4,
         kpps,
         loss_pct,

@@ -363,6 +363,8 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
     let mut gro = GROTable::default();
     let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
     let mut super_buf = Vec::with_capacity(WRITE_OFFSET + MAX_PACKET_LEN);
+    // A TSO packet cut into MTU-sized segments (device without offloads).
+    let mut segments: Vec<Vec<u8>> = Vec::new();
     let mut reader = shared.table.reader();
     let mut logs = TaskLogs::new();
     loop {
@@ -397,10 +399,43 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                             Ok(view) => view,
                             Err(_) => continue, // decide_inbound parsed it already
                         };
+                        let super_packet =
+                            crate::packet::tcp_super_packet(packet, &view, shared.mtu());
+                        if let (false, Some((headers, mss))) = (shared.offload, super_packet) {
+                            // No virtio header to let the kernel segment it: cut it here.
+                            segments.clear();
+                            crate::packet_segment::segment_tcp(
+                                packet,
+                                &view,
+                                headers,
+                                mss,
+                                &mut segments,
+                            );
+                            for segment in &segments {
+                                if queued == WRITE_BATCH {
+                                    write_batch(
+                                        &device,
+                                        &mut gro,
+                                        &mut outgoing,
+                                        &shared,
+                                        &mut logs,
+                                    )
+                                    .await;
+                                    queued = 0;
+                                }
+                                let out = &mut outgoing[queued];
+                                out.clear();
+                                out.resize(WRITE_OFFSET, 0);
+                                out.extend_from_slice(segment);
+                                queued += 1;
+                            }
+                            if let Some(slot) = slot {
+                                table.traffic(slot).add_rx(1, len);
+                            }
+                            continue;
+                        }
                         if shared.offload {
-                            if let Some((headers, mss)) =
-                                crate::packet::tcp_super_packet(packet, &view, shared.mtu())
-                            {
+                            if let Some((headers, mss)) = super_packet {
                                 // Keep order: what is queued goes first.
                                 write_batch(
                                     &device,
