@@ -29,7 +29,10 @@ fn the_lease_naming_our_public_ip_wins_over_the_subnet_file() {
         )?;
         c.etcd_put(
             &format!("{DEFAULT_PREFIX}/subnets/10.5.77.0-24"),
-            &format!(r#"{{"PublicIP":"{}","BackendType":"udp"}}"#, h.underlay_ip()),
+            &format!(
+                r#"{{"PublicIP":"{}","BackendType":"udp"}}"#,
+                h.underlay_ip()
+            ),
         )?;
         h.start()?;
         h.wait_ready(Duration::from_secs(60))?;
@@ -39,7 +42,8 @@ fn the_lease_naming_our_public_ip_wins_over_the_subnet_file() {
             h.subnet()
         );
         check!(
-            h.log().contains("the subnet file says 10.5.99.0/24 but the lease naming our public IP"),
+            h.log()
+                .contains("the subnet file says 10.5.99.0/24 but the lease naming our public IP"),
             "the disagreement was not logged"
         );
         Ok(())
@@ -57,10 +61,18 @@ fn two_hosts_behind_one_public_ip_do_not_fight_silently() {
         let key = a.lease_key();
         let first = etcd_lease_of(c, &key)?;
         let b = c.add_host(opts())?;
-        check!(b.subnet() == a.subnet(), "b did not reuse the lease naming {SHARED}");
-        wait_until("a to report the shared public IP", Duration::from_secs(20), || {
-            Ok(a.log().contains(&format!("another host announces our public IP {SHARED}")))
-        })?;
+        check!(
+            b.subnet() == a.subnet(),
+            "b did not reuse the lease naming {SHARED}"
+        );
+        wait_until(
+            "a to report the shared public IP",
+            Duration::from_secs(20),
+            || {
+                Ok(a.log()
+                    .contains(&format!("another host announces our public IP {SHARED}")))
+            },
+        )?;
         let taken = etcd_lease_of(c, &key)?;
         check!(taken != first, "the key should be on b's etcd lease now");
         // No tug of war: the key stays where b put it.
