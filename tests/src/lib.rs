@@ -30,6 +30,8 @@ pub mod netns;
 pub mod packet;
 pub mod process;
 pub mod router;
+pub mod soak;
+pub mod soak_probe;
 pub mod tinc;
 pub mod traffic;
 pub mod underlay;
