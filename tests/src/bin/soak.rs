@@ -15,7 +15,7 @@ fn parse_args() -> Result<SoakOpts> {
         match flag.as_str() {
             "--minutes" => {
                 let m: f64 = value()?.parse().context("--minutes takes a number")?;
-                if !(m > 0.0) {
+                if !m.is_finite() || m <= 0.0 {
                     bail!("--minutes must be positive");
                 }
                 opts.duration = Duration::from_secs_f64(m * 60.0);
