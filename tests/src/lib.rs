@@ -32,6 +32,7 @@ pub mod process;
 pub mod router;
 pub mod soak;
 pub mod soak_probe;
+mod soak_table;
 pub mod tinc;
 pub mod traffic;
 pub mod underlay;
