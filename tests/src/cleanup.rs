@@ -130,18 +130,27 @@ pub fn remove_stale_namespaces() {
     }
 }
 
-/// Blocks SIGINT/SIGTERM for this and every thread started after it, and starts a thread that
-/// waits for either, tears everything down and exits with status 130. Call first thing in
-/// `main` (before any other thread exists).
+/// On SIGINT/SIGTERM a thread tears everything down and exits with status 130. Call first
+/// thing in `main`. A handler, not a blocked signal mask: children inherit a mask across exec
+/// (a daemon with SIGTERM blocked never stops gracefully), while handlers are reset.
 pub fn install_signal_cleanup() -> anyhow::Result<()> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.thread_block()?;
+    use nix::sys::signal::Signal;
+    use std::io::{Read, Write};
+    let (mut received, notify) = std::os::unix::net::UnixStream::pair()?;
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        let notify = notify.try_clone()?;
+        // SAFETY: the action only calls write(2), which is async-signal-safe.
+        unsafe {
+            signal_hook_registry::register(sig as i32, move || {
+                let _ = (&notify).write(&[sig as i32 as u8]);
+            })
+        }?;
+    }
     std::thread::spawn(move || {
-        if let Ok(sig) = set.wait() {
-            eprintln!("\n{sig:?} received: cleaning up namespaces and processes...");
+        let mut sig = [0u8];
+        if received.read_exact(&mut sig).is_ok() {
+            let name = Signal::try_from(i32::from(sig[0])).map_or("a signal", |s| s.as_str());
+            eprintln!("\n{name} received: cleaning up namespaces and processes...");
             teardown_all();
             std::process::exit(130);
         }

@@ -1,4 +1,4 @@
-//! Developer commands: `cargo xtask setup | fresh-check | build-ebpf | test | demo | bench | fuzz`.
+//! Developer commands: `cargo xtask setup | fresh-check | build-ebpf | test | demo | bench | soak | fuzz`.
 //!
 //! Each subcommand lives in its own module; add new ones (e.g. `build-ebpf` in `ebpf.rs`) the
 //! same way: a module, a variant of `Cmd`, one arm in `main`.
@@ -9,6 +9,7 @@ mod ebpf;
 mod fresh_check;
 mod fuzz;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -53,6 +54,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Setup, build, then the churn soak: 6 hosts, pings and TCP between the three that stay
+    /// up while the others restart, leave, join, lose leases, churn containers and etcd
+    /// members restart; prints a table. `--minutes N` (default 2), `--dataplane tun|ebpf`.
+    Soak {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build the BPF programs (rudder-ebpf) for bpfel-unknown-none and print the object path.
     BuildEbpf(ebpf::BuildEbpfArgs),
 }
@@ -67,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo { args } => demo::run(&args)?,
         Cmd::Fuzz(args) => fuzz::run(&args)?,
         Cmd::Bench { args } => bench::run(&args)?,
+        Cmd::Soak { args } => soak::run(&args)?,
         Cmd::BuildEbpf(args) => {
             let object = ebpf::build_ebpf(&args)?;
             println!("{}", object.display());
