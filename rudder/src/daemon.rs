@@ -121,6 +121,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tun_offload: args.tun_offload,
         bridge: args.bridge.clone(),
         ebpf_force_fail: args.ebpf_force_fail,
+        bpf_pin_dir: Some(args.bpf_pin_dir.clone()),
     };
     let (dp, reason) = match dataplane::create(&opts).await {
         Ok(created) => created,
@@ -154,13 +155,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         peer_tx,
         state.metrics.clone(),
     );
+    // Peers a previous run left in the kernel (eBPF pins) count as installed, so the first
+    // snapshot from etcd is applied to them as a diff.
+    let adopted: std::collections::BTreeMap<_, _> = dp
+        .peer_stats()
+        .iter()
+        .map(|p| (p.subnet, p.public_ip))
+        .collect();
     let reconciler = Reconciler::new(
         dp.clone(),
         state.clone(),
         underlay.public_ip,
         subnet_rx,
         lease_check.clone(),
-    );
+    )
+    .with_installed(adopted);
     let follower = UnderlayFollower {
         name: underlay.name.clone(),
         mtu: underlay.mtu,
@@ -207,9 +216,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(());
     let keeper = keeper_task.await.context("the lease keeper panicked")?;
     let last_subnet = *keeper.subnet_tx.borrow();
-    keeper.finish(args.release_lease_on_exit).await;
+    keeper
+        .finish(args.release_lease_on_exit, args.cleanup_on_exit)
+        .await;
     if let Some(task) = blackhole_task {
         task.abort();
+        if !args.cleanup_on_exit {
+            return Ok(());
+        }
         if let Err(e) = netlink.remove_blackhole(last_subnet).await {
             tracing::warn!("removing the blackhole route {last_subnet}: {e:#}");
         }
@@ -458,11 +472,17 @@ impl LeaseKeeper {
         self.lease = lease;
     }
 
-    async fn finish(mut self, release: bool) {
-        if let Err(e) = self.dataplane.shutdown() {
+    /// `cleanup`: remove the data plane and the local setup (uninstall); otherwise leave
+    /// what keeps forwarding in the kernel for the next start to adopt.
+    async fn finish(mut self, release: bool, cleanup: bool) {
+        if cleanup {
+            if let Err(e) = self.dataplane.shutdown() {
+                tracing::warn!("stopping the data plane: {e:#}");
+            }
+            self.local.undo().await;
+        } else if let Err(e) = self.dataplane.stop_keeping_state() {
             tracing::warn!("stopping the data plane: {e:#}");
         }
-        self.local.undo().await;
         if release {
             match self.leases.release(&self.lease).await {
                 Ok(()) => tracing::info!(subnet = %self.lease.subnet, "lease released"),
