@@ -82,17 +82,59 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await?;
     }
 
+    let state_path = crate::state_file::path_beside(&args.subnet_file);
+    let saved = crate::state_file::load(&state_path);
     let mut shutdown = Shutdown::new()?;
+    // From the state file: our subnet and the last known peers carry traffic before etcd
+    // answers (a start during an etcd outage does not cut this host off).
+    let mut early = None;
+    if let Some(saved) = &saved {
+        let up = BringUp { args: &args, underlay: &underlay, overlay_mtu, netlink: &netlink, state: &state };
+        let (local, dp) = up.run(&saved.config, saved.subnet).await?;
+        for (subnet, ip) in &saved.peers {
+            if let Err(e) = dp.upsert_peer(*subnet, *ip) {
+                tracing::warn!(%subnet, "programming saved peer {ip} failed: {e:#}");
+            }
+        }
+        state.update(|s| {
+            s.network = Some(saved.config.network);
+            s.subnet = Some(saved.subnet);
+        });
+        tracing::info!(
+            subnet = %saved.subnet, peers = saved.peers.len(),
+            "brought up from {} before etcd answered", state_path.display()
+        );
+        let refresh = tokio::spawn(refresh_host_state(dp.clone()));
+        early = Some((local, dp, refresh));
+    }
+    let stop_early = |early: Option<(LocalSetup, Arc<dyn Dataplane>, tokio::task::JoinHandle<()>)>| async move {
+        if let Some((local, dp, refresh)) = early {
+            refresh.abort();
+            stop_dataplane(&*dp, &local, args.cleanup_on_exit).await;
+        }
+    };
     let client = tokio::select! {
         client = Etcd::connect(&args.etcd) => client?,
-        _ = shutdown.wait() => return Ok(()),
+        _ = shutdown.wait() => { stop_early(early).await; return Ok(()) },
     };
     let prefix = args.etcd.etcd_prefix.trim_end_matches('/').to_string();
     let config = tokio::select! {
-        config = load_config(client.clone(), &prefix, &state) => config,
-        _ = shutdown.wait() => return Ok(()),
+        config = load_config(client.clone(), &prefix, &state, early.is_none()) => config,
+        _ = shutdown.wait() => { stop_early(early).await; return Ok(()) },
     };
     state.update(|s| s.network = Some(config.network));
+    if let Some(saved) = saved.as_ref().filter(|saved| saved.config != config) {
+        tracing::warn!(
+            "the network config changed while rudder was stopped (Network {} -> {}): rebuilding \
+             the data plane from etcd's",
+            saved.config.network, config.network
+        );
+        if let Some((local, dp, refresh)) = early.take() {
+            refresh.abort();
+            stop_dataplane(&*dp, &local, true).await;
+            *state.dataplane.write().expect("dataplane lock poisoned") = None;
+        }
+    }
 
     let mut leases = LeaseManager::new(
         client.clone(),
@@ -101,41 +143,34 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         underlay.public_ip,
         args.subnet_lease_ttl,
     );
-    let hint = subnet_file::previous_subnet(&args.subnet_file);
+    let hint = match (&early, &saved) {
+        (Some(_), Some(saved)) => Some(saved.subnet),
+        _ => subnet_file::previous_subnet(&args.subnet_file),
+    };
     let lease = tokio::select! {
         lease = acquire_until_done(&mut leases, hint, &state) => lease,
-        _ = shutdown.wait() => return Ok(()),
+        _ = shutdown.wait() => { stop_early(early).await; return Ok(()) },
     };
 
-    let local = LocalSetup::new(args.clone(), config.network, overlay_mtu, netlink.clone());
-    local.apply(lease.subnet).await?;
-
-    let opts = DataplaneOptions {
-        kind: args.dataplane,
-        underlay: underlay.clone(),
-        network: config.network,
-        local_subnet: lease.subnet,
-        port: config.port,
-        overlay_mtu,
-        tun_name: args.tun_name.clone(),
-        tun_offload: args.tun_offload,
-        bridge: args.bridge.clone(),
-        ebpf_force_fail: args.ebpf_force_fail,
-        bpf_pin_dir: Some(args.bpf_pin_dir.clone()),
-    };
-    let (dp, reason) = match dataplane::create(&opts).await {
-        Ok(created) => created,
-        Err(e) => {
-            local.undo().await;
-            return Err(e);
+    let (local, dp) = match early {
+        Some((local, dp, refresh)) => {
+            refresh.abort();
+            if hint != Some(lease.subnet) {
+                tracing::error!(
+                    old = ?hint, new = %lease.subnet,
+                    "our saved subnet was taken while rudder was stopped; moved to a new \
+                     subnet: containers must be re-addressed"
+                );
+                local.apply(lease.subnet).await?;
+                dp.set_local_subnet(lease.subnet)?;
+            }
+            (local, dp)
+        }
+        None => {
+            let up = BringUp { args: &args, underlay: &underlay, overlay_mtu, netlink: &netlink, state: &state };
+            up.run(&config, lease.subnet).await?
         }
     };
-    tracing::info!(dataplane = dp.kind().as_str(), "{reason}");
-    state.update(|s| {
-        s.dataplane = Some(dp.kind().as_str().to_string());
-        s.dataplane_reason = Some(reason);
-    });
-    *state.dataplane.write().expect("dataplane lock poisoned") = Some(dp.clone());
 
     let (subnet_tx, subnet_rx) = watch::channel(lease.subnet);
     let blackhole_task = args.ip_blackhole_route.then(|| {
@@ -192,6 +227,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let refresh_task = tokio::spawn(refresh_host_state(dp.clone()));
+    let state_file_task = tokio::spawn(crate::state_file::keep_written(
+        state_path.clone(),
+        config.clone(),
+        state.clone(),
+    ));
     let firewall_task = keeper.local.forward_rules().map(|rules| {
         let period = Duration::from_secs(args.iptables_resync.max(1));
         tokio::spawn(firewall::keep_forward_rules(rules, period))
@@ -207,6 +247,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     config_task.abort();
     refresh_task.abort();
+    state_file_task.abort();
     underlay_task.abort();
     if let Some(task) = firewall_task {
         task.abort();
@@ -219,6 +260,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     keeper
         .finish(args.release_lease_on_exit, args.cleanup_on_exit)
         .await;
+    if args.cleanup_on_exit {
+        if let Err(e) = std::fs::remove_file(&state_path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", state_path.display());
+            }
+        }
+    }
     if let Some(task) = blackhole_task {
         task.abort();
         if !args.cleanup_on_exit {
@@ -229,6 +277,73 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `cleanup`: remove the data plane and the local setup (uninstall); otherwise leave what
+/// keeps forwarding in the kernel for the next start to adopt.
+async fn stop_dataplane(dp: &dyn Dataplane, local: &LocalSetup, cleanup: bool) {
+    if cleanup {
+        if let Err(e) = dp.shutdown() {
+            tracing::warn!("stopping the data plane: {e:#}");
+        }
+        local.undo().await;
+    } else if let Err(e) = dp.stop_keeping_state() {
+        tracing::warn!("stopping the data plane: {e:#}");
+    }
+}
+
+/// Sets up this host for `subnet`: local setup (bridge, rules, subnet file), then the data
+/// plane, published in the status.
+struct BringUp<'a> {
+    args: &'a RunArgs,
+    underlay: &'a crate::underlay::Underlay,
+    overlay_mtu: u16,
+    netlink: &'a Netlink,
+    state: &'a State,
+}
+
+impl BringUp<'_> {
+    async fn run(
+        &self,
+        config: &NetworkConfig,
+        subnet: Ipv4Net,
+    ) -> anyhow::Result<(LocalSetup, Arc<dyn Dataplane>)> {
+        let args = self.args;
+        let local = LocalSetup::new(
+            args.clone(),
+            config.network,
+            self.overlay_mtu,
+            self.netlink.clone(),
+        );
+        local.apply(subnet).await?;
+        let opts = DataplaneOptions {
+            kind: args.dataplane,
+            underlay: self.underlay.clone(),
+            network: config.network,
+            local_subnet: subnet,
+            port: config.port,
+            overlay_mtu: self.overlay_mtu,
+            tun_name: args.tun_name.clone(),
+            tun_offload: args.tun_offload,
+            bridge: args.bridge.clone(),
+            ebpf_force_fail: args.ebpf_force_fail,
+            bpf_pin_dir: Some(args.bpf_pin_dir.clone()),
+        };
+        let (dp, reason) = match dataplane::create(&opts).await {
+            Ok(created) => created,
+            Err(e) => {
+                local.undo().await;
+                return Err(e);
+            }
+        };
+        tracing::info!(dataplane = dp.kind().as_str(), "{reason}");
+        self.state.update(|s| {
+            s.dataplane = Some(dp.kind().as_str().to_string());
+            s.dataplane_reason = Some(reason);
+        });
+        *self.state.dataplane.write().expect("dataplane lock poisoned") = Some(dp.clone());
+        Ok((local, dp))
+    }
 }
 
 /// Lets the data plane re-read host state (local containers, its routes) four times a second.
@@ -253,8 +368,14 @@ async fn refresh_host_state(dp: Arc<dyn Dataplane>) {
 }
 
 /// Reads `<prefix>/config` until it exists and is valid; every failure is logged and kept in
-/// the status so `/readyz` says why.
-async fn load_config(etcd: Etcd, prefix: &str, state: &State) -> NetworkConfig {
+/// the status so `/readyz` says why, except an unreachable etcd when `!unreachable_is_error`
+/// (running from the state file: traffic flows, this host is ready).
+async fn load_config(
+    etcd: Etcd,
+    prefix: &str,
+    state: &State,
+    unreachable_is_error: bool,
+) -> NetworkConfig {
     let key = format!("{prefix}/config");
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
@@ -279,7 +400,14 @@ async fn load_config(etcd: Etcd, prefix: &str, state: &State) -> NetworkConfig {
             Err(e) => {
                 etcd.failed().await;
                 let problem = crate::etcd::diagnose::describe(etcd.endpoints(), &e).await;
-                format!("reading {key}: {problem}")
+                let problem = format!("reading {key}: {problem}");
+                if !unreachable_is_error {
+                    let wait = backoff.next_delay();
+                    tracing::warn!("{problem}; running from the state file, retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                problem
             }
         };
         let wait = backoff.next_delay();
@@ -475,14 +603,7 @@ impl LeaseKeeper {
     /// `cleanup`: remove the data plane and the local setup (uninstall); otherwise leave
     /// what keeps forwarding in the kernel for the next start to adopt.
     async fn finish(mut self, release: bool, cleanup: bool) {
-        if cleanup {
-            if let Err(e) = self.dataplane.shutdown() {
-                tracing::warn!("stopping the data plane: {e:#}");
-            }
-            self.local.undo().await;
-        } else if let Err(e) = self.dataplane.stop_keeping_state() {
-            tracing::warn!("stopping the data plane: {e:#}");
-        }
+        stop_dataplane(&*self.dataplane, &self.local, cleanup).await;
         if release {
             match self.leases.release(&self.lease).await {
                 Ok(()) => tracing::info!(subnet = %self.lease.subnet, "lease released"),

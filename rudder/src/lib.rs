@@ -31,6 +31,7 @@ pub mod peer_book;
 pub mod peers;
 pub mod reconcile;
 pub mod status;
+pub mod state_file;
 pub mod status_socket;
 pub mod subnet;
 pub mod subnet_file;
