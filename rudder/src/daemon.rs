@@ -89,7 +89,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // answers (a start during an etcd outage does not cut this host off).
     let mut early = None;
     if let Some(saved) = &saved {
-        let up = BringUp { args: &args, underlay: &underlay, overlay_mtu, netlink: &netlink, state: &state };
+        let up = BringUp {
+            args: &args,
+            underlay: &underlay,
+            overlay_mtu,
+            netlink: &netlink,
+            state: &state,
+        };
         let (local, dp) = up.run(&saved.config, saved.subnet).await?;
         for (subnet, ip) in &saved.peers {
             if let Err(e) = dp.upsert_peer(*subnet, *ip) {
@@ -107,12 +113,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let refresh = tokio::spawn(refresh_host_state(dp.clone()));
         early = Some((local, dp, refresh));
     }
-    let stop_early = |early: Option<(LocalSetup, Arc<dyn Dataplane>, tokio::task::JoinHandle<()>)>| async move {
-        if let Some((local, dp, refresh)) = early {
-            refresh.abort();
-            stop_dataplane(&*dp, &local, args.cleanup_on_exit).await;
-        }
-    };
+    let stop_early =
+        |early: Option<(LocalSetup, Arc<dyn Dataplane>, tokio::task::JoinHandle<()>)>| async move {
+            if let Some((local, dp, refresh)) = early {
+                refresh.abort();
+                stop_dataplane(&*dp, &local, args.cleanup_on_exit).await;
+            }
+        };
     let client = tokio::select! {
         client = Etcd::connect(&args.etcd) => client?,
         _ = shutdown.wait() => { stop_early(early).await; return Ok(()) },
@@ -127,7 +134,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::warn!(
             "the network config changed while rudder was stopped (Network {} -> {}): rebuilding \
              the data plane from etcd's",
-            saved.config.network, config.network
+            saved.config.network,
+            config.network
         );
         if let Some((local, dp, refresh)) = early.take() {
             refresh.abort();
@@ -167,7 +175,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             (local, dp)
         }
         None => {
-            let up = BringUp { args: &args, underlay: &underlay, overlay_mtu, netlink: &netlink, state: &state };
+            let up = BringUp {
+                args: &args,
+                underlay: &underlay,
+                overlay_mtu,
+                netlink: &netlink,
+                state: &state,
+            };
             up.run(&config, lease.subnet).await?
         }
     };
@@ -341,7 +355,11 @@ impl BringUp<'_> {
             s.dataplane = Some(dp.kind().as_str().to_string());
             s.dataplane_reason = Some(reason);
         });
-        *self.state.dataplane.write().expect("dataplane lock poisoned") = Some(dp.clone());
+        *self
+            .state
+            .dataplane
+            .write()
+            .expect("dataplane lock poisoned") = Some(dp.clone());
         Ok((local, dp))
     }
 }

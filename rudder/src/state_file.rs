@@ -105,14 +105,20 @@ pub fn load(path: &Path) -> Option<SavedState> {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
-            tracing::warn!("reading the state file {}: {e}; ignoring it", path.display());
+            tracing::warn!(
+                "reading the state file {}: {e}; ignoring it",
+                path.display()
+            );
             return None;
         }
     };
     match SavedState::parse(&text) {
         Ok(saved) => Some(saved),
         Err(e) => {
-            tracing::warn!("the state file {} is unusable ({e:#}); ignoring it", path.display());
+            tracing::warn!(
+                "the state file {} is unusable ({e:#}); ignoring it",
+                path.display()
+            );
             None
         }
     }
@@ -154,7 +160,11 @@ mod tests {
         let saved = SavedState {
             config,
             subnet: "10.5.7.0/24".parse().unwrap(),
-            peers: [("10.5.9.0/24".parse().unwrap(), Ipv4Addr::new(192, 168, 1, 9))].into(),
+            peers: [(
+                "10.5.9.0/24".parse().unwrap(),
+                Ipv4Addr::new(192, 168, 1, 9),
+            )]
+            .into(),
         };
         assert_eq!(SavedState::parse(&saved.render()).unwrap(), saved);
         let outside = saved.render().replace("10.5.7.0/24", "10.6.7.0/24");

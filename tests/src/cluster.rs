@@ -220,7 +220,11 @@ impl Cluster {
         // mounts die with it): the eBPF plane's pins survive between two runs of the daemon.
         let pin_dir = hdir.join("bpf");
         std::fs::create_dir_all(&pin_dir)?;
-        crate::util::run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&pin_dir))?;
+        crate::util::run(
+            Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&pin_dir),
+        )?;
         self.res.add_mount(&pin_dir);
         args.extend(["--bpf-pin-dir".into(), pin_dir.display().to_string()]);
         args.extend(opts.extra_args.iter().cloned());

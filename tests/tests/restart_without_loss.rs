@@ -81,7 +81,10 @@ fn under_traffic(
     check!(tx == PINGS, "ping sent {tx} of {PINGS}");
     check!(transfers > 0, "no TCP transfer completed");
     if ebpf() {
-        check!(lost == 0, "{what}: {lost} of {tx} pings lost on the eBPF plane");
+        check!(
+            lost == 0,
+            "{what}: {lost} of {tx} pings lost on the eBPF plane"
+        );
     }
     Ok(lost)
 }
@@ -139,7 +142,11 @@ fn restart_during_an_etcd_outage_keeps_known_peers() {
             // Ready from the state file alone: subnet and known peers, no etcd needed.
             a.wait_ready(Duration::from_secs(30))
         })?;
-        check!(a.sees_peer(b)?, "{} lost its peer during the outage", a.name());
+        check!(
+            a.sees_peer(b)?,
+            "{} lost its peer during the outage",
+            a.name()
+        );
         // Reconciles when etcd is back: a new host becomes a peer.
         c.start_etcd()?;
         let new = c.add_host(HostOpts::default())?;
@@ -164,8 +171,12 @@ fn cleanup_on_exit_still_removes_everything() {
         let a = &add_hosts(c, 1)?[0];
         a.stop()?;
         let links = rudder_tests::netns::exec_ok(a.netns(), "ip", &["-o", "link", "show"])?;
-        check!(!links.contains(": rbr0"), "bridge left after --cleanup-on-exit:\n{links}");
-        let routes = rudder_tests::netns::exec_ok(a.netns(), "ip", &["route", "show", "proto", "211"])?;
+        check!(
+            !links.contains(": rbr0"),
+            "bridge left after --cleanup-on-exit:\n{links}"
+        );
+        let routes =
+            rudder_tests::netns::exec_ok(a.netns(), "ip", &["route", "show", "proto", "211"])?;
         check!(routes.trim().is_empty(), "routes left: {routes}");
         let pins = a.log_path().with_file_name("bpf");
         // bpffs lists its own maps.debug and progs.debug.
@@ -174,7 +185,11 @@ fn cleanup_on_exit_still_removes_everything() {
             .map(|e| e.path())
             .filter(|p| p.extension().is_none_or(|x| x != "debug"))
             .collect();
-        check!(left.is_empty(), "BPF pins left in {}: {left:?}", pins.display());
+        check!(
+            left.is_empty(),
+            "BPF pins left in {}: {left:?}",
+            pins.display()
+        );
         Ok(())
     });
 }

@@ -197,8 +197,7 @@ impl Kernel {
             .iter()
             .flatten()
             .filter_map(|(key, value)| {
-                let subnet =
-                    ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8).ok()?;
+                let subnet = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8).ok()?;
                 Some((subnet, (value.public_ip.into(), value.traffic_id)))
             })
             .collect()

@@ -73,8 +73,8 @@ impl PinDir {
         let path = base.join(underlay);
         std::fs::create_dir_all(&path)
             .with_context(|| format!("creating the BPF pin directory {}", path.display()))?;
-        let lock = std::fs::File::open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
+        let lock =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: a valid open fd.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             anyhow::bail!(
@@ -123,7 +123,10 @@ impl PinDir {
                 Ok(_) => return Ok(()),
                 // The interface went away (and the link with it): attach anew below.
                 Err(e) => {
-                    tracing::warn!("replacing the program in {}: {e}; attaching anew", pin.display());
+                    tracing::warn!(
+                        "replacing the program in {}: {e}; attaching anew",
+                        pin.display()
+                    );
                     std::fs::remove_file(&pin).ok();
                 }
             }
@@ -131,8 +134,7 @@ impl PinDir {
         let id = program
             .attach(ifname, direction)
             .with_context(|| format!("attaching {name} to {ifname} ({direction:?}) failed: does the interface exist in this namespace?"))?;
-        let link = FdLink::try_from(program.take_link(id)?)
-            .context("a TCX link is an fd link")?;
+        let link = FdLink::try_from(program.take_link(id)?).context("a TCX link is an fd link")?;
         link.pin(&pin)
             .with_context(|| format!("pinning the link of {name} at {}", pin.display()))?;
         Ok(())
