@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use ipnet::Ipv4Net;
@@ -15,7 +15,8 @@ use crate::dataplane::{self, Dataplane, DataplaneOptions};
 use crate::etcd::{self, Backoff, Etcd};
 use crate::firewall;
 use crate::host::Netlink;
-use crate::lease::{renew_after, AcquireError, Lease, LeaseManager, Renewal};
+use crate::lease::LeaseManager;
+use crate::lease_keeper::{acquire_until_done, LeaseKeeper};
 use crate::local_setup::{keep_blackhole_route, LocalSetup};
 use crate::peers::PeerRegistry;
 use crate::reconcile::Reconciler;
@@ -295,7 +296,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// `cleanup`: remove the data plane and the local setup (uninstall); otherwise leave what
 /// keeps forwarding in the kernel for the next start to adopt.
-async fn stop_dataplane(dp: &dyn Dataplane, local: &LocalSetup, cleanup: bool) {
+pub(crate) async fn stop_dataplane(dp: &dyn Dataplane, local: &LocalSetup, cleanup: bool) {
     if cleanup {
         if let Err(e) = dp.shutdown() {
             tracing::warn!("stopping the data plane: {e:#}");
@@ -489,149 +490,6 @@ pub fn config_change(
         ))
         }
         Ok(_) => None,
-    }
-}
-
-/// Acquires until it succeeds: exhaustion and etcd errors are logged and retried with back-off.
-async fn acquire_until_done(
-    leases: &mut LeaseManager,
-    hint: Option<Ipv4Net>,
-    state: &State,
-) -> Lease {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    loop {
-        match leases.acquire(hint).await {
-            Ok(lease) => {
-                tracing::info!(subnet = %lease.subnet, ttl = ?lease.ttl, "lease acquired");
-                state.metrics.lease_acquisitions.inc();
-                state.update(|s| {
-                    s.subnet = Some(lease.subnet);
-                    s.lease_expires_unix = Some(unix_now() + lease.ttl.as_secs());
-                });
-                return lease;
-            }
-            Err(e @ AcquireError::Exhausted { .. }) => {
-                let wait = backoff.next_delay();
-                tracing::error!("{e}; retrying in {wait:?}");
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) => {
-                leases.etcd().failed().await;
-                let wait = backoff.next_delay();
-                tracing::warn!("acquiring a subnet lease failed: {e}; retrying in {wait:?}");
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Owns our lease after start: renews it, and re-acquires it when it is lost.
-struct LeaseKeeper {
-    leases: LeaseManager,
-    lease: Lease,
-    renew_margin: Duration,
-    check: Arc<Notify>,
-    subnet_tx: watch::Sender<Ipv4Net>,
-    local: LocalSetup,
-    dataplane: Arc<dyn Dataplane>,
-    state: State,
-}
-
-impl LeaseKeeper {
-    /// Runs until `stop` fires, then hands itself back for [`LeaseKeeper::finish`].
-    async fn run(mut self, mut stop: oneshot::Receiver<()>) -> Self {
-        let mut next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
-        let mut backoff = Backoff::default();
-        loop {
-            tokio::select! {
-                _ = &mut stop => return self,
-                _ = tokio::time::sleep_until(next_renewal.into()) => {
-                    match self.leases.renew(&self.lease).await {
-                        Ok(Renewal::Renewed(ttl)) => {
-                            backoff.reset();
-                            next_renewal = Instant::now() + renew_after(ttl, self.renew_margin);
-                            self.state.metrics.lease_renewals.inc();
-                            self.state.update(|s| s.lease_expires_unix = Some(unix_now() + ttl.as_secs()));
-                            tracing::debug!(subnet = %self.lease.subnet, ?ttl, "lease renewed");
-                        }
-                        Ok(Renewal::Lost) => {
-                            tracing::warn!(subnet = %self.lease.subnet, "etcd lease expired or revoked");
-                            self.reacquire().await;
-                            next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
-                        }
-                        Err(e) => {
-                            // Keep trying until the lease would have expired; the data plane
-                            // is untouched meanwhile.
-                            self.leases.etcd().failed().await;
-                            let wait = backoff.next_delay();
-                            tracing::warn!(subnet = %self.lease.subnet, "renewing the lease failed: {e}; retrying in {wait:?}");
-                            next_renewal = Instant::now() + wait;
-                        }
-                    }
-                }
-                _ = self.check.notified() => {
-                    match self.leases.holds(&self.lease).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::warn!(subnet = %self.lease.subnet, "our lease key is gone from etcd (expired or deleted); re-acquiring");
-                            self.reacquire().await;
-                            next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
-                        }
-                        // etcd unreachable: the next snapshot after it returns asks again.
-                        Err(e) => {
-                            tracing::warn!("checking our lease failed: {e}");
-                            self.leases.etcd().failed().await;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Gets a lease again (the same subnet when still free) without tearing down the data plane.
-    async fn reacquire(&mut self) {
-        let old = self.lease.subnet;
-        let lease = acquire_until_done(&mut self.leases, Some(old), &self.state).await;
-        if lease.subnet == old {
-            tracing::info!(subnet = %old, "lease re-acquired: same subnet");
-        } else {
-            tracing::error!(
-                old = %old, new = %lease.subnet,
-                "our subnet was taken by another host while we had lost our lease; moved to a new \
-                 subnet: containers must be re-addressed"
-            );
-            if let Err(e) = self.local.apply(lease.subnet).await {
-                tracing::error!("applying the new subnet locally failed: {e:#}");
-            }
-            if let Err(e) = self.dataplane.set_local_subnet(lease.subnet) {
-                tracing::error!("moving the data plane to the new subnet failed: {e:#}");
-            }
-            self.subnet_tx.send_replace(lease.subnet);
-        }
-        self.lease = lease;
-    }
-
-    /// `cleanup`: remove the data plane and the local setup (uninstall); otherwise leave
-    /// what keeps forwarding in the kernel for the next start to adopt.
-    async fn finish(mut self, release: bool, cleanup: bool) {
-        stop_dataplane(&*self.dataplane, &self.local, cleanup).await;
-        if release {
-            match self.leases.release(&self.lease).await {
-                Ok(()) => tracing::info!(subnet = %self.lease.subnet, "lease released"),
-                Err(e) => {
-                    tracing::warn!(subnet = %self.lease.subnet, "releasing the lease failed: {e}")
-                }
-            }
-        } else {
-            tracing::info!(subnet = %self.lease.subnet, "lease kept for the next start");
-        }
     }
 }
 

@@ -24,6 +24,7 @@ pub mod host;
 pub mod http;
 pub mod json;
 pub mod lease;
+mod lease_keeper;
 pub mod local_setup;
 pub mod metrics;
 pub mod packet;

@@ -165,7 +165,19 @@ impl EbpfDataplane {
         // A previous run's links, maps and routes: adopted, not rebuilt, so traffic
         // never stops.
         let adopting = pins.as_ref().is_some_and(pins::PinDir::has_links);
-        let mut kernel = Kernel::load(pins.as_ref())?;
+        let mut kernel = match Kernel::load(pins.as_ref()) {
+            Ok(kernel) => kernel,
+            // Pinned maps another version made may not fit these programs: start afresh.
+            Err(e) if adopting => {
+                tracing::warn!(
+                    "{e:#}: the pinned maps do not fit this version's programs; replacing them"
+                );
+                let pins = pins.as_ref().expect("adopting implies pins");
+                pins.remove_maps()?;
+                Kernel::load(Some(pins))?
+            }
+            Err(e) => return Err(e),
+        };
         let routes = Routes::connect(opts.underlay_ifindex)?;
         if !adopting {
             // Before touching any route: a running instance must keep its state.
@@ -596,7 +608,9 @@ impl Dataplane for EbpfDataplane {
         let mut state = self.lock();
         // Unpinning and dropping the programs releases the TCX links: traffic stops here.
         if let Some(pins) = state.pins.take() {
-            pins.remove()?;
+            if let Err(e) = pins.remove() {
+                tracing::warn!("{e:#}");
+            }
         }
         drop(state.kernel.take());
         state.peers.clear();

@@ -140,6 +140,19 @@ impl PinDir {
         Ok(())
     }
 
+    /// Removes the pinned maps (the links stay, with the old programs, until replaced).
+    pub(super) fn remove_maps(&self) -> anyhow::Result<()> {
+        for name in PINNED_MAPS {
+            match std::fs::remove_file(self.map(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing the pinned map {name}"))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Removes every pin: the links detach and the maps go once no fd holds them.
     pub(super) fn remove(&self) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&self.path)
