@@ -147,6 +147,11 @@ fn restart_during_an_etcd_outage_keeps_known_peers() {
             "{} lost its peer during the outage",
             a.name()
         );
+        check!(
+            a.log().contains("before etcd answered"),
+            "the restart did not come up from the state file:\n{}",
+            a.log()
+        );
         // Reconciles when etcd is back: a new host becomes a peer.
         c.start_etcd()?;
         let new = c.add_host(HostOpts::default())?;
