@@ -313,6 +313,21 @@ pub struct RunArgs {
           value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
     pub release_lease_on_exit: bool,
 
+    /// On a clean exit, remove what rudder put in the kernel (BPF programs, maps and pins,
+    /// routes, bridge, nftables rules) as for an uninstall. Default: leave it all in place,
+    /// so traffic keeps flowing and the next start adopts it.
+    #[arg(long, env = "RUDDER_CLEANUP_ON_EXIT", action = clap::ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), value_name = "BOOL")]
+    pub cleanup_on_exit: bool,
+
+    /// bpffs directory where the eBPF data plane pins its maps and TCX links (one
+    /// subdirectory per underlay interface), so they outlive a restart. Mounted if it is
+    /// /sys/fs/bpf and nothing is mounted there.
+    #[arg(long, env = "RUDDER_BPF_PIN_DIR", default_value = "/sys/fs/bpf/rudder")]
+    pub bpf_pin_dir: std::path::PathBuf,
+
     /// Data plane: auto (eBPF, falling back to TUN), ebpf, or tun.
     #[arg(long, env = "RUDDER_DATAPLANE", value_enum, default_value = "auto")]
     pub dataplane: DataplaneKind,

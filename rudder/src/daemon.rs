@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use ipnet::Ipv4Net;
@@ -15,7 +15,8 @@ use crate::dataplane::{self, Dataplane, DataplaneOptions};
 use crate::etcd::{self, Backoff, Etcd};
 use crate::firewall;
 use crate::host::Netlink;
-use crate::lease::{renew_after, AcquireError, Lease, LeaseManager, Renewal};
+use crate::lease::LeaseManager;
+use crate::lease_keeper::{acquire_until_done, LeaseKeeper};
 use crate::local_setup::{keep_blackhole_route, LocalSetup};
 use crate::peers::PeerRegistry;
 use crate::reconcile::Reconciler;
@@ -82,17 +83,67 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await?;
     }
 
+    let state_path = crate::state_file::path_beside(&args.subnet_file);
+    let saved = crate::state_file::load(&state_path);
     let mut shutdown = Shutdown::new()?;
+    // From the state file: our subnet and the last known peers carry traffic before etcd
+    // answers (a start during an etcd outage does not cut this host off).
+    let mut early = None;
+    if let Some(saved) = &saved {
+        let up = BringUp {
+            args: &args,
+            underlay: &underlay,
+            overlay_mtu,
+            netlink: &netlink,
+            state: &state,
+        };
+        let (local, dp) = up.run(&saved.config, saved.subnet).await?;
+        for (subnet, ip) in &saved.peers {
+            if let Err(e) = dp.upsert_peer(*subnet, *ip) {
+                tracing::warn!(%subnet, "programming saved peer {ip} failed: {e:#}");
+            }
+        }
+        state.update(|s| {
+            s.network = Some(saved.config.network);
+            s.subnet = Some(saved.subnet);
+        });
+        tracing::info!(
+            subnet = %saved.subnet, peers = saved.peers.len(),
+            "brought up from {} before etcd answered", state_path.display()
+        );
+        let refresh = tokio::spawn(refresh_host_state(dp.clone()));
+        early = Some((local, dp, refresh));
+    }
+    let stop_early =
+        |early: Option<(LocalSetup, Arc<dyn Dataplane>, tokio::task::JoinHandle<()>)>| async move {
+            if let Some((local, dp, refresh)) = early {
+                refresh.abort();
+                stop_dataplane(&*dp, &local, args.cleanup_on_exit).await;
+            }
+        };
     let client = tokio::select! {
         client = Etcd::connect(&args.etcd) => client?,
-        _ = shutdown.wait() => return Ok(()),
+        _ = shutdown.wait() => { stop_early(early).await; return Ok(()) },
     };
     let prefix = args.etcd.etcd_prefix.trim_end_matches('/').to_string();
     let config = tokio::select! {
-        config = load_config(client.clone(), &prefix, &state) => config,
-        _ = shutdown.wait() => return Ok(()),
+        config = load_config(client.clone(), &prefix, &state, early.is_none()) => config,
+        _ = shutdown.wait() => { stop_early(early).await; return Ok(()) },
     };
     state.update(|s| s.network = Some(config.network));
+    if let Some(saved) = saved.as_ref().filter(|saved| saved.config != config) {
+        tracing::warn!(
+            "the network config changed while rudder was stopped (Network {} -> {}): rebuilding \
+             the data plane from etcd's",
+            saved.config.network,
+            config.network
+        );
+        if let Some((local, dp, refresh)) = early.take() {
+            refresh.abort();
+            stop_dataplane(&*dp, &local, true).await;
+            *state.dataplane.write().expect("dataplane lock poisoned") = None;
+        }
+    }
 
     let mut leases = LeaseManager::new(
         client.clone(),
@@ -101,40 +152,40 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         underlay.public_ip,
         args.subnet_lease_ttl,
     );
-    let hint = subnet_file::previous_subnet(&args.subnet_file);
+    let hint = match (&early, &saved) {
+        (Some(_), Some(saved)) => Some(saved.subnet),
+        _ => subnet_file::previous_subnet(&args.subnet_file),
+    };
     let lease = tokio::select! {
         lease = acquire_until_done(&mut leases, hint, &state) => lease,
-        _ = shutdown.wait() => return Ok(()),
+        _ = shutdown.wait() => { stop_early(early).await; return Ok(()) },
     };
 
-    let local = LocalSetup::new(args.clone(), config.network, overlay_mtu, netlink.clone());
-    local.apply(lease.subnet).await?;
-
-    let opts = DataplaneOptions {
-        kind: args.dataplane,
-        underlay: underlay.clone(),
-        network: config.network,
-        local_subnet: lease.subnet,
-        port: config.port,
-        overlay_mtu,
-        tun_name: args.tun_name.clone(),
-        tun_offload: args.tun_offload,
-        bridge: args.bridge.clone(),
-        ebpf_force_fail: args.ebpf_force_fail,
-    };
-    let (dp, reason) = match dataplane::create(&opts).await {
-        Ok(created) => created,
-        Err(e) => {
-            local.undo().await;
-            return Err(e);
+    let (local, dp) = match early {
+        Some((local, dp, refresh)) => {
+            refresh.abort();
+            if hint != Some(lease.subnet) {
+                tracing::error!(
+                    old = ?hint, new = %lease.subnet,
+                    "our saved subnet was taken while rudder was stopped; moved to a new \
+                     subnet: containers must be re-addressed"
+                );
+                local.apply(lease.subnet).await?;
+                dp.set_local_subnet(lease.subnet)?;
+            }
+            (local, dp)
+        }
+        None => {
+            let up = BringUp {
+                args: &args,
+                underlay: &underlay,
+                overlay_mtu,
+                netlink: &netlink,
+                state: &state,
+            };
+            up.run(&config, lease.subnet).await?
         }
     };
-    tracing::info!(dataplane = dp.kind().as_str(), "{reason}");
-    state.update(|s| {
-        s.dataplane = Some(dp.kind().as_str().to_string());
-        s.dataplane_reason = Some(reason);
-    });
-    *state.dataplane.write().expect("dataplane lock poisoned") = Some(dp.clone());
 
     let (subnet_tx, subnet_rx) = watch::channel(lease.subnet);
     let blackhole_task = args.ip_blackhole_route.then(|| {
@@ -154,13 +205,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         peer_tx,
         state.metrics.clone(),
     );
+    // Peers a previous run left in the kernel (eBPF pins) count as installed, so the first
+    // snapshot from etcd is applied to them as a diff.
+    let adopted: std::collections::BTreeMap<_, _> = dp
+        .peer_stats()
+        .iter()
+        .map(|p| (p.subnet, p.public_ip))
+        .collect();
     let reconciler = Reconciler::new(
         dp.clone(),
         state.clone(),
         underlay.public_ip,
         subnet_rx,
         lease_check.clone(),
-    );
+    )
+    .with_installed(adopted);
     let follower = UnderlayFollower {
         name: underlay.name.clone(),
         mtu: underlay.mtu,
@@ -183,6 +242,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let refresh_task = tokio::spawn(refresh_host_state(dp.clone()));
+    let state_file_task = tokio::spawn(crate::state_file::keep_written(
+        state_path.clone(),
+        config.clone(),
+        state.clone(),
+    ));
     let firewall_task = keeper.local.forward_rules().map(|rules| {
         let period = Duration::from_secs(args.iptables_resync.max(1));
         tokio::spawn(firewall::keep_forward_rules(rules, period))
@@ -202,6 +266,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     config_task.abort();
     refresh_task.abort();
+    state_file_task.abort();
     underlay_task.abort();
     if let Some(task) = firewall_task {
         task.abort();
@@ -211,14 +276,97 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(());
     let keeper = keeper_task.await.context("the lease keeper panicked")?;
     let last_subnet = *keeper.subnet_tx.borrow();
-    keeper.finish(args.release_lease_on_exit).await;
+    keeper
+        .finish(args.release_lease_on_exit, args.cleanup_on_exit)
+        .await;
+    if args.cleanup_on_exit {
+        if let Err(e) = std::fs::remove_file(&state_path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", state_path.display());
+            }
+        }
+    }
     if let Some(task) = blackhole_task {
         task.abort();
+        if !args.cleanup_on_exit {
+            return Ok(());
+        }
         if let Err(e) = netlink.remove_blackhole(last_subnet).await {
             tracing::warn!("removing the blackhole route {last_subnet}: {e:#}");
         }
     }
     Ok(())
+}
+
+/// `cleanup`: remove the data plane and the local setup (uninstall); otherwise leave what
+/// keeps forwarding in the kernel for the next start to adopt.
+pub(crate) async fn stop_dataplane(dp: &dyn Dataplane, local: &LocalSetup, cleanup: bool) {
+    if cleanup {
+        if let Err(e) = dp.shutdown() {
+            tracing::warn!("stopping the data plane: {e:#}");
+        }
+        local.undo().await;
+    } else if let Err(e) = dp.stop_keeping_state() {
+        tracing::warn!("stopping the data plane: {e:#}");
+    }
+}
+
+/// Sets up this host for `subnet`: local setup (bridge, rules, subnet file), then the data
+/// plane, published in the status.
+struct BringUp<'a> {
+    args: &'a RunArgs,
+    underlay: &'a crate::underlay::Underlay,
+    overlay_mtu: u16,
+    netlink: &'a Netlink,
+    state: &'a State,
+}
+
+impl BringUp<'_> {
+    async fn run(
+        &self,
+        config: &NetworkConfig,
+        subnet: Ipv4Net,
+    ) -> anyhow::Result<(LocalSetup, Arc<dyn Dataplane>)> {
+        let args = self.args;
+        let local = LocalSetup::new(
+            args.clone(),
+            config.network,
+            self.overlay_mtu,
+            self.netlink.clone(),
+        );
+        local.apply(subnet).await?;
+        let opts = DataplaneOptions {
+            kind: args.dataplane,
+            underlay: self.underlay.clone(),
+            network: config.network,
+            local_subnet: subnet,
+            port: config.port,
+            overlay_mtu: self.overlay_mtu,
+            tun_name: args.tun_name.clone(),
+            tun_offload: args.tun_offload,
+            bridge: args.bridge.clone(),
+            ebpf_force_fail: args.ebpf_force_fail,
+            bpf_pin_dir: Some(args.bpf_pin_dir.clone()),
+        };
+        let (dp, reason) = match dataplane::create(&opts).await {
+            Ok(created) => created,
+            Err(e) => {
+                local.undo().await;
+                return Err(e);
+            }
+        };
+        tracing::info!(dataplane = dp.kind().as_str(), "{reason}");
+        self.state.update(|s| {
+            s.dataplane = Some(dp.kind().as_str().to_string());
+            s.dataplane_reason = Some(reason);
+        });
+        *self
+            .state
+            .dataplane
+            .write()
+            .expect("dataplane lock poisoned") = Some(dp.clone());
+        Ok((local, dp))
+    }
 }
 
 /// Lets the data plane re-read host state (local containers, its routes) four times a second.
@@ -243,8 +391,14 @@ async fn refresh_host_state(dp: Arc<dyn Dataplane>) {
 }
 
 /// Reads `<prefix>/config` until it exists and is valid; every failure is logged and kept in
-/// the status so `/readyz` says why.
-async fn load_config(etcd: Etcd, prefix: &str, state: &State) -> NetworkConfig {
+/// the status so `/readyz` says why, except an unreachable etcd when `!unreachable_is_error`
+/// (running from the state file: traffic flows, this host is ready).
+async fn load_config(
+    etcd: Etcd,
+    prefix: &str,
+    state: &State,
+    unreachable_is_error: bool,
+) -> NetworkConfig {
     let key = format!("{prefix}/config");
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
@@ -269,157 +423,20 @@ async fn load_config(etcd: Etcd, prefix: &str, state: &State) -> NetworkConfig {
             Err(e) => {
                 etcd.failed().await;
                 let problem = crate::etcd::diagnose::describe(etcd.endpoints(), &e).await;
-                format!("reading {key}: {problem}")
+                let problem = format!("reading {key}: {problem}");
+                if !unreachable_is_error {
+                    let wait = backoff.next_delay();
+                    tracing::warn!("{problem}; running from the state file, retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                problem
             }
         };
         let wait = backoff.next_delay();
         tracing::error!("{problem}; retrying in {wait:?}");
         state.update(|s| s.config_error = Some(problem));
         tokio::time::sleep(wait).await;
-    }
-}
-
-/// Acquires until it succeeds: exhaustion and etcd errors are logged and retried with back-off.
-async fn acquire_until_done(
-    leases: &mut LeaseManager,
-    hint: Option<Ipv4Net>,
-    state: &State,
-) -> Lease {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    loop {
-        match leases.acquire(hint).await {
-            Ok(lease) => {
-                tracing::info!(subnet = %lease.subnet, ttl = ?lease.ttl, "lease acquired");
-                state.metrics.lease_acquisitions.inc();
-                state.update(|s| {
-                    s.subnet = Some(lease.subnet);
-                    s.lease_expires_unix = Some(unix_now() + lease.ttl.as_secs());
-                });
-                return lease;
-            }
-            Err(e @ (AcquireError::Exhausted { .. } | AcquireError::PublicIpConflict { .. })) => {
-                let wait = backoff.next_delay();
-                tracing::error!("{e}; retrying in {wait:?}");
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) => {
-                leases.etcd().failed().await;
-                let wait = backoff.next_delay();
-                tracing::warn!("acquiring a subnet lease failed: {e}; retrying in {wait:?}");
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Owns our lease after start: renews it, and re-acquires it when it is lost.
-struct LeaseKeeper {
-    leases: LeaseManager,
-    lease: Lease,
-    renew_margin: Duration,
-    check: Arc<Notify>,
-    subnet_tx: watch::Sender<Ipv4Net>,
-    local: LocalSetup,
-    dataplane: Arc<dyn Dataplane>,
-    state: State,
-}
-
-impl LeaseKeeper {
-    /// Runs until `stop` fires, then hands itself back for [`LeaseKeeper::finish`].
-    async fn run(mut self, mut stop: oneshot::Receiver<()>) -> Self {
-        let mut next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
-        let mut backoff = Backoff::default();
-        loop {
-            tokio::select! {
-                _ = &mut stop => return self,
-                _ = tokio::time::sleep_until(next_renewal.into()) => {
-                    match self.leases.renew(&self.lease).await {
-                        Ok(Renewal::Renewed(ttl)) => {
-                            backoff.reset();
-                            next_renewal = Instant::now() + renew_after(ttl, self.renew_margin);
-                            self.state.metrics.lease_renewals.inc();
-                            self.state.update(|s| s.lease_expires_unix = Some(unix_now() + ttl.as_secs()));
-                            tracing::debug!(subnet = %self.lease.subnet, ?ttl, "lease renewed");
-                        }
-                        Ok(Renewal::Lost) => {
-                            tracing::warn!(subnet = %self.lease.subnet, "etcd lease expired or revoked");
-                            self.reacquire().await;
-                            next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
-                        }
-                        Err(e) => {
-                            // Keep trying until the lease would have expired; the data plane
-                            // is untouched meanwhile.
-                            self.leases.etcd().failed().await;
-                            let wait = backoff.next_delay();
-                            tracing::warn!(subnet = %self.lease.subnet, "renewing the lease failed: {e}; retrying in {wait:?}");
-                            next_renewal = Instant::now() + wait;
-                        }
-                    }
-                }
-                _ = self.check.notified() => {
-                    match self.leases.holds(&self.lease).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::warn!(subnet = %self.lease.subnet, "our lease key is gone from etcd (expired or deleted); re-acquiring");
-                            self.reacquire().await;
-                            next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
-                        }
-                        // etcd unreachable: the next snapshot after it returns asks again.
-                        Err(e) => {
-                            tracing::warn!("checking our lease failed: {e}");
-                            self.leases.etcd().failed().await;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Gets a lease again (the same subnet when still free) without tearing down the data plane.
-    async fn reacquire(&mut self) {
-        let old = self.lease.subnet;
-        let lease = acquire_until_done(&mut self.leases, Some(old), &self.state).await;
-        if lease.subnet == old {
-            tracing::info!(subnet = %old, "lease re-acquired: same subnet");
-        } else {
-            tracing::error!(
-                old = %old, new = %lease.subnet,
-                "our subnet was taken by another host while we had lost our lease; moved to a new \
-                 subnet: containers must be re-addressed"
-            );
-            if let Err(e) = self.local.apply(lease.subnet).await {
-                tracing::error!("applying the new subnet locally failed: {e:#}");
-            }
-            if let Err(e) = self.dataplane.set_local_subnet(lease.subnet) {
-                tracing::error!("moving the data plane to the new subnet failed: {e:#}");
-            }
-            self.subnet_tx.send_replace(lease.subnet);
-        }
-        self.lease = lease;
-    }
-
-    async fn finish(mut self, release: bool) {
-        if let Err(e) = self.dataplane.shutdown() {
-            tracing::warn!("stopping the data plane: {e:#}");
-        }
-        self.local.undo().await;
-        if release {
-            match self.leases.release(&self.lease).await {
-                Ok(()) => tracing::info!(subnet = %self.lease.subnet, "lease released"),
-                Err(e) => {
-                    tracing::warn!(subnet = %self.lease.subnet, "releasing the lease failed: {e}")
-                }
-            }
-        } else {
-            tracing::info!(subnet = %self.lease.subnet, "lease kept for the next start");
-        }
     }
 }
 

@@ -68,6 +68,16 @@ impl Reconciler {
         }
     }
 
+    /// Starts from peers already in the data plane (adopted from a previous run): they are
+    /// desired and installed until etcd's first snapshot says otherwise (with the resync
+    /// grace for those it no longer lists).
+    pub fn with_installed(mut self, peers: PeerMap) -> Self {
+        self.state.update(|s| s.peers = peers.clone());
+        self.desired = peers.clone();
+        self.installed = peers;
+        self
+    }
+
     pub async fn run(mut self, mut events: mpsc::Receiver<PeerEvent>) {
         loop {
             let next_expiry = self.next_grace_expiry();

@@ -20,6 +20,8 @@ pub struct Resources {
 enum Resource {
     Pid(i32),
     Netns(String),
+    /// A bpffs the harness mounted (the daemons' pin directory).
+    Mount(std::path::PathBuf),
 }
 
 static REGISTRY: Mutex<Vec<Arc<Resources>>> = Mutex::new(Vec::new());
@@ -50,6 +52,13 @@ impl Resources {
             .push(Resource::Netns(name.to_string()));
     }
 
+    pub fn add_mount(&self, path: &std::path::Path) {
+        self.inner
+            .lock()
+            .unwrap()
+            .push(Resource::Mount(path.to_path_buf()));
+    }
+
     /// Kills remaining processes (SIGTERM, then SIGKILL after `grace`), deletes namespaces in
     /// reverse creation order, and unregisters this set.
     pub fn teardown(self: &Arc<Self>, grace: Duration) {
@@ -63,8 +72,15 @@ impl Resources {
             .collect();
         kill_all(&pids, grace);
         for r in items.iter().rev() {
-            if let Resource::Netns(n) = r {
-                crate::netns::delete(n);
+            match r {
+                Resource::Netns(n) => crate::netns::delete(n),
+                Resource::Mount(path) => {
+                    let _ = std::process::Command::new("umount")
+                        .arg("-l")
+                        .arg(path)
+                        .status();
+                }
+                Resource::Pid(_) => {}
             }
         }
         REGISTRY.lock().unwrap().retain(|r| !Arc::ptr_eq(r, self));

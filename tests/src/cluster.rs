@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -213,6 +213,20 @@ impl Cluster {
         if opts.release_lease_on_exit {
             args.push("--release-lease-on-exit".into());
         }
+        if opts.cleanup_on_exit {
+            args.push("--cleanup-on-exit=true".into());
+        }
+        // A bpffs of the harness's own (`ip netns exec` gives the daemon a private /sys, whose
+        // mounts die with it): the eBPF plane's pins survive between two runs of the daemon.
+        let pin_dir = hdir.join("bpf");
+        std::fs::create_dir_all(&pin_dir)?;
+        crate::util::run(
+            Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&pin_dir),
+        )?;
+        self.res.add_mount(&pin_dir);
+        args.extend(["--bpf-pin-dir".into(), pin_dir.display().to_string()]);
         args.extend(opts.extra_args.iter().cloned());
 
         let host = Host(Arc::new(HostInner {

@@ -30,6 +30,9 @@ pub struct HostOpts {
     pub etcd_prefix: Option<String>,
     /// `--release-lease-on-exit`.
     pub release_lease_on_exit: bool,
+    /// `--cleanup-on-exit`: a stop removes what rudder put in the kernel. On by default, so
+    /// tests that stop a host see it leave nothing; off to test restarts without loss.
+    pub cleanup_on_exit: bool,
     /// `--ip-masq`.
     pub ip_masq: bool,
     /// `--iface`; default: none (the daemon detects the default-route interface).
@@ -55,6 +58,7 @@ impl Default for HostOpts {
         Self {
             etcd_prefix: None,
             release_lease_on_exit: false,
+            cleanup_on_exit: true,
             ip_masq: false,
             iface: None,
             dataplane: None,

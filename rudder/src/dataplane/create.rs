@@ -25,6 +25,8 @@ pub struct DataplaneOptions {
     pub bridge: Option<String>,
     /// Test hook: make the eBPF load fail (exercises the `auto` fall-back).
     pub ebpf_force_fail: bool,
+    /// bpffs directory for the eBPF plane's pins.
+    pub bpf_pin_dir: Option<std::path::PathBuf>,
 }
 
 /// Starts the requested data plane; returns it with a line saying why it was chosen.
@@ -80,6 +82,7 @@ async fn load_ebpf(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>
         overlay_mtu: opts.overlay_mtu,
         bridge: opts.bridge.clone(),
         force_fail: opts.ebpf_force_fail,
+        pin_dir: opts.bpf_pin_dir.clone(),
     };
     // Loading talks to the kernel synchronously (verifier, netlink): keep it off the runtime.
     let dp = tokio::task::spawn_blocking(move || ebpf::EbpfDataplane::load(ebpf_opts))

@@ -101,6 +101,12 @@ pub trait Dataplane: Send + Sync {
     /// Stop forwarding and remove what this data plane created in the kernel.
     fn shutdown(&self) -> anyhow::Result<()>;
 
+    /// Stop this process's part, leaving in the kernel what can keep forwarding without it
+    /// for the next start to adopt. By default the same as [`Dataplane::shutdown`].
+    fn stop_keeping_state(&self) -> anyhow::Result<()> {
+        self.shutdown()
+    }
+
     /// Re-reads what the data plane learns from the host rather than from etcd (the eBPF
     /// path's local containers); called every few seconds. Nothing by default.
     fn refresh_host_state(&self) -> anyhow::Result<()> {

@@ -8,6 +8,7 @@ use aya::{
 };
 use rudder_ebpf::{names, Counter, DataplaneConfig, LocalEndpoint, PeerValue};
 
+use super::pins::{PinDir, PINNED_MAPS};
 use crate::dataplane::counters::{CounterSnapshot, PeerTraffic};
 
 pub(super) use aya::programs::tc::SchedClassifierLinkId;
@@ -88,9 +89,17 @@ fn forward_bpf_logs(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
 }
 
 impl Kernel {
-    /// Loads both programs into the kernel (verifier included) without attaching them.
-    pub(super) fn load() -> anyhow::Result<Self> {
-        let mut ebpf = EbpfLoader::new().load(BPF_OBJECT).context(
+    /// Loads both programs into the kernel (verifier included) without attaching them. With
+    /// `pins`, the maps are the pinned ones (a previous run's, with its state) or new ones
+    /// pinned there.
+    pub(super) fn load(pins: Option<&PinDir>) -> anyhow::Result<Self> {
+        let mut loader = EbpfLoader::new();
+        if let Some(pins) = pins {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut ebpf = loader.load(BPF_OBJECT).context(
             "loading the BPF object failed: needs root (CAP_BPF + CAP_NET_ADMIN) and a kernel with BTF",
         )?;
         for name in [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_BRIDGE] {
@@ -135,8 +144,8 @@ impl Kernel {
         ]
     }
 
-    /// Our links are not pinned, so programs of ours already attached mean a live second
-    /// instance in this namespace.
+    /// Without pins, programs of ours already attached mean a live second instance in this
+    /// namespace (with pins, the pin directory's lock says so).
     pub(super) fn ensure_not_attached(underlay: &str) -> anyhow::Result<()> {
         for (name, ifname, direction) in Self::underlay_attachments(underlay) {
             let (_, attached) = SchedClassifier::query_tcx(ifname, direction).with_context(|| {
@@ -151,8 +160,14 @@ impl Kernel {
 
     /// TCX attach (kernel >= 6.6) to ingress and egress of the underlay. The bridge program
     /// is attached separately ([`Kernel::attach_bridge`]), whenever a bridge is adopted.
-    pub(super) fn attach(&mut self, underlay: &str) -> anyhow::Result<()> {
+    /// With `pins`, the links are pinned, and links a previous run pinned get the new
+    /// programs atomically.
+    pub(super) fn attach(&mut self, underlay: &str, pins: Option<&PinDir>) -> anyhow::Result<()> {
         for (name, ifname, direction) in Self::underlay_attachments(underlay) {
+            if let Some(pins) = pins {
+                pins.attach_or_replace(classifier(&mut self.ebpf, name)?, name, ifname, direction)?;
+                continue;
+            }
             classifier(&mut self.ebpf, name)?
                 .attach(ifname, direction)
                 .with_context(|| format!("attaching {name} to {ifname} ({direction:?}) failed: does the interface exist in this namespace?"))?;
@@ -172,6 +187,20 @@ impl Kernel {
         if let Ok(program) = classifier(&mut self.ebpf, names::PROG_BRIDGE) {
             let _ = program.detach(link);
         }
+    }
+
+    /// The peers in the (adopted) LPM trie: subnet → (public IP, traffic id).
+    pub(super) fn installed_peers(
+        &self,
+    ) -> std::collections::BTreeMap<ipnet::Ipv4Net, (std::net::Ipv4Addr, u32)> {
+        self.peers
+            .iter()
+            .flatten()
+            .filter_map(|(key, value)| {
+                let subnet = ipnet::Ipv4Net::new(key.data().into(), key.prefix_len() as u8).ok()?;
+                Some((subnet, (value.public_ip.into(), value.traffic_id)))
+            })
+            .collect()
     }
 
     pub(super) fn packet_counts(&self) -> CounterSnapshot {

@@ -42,7 +42,7 @@ pub(super) fn require_root() {
 /// A loaded object with one peer (10.5.2.0/24 at 192.168.64.2); we own 10.5.1.0/24.
 pub(super) fn fixture() -> Kernel {
     require_root();
-    let mut kernel = Kernel::load().expect("loading the BPF object");
+    let mut kernel = Kernel::load(None).expect("loading the BPF object");
     kernel
         .set_config(&DataplaneConfig {
             local_subnet: [10, 5, 1, 0],

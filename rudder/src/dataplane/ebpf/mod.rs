@@ -45,9 +45,12 @@
 //! - Redirected packets bypass the host's forwarding path: host netfilter (forward chain,
 //!   conntrack) does not see container ↔ peer traffic on the fast paths.
 //!
-//! Kernel state is owned by this process: the TCX links vanish with it (they are not
-//! pinned) and routes carry protocol [`RTPROT_RUDDER`], so the next `load` removes a
-//! crashed daemon's routes.
+//! Kernel state outlives the process: maps and the underlay's TCX links are pinned under
+//! `--bpf-pin-dir`/<underlay> (`pins`), and a stop leaves them and the routes (protocol
+//! [`RTPROT_RUDDER`]) in place; the next `load` adopts them (opens the maps, puts its
+//! programs into the links atomically, reads the installed peers back), so a restart or a
+//! crash loses no packet. [`Dataplane::shutdown`] removes it all (`--cleanup-on-exit`).
+//! Without a bpffs the links die with the process and `load` removes the stale routes.
 //!
 //! Rooms: `kernel` (the BPF object, its programs and maps), `routes` (peer routes),
 //! `bridge` (adopting the containers' bridge),
@@ -78,6 +81,7 @@ mod kernel_decap_tests;
 mod kernel_tests;
 #[cfg(test)]
 mod kernel_tests_stack_flows;
+mod pins;
 mod route_loss;
 mod routes;
 #[cfg(test)]
@@ -111,6 +115,8 @@ pub struct EbpfOptions {
     pub bridge: Option<String>,
     /// Test hook: fail as if the kernel refused the programs.
     pub force_fail: bool,
+    /// bpffs directory for the pins (`--bpf-pin-dir`); `None`: nothing pinned.
+    pub pin_dir: Option<std::path::PathBuf>,
 }
 
 /// The eBPF data plane. See the module documentation for the design.
@@ -142,6 +148,8 @@ struct State {
     gateway_local: bool,
     /// What the last route check saw (tells why routes went missing since).
     route_events: Option<route_loss::RouteEvents>,
+    /// Where maps and links are pinned (they outlive the process).
+    pins: Option<pins::PinDir>,
 }
 
 impl EbpfDataplane {
@@ -156,16 +164,37 @@ impl EbpfDataplane {
             bail!("eBPF data plane load failed on purpose (force_fail test hook)");
         }
         validate(&opts)?;
-        let mut kernel = Kernel::load()?;
-        // Before touching any route: a running instance must keep its state.
-        Kernel::ensure_not_attached(&opts.underlay_ifname)?;
+        let pins = match &opts.pin_dir {
+            Some(base) => pins::PinDir::open(base, &opts.underlay_ifname)?,
+            None => None,
+        };
+        // A previous run's links, maps and routes: adopted, not rebuilt, so traffic
+        // never stops.
+        let adopting = pins.as_ref().is_some_and(pins::PinDir::has_links);
+        let mut kernel = match Kernel::load(pins.as_ref()) {
+            Ok(kernel) => kernel,
+            // Pinned maps another version made may not fit these programs: start afresh.
+            Err(e) if adopting => {
+                tracing::warn!(
+                    "{e:#}: the pinned maps do not fit this version's programs; replacing them"
+                );
+                let pins = pins.as_ref().expect("adopting implies pins");
+                pins.remove_maps()?;
+                Kernel::load(Some(pins))?
+            }
+            Err(e) => return Err(e),
+        };
         let routes = Routes::connect(opts.underlay_ifindex)?;
-        let removed = routes.remove_stale()?;
-        if removed > 0 {
-            tracing::info!(
-                removed,
-                "removed routes left by a previous rudder (proto {RTPROT_RUDDER})"
-            );
+        if !adopting {
+            // Before touching any route: a running instance must keep its state.
+            Kernel::ensure_not_attached(&opts.underlay_ifname)?;
+            let removed = routes.remove_stale()?;
+            if removed > 0 {
+                tracing::info!(
+                    removed,
+                    "removed routes left by a previous rudder (proto {RTPROT_RUDDER})"
+                );
+            }
         }
         kernel.set_config(&config_of(&opts))?;
         // Without it only NAT'd flows across hosts break (with br_netfilter): not a reason to
@@ -173,10 +202,33 @@ impl EbpfDataplane {
         if let Err(e) = super::stack_rules::install_nat_mark() {
             tracing::warn!("{e:#}: NAT'd connections to containers on other hosts may fail when the bridge DNATs (br_netfilter)");
         }
-        kernel.attach(&opts.underlay_ifname)?;
+        kernel.attach(&opts.underlay_ifname, pins.as_ref())?;
         routes
             .add_unreachable(opts.network)
             .with_context(|| format!("adding the route `unreachable {}`", opts.network))?;
+        let adopted = if adopting {
+            kernel.installed_peers()
+        } else {
+            BTreeMap::new()
+        };
+        if adopting {
+            tracing::info!(
+                peers = adopted.len(),
+                "adopted the BPF programs' links, maps and routes a previous rudder left"
+            );
+        }
+        let peers = adopted.iter().map(|(s, (ip, _))| (*s, *ip)).collect();
+        let peer_entries = adopted
+            .iter()
+            .map(|(s, (_, id))| (*s, (*id, std::time::SystemTime::now())))
+            .collect();
+        let next_traffic_id = adopted
+            .values()
+            .map(|(_, id)| *id)
+            .max()
+            .unwrap_or(0)
+            .wrapping_add(1)
+            .max(1);
         let dataplane = EbpfDataplane {
             socket_path: Mutex::new(None),
             refreshes: std::sync::atomic::AtomicU64::new(0),
@@ -184,13 +236,14 @@ impl EbpfDataplane {
                 opts,
                 kernel: Some(kernel),
                 routes: Some(routes),
-                peers: BTreeMap::new(),
-                peer_entries: BTreeMap::new(),
-                next_traffic_id: 1,
+                peers,
+                peer_entries,
+                next_traffic_id,
                 discovered: BTreeMap::new(),
                 bridge: None,
                 gateway_local: false,
                 route_events: None,
+                pins,
             }),
         };
         dataplane.adopt_bridge()?;
@@ -540,16 +593,14 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn shutdown(&self) -> anyhow::Result<()> {
-        if let Some(path) = self
-            .socket_path
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            path.stop();
-        }
+        self.stop_socket_path();
         let mut state = self.lock();
-        // Dropping the programs releases the (unpinned) TCX links: traffic stops here.
+        // Unpinning and dropping the programs releases the TCX links: traffic stops here.
+        if let Some(pins) = state.pins.take() {
+            if let Err(e) = pins.remove() {
+                tracing::warn!("{e:#}");
+            }
+        }
         drop(state.kernel.take());
         state.peers.clear();
         state.peer_entries.clear();
@@ -563,6 +614,34 @@ impl Dataplane for EbpfDataplane {
             tracing::warn!("removing the NAT'd-flow mark rule at shutdown: {e:#}");
         }
         Ok(())
+    }
+
+    fn stop_keeping_state(&self) -> anyhow::Result<()> {
+        self.stop_socket_path();
+        let mut state = self.lock();
+        if state.pins.is_none() {
+            drop(state);
+            tracing::warn!("BPF links are not pinned: removing the data plane at stop");
+            return self.shutdown();
+        }
+        // The pinned links keep the programs attached and the maps alive; routes stay.
+        drop(state.kernel.take());
+        state.routes.take();
+        tracing::info!("BPF programs, maps and routes left in place for the next start");
+        Ok(())
+    }
+}
+
+impl EbpfDataplane {
+    fn stop_socket_path(&self) {
+        if let Some(path) = self
+            .socket_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            path.stop();
+        }
     }
 }
 

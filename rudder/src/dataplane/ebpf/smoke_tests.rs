@@ -159,6 +159,7 @@ impl Topology {
             overlay_mtu: OVERLAY_MTU,
             bridge: bridge.map(String::from),
             force_fail: false,
+            pin_dir: None,
         };
         self.in_ns(host, move || EbpfDataplane::load(opts))
             .join()
@@ -458,6 +459,7 @@ fn force_fail_reports_a_load_error() {
         overlay_mtu: OVERLAY_MTU,
         bridge: None,
         force_fail: true,
+        pin_dir: None,
     };
     let err = EbpfDataplane::load(opts)
         .err()

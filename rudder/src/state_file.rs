@@ -1,0 +1,175 @@
+//! The state file beside the subnet file (`rudder-state.json`): the network config, our
+//! lease and the last known peers. Written on every change; read at start so the data plane
+//! is programmed before etcd answers (a start while etcd is down still carries traffic).
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::config::NetworkConfig;
+use crate::status::State;
+
+/// What a start needs before etcd answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedState {
+    pub config: NetworkConfig,
+    pub subnet: Ipv4Net,
+    pub peers: BTreeMap<Ipv4Net, Ipv4Addr>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    /// The network config in etcd's JSON format.
+    config: serde_json::Value,
+    subnet: String,
+    /// subnet → public IP.
+    peers: BTreeMap<String, String>,
+}
+
+/// `rudder-state.json` in the subnet file's directory.
+pub fn path_beside(subnet_file: &Path) -> PathBuf {
+    subnet_file.with_file_name("rudder-state.json")
+}
+
+fn config_json(c: &NetworkConfig) -> serde_json::Value {
+    serde_json::json!({
+        "Network": c.network.to_string(),
+        "SubnetLen": c.subnet_len,
+        "SubnetMin": c.subnet_min.to_string(),
+        "SubnetMax": c.subnet_max.to_string(),
+        "Backend": { "Type": c.backend_type, "Port": c.port },
+    })
+}
+
+impl SavedState {
+    fn render(&self) -> String {
+        let disk = OnDisk {
+            config: config_json(&self.config),
+            subnet: self.subnet.to_string(),
+            peers: self
+                .peers
+                .iter()
+                .map(|(s, ip)| (s.to_string(), ip.to_string()))
+                .collect(),
+        };
+        serde_json::to_string_pretty(&disk).expect("plain JSON") + "\n"
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let disk: OnDisk = serde_json::from_str(text)?;
+        let config = NetworkConfig::parse(disk.config.to_string().as_bytes())
+            .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+        let subnet: Ipv4Net = disk.subnet.parse().context("subnet")?;
+        anyhow::ensure!(
+            config.network.contains(&subnet),
+            "subnet {subnet} is outside the network {}",
+            config.network
+        );
+        let peers = disk
+            .peers
+            .iter()
+            .map(|(s, ip)| Ok((s.parse()?, ip.parse()?)))
+            .collect::<anyhow::Result<_>>()
+            .context("peers")?;
+        Ok(SavedState {
+            config,
+            subnet,
+            peers,
+        })
+    }
+
+    /// Writes a temporary file beside `path` and renames it over it.
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".rudder-state.")
+            .tempfile_in(dir)
+            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        tmp.write_all(self.render().as_bytes())?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path)
+            .with_context(|| format!("writing the state file {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// The saved state, if there is a usable one (an unusable one is logged and ignored).
+pub fn load(path: &Path) -> Option<SavedState> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(
+                "reading the state file {}: {e}; ignoring it",
+                path.display()
+            );
+            return None;
+        }
+    };
+    match SavedState::parse(&text) {
+        Ok(saved) => Some(saved),
+        Err(e) => {
+            tracing::warn!(
+                "the state file {} is unusable ({e:#}); ignoring it",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+/// Writes the state file whenever our lease or the installed peers change (checked four
+/// times a second).
+pub async fn keep_written(path: PathBuf, config: NetworkConfig, state: State) {
+    let mut last: Option<SavedState> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let now = {
+            let s = state.snapshot();
+            s.subnet.map(|subnet| SavedState {
+                config: config.clone(),
+                subnet,
+                peers: s.peers.clone(),
+            })
+        };
+        if now.is_none() || now == last {
+            continue;
+        }
+        let saved = now.expect("checked");
+        match saved.write(&path) {
+            Ok(()) => last = Some(saved),
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_refuses_a_subnet_outside_the_network() {
+        let config = NetworkConfig::parse(br#"{"Network":"10.5.0.0/16"}"#).unwrap();
+        let saved = SavedState {
+            config,
+            subnet: "10.5.7.0/24".parse().unwrap(),
+            peers: [(
+                "10.5.9.0/24".parse().unwrap(),
+                Ipv4Addr::new(192, 168, 1, 9),
+            )]
+            .into(),
+        };
+        assert_eq!(SavedState::parse(&saved.render()).unwrap(), saved);
+        let outside = saved.render().replace("10.5.7.0/24", "10.6.7.0/24");
+        let err = SavedState::parse(&outside).unwrap_err();
+        assert!(format!("{err:#}").contains("outside"), "{err:#}");
+        assert!(SavedState::parse("{").is_err());
+    }
+}
