@@ -55,7 +55,12 @@ fn twenty_daemons_started_at_once_never_share_a_subnet() {
                     .iter()
                     .filter(|h| h.log().contains("is exhausted"))
                     .count();
-                Ok(taken == CAPACITY && exhausted == hosts.len() - CAPACITY)
+                // A lease is in etcd a moment before its holder writes the subnet file.
+                let files = hosts
+                    .iter()
+                    .filter(|h| h.read_subnet_file().ok().flatten().is_some())
+                    .count();
+                Ok(taken == CAPACITY && exhausted == hosts.len() - CAPACITY && files == CAPACITY)
             },
         )?;
         let leases = leases(c, DEFAULT_PREFIX)?;
