@@ -423,10 +423,7 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                                     .await;
                                     queued = 0;
                                 }
-                                let out = &mut outgoing[queued];
-                                out.clear();
-                                out.resize(WRITE_OFFSET, 0);
-                                out.extend_from_slice(segment);
+                                queue_for_device(&mut outgoing[queued], segment);
                                 queued += 1;
                             }
                             if let Some(slot) = slot {
@@ -467,10 +464,7 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                             write_batch(&device, &mut gro, &mut outgoing, &shared, &mut logs).await;
                             queued = 0;
                         }
-                        let out = &mut outgoing[queued];
-                        out.clear();
-                        out.resize(WRITE_OFFSET, 0);
-                        out.extend_from_slice(&datagram[..len]);
+                        queue_for_device(&mut outgoing[queued], &datagram[..len]);
                         queued += 1;
                         if let Some(slot) = slot {
                             table.traffic(slot).add_rx(1, len);
@@ -493,6 +487,13 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
         )
         .await;
     }
+}
+
+/// Fills a write-batch slot with `packet` after the room tun-rs needs in front of it.
+fn queue_for_device(slot: &mut Vec<u8>, packet: &[u8]) {
+    slot.clear();
+    slot.resize(WRITE_OFFSET, 0);
+    slot.extend_from_slice(packet);
 }
 
 /// Writes a sender's whole TSO packet (delivered unsegmented by a veth or virtio underlay,
