@@ -347,14 +347,28 @@ fn encapsulate(
 /// (TTL is the high byte of the TTL/protocol word).
 #[inline(always)]
 fn decrement_ttl(ctx: &TcContext, l3_off: usize, ttl: u8, protocol: u8) -> Result<(), Counter> {
-    let old_word = u16::from_be_bytes([ttl, protocol]);
-    let new_word = u16::from_be_bytes([ttl - 1, protocol]);
-    if ctx.store(l3_off + 8, &(ttl - 1), 0).is_err()
+    set_header_byte(ctx, l3_off, 8, [ttl, protocol], ttl - 1)
+}
+
+/// Writes `new` into the IPv4 header byte at `l3_off + at` and patches the header checksum
+/// for the 16-bit word holding it, which was `old_word` (`at` even: the byte is its high
+/// half; odd: its low half).
+#[inline(always)]
+fn set_header_byte(
+    ctx: &TcContext,
+    l3_off: usize,
+    at: usize,
+    old_word: [u8; 2],
+    new: u8,
+) -> Result<(), Counter> {
+    let mut new_word = old_word;
+    new_word[at % 2] = new;
+    if ctx.store(l3_off + at, &new, 0).is_err()
         || ctx
             .l3_csum_replace(
                 l3_off + 10,
-                u64::from(old_word.to_be()),
-                u64::from(new_word.to_be()),
+                u64::from(u16::from_be_bytes(old_word).to_be()),
+                u64::from(u16::from_be_bytes(new_word).to_be()),
                 2,
             )
             .is_err()
@@ -571,21 +585,7 @@ fn set_tos(
     old_tos: u8,
     new_tos: u8,
 ) -> Result<(), Counter> {
-    let old_word = u16::from_be_bytes([version_ihl, old_tos]);
-    let new_word = u16::from_be_bytes([version_ihl, new_tos]);
-    if ctx.store(l3_off + 1, &new_tos, 0).is_err()
-        || ctx
-            .l3_csum_replace(
-                l3_off + 10,
-                u64::from(old_word.to_be()),
-                u64::from(new_word.to_be()),
-                2,
-            )
-            .is_err()
-    {
-        return Err(Counter::DropIoError);
-    }
-    Ok(())
+    set_header_byte(ctx, l3_off, 1, [version_ihl, old_tos], new_tos)
 }
 
 /// Verifies the inner header checksum, options included (IHL up to 15 words).
