@@ -8,6 +8,7 @@
 //! Run as root: `cargo xtask bench [--rounds N] [--seconds S] [--json FILE]`.
 
 use anyhow::{anyhow, bail, Result};
+use rudder_tests::bpf_stats;
 use rudder_tests::cleanup::install_signal_cleanup;
 use rudder_tests::docker::docker_host;
 use rudder_tests::util::{ip, machine, percentile, require_daemon};
@@ -24,7 +25,7 @@ const MODES: [&str; 7] = [
     "mixed-ebpf-to-tun",
     "mixed-tun-to-ebpf",
 ];
-const METRICS: [&str; 9] = [
+const METRICS: [&str; 15] = [
     "tcp1_gbps",
     // TCP segments the single stream's sender retransmitted (iperf3's count).
     "tcp1_retransmits",
@@ -37,7 +38,18 @@ const METRICS: [&str; 9] = [
     // single TCP stream, and the part the two rudder daemons used themselves.
     "cpu_s_per_gbit",
     "daemon_cpu_s_per_gbit",
+    // Nanoseconds per run of each eBPF program (kernel BPF stats, both hosts) during the
+    // single stream (one run per GSO packet) and the UDP 64 B flood (one run per packet).
+    "egress_ns_tcp1",
+    "br_in_ns_tcp1",
+    "ingress_ns_tcp1",
+    "egress_ns_udp64",
+    "br_in_ns_udp64",
+    "ingress_ns_udp64",
 ];
+/// The main table's columns; the rest (eBPF program cost) is a table of its own.
+const MAIN_METRICS: usize = 9;
+const PROGRAMS: [&str; 3] = ["rudder_egress", "rudder_br_in", "rudder_ingress"];
 
 struct Args {
     rounds: usize,
@@ -85,6 +97,7 @@ fn real_main() -> Result<()> {
     require_daemon(&["ip", "etcd", "etcdctl", "ping", "iperf3", "ss"])?;
     println!("machine: {}", machine());
     println!("rounds {}, {} s per iperf3 run", args.rounds, args.seconds);
+    let _stats_on = bpf_stats::enable()?;
     // results[mode][metric] = values over rounds
     let mut results = vec![vec![Vec::<f64>::new(); METRICS.len()]; MODES.len()];
     for round in 0..args.rounds {
@@ -107,21 +120,11 @@ fn real_main() -> Result<()> {
         .iter()
         .map(|m| m.iter().map(|v| median(v)).collect())
         .collect();
-    println!("\n| mode | {} |", METRICS.join(" | "));
-    println!("|---|{}", "---|".repeat(METRICS.len()));
-    for (mi, mode) in MODES.iter().enumerate() {
-        let cells: Vec<String> = (0..METRICS.len())
-            .map(|k| {
-                let ratio = med[mi][k] / med[0][k];
-                if ratio.is_finite() {
-                    format!("{:.3} ({ratio:.2}x)", med[mi][k])
-                } else {
-                    format!("{:.3}", med[mi][k])
-                }
-            })
-            .collect();
-        println!("| {mode} | {} |", cells.join(" | "));
-    }
+    print_table(&med, 0..MAIN_METRICS, |_| true);
+    println!("\neBPF program cost, ns per run (kernel BPF stats, both hosts):");
+    print_table(&med, MAIN_METRICS..METRICS.len(), |mi| {
+        med[mi][MAIN_METRICS..].iter().any(|x| x.is_finite())
+    });
     if let Some(f) = args.json {
         let mut obj = serde_json::Map::new();
         obj.insert("machine".into(), machine().into());
@@ -135,6 +138,29 @@ fn real_main() -> Result<()> {
         std::fs::write(&f, serde_json::to_string_pretty(&obj)?)?;
     }
     Ok(())
+}
+
+/// Markdown table of the medians in `columns`, with ratios to `route`, for the modes `show`s.
+fn print_table(med: &[Vec<f64>], columns: std::ops::Range<usize>, show: impl Fn(usize) -> bool) {
+    println!("\n| mode | {} |", METRICS[columns.clone()].join(" | "));
+    println!("|---|{}", "---|".repeat(columns.len()));
+    for (mi, mode) in MODES.iter().enumerate() {
+        if !show(mi) {
+            continue;
+        }
+        let cells: Vec<String> = columns
+            .clone()
+            .map(|k| {
+                let ratio = med[mi][k] / med[0][k];
+                if ratio.is_finite() {
+                    format!("{:.3} ({ratio:.2}x)", med[mi][k])
+                } else {
+                    format!("{:.3}", med[mi][k])
+                }
+            })
+            .collect();
+        println!("| {mode} | {} |", cells.join(" | "));
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -272,7 +298,11 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
     };
     let daemons_cpu = || -> Result<Duration> { Ok(cpu(a)? + cpu(b)?) };
     let (busy_before, daemons_before) = (machine_busy()?, daemons_cpu()?);
+    let pids: Vec<u32> = [a, b].iter().filter_map(|h| h.pid()).collect();
+    let bpf_stats = || bpf_stats::snapshot(&pids);
+    let bpf_before = bpf_stats()?;
     let tcp1_run = iperf(&from, &to, secs, &[])?;
+    let bpf_tcp1 = bpf_stats()?;
     let (busy, daemons) = (
         machine_busy()? - busy_before,
         daemons_cpu()? - daemons_before,
@@ -295,7 +325,9 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
         .as_f64()
         .unwrap_or(0.0)
         / 1e9;
+    let bpf_before_udp = bpf_stats()?;
     let udp = iperf(&from, &to, secs, &["-u", "-l", "64", "-b", "0"])?;
+    let bpf_udp = bpf_stats()?;
     let s = &udp["end"]["sum"];
     let recv = s["packets"].as_f64().unwrap_or(0.0) - s["lost_packets"].as_f64().unwrap_or(0.0);
     let kpps = recv / s["seconds"].as_f64().unwrap_or(1.0) / 1e3;
@@ -303,7 +335,7 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
     let (med, p99) = rtt(&from, &to)?;
     drop(docker);
     let _ = &cluster;
-    Ok(vec![
+    let mut figures = vec![
         tcp1,
         retransmits,
         tcp4,
@@ -313,7 +345,11 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
         p99,
         cpu_per_gbit,
         daemon_cpu_per_gbit,
-    ])
+    ];
+    for (after, before) in [(&bpf_tcp1, &bpf_before), (&bpf_udp, &bpf_before_udp)] {
+        figures.extend(PROGRAMS.map(|p| after.ns_per_run_since(before, p)));
+    }
+    Ok(figures)
 }
 
 /// Busy time of all CPUs together (everything but idle and iowait), from `/proc/stat`.
