@@ -19,6 +19,7 @@ pub mod names {
     pub const MAP_BYTES: &str = "RUDDER_BYTES";
     pub const MAP_PEER_TRAFFIC: &str = "RUDDER_PEER_TRAF";
     pub const MAP_STACK_FLOWS: &str = "RUDDER_STK_FLOWS";
+    pub const MAP_TRAIN_SENDERS: &str = "RUDDER_TRAIN_SRC";
 }
 
 /// Capacity of the peer maps: a /8 network cut into /24 subnets has 65536 of them.

@@ -22,6 +22,9 @@
 //!   (TTL about to expire, too big (for GSO: a segment too big), not for a peer, a NAT'd
 //!   connection marked by rudder's nftables rule) continues to the stack, which answers
 //!   with the proper ICMP error and then reaches `rudder_egress` through the peer route.
+//! - `train_senders`: after a UDP GSO train from a peer (which only the daemon's socket
+//!   path can split), that peer's other datagrams go to the socket path too for a second,
+//!   so its flows are not reordered.
 //! - `stack_flows`: what reached `rudder_egress` went through the stack (maybe NAT'd); its
 //!   replies are handed to the stack by `rudder_ingress`, so conntrack un-NATs them.
 //!
@@ -33,6 +36,8 @@
 mod programs;
 #[cfg(target_arch = "bpf")]
 mod stack_flows;
+#[cfg(target_arch = "bpf")]
+mod train_senders;
 
 /// On the host this binary is empty: the programs exist only for the BPF target.
 #[cfg(not(target_arch = "bpf"))]

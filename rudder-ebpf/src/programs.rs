@@ -20,6 +20,7 @@ use rudder_ebpf::{
 };
 
 use crate::stack_flows::{remember_stack_flow, reply_to_stack_flow};
+use crate::train_senders::{saw_train_from, sends_trains};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -496,6 +497,12 @@ fn ingress(ctx: &TcContext) -> i32 {
     if is_gso(ctx) && total_len < payload_len {
         // A UDP GSO train: several datagrams back to back, which only a socket can split.
         // (An encapsulated TCP GSO packet is one inner packet: its lengths match.)
+        saw_train_from(outer_src);
+        count(Counter::ToDaemon, l3_len(ctx));
+        return TCX_NEXT;
+    }
+    if sends_trains(outer_src) {
+        // Behind its trains, in order (see `train_senders`).
         count(Counter::ToDaemon, l3_len(ctx));
         return TCX_NEXT;
     }

@@ -497,3 +497,73 @@ fn decap_agrees_with_the_tun_rules_on_mutated_packets() {
         "the mutations should exercise both outcomes"
     );
 }
+
+/// A UDP GSO train (a batching TUN peer's, unsplit on a veth underlay) goes up to the
+/// socket path, and so do that peer's single datagrams after it, in order behind it;
+/// another peer's datagrams keep the BPF path.
+#[test]
+fn after_a_train_the_peers_datagrams_follow_it_to_the_socket_path() {
+    const OTHER_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 3);
+    const OTHER_CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 5, 3, 30);
+    let mut kernel = fixture();
+    let key = aya::maps::lpm_trie::Key::new(24, [10, 5, 3, 0]);
+    kernel
+        .peers
+        .insert(
+            &key,
+            rudder_ebpf::PeerValue::new(OTHER_PUBLIC.octets(), 2),
+            0,
+        )
+        .unwrap();
+    kernel.senders.insert(OTHER_PUBLIC.octets(), 1, 0).unwrap();
+    let inner = ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 100);
+    let single = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
+    let before = kernel.packet_counts();
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &single,
+        TC_ACT_OK,
+        Counter::Decapsulated,
+    );
+
+    let train = overlay_frame(
+        PEER_PUBLIC,
+        OUR_PUBLIC,
+        PORT,
+        &[&inner[..], &inner[..]].concat(),
+    );
+    let (verdict, _) = run_gso(
+        &kernel,
+        names::PROG_INGRESS,
+        &train,
+        (28 + inner.len()) as u32,
+    );
+    assert_eq!(
+        verdict, TC_ACT_UNSPEC,
+        "a train goes on to the stack's socket"
+    );
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &single,
+        TC_ACT_UNSPEC,
+        Counter::ToDaemon,
+    );
+
+    let other_inner = ipv4_udp(OTHER_CONTAINER, LOCAL_CONTAINER, 64, true, 100);
+    let other_frame = overlay_frame(OTHER_PUBLIC, OUR_PUBLIC, PORT, &other_inner);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &other_frame,
+        TC_ACT_OK,
+        Counter::Decapsulated,
+    );
+    let after = kernel.packet_counts();
+    assert_eq!(
+        after[Counter::ToDaemon.index()] - before[Counter::ToDaemon.index()],
+        2,
+        "the train and the datagram behind it went to the socket path"
+    );
+}

@@ -170,6 +170,45 @@ pub(super) fn overlay_frame_with_tos(
     ethernet(OUR_MAC, PEER_MAC, &l3)
 }
 
+/// Offsets of `mark` and `gso_size` in `struct __sk_buff` (uapi/linux/bpf.h), which
+/// `BPF_PROG_TEST_RUN` copies into the test skb.
+const SKB_MARK_OFFSET: usize = 8;
+const SKB_GSO_SIZE_OFFSET: usize = 176;
+const SKB_CTX_LEN: usize = 192;
+
+pub(super) fn run_gso(
+    kernel: &Kernel,
+    program: &str,
+    frame: &[u8],
+    gso_size: u32,
+) -> (i32, Vec<u8>) {
+    run_with_skb(kernel, program, frame, gso_size, 0)
+}
+
+pub(super) fn run_with_skb(
+    kernel: &Kernel,
+    program: &str,
+    frame: &[u8],
+    gso_size: u32,
+    mark: u32,
+) -> (i32, Vec<u8>) {
+    let program: &SchedClassifier = kernel.ebpf.program(program).unwrap().try_into().unwrap();
+    let mut ctx = [0u8; SKB_CTX_LEN];
+    ctx[SKB_GSO_SIZE_OFFSET..SKB_GSO_SIZE_OFFSET + 4].copy_from_slice(&gso_size.to_ne_bytes());
+    ctx[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN with an skb context");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value as i32, out)
+}
+
 /// Runs `program` on `frame` and asserts the verdict and which counter moved by one.
 pub(super) fn expect_counted(
     kernel: &Kernel,

@@ -5,14 +5,13 @@
 
 use std::net::Ipv4Addr;
 
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use rudder_ebpf::{names, Counter, LocalEndpoint, STACK_MARK};
 
 use super::kernel::Kernel;
 use super::kernel_tests::{
-    checksum, ethernet, expect_counted, fixture, ipv4_udp, overlay_frame, run, LOCAL_CONTAINER,
-    MTU, OUR_MAC, OUR_PUBLIC, PEER_CONTAINER, PEER_MAC, PEER_PUBLIC, PORT, TC_ACT_OK,
-    TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+    checksum, ethernet, expect_counted, fixture, ipv4_udp, overlay_frame, run, run_gso,
+    run_with_skb, LOCAL_CONTAINER, MTU, OUR_MAC, OUR_PUBLIC, PEER_CONTAINER, PEER_MAC, PEER_PUBLIC,
+    PORT, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
 };
 
 const CONTAINER_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x10];
@@ -192,40 +191,6 @@ fn ipv4_tcp(src: Ipv4Addr, dst: Ipv4Addr, payload_len: usize) -> Vec<u8> {
     p[32] = 8 << 4; // data offset: 8 words
     p[33] = 0x10; // ACK
     p
-}
-
-/// Offsets of `mark` and `gso_size` in `struct __sk_buff` (uapi/linux/bpf.h), which
-/// `BPF_PROG_TEST_RUN` copies into the test skb.
-const SKB_MARK_OFFSET: usize = 8;
-const SKB_GSO_SIZE_OFFSET: usize = 176;
-const SKB_CTX_LEN: usize = 192;
-
-fn run_gso(kernel: &Kernel, program: &str, frame: &[u8], gso_size: u32) -> (i32, Vec<u8>) {
-    run_with_skb(kernel, program, frame, gso_size, 0)
-}
-
-fn run_with_skb(
-    kernel: &Kernel,
-    program: &str,
-    frame: &[u8],
-    gso_size: u32,
-    mark: u32,
-) -> (i32, Vec<u8>) {
-    let program: &SchedClassifier = kernel.ebpf.program(program).unwrap().try_into().unwrap();
-    let mut ctx = [0u8; SKB_CTX_LEN];
-    ctx[SKB_GSO_SIZE_OFFSET..SKB_GSO_SIZE_OFFSET + 4].copy_from_slice(&gso_size.to_ne_bytes());
-    ctx[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN with an skb context");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value as i32, out)
 }
 
 #[test]

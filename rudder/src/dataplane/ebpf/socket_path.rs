@@ -10,6 +10,7 @@
 //! which routes it to the container. Slower than the BPF path, but nothing is lost.
 
 use std::collections::BTreeMap;
+use std::io::IoSlice;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,8 @@ use std::time::Instant;
 use anyhow::Context;
 use ipnet::Ipv4Net;
 use nix::sys::socket::{
-    sendto, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn,
+    sendmmsg, socket, AddressFamily, MsgFlags, MultiHeaders, SockFlag, SockProtocol, SockType,
+    SockaddrIn,
 };
 use rudder_ebpf::Counter;
 use tokio::net::UdpSocket;
@@ -29,7 +31,7 @@ use crate::dataplane::forwarding::{
     decide_inbound, default_device_icmp_source, ForwardingTable, IcmpRateLimit, IcmpSources,
     Inbound, ReceiverHop,
 };
-use crate::dataplane::tun::OverlaySocket;
+use crate::dataplane::tun::{OverlaySocket, UDP_BATCH};
 use crate::packet::ICMP_ERROR_MAX_LEN;
 use crate::subnet::gateway;
 
@@ -147,68 +149,115 @@ fn icmp_sources(local_subnet: Ipv4Net, network: Ipv4Net) -> IcmpSources {
 }
 
 async fn receive(socket: OverlaySocket, peer_port: u16, raw: OwnedFd, path: Arc<SocketPath>) {
-    let mut buffers = [vec![0u8; 65_535]];
-    let mut metas = [quinn_udp::RecvMeta::default()];
+    // Up to UDP_BATCH datagrams per `recvmmsg`, their inner packets re-injected with one
+    // `sendmmsg`: a TUN peer's trains arrive here split, one datagram per packet.
+    let mut buffers = vec![vec![0u8; 65_535]; UDP_BATCH];
+    let mut metas = [quinn_udp::RecvMeta::default(); UDP_BATCH];
     let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
     let mut icmp_limit = IcmpRateLimit::new(Instant::now());
     loop {
-        if let Err(error) = socket.recv(&mut buffers, &mut metas).await {
-            path.counters.add(Counter::DropIoError, 0);
-            tracing::debug!("overlay socket receive failed: {error}");
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            continue;
-        }
-        let (n, from) = (metas[0].len, metas[0].addr);
-        let outer_tos = metas[0].ecn.map_or(0, |ecn| ecn as u8);
-        let buf = &mut buffers[0];
-        let IpAddr::V4(sender) = from.ip() else {
-            path.counters.add(Counter::DropUnknownSender, n);
-            continue;
-        };
-        let verdict = {
-            let table = path.table();
-            // The raw socket's output is not forwarded, so the rules make this host's hop.
-            let hop = ReceiverHop::Rules;
-            let verdict = decide_inbound(&mut buf[..n], sender, outer_tos, &table, hop, &mut icmp);
-            if let Inbound::Deliver {
-                len,
-                from: Some(slot),
-            } = verdict
-            {
-                table.traffic(slot).add_rx(1, len);
+        let messages = match socket.recv(&mut buffers, &mut metas).await {
+            Ok(messages) => messages,
+            Err(error) => {
+                path.counters.add(Counter::DropIoError, 0);
+                tracing::debug!("overlay socket receive failed: {error}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
             }
-            verdict
         };
-        match verdict {
-            Inbound::Deliver { len, .. } => {
-                // Re-injected through a raw socket: the kernel will not finish a checksum
-                // the sender's kernel left partial.
-                if let Ok(view) = crate::packet::parse_ipv4(&buf[..len]) {
-                    crate::packet::complete_partial_checksum(&mut buf[..len], &view);
+        // (buffer index, inner packet length) of each packet to re-inject, in order.
+        let mut deliver = [(0usize, 0usize); UDP_BATCH];
+        let mut delivering = 0;
+        for (index, (buf, meta)) in buffers.iter_mut().zip(&metas).take(messages).enumerate() {
+            let (n, from) = (meta.len, meta.addr);
+            let outer_tos = meta.ecn.map_or(0, |ecn| ecn as u8);
+            let IpAddr::V4(sender) = from.ip() else {
+                path.counters.add(Counter::DropUnknownSender, n);
+                continue;
+            };
+            let verdict = {
+                let table = path.table();
+                // The raw socket's output is not forwarded, so the rules make this host's hop.
+                let hop = ReceiverHop::Rules;
+                let verdict =
+                    decide_inbound(&mut buf[..n], sender, outer_tos, &table, hop, &mut icmp);
+                if let Inbound::Deliver {
+                    len,
+                    from: Some(slot),
+                } = verdict
+                {
+                    table.traffic(slot).add_rx(1, len);
                 }
-                let dst = Ipv4Addr::new(buf[16], buf[17], buf[18], buf[19]);
-                let to = SockaddrIn::from(SocketAddrV4::new(dst, 0));
-                match sendto(raw.as_raw_fd(), &buf[..len], &to, MsgFlags::empty()) {
-                    Ok(_) => path.counters.add(Counter::Decapsulated, len),
-                    Err(error) => {
-                        path.counters.add(Counter::DropIoError, len);
-                        tracing::debug!(%dst, "re-injecting a decapsulated packet failed: {error}");
+                verdict
+            };
+            match verdict {
+                Inbound::Deliver { len, .. } => {
+                    // Re-injected through a raw socket: the kernel will not finish a checksum
+                    // the sender's kernel left partial.
+                    if let Ok(view) = crate::packet::parse_ipv4(&buf[..len]) {
+                        crate::packet::complete_partial_checksum(&mut buf[..len], &view);
+                    }
+                    deliver[delivering] = (index, len);
+                    delivering += 1;
+                }
+                Inbound::Drop { reason, icmp_len } => {
+                    path.counters.add(reason, n);
+                    let Some(len) = icmp_len else { continue };
+                    if !icmp_limit.allow(Instant::now()) {
+                        path.counters.add(Counter::IcmpRateLimited, len);
+                        continue;
+                    }
+                    // To the peer's overlay port: an eBPF peer sends from a flow-hash port.
+                    let to = SocketAddrV4::new(sender, peer_port);
+                    if let Err(error) = socket.socket.send_to(&icmp[..len], to).await {
+                        tracing::debug!(%to, "sending an ICMP error to a peer failed: {error}");
                     }
                 }
             }
-            Inbound::Drop { reason, icmp_len } => {
-                path.counters.add(reason, n);
-                let Some(len) = icmp_len else { continue };
-                if !icmp_limit.allow(Instant::now()) {
-                    path.counters.add(Counter::IcmpRateLimited, len);
-                    continue;
-                }
-                // To the peer's overlay port: an eBPF peer sends from a flow-hash port.
-                let to = SocketAddrV4::new(sender, peer_port);
-                if let Err(error) = socket.socket.send_to(&icmp[..len], to).await {
-                    tracing::debug!(%to, "sending an ICMP error to a peer failed: {error}");
-                }
-            }
+        }
+        let packets = deliver[..delivering]
+            .iter()
+            .map(|&(index, len)| &buffers[index][..len]);
+        reinject(&raw, packets, &path.counters);
+    }
+}
+
+/// Sends decapsulated IPv4 packets into the stack through the raw socket, all in one
+/// `sendmmsg`; each is counted `decapsulated`, or `io_error` when the kernel refused it.
+fn reinject<'a>(raw: &OwnedFd, packets: impl Iterator<Item = &'a [u8]>, counters: &Counters) {
+    // Not kept across batches: it holds raw pointers, and the receive task must be `Send`.
+    let mut headers = MultiHeaders::<SockaddrIn>::preallocate(UDP_BATCH, None);
+    let mut slices = Vec::with_capacity(UDP_BATCH);
+    let mut destinations = Vec::with_capacity(UDP_BATCH);
+    let mut lengths = Vec::with_capacity(UDP_BATCH);
+    for packet in packets {
+        let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
+        destinations.push(Some(SockaddrIn::from(SocketAddrV4::new(dst, 0))));
+        slices.push([IoSlice::new(packet)]);
+        lengths.push(packet.len());
+    }
+    if slices.is_empty() {
+        return;
+    }
+    let sent = match sendmmsg(
+        raw.as_raw_fd(),
+        &mut headers,
+        &slices,
+        &destinations,
+        [],
+        MsgFlags::empty(),
+    ) {
+        Ok(results) => results.count(),
+        Err(error) => {
+            tracing::debug!("re-injecting decapsulated packets failed: {error}");
+            0
+        }
+    };
+    for (index, len) in lengths.into_iter().enumerate() {
+        if index < sent {
+            counters.add(Counter::Decapsulated, len);
+        } else {
+            counters.add(Counter::DropIoError, len);
         }
     }
 }

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 
 mod device;
 mod forward;
-pub(crate) use forward::OverlaySocket;
+pub(crate) use forward::{OverlaySocket, UDP_BATCH};
 mod log_limit;
 mod options;
 
