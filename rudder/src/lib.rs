@@ -42,4 +42,5 @@ pub mod subnet_file;
 pub mod subnet_range6;
 pub mod subnet_set;
 pub mod underlay;
+pub mod underlay_ipv6;
 pub mod underlay_watch;

@@ -21,6 +21,11 @@ pub fn gateway(subnet: Ipv4Net) -> Ipv4Addr {
     ipv4_add(subnet.network(), 1)
 }
 
+/// The first host address of an IPv6 subnet (`FLANNEL_IPV6_SUBNET`, as flannel's IncrementIP).
+pub fn gateway6(subnet: Ipv6Net) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(subnet.network()).wrapping_add(1))
+}
+
 /// The subnets SubnetMin..=SubnetMax of one length, addressed by index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SubnetRange {
