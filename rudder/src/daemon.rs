@@ -137,10 +137,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     state.update(|s| s.network = Some(config.network));
     if let Some(saved) = saved.as_ref().filter(|saved| saved.config != config) {
         tracing::warn!(
-            "the network config changed while rudder was stopped (Network {} -> {}): rebuilding \
+            "the network config changed while rudder was stopped ({} -> {}): rebuilding \
              the data plane from etcd's",
-            saved.config.network,
-            config.network
+            describe(&saved.config),
+            describe(&config)
         );
         if let Some((local, dp, refresh)) = early.take() {
             refresh.abort();
@@ -406,6 +406,19 @@ impl BringUp<'_> {
     }
 }
 
+/// The config's networks, for a log line.
+fn describe(c: &NetworkConfig) -> String {
+    let v4 = if c.enable_ipv4 {
+        format!("Network {} /{}", c.network, c.subnet_len)
+    } else {
+        "IPv4 off".to_string()
+    };
+    match &c.ipv6 {
+        Some(v6) => format!("{v4}, IPv6Network {} /{}", v6.network, v6.subnet_len),
+        None => format!("{v4}, IPv6 off"),
+    }
+}
+
 /// PublicIPv6: `--public-ipv6`, else the underlay interface's IPv6 address as flannel picks it;
 /// none is a warning (the lease then says null), not a stop.
 async fn public_ipv6_of(
@@ -470,6 +483,11 @@ async fn load_config(
         let problem = match etcd.client().get(key.as_str(), None).await {
             Ok(resp) => match resp.kvs().first() {
                 Some(kv) => match NetworkConfig::parse(kv.value()) {
+                    // The config is valid (flannel's own hosts run it), but every part of the
+                    // host setup and both data planes need an IPv4 subnet.
+                    Ok(config) if !config.enable_ipv4 => format!(
+                        "the network config at {key} is IPv6-only (EnableIPv4 false): this build of rudder carries IPv4 only, so it cannot run an IPv6-only network yet; enable IPv4 beside IPv6 (dual stack) to lease both"
+                    ),
                     Ok(config) => {
                         tracing::info!(
                             network = %config.network, subnet_len = config.subnet_len,
