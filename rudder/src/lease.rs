@@ -335,6 +335,13 @@ impl LeaseManager {
                     ipv6: subnet6,
                 };
                 if self.try_create(subnets, lease_id, value).await? {
+                    if self.yields_ipv6(subnets).await? {
+                        if let Some(s) = subnet6 {
+                            taken6.push(s);
+                        }
+                        candidate = subnet;
+                        continue;
+                    }
                     return Ok(self.lease(subnet.unwrap_or_default(), subnet6, lease_id));
                 }
                 tracing::debug!(?subnets, "lost the race for a subnet; trying another");
@@ -383,6 +390,31 @@ impl LeaseManager {
         Ok(self.etcd.client().txn(txn).await?.succeeded())
     }
 
+    /// After creating `ours`: whether an earlier-created key holds an overlapping IPv6 subnet
+    /// (no transaction can guard it: it is the end of other keys). The later creator yields
+    /// and deletes its key; it always sees the earlier one, which committed before it.
+    async fn yields_ipv6(&mut self, ours: LeaseSubnets) -> Result<bool, etcd_client::Error> {
+        let Some(v6) = ours.ipv6 else {
+            return Ok(false);
+        };
+        let listing = self.list().await?;
+        let Some(mine) = listing.iter().find(|l| l.subnets == ours) else {
+            return Ok(false);
+        };
+        let earlier = listing.iter().find(|l| {
+            l.subnets != ours
+                && l.create_revision < mine.create_revision
+                && l.subnets.ipv6.is_some_and(|o| overlaps6(o, v6))
+        });
+        let Some(earlier) = earlier else {
+            return Ok(false);
+        };
+        let key = self.key_of_listed(ours);
+        tracing::debug!(%key, earlier = ?earlier.subnets, "lost the race for an IPv6 subnet; trying another");
+        self.etcd.client().delete(key.as_str(), None).await?;
+        Ok(true)
+    }
+
     /// Every key under `subnets/` that parses as a subnet, with its value when that parses.
     async fn list(&mut self) -> Result<Vec<Listed>, etcd_client::Error> {
         let prefix = self.subnets_prefix();
@@ -401,6 +433,7 @@ impl LeaseManager {
                     subnets,
                     value: LeaseValue::parse(kv.value()).ok(),
                     mod_revision: kv.mod_revision(),
+                    create_revision: kv.create_revision(),
                     etcd_lease: kv.lease(),
                 })
             })
@@ -450,6 +483,7 @@ pub fn subnets_prefix(prefix: &str) -> String {
 
 struct Listed {
     subnets: LeaseSubnets,
+    create_revision: i64,
     value: Option<LeaseValue>,
     mod_revision: i64,
     etcd_lease: i64,
