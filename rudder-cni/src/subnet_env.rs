@@ -57,7 +57,9 @@ impl Cidr6 {
 
     /// The same prefix with the host bits cleared.
     pub fn network(self) -> Cidr6 {
-        let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+        let mask = u128::MAX
+            .checked_shl(128 - u32::from(self.len))
+            .unwrap_or(0);
         Cidr6 {
             addr: Ipv6Addr::from(u128::from(self.addr) & mask),
             len: self.len,

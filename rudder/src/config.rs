@@ -245,36 +245,35 @@ impl NetworkConfig {
 
 fn backend(obj: &Map<String, Value>) -> Result<(String, u16), ConfigError> {
     Ok(match field(obj, "Backend").filter(|v| !v.is_null()) {
-            None => (BACKEND_UDP.to_string(), rudder_ebpf::DEFAULT_UDP_PORT),
-            Some(Value::Object(backend)) => {
-                let kind = match field(backend, "Type").filter(|v| !v.is_null()) {
-                    None => BACKEND_UDP.to_string(),
-                    Some(v) => as_str(v, "Backend.Type")?.to_string(),
-                };
-                if kind != BACKEND_UDP {
-                    return Err(ConfigError::UnsupportedBackend(kind));
+        None => (BACKEND_UDP.to_string(), rudder_ebpf::DEFAULT_UDP_PORT),
+        Some(Value::Object(backend)) => {
+            let kind = match field(backend, "Type").filter(|v| !v.is_null()) {
+                None => BACKEND_UDP.to_string(),
+                Some(v) => as_str(v, "Backend.Type")?.to_string(),
+            };
+            if kind != BACKEND_UDP {
+                return Err(ConfigError::UnsupportedBackend(kind));
+            }
+            let port = match field(backend, "Port").filter(|v| !v.is_null()) {
+                None => rudder_ebpf::DEFAULT_UDP_PORT,
+                Some(v) => {
+                    let port = as_int(v, "Backend.Port")?;
+                    u16::try_from(port)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or(ConfigError::BadPort(port))?
                 }
-                let port = match field(backend, "Port").filter(|v| !v.is_null()) {
-                    None => rudder_ebpf::DEFAULT_UDP_PORT,
-                    Some(v) => {
-                        let port = as_int(v, "Backend.Port")?;
-                        u16::try_from(port)
-                            .ok()
-                            .filter(|p| *p != 0)
-                            .ok_or(ConfigError::BadPort(port))?
-                    }
-                };
-                (kind, port)
-            }
-            Some(other) => {
-                return Err(ConfigError::WrongType {
-                    field: "Backend",
-                    expected: "an object like {\"Type\":\"udp\"}",
-                    got: other.to_string(),
-                });
-            }
-        })
-
+            };
+            (kind, port)
+        }
+        Some(other) => {
+            return Err(ConfigError::WrongType {
+                field: "Backend",
+                expected: "an object like {\"Type\":\"udp\"}",
+                got: other.to_string(),
+            });
+        }
+    })
 }
 
 pub(crate) fn as_str<'a>(v: &'a Value, name: &'static str) -> Result<&'a str, ConfigError> {

@@ -175,7 +175,7 @@ mod tests {
         assert_eq!(v6.subnet_len, 64);
         assert_eq!(v6.subnet_min, addr("fc00:0:0:1::"));
         assert_eq!(v6.subnet_max, addr("fc00:0:0:ffff::"));
-        assert_eq!(v6.range().len(), 0xffff);
+        assert_eq!(v6.range().count(), 0xffff);
     }
 
     #[test]
@@ -283,7 +283,9 @@ mod tests {
             "IPv6SubnetMin fc01:: is not inside IPv6Network fc00::/48"
         );
         assert_eq!(
-            err(&format!(r#"{{{DUAL},{net},"IPv6SubnetMax":"fc00:0:0:9::1"}}"#)),
+            err(&format!(
+                r#"{{{DUAL},{net},"IPv6SubnetMax":"fc00:0:0:9::1"}}"#
+            )),
             "IPv6SubnetMax fc00:0:0:9::1 is not aligned to the IPv6 subnet length /64"
         );
         assert_eq!(
@@ -300,7 +302,7 @@ mod tests {
             r#"{{{DUAL},{net},"ipv6subnetmin":"fc00:0:0:22::","IPV6SUBNETMAX":"fc00:0:0:23::"}}"#
         ));
         assert_eq!(
-            (c.subnet_min, c.subnet_max, c.range().len()),
+            (c.subnet_min, c.subnet_max, c.range().count()),
             (addr("fc00:0:0:22::"), addr("fc00:0:0:23::"), 2)
         );
     }

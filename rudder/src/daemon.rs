@@ -151,8 +151,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let public_ipv6 = match &config.ipv6 {
         Some(v6) => {
-            let public_ipv6 =
-                public_ipv6_of(&netlink, &underlay, public_ipv6_flag).await;
+            let public_ipv6 = public_ipv6_of(&netlink, &underlay, public_ipv6_flag).await;
             // One line at start: the control plane is real, the data plane is not there yet.
             tracing::warn!(
                 "IPv6 is on (IPv6Network {}): rudder leases an IPv6 subnet and announces PublicIPv6 {}, but this build's data plane carries IPv4 only: IPv6 traffic between hosts is not carried yet",
@@ -167,7 +166,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => {
             if let Some(ip) = public_ipv6_flag {
-                tracing::info!("--public-ipv6 {ip} is unused: the network config has no EnableIPv6");
+                tracing::info!(
+                    "--public-ipv6 {ip} is unused: the network config has no EnableIPv6"
+                );
             }
             None
         }
@@ -441,7 +442,10 @@ async fn public_ipv6_of(
             picked
         }
         Err(e) => {
-            tracing::warn!("listing the IPv6 addresses of {}: {e:#}; PublicIPv6 stays null", underlay.name);
+            tracing::warn!(
+                "listing the IPv6 addresses of {}: {e:#}; PublicIPv6 stays null",
+                underlay.name
+            );
             None
         }
     }

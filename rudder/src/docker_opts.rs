@@ -92,10 +92,16 @@ mod tests {
                      FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n";
         let out = render(only6, "DOCKER_OPTS").unwrap();
         assert!(!out.contains("--bip"), "{out}");
-        assert!(out.contains("DOCKER_OPTS=\" --ipv6 --fixed-cidr-v6=fc00:0:0:22::/64 --mtu=1472\""), "{out}");
+        assert!(
+            out.contains("DOCKER_OPTS=\" --ipv6 --fixed-cidr-v6=fc00:0:0:22::/64 --mtu=1472\""),
+            "{out}"
+        );
         let bad = env.replace("fc00:0:0:22::1/64", "nonsense");
         let err = render(&bad, "DOCKER_OPTS").unwrap_err();
-        assert_eq!(err.to_string(), "FLANNEL_IPV6_SUBNET \"nonsense\" is not an IPv6 CIDR");
+        assert_eq!(
+            err.to_string(),
+            "FLANNEL_IPV6_SUBNET \"nonsense\" is not an IPv6 CIDR"
+        );
     }
 
     #[test]

@@ -292,7 +292,8 @@ impl LeaseManager {
                 continue;
             }
 
-            let mut candidate = hint.filter(|h| range.contains(*h) && taken.overlapping(*h).is_none());
+            let mut candidate =
+                hint.filter(|h| range.contains(*h) && taken.overlapping(*h).is_none());
             let mut candidate6 = hint6.filter(|h| {
                 range6.is_some_and(|r| r.contains(*h)) && !taken6.iter().any(|t| overlaps6(*t, *h))
             });
@@ -380,13 +381,11 @@ impl LeaseManager {
             free.push(Compare::version(v4_only.as_str(), CompareOp::Equal, 0));
             free.push(Compare::version(format!("{v4_only}&"), CompareOp::Equal, 0).with_prefix());
         }
-        let txn = Txn::new()
-            .when(free)
-            .and_then([TxnOp::put(
-                key.as_str(),
-                value,
-                Some(PutOptions::new().with_lease(lease_id)),
-            )]);
+        let txn = Txn::new().when(free).and_then([TxnOp::put(
+            key.as_str(),
+            value,
+            Some(PutOptions::new().with_lease(lease_id)),
+        )]);
         Ok(self.etcd.client().txn(txn).await?.succeeded())
     }
 

@@ -285,7 +285,9 @@ impl PeerRegistry {
                             let Some(subnet) = lease.subnets.ipv4 else {
                                 continue;
                             };
-                            match self.book.upsert(subnet, lease.public_ip, kv.create_revision())
+                            match self
+                                .book
+                                .upsert(subnet, lease.public_ip, kv.create_revision())
                             {
                                 Ok(peer_event) => vec![peer_event],
                                 Err(refused) => {

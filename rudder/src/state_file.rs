@@ -219,10 +219,16 @@ mod tests {
             peers: BTreeMap::new(),
         };
         let text = saved.render();
-        assert!(text.contains("\"ipv6_subnet\": \"fc00:0:0:22::/64\""), "{text}");
+        assert!(
+            text.contains("\"ipv6_subnet\": \"fc00:0:0:22::/64\""),
+            "{text}"
+        );
         assert_eq!(SavedState::parse(&text).unwrap(), saved);
         let outside = text.replace("fc00:0:0:22::/64", "fd00:0:0:22::/64");
         let err = SavedState::parse(&outside).unwrap_err();
-        assert!(format!("{err:#}").contains("not one the network"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("not one the network"),
+            "{err:#}"
+        );
     }
 }

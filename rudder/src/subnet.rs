@@ -119,9 +119,7 @@ pub struct LeaseSubnets {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error(
-    "{key:?} is not a subnet key like 10.5.34.0-24 or 10.5.34.0-24&fc00:0:0:22::-64: {why}"
-)]
+#[error("{key:?} is not a subnet key like 10.5.34.0-24 or 10.5.34.0-24&fc00:0:0:22::-64: {why}")]
 pub struct KeyError {
     pub key: String,
     pub why: &'static str,
@@ -314,14 +312,29 @@ mod tests {
     #[test]
     fn malformed_keys_say_why() {
         for (key, why) in [
-            ("0.0.0.0-0", "0.0.0.0-0 without an IPv6 half names no subnet"),
-            ("10.5.34.0-24&fc00:0:0:22::", "no -<prefix length> after the IPv6 address"),
+            (
+                "0.0.0.0-0",
+                "0.0.0.0-0 without an IPv6 half names no subnet",
+            ),
+            (
+                "10.5.34.0-24&fc00:0:0:22::",
+                "no -<prefix length> after the IPv6 address",
+            ),
             ("10.5.34.0-24&zz::-64", "bad IPv6 address"),
             ("10.5.34.0-24&fc00::-129", "IPv6 prefix length above 128"),
             ("10.5.34.0-24&fc00::-x", "bad IPv6 prefix length"),
-            ("10.5.34.0-24&fc00::1-64", "IPv6 host bits set or empty IPv6 subnet"),
-            ("10.5.34.0-24&::-0", "IPv6 host bits set or empty IPv6 subnet"),
-            ("10.5.34.0-24&", "no -<prefix length> after the IPv6 address"),
+            (
+                "10.5.34.0-24&fc00::1-64",
+                "IPv6 host bits set or empty IPv6 subnet",
+            ),
+            (
+                "10.5.34.0-24&::-0",
+                "IPv6 host bits set or empty IPv6 subnet",
+            ),
+            (
+                "10.5.34.0-24&",
+                "no -<prefix length> after the IPv6 address",
+            ),
             ("&fc00::-64", "no -<prefix length> after the IPv4 address"),
             ("10.5.34.1-24", "IPv4 host bits set"),
         ] {
@@ -350,7 +363,9 @@ mod tests {
         assert_eq!(only6.public_ip, Ipv4Addr::UNSPECIFIED);
         assert_eq!(only6.public_ipv6, Some("fd00:77::12".parse().unwrap()));
         assert_eq!(
-            LeaseValue::parse(br#"{"PublicIP":"1.2.3.4"}"#).unwrap().public_ipv6,
+            LeaseValue::parse(br#"{"PublicIP":"1.2.3.4"}"#)
+                .unwrap()
+                .public_ipv6,
             None
         );
         assert_eq!(

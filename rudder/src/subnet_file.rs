@@ -40,7 +40,10 @@ impl SubnetFile {
                 subnet.prefix_len(),
             );
         }
-        out + &format!("FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n", self.mtu, self.ip_masq)
+        out + &format!(
+            "FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.mtu, self.ip_masq
+        )
     }
 
     /// Writes to a temporary file beside `path` and renames it over, so readers never see

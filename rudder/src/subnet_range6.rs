@@ -27,8 +27,8 @@ impl Ipv6Range {
         }
     }
 
-    /// How many subnets, saturating at u128::MAX.
-    pub fn len(&self) -> u128 {
+    /// How many subnets (at least one), saturating at u128::MAX.
+    pub fn count(&self) -> u128 {
         self.last_index.saturating_add(1)
     }
 
@@ -58,7 +58,8 @@ impl Ipv6Range {
     fn blocked_by(&self, lease: Ipv6Net) -> Option<(u128, u128)> {
         let lo = u128::from(lease.network());
         let hi = u128::from(lease.broadcast());
-        let range_hi = self.first + (self.last_index << self.step_shift()) + (u128::MAX >> self.len);
+        let range_hi =
+            self.first + (self.last_index << self.step_shift()) + (u128::MAX >> self.len);
         if hi < self.first || lo > range_hi {
             return None;
         }
@@ -113,7 +114,7 @@ mod tests {
     #[test]
     fn indexing_and_membership() {
         let r = Ipv6Range::new(addr("fc00:0:0:1::"), addr("fc00:0:0:ffff::"), 64);
-        assert_eq!(r.len(), 0xffff);
+        assert_eq!(r.count(), 0xffff);
         assert_eq!(r.get(0), net("fc00:0:0:1::/64"));
         assert_eq!(r.get(0x21), net("fc00:0:0:22::/64"));
         assert!(r.contains(net("fc00:0:0:22::/64")));
@@ -138,7 +139,7 @@ mod tests {
     #[test]
     fn pick_free_skips_taken_of_any_length_and_reports_exhaustion() {
         let r = Ipv6Range::new(addr("fc00::10"), addr("fc00::40"), 124);
-        assert_eq!(r.len(), 4);
+        assert_eq!(r.count(), 4);
         let mut rng = rand::rng();
         // fc00::/122 covers ::0..::3f, i.e. the first three subnets of the range.
         let taken = vec![net("fc00::/122")];

@@ -66,7 +66,9 @@ impl Netlink {
                         AddressAttribute::Flags(f) => Some(*f),
                         _ => None,
                     })
-                    .unwrap_or_else(|| AddressFlags::from_bits_retain(msg.header.flags.bits().into()));
+                    .unwrap_or_else(|| {
+                        AddressFlags::from_bits_retain(msg.header.flags.bits().into())
+                    });
                 Some(Ipv6Candidate {
                     addr,
                     deprecated: flags.contains(AddressFlags::Deprecated),

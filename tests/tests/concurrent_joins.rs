@@ -232,22 +232,34 @@ fn hundred_concurrent_dual_stack_acquisitions_share_no_subnet() {
         for result in &results {
             match result {
                 Ok(lease) => {
-                    let v6 = lease.ipv6_subnet.ok_or_else(|| anyhow::anyhow!("no IPv6 half"))?;
-                    check!(v4s.insert(lease.subnet), "{} handed out twice", lease.subnet);
+                    let v6 = lease
+                        .ipv6_subnet
+                        .ok_or_else(|| anyhow::anyhow!("no IPv6 half"))?;
+                    check!(
+                        v4s.insert(lease.subnet),
+                        "{} handed out twice",
+                        lease.subnet
+                    );
                     check!(v6s.insert(v6), "{v6} handed out twice");
                 }
                 // IPv4 exhaustion is possible too while losers' keys briefly exist.
                 Err(AcquireError::Ipv6Exhausted { .. } | AcquireError::Exhausted { .. }) => {
                     exhausted += 1
                 }
-                Err(e) => anyhow::bail!("acquisition failed with something other than IPv6 exhaustion: {e}"),
+                Err(e) => anyhow::bail!(
+                    "acquisition failed with something other than IPv6 exhaustion: {e}"
+                ),
             }
         }
         eprintln!(
             "100 concurrent dual-stack acquisitions: {} leases, {exhausted} IPv6-exhausted",
             v6s.len()
         );
-        check!(v6s.len() == 7 && exhausted == 93, "{} ok, {exhausted} exhausted", v6s.len());
+        check!(
+            v6s.len() == 7 && exhausted == 93,
+            "{} ok, {exhausted} exhausted",
+            v6s.len()
+        );
         let in_etcd = leases(c, prefix)?;
         check!(
             in_etcd.len() == 7 && in_etcd.keys().all(|k| k.contains('&')),

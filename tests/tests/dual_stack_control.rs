@@ -84,8 +84,14 @@ fn peer_entry(status: &serde_json::Value, subnet: Ipv4Net) -> Option<serde_json:
 fn dual_stack_leases_files_peers_and_restart() {
     e2e(|c| {
         c.put_config(DUAL)?;
-        c.etcd_put(&format!("{PREFIX}/subnets/{FLANNEL_V4_KEY}"), FLANNEL_V4_VALUE)?;
-        c.etcd_put(&format!("{PREFIX}/subnets/{FLANNEL_V6_KEY}"), FLANNEL_V6_VALUE)?;
+        c.etcd_put(
+            &format!("{PREFIX}/subnets/{FLANNEL_V4_KEY}"),
+            FLANNEL_V4_VALUE,
+        )?;
+        c.etcd_put(
+            &format!("{PREFIX}/subnets/{FLANNEL_V6_KEY}"),
+            FLANNEL_V6_VALUE,
+        )?;
 
         // a: PublicIPv6 from its interface; b: --public-ipv6 wins over its interface's.
         let a = dual_host(c, "fd00:77::10/64", &[])?;
@@ -93,7 +99,10 @@ fn dual_stack_leases_files_peers_and_restart() {
         let (a4, a6, a_file) = file_subnets(&a)?;
         let (b4, b6, _) = file_subnets(&b)?;
         eprintln!("a: {a4} {a6}; b: {b4} {b6}\n{a_file}");
-        check!(a4 != b4 && a6 != b6, "subnets shared: {a4} {a6} / {b4} {b6}");
+        check!(
+            a4 != b4 && a6 != b6,
+            "subnets shared: {a4} {a6} / {b4} {b6}"
+        );
         let range: Ipv6Net = "fc00::/48".parse()?;
         for v6 in [a6, b6] {
             check!(
@@ -122,11 +131,16 @@ fn dual_stack_leases_files_peers_and_restart() {
             (&a, a6, b4, b6, "fd00:77::21"),
             (&b, b6, a4, a6, "fd00:77::10"),
         ] {
-            wait_until("the peers' IPv6 halves in /status", Duration::from_secs(20), || {
-                let st = me.status()?;
-                Ok(peer_entry(&st, other4).is_some_and(|p| p["ipv6_subnet"] == other6.to_string())
-                    && st["ipv6_peers"].as_array().is_some_and(|v| v.len() == 2))
-            })?;
+            wait_until(
+                "the peers' IPv6 halves in /status",
+                Duration::from_secs(20),
+                || {
+                    let st = me.status()?;
+                    Ok(peer_entry(&st, other4)
+                        .is_some_and(|p| p["ipv6_subnet"] == other6.to_string())
+                        && st["ipv6_peers"].as_array().is_some_and(|v| v.len() == 2))
+                },
+            )?;
             let st = me.status()?;
             check!(st["ipv6_subnet"] == me6.to_string(), "{st}");
             check!(st["ipv6_network"] == "fc00::/48", "{st}");
@@ -165,7 +179,9 @@ fn dual_stack_leases_files_peers_and_restart() {
         )?;
         eprintln!("rudder status:\n{table}");
         check!(
-            table.contains(&format!("ipv6:       subnet {a6} of fc00::/48, public ipv6 fd00:77::10")),
+            table.contains(&format!(
+                "ipv6:       subnet {a6} of fc00::/48, public ipv6 fd00:77::10"
+            )),
             "status table:\n{table}"
         );
 
@@ -208,10 +224,14 @@ fn enabling_ipv6_replaces_a_v4_only_lease_and_keeps_the_ipv4_subnet() {
         h.start()?;
         // Ready from the state file first; the dual-stack lease follows from etcd.
         h.wait_ready(Duration::from_secs(30))?;
-        wait_until("the IPv6 subnet in the subnet file", Duration::from_secs(30), || {
-            h.check_alive()?;
-            Ok(file_subnets(&h).is_ok())
-        })?;
+        wait_until(
+            "the IPv6 subnet in the subnet file",
+            Duration::from_secs(30),
+            || {
+                h.check_alive()?;
+                Ok(file_subnets(&h).is_ok())
+            },
+        )?;
         let (v4_after, v6, _) = file_subnets(&h)?;
         check!(v4_after == v4, "IPv4 subnet moved: {v4} -> {v4_after}");
         let keys = c.lease_keys(None)?;
