@@ -222,14 +222,14 @@ fn enabling_ipv6_replaces_a_v4_only_lease_and_keeps_the_ipv4_subnet() {
         h.stop()?;
         c.put_config(DUAL)?;
         h.start()?;
-        // Ready from the state file first; the dual-stack lease follows from etcd.
-        h.wait_ready(Duration::from_secs(30))?;
+        // Up from the state file first, then rebuilt for the new config (the bridge goes and
+        // comes back meanwhile: no container is attached here); the dual-stack lease follows.
         wait_until(
-            "the IPv6 subnet in the subnet file",
+            "the IPv6 subnet in the subnet file and ready",
             Duration::from_secs(30),
             || {
                 h.check_alive()?;
-                Ok(file_subnets(&h).is_ok())
+                Ok(file_subnets(&h).is_ok() && h.is_ready())
             },
         )?;
         let (v4_after, v6, _) = file_subnets(&h)?;
