@@ -128,12 +128,20 @@ impl NetConf {
         d.insert("name".into(), json!(self.name));
         d.insert("cniVersion".into(), json!(self.cni_version));
 
+        let mut ranges = vec![json!([{ "subnet": env.subnet.network().to_string() }])];
+        // The gateway is given (bridge's default gateway is the same address): bridge
+        // 1.1.1's CHECK does not match a route without one against the one it installed.
+        let mut routes =
+            vec![json!({ "dst": env.network.to_string(), "gw": env.subnet.addr.to_string() })];
+        // IPv6 on: a second range set gives each container an address of each family.
+        if let Some((network6, subnet6)) = env.ipv6 {
+            ranges.push(json!([{ "subnet": subnet6.network().to_string() }]));
+            routes.push(json!({ "dst": network6.to_string(), "gw": subnet6.addr.to_string() }));
+        }
         let mut ipam = json!({
             "type": "host-local",
-            "ranges": [[{ "subnet": env.subnet.network().to_string() }]],
-            // The gateway is given (bridge's default gateway is the same address): bridge
-            // 1.1.1's CHECK does not match a route without one against the one it installed.
-            "routes": [{ "dst": env.network.to_string(), "gw": env.subnet.addr.to_string() }],
+            "ranges": ranges,
+            "routes": routes,
         })
         .as_object()
         .cloned()
@@ -202,6 +210,30 @@ mod tests {
         );
         let d = conf.delegate(&env(false)).unwrap();
         assert_eq!(d["ipMasq"], json!(true));
+    }
+
+    #[test]
+    fn ipv6_subnet_adds_a_second_range_and_route() {
+        let conf =
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"rudder","type":"rudder"}"#).unwrap();
+        let env = SubnetEnv::parse(
+            "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\n\
+             FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:22::1/64\n\
+             FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n",
+        )
+        .unwrap();
+        let d = conf.delegate(&env).unwrap();
+        assert_eq!(
+            d["ipam"],
+            json!({
+                "type": "host-local",
+                "ranges": [[{"subnet": "10.1.74.0/24"}], [{"subnet": "fc00:0:0:22::/64"}]],
+                "routes": [
+                    {"dst": "10.1.0.0/16", "gw": "10.1.74.1"},
+                    {"dst": "fc00::/48", "gw": "fc00:0:0:22::1"},
+                ],
+            })
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! rudder's (and flannel's) subnet file: `FLANNEL_NETWORK`, `FLANNEL_SUBNET` (the first host
-//! address with the lease's prefix length), `FLANNEL_MTU`, `FLANNEL_IPMASQ`.
+//! address with the lease's prefix length), `FLANNEL_MTU`, `FLANNEL_IPMASQ`, and with IPv6 on
+//! `FLANNEL_IPV6_NETWORK`, `FLANNEL_IPV6_SUBNET` (the same form).
 
 use crate::error::{self, CniError, Result};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,11 +40,46 @@ impl std::fmt::Display for Cidr {
     }
 }
 
+/// An IPv6 address with a prefix length, as the subnet file writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr6 {
+    pub addr: Ipv6Addr,
+    pub len: u8,
+}
+
+impl Cidr6 {
+    pub fn parse(s: &str) -> Option<Cidr6> {
+        let (addr, len) = s.trim().split_once('/')?;
+        let addr: Ipv6Addr = addr.parse().ok()?;
+        let len: u8 = len.parse().ok()?;
+        (len <= 128).then_some(Cidr6 { addr, len })
+    }
+
+    /// The same prefix with the host bits cleared.
+    pub fn network(self) -> Cidr6 {
+        let mask = u128::MAX
+            .checked_shl(128 - u32::from(self.len))
+            .unwrap_or(0);
+        Cidr6 {
+            addr: Ipv6Addr::from(u128::from(self.addr) & mask),
+            len: self.len,
+        }
+    }
+}
+
+impl std::fmt::Display for Cidr6 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubnetEnv {
     pub network: Cidr,
     /// As written: the host's gateway address with the subnet's prefix length.
     pub subnet: Cidr,
+    /// FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET, when the network has IPv6 on.
+    pub ipv6: Option<(Cidr6, Cidr6)>,
     pub mtu: u32,
     pub ipmasq: bool,
 }
@@ -61,6 +97,14 @@ impl SubnetEnv {
         let network = Cidr::parse(&network).ok_or(format!("bad FLANNEL_NETWORK {network:?}"))?;
         let subnet = need("FLANNEL_SUBNET")?;
         let subnet = Cidr::parse(&subnet).ok_or(format!("bad FLANNEL_SUBNET {subnet:?}"))?;
+        let ipv6 = match (get("FLANNEL_IPV6_NETWORK"), get("FLANNEL_IPV6_SUBNET")) {
+            (None, None) => None,
+            (Some(network), Some(subnet)) => Some((
+                Cidr6::parse(&network).ok_or(format!("bad FLANNEL_IPV6_NETWORK {network:?}"))?,
+                Cidr6::parse(&subnet).ok_or(format!("bad FLANNEL_IPV6_SUBNET {subnet:?}"))?,
+            )),
+            _ => return Err("FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET come together".into()),
+        };
         let mtu = need("FLANNEL_MTU")?;
         let mtu = mtu
             .parse()
@@ -75,6 +119,7 @@ impl SubnetEnv {
         Ok(SubnetEnv {
             network,
             subnet,
+            ipv6,
             mtu,
             ipmasq,
         })
@@ -126,6 +171,26 @@ mod tests {
         assert_eq!(env.subnet.network().to_string(), "10.1.74.0/24");
         assert_eq!(env.mtu, 1472);
         assert!(env.ipmasq);
+    }
+
+    #[test]
+    fn parses_the_ipv6_lines() {
+        let env = SubnetEnv::parse(
+            "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\n\
+             FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:22::1/64\n\
+             FLANNEL_MTU=1472\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
+        let (network, subnet) = env.ipv6.unwrap();
+        assert_eq!(network.to_string(), "fc00::/48");
+        assert_eq!(subnet.network().to_string(), "fc00:0:0:22::/64");
+        assert_eq!(
+            SubnetEnv::parse(
+                "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_IPV6_SUBNET=fc00::1/64\nFLANNEL_MTU=1472\n"
+            )
+            .unwrap_err(),
+            "FLANNEL_IPV6_NETWORK and FLANNEL_IPV6_SUBNET come together"
+        );
     }
 
     #[test]

@@ -201,8 +201,9 @@ pub struct RunArgs {
     #[arg(long, env = "RUDDER_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
 
-    /// flanneld's IPv6 public address: accepted so units parse, but rudder's overlay is IPv4
-    /// only, so giving it fails at start with a clear message.
+    /// The IPv6 address other hosts reach us at, written as PublicIPv6 in the lease when the
+    /// network config has EnableIPv6 (default: the interface's global IPv6 address, as
+    /// flanneld picks it). Unused otherwise.
     #[arg(long, env = "RUDDER_PUBLIC_IPV6", value_name = "IPV6")]
     pub public_ipv6: Option<String>,
 

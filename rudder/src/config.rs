@@ -1,13 +1,14 @@
 //! The overlay network's configuration as stored in etcd at `<prefix>/config`.
 //!
 //! Same JSON as flannel's etcd mode (keys matched case-insensitively, same defaults and
-//! checks), so an existing flannel etcd works unchanged.
+//! checks), so an existing flannel etcd works unchanged. The IPv6 keys are in `config_ipv6`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{Map, Value};
 
+pub use crate::config_ipv6::Ipv6Config;
 use crate::json::field;
 use crate::subnet::{ipv4_add, SubnetRange, BACKEND_UDP};
 
@@ -25,7 +26,7 @@ pub enum ConfigError {
         expected: &'static str,
         got: String,
     },
-    #[error("\"{field}\" value {value:?} is not an IPv4 {what}")]
+    #[error("\"{field}\" value {value:?} is not an {what}")]
     Unparsable {
         field: &'static str,
         value: String,
@@ -66,15 +67,54 @@ pub enum ConfigError {
     UnsupportedBackend(String),
     #[error("Backend Port {0} is out of range: it must be 1..=65535")]
     BadPort(i64),
-    #[error("EnableIPv4 is false: rudder carries IPv4 only, so it must be true or left out")]
-    Ipv4Disabled,
-    #[error("EnableIPv6 is true: rudder carries IPv4 only; remove it or set it to false")]
-    Ipv6Unsupported,
+    #[error("EnableIPv4 and EnableIPv6 are both false: nothing to lease; enable at least one")]
+    NothingEnabled,
+    #[error(
+        "network config has EnableIPv6 but no \"IPv6Network\": add e.g. \"IPv6Network\": \"fc00::/48\""
+    )]
+    MissingIpv6Network,
+    #[error("IPv6Network {network} has host bits set: did you mean {suggested}?")]
+    Ipv6NetworkHostBits {
+        network: Ipv6Net,
+        suggested: Ipv6Net,
+    },
+    #[error("IPv6Network {0} is too small: it must be /124 or larger")]
+    Ipv6NetworkTooSmall(Ipv6Net),
+    #[error("IPv6SubnetLen {0} is too long: it must be 126 or less")]
+    Ipv6SubnetLenTooLong(u8),
+    #[error(
+        "IPv6SubnetLen {subnet_len} is too short for IPv6Network {network}: it must be at least /{min}"
+    )]
+    Ipv6SubnetLenTooShort {
+        subnet_len: u8,
+        network: Ipv6Net,
+        min: u8,
+    },
+    #[error("{field} {addr} is not inside IPv6Network {network}")]
+    Ipv6OutsideNetwork {
+        field: &'static str,
+        addr: Ipv6Addr,
+        network: Ipv6Net,
+    },
+    #[error("{field} {addr} is not aligned to the IPv6 subnet length /{subnet_len}")]
+    Ipv6Misaligned {
+        field: &'static str,
+        addr: Ipv6Addr,
+        subnet_len: u8,
+    },
+    #[error("IPv6SubnetMin {min} is greater than IPv6SubnetMax {max}")]
+    Ipv6MinAboveMax { min: Ipv6Addr, max: Ipv6Addr },
 }
 
 /// A validated network configuration with every default filled in.
+///
+/// With `EnableIPv4: false` (IPv6-only) the IPv4 fields hold flannel's empty values
+/// (0.0.0.0/0, length 0): check `enable_ipv4` before using them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkConfig {
+    pub enable_ipv4: bool,
+    /// `EnableIPv6` with its `IPv6*` keys; `None` when IPv6 is off.
+    pub ipv6: Option<Ipv6Config>,
     pub network: Ipv4Net,
     pub subnet_len: u8,
     pub subnet_min: Ipv4Addr,
@@ -90,15 +130,38 @@ impl NetworkConfig {
             serde_json::from_slice(json).map_err(|e| ConfigError::Json(e.to_string()))?;
         let obj = value.as_object().ok_or(ConfigError::NotAnObject)?;
 
-        if let Some(v) = field(obj, "EnableIPv4") {
-            if !as_bool(v, "EnableIPv4")? {
-                return Err(ConfigError::Ipv4Disabled);
-            }
+        // flannel's ParseConfig: EnableIPv4 defaults to true, EnableIPv6 to false.
+        let enable_ipv4 = match field(obj, "EnableIPv4").filter(|v| !v.is_null()) {
+            None => true,
+            Some(v) => as_bool(v, "EnableIPv4")?,
+        };
+        let enable_ipv6 = match field(obj, "EnableIPv6").filter(|v| !v.is_null()) {
+            None => false,
+            Some(v) => as_bool(v, "EnableIPv6")?,
+        };
+        if !enable_ipv4 && !enable_ipv6 {
+            return Err(ConfigError::NothingEnabled);
         }
-        if let Some(v) = field(obj, "EnableIPv6") {
-            if as_bool(v, "EnableIPv6")? {
-                return Err(ConfigError::Ipv6Unsupported);
-            }
+        // flannel's CheckNetworkConfig order: IPv4 keys first, then IPv6.
+        let ipv6 = || -> Result<Option<Ipv6Config>, ConfigError> {
+            enable_ipv6
+                .then(|| crate::config_ipv6::parse(obj))
+                .transpose()
+        };
+        if !enable_ipv4 {
+            let ipv6 = ipv6()?;
+            let (backend_type, port) = backend(obj)?;
+            // flannel's CheckNetworkConfig skips every IPv4 key then.
+            return Ok(NetworkConfig {
+                enable_ipv4,
+                ipv6,
+                network: Ipv4Net::default(),
+                subnet_len: 0,
+                subnet_min: Ipv4Addr::UNSPECIFIED,
+                subnet_max: Ipv4Addr::UNSPECIFIED,
+                backend_type,
+                port,
+            });
         }
 
         let network_text = field(obj, "Network")
@@ -108,7 +171,7 @@ impl NetworkConfig {
         let network: Ipv4Net = network_text.parse().map_err(|_| ConfigError::Unparsable {
             field: "Network",
             value: network_text.to_string(),
-            what: "network in CIDR form (e.g. 10.5.0.0/16)",
+            what: "IPv4 network in CIDR form (e.g. 10.5.0.0/16)",
         })?;
         if network.trunc() != network {
             return Err(ConfigError::NetworkHostBits {
@@ -157,38 +220,11 @@ impl NetworkConfig {
             });
         }
 
-        let (backend_type, port) = match field(obj, "Backend").filter(|v| !v.is_null()) {
-            None => (BACKEND_UDP.to_string(), rudder_ebpf::DEFAULT_UDP_PORT),
-            Some(Value::Object(backend)) => {
-                let kind = match field(backend, "Type").filter(|v| !v.is_null()) {
-                    None => BACKEND_UDP.to_string(),
-                    Some(v) => as_str(v, "Backend.Type")?.to_string(),
-                };
-                if kind != BACKEND_UDP {
-                    return Err(ConfigError::UnsupportedBackend(kind));
-                }
-                let port = match field(backend, "Port").filter(|v| !v.is_null()) {
-                    None => rudder_ebpf::DEFAULT_UDP_PORT,
-                    Some(v) => {
-                        let port = as_int(v, "Backend.Port")?;
-                        u16::try_from(port)
-                            .ok()
-                            .filter(|p| *p != 0)
-                            .ok_or(ConfigError::BadPort(port))?
-                    }
-                };
-                (kind, port)
-            }
-            Some(other) => {
-                return Err(ConfigError::WrongType {
-                    field: "Backend",
-                    expected: "an object like {\"Type\":\"udp\"}",
-                    got: other.to_string(),
-                });
-            }
-        };
-
+        let ipv6 = ipv6()?;
+        let (backend_type, port) = backend(obj)?;
         Ok(NetworkConfig {
+            enable_ipv4,
+            ipv6,
             network,
             subnet_len,
             subnet_min,
@@ -198,17 +234,53 @@ impl NetworkConfig {
         })
     }
 
-    /// The subnets this network hands out, SubnetMin..=SubnetMax.
+    /// The IPv4 subnets this network hands out, SubnetMin..=SubnetMax (none when IPv6-only).
     pub fn range(&self) -> SubnetRange {
+        if !self.enable_ipv4 {
+            return SubnetRange::EMPTY;
+        }
         SubnetRange::new(self.subnet_min, self.subnet_max, self.subnet_len)
     }
 }
 
-fn as_str<'a>(v: &'a Value, name: &'static str) -> Result<&'a str, ConfigError> {
+fn backend(obj: &Map<String, Value>) -> Result<(String, u16), ConfigError> {
+    Ok(match field(obj, "Backend").filter(|v| !v.is_null()) {
+        None => (BACKEND_UDP.to_string(), rudder_ebpf::DEFAULT_UDP_PORT),
+        Some(Value::Object(backend)) => {
+            let kind = match field(backend, "Type").filter(|v| !v.is_null()) {
+                None => BACKEND_UDP.to_string(),
+                Some(v) => as_str(v, "Backend.Type")?.to_string(),
+            };
+            if kind != BACKEND_UDP {
+                return Err(ConfigError::UnsupportedBackend(kind));
+            }
+            let port = match field(backend, "Port").filter(|v| !v.is_null()) {
+                None => rudder_ebpf::DEFAULT_UDP_PORT,
+                Some(v) => {
+                    let port = as_int(v, "Backend.Port")?;
+                    u16::try_from(port)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or(ConfigError::BadPort(port))?
+                }
+            };
+            (kind, port)
+        }
+        Some(other) => {
+            return Err(ConfigError::WrongType {
+                field: "Backend",
+                expected: "an object like {\"Type\":\"udp\"}",
+                got: other.to_string(),
+            });
+        }
+    })
+}
+
+pub(crate) fn as_str<'a>(v: &'a Value, name: &'static str) -> Result<&'a str, ConfigError> {
     v.as_str().ok_or_else(|| wrong_type(name, "a string", v))
 }
 
-fn as_int(v: &Value, name: &'static str) -> Result<i64, ConfigError> {
+pub(crate) fn as_int(v: &Value, name: &'static str) -> Result<i64, ConfigError> {
     v.as_i64().ok_or_else(|| wrong_type(name, "an integer", v))
 }
 
@@ -239,7 +311,7 @@ fn bound(
     let addr: Ipv4Addr = text.parse().map_err(|_| ConfigError::Unparsable {
         field: name,
         value: text.to_string(),
-        what: "address",
+        what: "IPv4 address",
     })?;
     if !network.contains(&addr) {
         return Err(ConfigError::OutsideNetwork {
@@ -411,14 +483,17 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_only_or_disabled_ipv4_is_rejected() {
-        assert_eq!(
-            err(r#"{"Network":"10.5.0.0/16","EnableIPv6":true}"#),
-            "EnableIPv6 is true: rudder carries IPv4 only; remove it or set it to false"
-        );
+    fn ipv4_is_on_by_default_and_both_off_is_an_error() {
+        let c = parse(r#"{"Network":"10.5.0.0/16"}"#).unwrap();
+        assert!(c.enable_ipv4);
+        assert_eq!(c.ipv6, None);
         assert_eq!(
             err(r#"{"Network":"10.5.0.0/16","EnableIPv4":false}"#),
-            "EnableIPv4 is false: rudder carries IPv4 only, so it must be true or left out"
+            "EnableIPv4 and EnableIPv6 are both false: nothing to lease; enable at least one"
+        );
+        assert_eq!(
+            err(r#"{"Network":"10.5.0.0/16","EnableIPv4":"yes"}"#),
+            "network config field \"EnableIPv4\" must be true or false, got \"yes\""
         );
     }
 }

@@ -1,11 +1,11 @@
 //! `rudder run`: wires config, lease, peers, reconciler and data plane together.
 
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
@@ -27,12 +27,13 @@ use crate::underlay_watch::{self, UnderlayFollower};
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Flags rudder accepts but cannot honour, and partial TLS/auth flags, fail first, before
     // anything is touched.
-    if let Some(v6) = args.public_ipv6.as_deref().filter(|v| !v.is_empty()) {
-        anyhow::bail!(
-            "--public-ipv6 {v6}: IPv6 is not supported yet; rudder's overlay is IPv4 only: drop \
-             --public-ipv6 (and FLANNELD_PUBLIC_IPV6) and keep --public-ip"
-        );
-    }
+    // Empty is flanneld's default (FLANNELD_PUBLIC_IPV6="").
+    let public_ipv6_flag: Option<Ipv6Addr> = match args.public_ipv6.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => Some(text.parse().map_err(|_| {
+            anyhow::anyhow!("--public-ipv6 {text:?} is not an IPv6 address (e.g. fd00:77::11)")
+        })?),
+    };
     if args.klog_v.is_some() || args.klog_vmodule.is_some() {
         tracing::info!(
             "flanneld's -v/-vmodule have no effect: set RUST_LOG=debug for more logging"
@@ -97,7 +98,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             netlink: &netlink,
             state: &state,
         };
-        let (local, dp) = up.run(&saved.config, saved.subnet).await?;
+        let (local, dp) = up
+            .run(&saved.config, saved.subnet, saved.ipv6_subnet)
+            .await?;
         for (subnet, ip) in &saved.peers {
             if let Err(e) = dp.upsert_peer(*subnet, *ip) {
                 tracing::warn!(%subnet, "programming saved peer {ip} failed: {e:#}");
@@ -106,6 +109,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         state.update(|s| {
             s.network = Some(saved.config.network);
             s.subnet = Some(saved.subnet);
+            s.ipv6_subnet = saved.ipv6_subnet;
         });
         tracing::info!(
             subnet = %saved.subnet, peers = saved.peers.len(),
@@ -133,10 +137,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     state.update(|s| s.network = Some(config.network));
     if let Some(saved) = saved.as_ref().filter(|saved| saved.config != config) {
         tracing::warn!(
-            "the network config changed while rudder was stopped (Network {} -> {}): rebuilding \
+            "the network config changed while rudder was stopped ({} -> {}): rebuilding \
              the data plane from etcd's",
-            saved.config.network,
-            config.network
+            describe(&saved.config),
+            describe(&config)
         );
         if let Some((local, dp, refresh)) = early.take() {
             refresh.abort();
@@ -145,19 +149,47 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
+    let public_ipv6 = match &config.ipv6 {
+        Some(v6) => {
+            let public_ipv6 = public_ipv6_of(&netlink, &underlay, public_ipv6_flag).await;
+            // One line at start: the control plane is real, the data plane is not there yet.
+            tracing::warn!(
+                "IPv6 is on (IPv6Network {}): rudder leases an IPv6 subnet and announces PublicIPv6 {}, but this build's data plane carries IPv4 only: IPv6 traffic between hosts is not carried yet",
+                v6.network,
+                public_ipv6.map_or("null".to_string(), |ip| ip.to_string())
+            );
+            state.update(|s| {
+                s.ipv6_network = Some(v6.network);
+                s.public_ipv6 = public_ipv6;
+            });
+            public_ipv6
+        }
+        None => {
+            if let Some(ip) = public_ipv6_flag {
+                tracing::info!(
+                    "--public-ipv6 {ip} is unused: the network config has no EnableIPv6"
+                );
+            }
+            None
+        }
+    };
     let mut leases = LeaseManager::new(
         client.clone(),
         &prefix,
         config.clone(),
         underlay.public_ip,
+        public_ipv6,
         args.subnet_lease_ttl,
     );
-    let hint = match (&early, &saved) {
-        (Some(_), Some(saved)) => Some(saved.subnet),
-        _ => subnet_file::previous_subnet(&args.subnet_file),
+    let (hint, hint6) = match (&early, &saved) {
+        (Some(_), Some(saved)) => (Some(saved.subnet), saved.ipv6_subnet),
+        _ => (
+            subnet_file::previous_subnet(&args.subnet_file),
+            subnet_file::previous_ipv6_subnet(&args.subnet_file),
+        ),
     };
     let lease = tokio::select! {
-        lease = acquire_until_done(&mut leases, hint, &state) => lease,
+        lease = acquire_until_done(&mut leases, hint, hint6, &state) => lease,
         _ = shutdown.wait() => { stop_early(early).await; return Ok(()) },
     };
 
@@ -170,8 +202,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     "our saved subnet was taken while rudder was stopped; moved to a new \
                      subnet: containers must be re-addressed"
                 );
-                local.apply(lease.subnet).await?;
+                local.apply(lease.subnet, lease.ipv6_subnet).await?;
                 dp.set_local_subnet(lease.subnet)?;
+            } else if hint6 != lease.ipv6_subnet {
+                tracing::warn!(old = ?hint6, new = ?lease.ipv6_subnet, "our IPv6 subnet changed while rudder was stopped");
+                local.apply(lease.subnet, lease.ipv6_subnet).await?;
             }
             (local, dp)
         }
@@ -183,7 +218,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 netlink: &netlink,
                 state: &state,
             };
-            up.run(&config, lease.subnet).await?
+            up.run(&config, lease.subnet, lease.ipv6_subnet).await?
         }
     };
 
@@ -202,8 +237,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         client.clone(),
         leases.subnets_prefix(),
         config.network,
+        config.ipv6.map(|c| c.network),
         peer_tx,
-        state.metrics.clone(),
+        state.clone(),
     );
     // Peers a previous run left in the kernel (eBPF pins) count as installed, so the first
     // snapshot from etcd is applied to them as a diff.
@@ -326,15 +362,17 @@ impl BringUp<'_> {
         &self,
         config: &NetworkConfig,
         subnet: Ipv4Net,
+        ipv6_subnet: Option<Ipv6Net>,
     ) -> anyhow::Result<(LocalSetup, Arc<dyn Dataplane>)> {
         let args = self.args;
         let local = LocalSetup::new(
             args.clone(),
             config.network,
+            config.ipv6.map(|c| c.network),
             self.overlay_mtu,
             self.netlink.clone(),
         );
-        local.apply(subnet).await?;
+        local.apply(subnet, ipv6_subnet).await?;
         let opts = DataplaneOptions {
             kind: args.dataplane,
             underlay: self.underlay.clone(),
@@ -366,6 +404,50 @@ impl BringUp<'_> {
             .write()
             .expect("dataplane lock poisoned") = Some(dp.clone());
         Ok((local, dp))
+    }
+}
+
+/// The config's networks, for a log line.
+fn describe(c: &NetworkConfig) -> String {
+    let v4 = if c.enable_ipv4 {
+        format!("Network {} /{}", c.network, c.subnet_len)
+    } else {
+        "IPv4 off".to_string()
+    };
+    match &c.ipv6 {
+        Some(v6) => format!("{v4}, IPv6Network {} /{}", v6.network, v6.subnet_len),
+        None => format!("{v4}, IPv6 off"),
+    }
+}
+
+/// PublicIPv6: `--public-ipv6`, else the underlay interface's IPv6 address as flannel picks it;
+/// none is a warning (the lease then says null), not a stop.
+async fn public_ipv6_of(
+    netlink: &Netlink,
+    underlay: &crate::underlay::Underlay,
+    flag: Option<Ipv6Addr>,
+) -> Option<Ipv6Addr> {
+    if flag.is_some() {
+        return flag;
+    }
+    match netlink.ipv6_candidates(underlay.index).await {
+        Ok(candidates) => {
+            let picked = crate::underlay_ipv6::pick(&candidates);
+            if picked.is_none() {
+                tracing::warn!(
+                    "interface {} has no usable IPv6 address: PublicIPv6 stays null; give it one or pass --public-ipv6",
+                    underlay.name
+                );
+            }
+            picked
+        }
+        Err(e) => {
+            tracing::warn!(
+                "listing the IPv6 addresses of {}: {e:#}; PublicIPv6 stays null",
+                underlay.name
+            );
+            None
+        }
     }
 }
 
@@ -405,11 +487,18 @@ async fn load_config(
         let problem = match etcd.client().get(key.as_str(), None).await {
             Ok(resp) => match resp.kvs().first() {
                 Some(kv) => match NetworkConfig::parse(kv.value()) {
+                    // The config is valid (flannel's own hosts run it), but every part of the
+                    // host setup and both data planes need an IPv4 subnet.
+                    Ok(config) if !config.enable_ipv4 => format!(
+                        "the network config at {key} is IPv6-only (EnableIPv4 false): this build of rudder carries IPv4 only, so it cannot run an IPv6-only network yet; enable IPv4 beside IPv6 (dual stack) to lease both"
+                    ),
                     Ok(config) => {
                         tracing::info!(
                             network = %config.network, subnet_len = config.subnet_len,
                             subnet_min = %config.subnet_min, subnet_max = %config.subnet_max,
-                            port = config.port, "network config"
+                            port = config.port, ipv4 = config.enable_ipv4,
+                            ipv6_network = ?config.ipv6.map(|c| c.network),
+                            ipv6_subnet_len = ?config.ipv6.map(|c| c.subnet_len), "network config"
                         );
                         state.update(|s| s.config_error = None);
                         return config;

@@ -12,13 +12,29 @@ pub fn render(subnet_env: &str, combined_key: &str) -> anyhow::Result<String> {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
             .map(str::trim)
     };
-    let (Some(subnet), Some(mtu)) = (get("FLANNEL_SUBNET"), get("FLANNEL_MTU")) else {
-        bail!("the subnet file lacks FLANNEL_SUBNET or FLANNEL_MTU: is the daemon running?");
+    let subnet = get("FLANNEL_SUBNET");
+    let subnet6 = get("FLANNEL_IPV6_SUBNET");
+    let (Some(mtu), true) = (get("FLANNEL_MTU"), subnet.is_some() || subnet6.is_some()) else {
+        bail!("the subnet file lacks FLANNEL_SUBNET (or FLANNEL_IPV6_SUBNET) or FLANNEL_MTU: is the daemon running?");
     };
     // With rudder masquerading, docker must not masquerade as well.
     let masq_by_rudder = get("FLANNEL_IPMASQ") == Some("true");
-    let mut out = format!("DOCKER_OPT_BIP=\"--bip={subnet}\"\n");
-    let mut combined = format!(" --bip={subnet}");
+    let mut out = String::new();
+    let mut combined = String::new();
+    if let Some(subnet) = subnet {
+        out += &format!("DOCKER_OPT_BIP=\"--bip={subnet}\"\n");
+        combined += &format!(" --bip={subnet}");
+    }
+    // IPv6 (rudder's addition: flannel's mk-docker-opts.sh has none): docker's IPv6 on, its
+    // containers' addresses from our IPv6 subnet (the network form docker expects).
+    if let Some(subnet6) = subnet6 {
+        let net: ipnet::Ipv6Net = subnet6
+            .parse()
+            .with_context(|| format!("FLANNEL_IPV6_SUBNET {subnet6:?} is not an IPv6 CIDR"))?;
+        let opt = format!("--ipv6 --fixed-cidr-v6={}", net.trunc());
+        out += &format!("DOCKER_OPT_IPV6=\"{opt}\"\n");
+        combined += &format!(" {opt}");
+    }
     if masq_by_rudder {
         out += "DOCKER_OPT_IPMASQ=\"--ip-masq=false\"\n";
         combined += " --ip-masq=false";
@@ -58,6 +74,34 @@ mod tests {
         let no_masq = env.replace("IPMASQ=true", "IPMASQ=false");
         let out = render(&no_masq, "DOCKER_OPTS").unwrap();
         assert!(!out.contains("ip-masq"), "{out}");
+    }
+
+    #[test]
+    fn ipv6_subnet_turns_on_docker_ipv6() {
+        let env = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\n\
+                   FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:22::1/64\n\
+                   FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n";
+        assert_eq!(
+            render(env, "DOCKER_OPTS").unwrap(),
+            "DOCKER_OPT_BIP=\"--bip=10.1.74.1/24\"\n\
+             DOCKER_OPT_IPV6=\"--ipv6 --fixed-cidr-v6=fc00:0:0:22::/64\"\n\
+             DOCKER_OPT_MTU=\"--mtu=1472\"\n\
+             DOCKER_OPTS=\" --bip=10.1.74.1/24 --ipv6 --fixed-cidr-v6=fc00:0:0:22::/64 --mtu=1472\"\n"
+        );
+        let only6 = "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:22::1/64\n\
+                     FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n";
+        let out = render(only6, "DOCKER_OPTS").unwrap();
+        assert!(!out.contains("--bip"), "{out}");
+        assert!(
+            out.contains("DOCKER_OPTS=\" --ipv6 --fixed-cidr-v6=fc00:0:0:22::/64 --mtu=1472\""),
+            "{out}"
+        );
+        let bad = env.replace("fc00:0:0:22::1/64", "nonsense");
+        let err = render(&bad, "DOCKER_OPTS").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "FLANNEL_IPV6_SUBNET \"nonsense\" is not an IPv6 CIDR"
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub struct LinkInfo {
 
 #[derive(Clone)]
 pub struct Netlink {
-    handle: Handle,
+    pub(crate) handle: Handle,
 }
 
 impl Netlink {

@@ -103,6 +103,14 @@ pub fn status_table(status: &serde_json::Value) -> String {
         text("iface"),
         text("mtu")
     );
+    if !status["ipv6_network"].is_null() {
+        out += &format!(
+            "ipv6:       subnet {} of {}, public ipv6 {} (leased; not carried by this data plane yet)\n",
+            text("ipv6_subnet"),
+            text("ipv6_network"),
+            text("public_ipv6")
+        );
+    }
     out += &format!(
         "data plane: {} ({})\n",
         text("dataplane"),
@@ -193,6 +201,25 @@ async fn readyz(AxumState(state): AxumState<State>) -> impl IntoResponse {
 /// Everything `rudder status` shows, as JSON.
 pub fn status_json(state: &State) -> serde_json::Value {
     let info = state.snapshot();
+    // Other hosts' IPv6 halves; a peer without one (a flannel udp host) gets nulls.
+    let ipv6_peers: Vec<_> = info
+        .ipv6_peers
+        .iter()
+        .filter(|(subnet6, _)| Some(**subnet6) != info.ipv6_subnet)
+        .map(|(subnet6, p)| {
+            json!({
+                "ipv6_subnet": subnet6.to_string(),
+                "subnet": p.ipv4_subnet.map(|s| s.to_string()),
+                "public_ipv6": p.public_ipv6.map(|ip| ip.to_string()),
+            })
+        })
+        .collect();
+    let ipv6_of = |subnet: ipnet::Ipv4Net| {
+        info.ipv6_peers
+            .iter()
+            .find(|(_, p)| p.ipv4_subnet == Some(subnet))
+            .map(|(subnet6, p)| (subnet6.to_string(), p.public_ipv6.map(|ip| ip.to_string())))
+    };
     let peers: Vec<_> = match state.dataplane() {
         Some(dataplane) => dataplane
             .peer_stats()
@@ -203,9 +230,12 @@ pub fn status_json(state: &State) -> serde_json::Value {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
+                let (ipv6_subnet, public_ipv6) = ipv6_of(p.subnet).unzip();
                 json!({
                     "subnet": p.subnet.to_string(),
                     "public_ip": p.public_ip.to_string(),
+                    "ipv6_subnet": ipv6_subnet,
+                    "public_ipv6": public_ipv6.flatten(),
                     "changed_unix": changed,
                     "tx_packets": p.traffic.tx_packets,
                     "tx_bytes": p.traffic.tx_bytes,
@@ -218,7 +248,11 @@ pub fn status_json(state: &State) -> serde_json::Value {
         None => info
             .peers
             .iter()
-            .map(|(subnet, ip)| json!({"subnet": subnet.to_string(), "public_ip": ip.to_string()}))
+            .map(|(subnet, ip)| {
+                let (ipv6_subnet, public_ipv6) = ipv6_of(*subnet).unzip();
+                json!({"subnet": subnet.to_string(), "public_ip": ip.to_string(),
+                       "ipv6_subnet": ipv6_subnet, "public_ipv6": public_ipv6.flatten()})
+            })
             .collect(),
     };
     let bytes: serde_json::Map<String, serde_json::Value> = state
@@ -241,7 +275,10 @@ pub fn status_json(state: &State) -> serde_json::Value {
         "pid": std::process::id(),
         "network": info.network.map(|n| n.to_string()),
         "subnet": info.subnet.map(|n| n.to_string()),
+        "ipv6_network": info.ipv6_network.map(|n| n.to_string()),
+        "ipv6_subnet": info.ipv6_subnet.map(|n| n.to_string()),
         "public_ip": info.public_ip.map(|ip| ip.to_string()),
+        "public_ipv6": info.public_ipv6.map(|ip| ip.to_string()),
         "local_ip": info.local_ip.map(|ip| ip.to_string()),
         "iface": info.iface,
         "mtu": info.mtu,
@@ -251,6 +288,7 @@ pub fn status_json(state: &State) -> serde_json::Value {
         "lease_expires_unix": info.lease_expires_unix,
         "config_error": info.config_error,
         "peers": peers,
+        "ipv6_peers": ipv6_peers,
         "counters": counters,
         "bytes": bytes,
         "lease_acquisitions": m.lease_acquisitions.get(),

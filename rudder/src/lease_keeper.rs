@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::daemon::stop_dataplane;
@@ -18,21 +18,27 @@ use crate::status::State;
 pub(crate) async fn acquire_until_done(
     leases: &mut LeaseManager,
     hint: Option<Ipv4Net>,
+    hint6: Option<Ipv6Net>,
     state: &State,
 ) -> Lease {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        match leases.acquire(hint).await {
+        match leases.acquire(hint, hint6).await {
             Ok(lease) => {
-                tracing::info!(subnet = %lease.subnet, ttl = ?lease.ttl, "lease acquired");
+                tracing::info!(subnet = %lease.subnet, ipv6_subnet = ?lease.ipv6_subnet, ttl = ?lease.ttl, "lease acquired");
                 state.metrics.lease_acquisitions.inc();
                 state.update(|s| {
                     s.subnet = Some(lease.subnet);
+                    s.ipv6_subnet = lease.ipv6_subnet;
                     s.lease_expires_unix = Some(unix_now() + lease.ttl.as_secs());
                 });
                 return lease;
             }
-            Err(e @ (AcquireError::Exhausted { .. } | AcquireError::PublicIpConflict { .. })) => {
+            Err(
+                e @ (AcquireError::Exhausted { .. }
+                | AcquireError::Ipv6Exhausted { .. }
+                | AcquireError::PublicIpConflict { .. }),
+            ) => {
                 let wait = backoff.next_delay();
                 tracing::error!("{e}; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
@@ -120,16 +126,26 @@ impl LeaseKeeper {
     /// Gets a lease again (the same subnet when still free) without tearing down the data plane.
     async fn reacquire(&mut self) {
         let old = self.lease.subnet;
-        let lease = acquire_until_done(&mut self.leases, Some(old), &self.state).await;
+        let old6 = self.lease.ipv6_subnet;
+        let lease = acquire_until_done(&mut self.leases, Some(old), old6, &self.state).await;
         if lease.subnet == old {
             tracing::info!(subnet = %old, "lease re-acquired: same subnet");
+            if lease.ipv6_subnet != old6 {
+                tracing::error!(
+                    old = ?old6, new = ?lease.ipv6_subnet,
+                    "our IPv6 subnet was taken by another host while we had lost our lease; moved to a new one"
+                );
+                if let Err(e) = self.local.apply(lease.subnet, lease.ipv6_subnet).await {
+                    tracing::error!("applying the new IPv6 subnet locally failed: {e:#}");
+                }
+            }
         } else {
             tracing::error!(
                 old = %old, new = %lease.subnet,
                 "our subnet was taken by another host while we had lost our lease; moved to a new \
                  subnet: containers must be re-addressed"
             );
-            if let Err(e) = self.local.apply(lease.subnet).await {
+            if let Err(e) = self.local.apply(lease.subnet, lease.ipv6_subnet).await {
                 tracing::error!("applying the new subnet locally failed: {e:#}");
             }
             if let Err(e) = self.dataplane.set_local_subnet(lease.subnet) {

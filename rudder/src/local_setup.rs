@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::watch;
 
 use crate::cli::RunArgs;
@@ -20,6 +20,8 @@ use crate::subnet_file::SubnetFile;
 pub(crate) struct LocalSetup {
     pub(crate) args: RunArgs,
     pub(crate) network: Ipv4Net,
+    /// IPv6Network when the network has IPv6 on (only the subnet file uses it so far).
+    pub(crate) ipv6_network: Option<Ipv6Net>,
     pub(crate) netlink: Netlink,
     file: Arc<Mutex<FileContent>>,
 }
@@ -27,17 +29,26 @@ pub(crate) struct LocalSetup {
 /// What the subnet file says; `subnet` is `None` until the first [`LocalSetup::apply`].
 struct FileContent {
     subnet: Option<Ipv4Net>,
+    ipv6_subnet: Option<Ipv6Net>,
     overlay_mtu: u16,
 }
 
 impl LocalSetup {
-    pub(crate) fn new(args: RunArgs, network: Ipv4Net, overlay_mtu: u16, netlink: Netlink) -> Self {
+    pub(crate) fn new(
+        args: RunArgs,
+        network: Ipv4Net,
+        ipv6_network: Option<Ipv6Net>,
+        overlay_mtu: u16,
+        netlink: Netlink,
+    ) -> Self {
         LocalSetup {
             args,
             network,
+            ipv6_network,
             netlink,
             file: Arc::new(Mutex::new(FileContent {
                 subnet: None,
+                ipv6_subnet: None,
                 overlay_mtu,
             })),
         }
@@ -50,7 +61,11 @@ impl LocalSetup {
             .overlay_mtu
     }
 
-    pub(crate) async fn apply(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
+    pub(crate) async fn apply(
+        &self,
+        subnet: Ipv4Net,
+        ipv6_subnet: Option<Ipv6Net>,
+    ) -> anyhow::Result<()> {
         host::enable_ip_forwarding()?;
         if let Some(bridge) = &self.args.bridge {
             let address = Ipv4Net::new(gateway(subnet), subnet.prefix_len())?;
@@ -75,8 +90,11 @@ impl LocalSetup {
                 Err(e) => tracing::warn!("installing the iptables forward rules failed: {e:#}"),
             }
         }
-        self.write_subnet_file(|file| file.subnet = Some(subnet))?;
-        tracing::info!(file = %self.args.subnet_file.display(), %subnet, "subnet file written");
+        self.write_subnet_file(|file| {
+            file.subnet = Some(subnet);
+            file.ipv6_subnet = ipv6_subnet;
+        })?;
+        tracing::info!(file = %self.args.subnet_file.display(), %subnet, ipv6_subnet = ?ipv6_subnet, "subnet file written");
         Ok(())
     }
 
@@ -104,8 +122,10 @@ impl LocalSetup {
         change(&mut file);
         if let Some(subnet) = file.subnet {
             SubnetFile {
+                enable_ipv4: true,
                 network: self.network,
                 subnet,
+                ipv6: self.ipv6_network.zip(file.ipv6_subnet),
                 mtu: file.overlay_mtu,
                 ip_masq: self.args.ip_masq,
             }

@@ -4,19 +4,40 @@
 //! full snapshot (the reconciler diffs it), after a capped back-off so a down etcd costs no CPU.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::mpsc;
 
 use crate::etcd::{Backoff, Etcd};
-use crate::metrics::Metrics;
 use crate::peer_book::{PeerBook, Refused};
-use crate::subnet::{key_to_subnet, LeaseValue};
+use crate::status::State;
+use crate::subnet::{parse_lease_key, LeaseSubnets, LeaseValue};
 
 /// Subnet → public IP of every usable peer lease (ours included; the reconciler skips it).
 pub type PeerMap = BTreeMap<Ipv4Net, Ipv4Addr>;
+
+/// The IPv6 half of a peer lease. A lease without an IPv6 subnet (every flannel udp host) has
+/// no entry, so it gets no IPv6 route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Peer {
+    /// The same lease's IPv4 subnet; `None` for an IPv6-only host.
+    pub ipv4_subnet: Option<Ipv4Net>,
+    /// PublicIPv6; `None` when the peer announced none.
+    pub public_ipv6: Option<Ipv6Addr>,
+}
+
+/// IPv6 subnet → its peer (ours included).
+pub type Ipv6PeerMap = BTreeMap<Ipv6Net, Ipv6Peer>;
+
+/// One usable peer lease, both families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerLease {
+    pub subnets: LeaseSubnets,
+    pub public_ip: Ipv4Addr,
+    pub public_ipv6: Option<Ipv6Addr>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerEvent {
@@ -36,26 +57,52 @@ pub enum Skip {
     Invalid(String),
     /// A well-formed lease of another backend: log once.
     OtherBackend(String),
+    /// An IPv6-only lease: no IPv4 peer.
+    NoIpv4,
 }
 
-/// Turns one etcd key/value into a peer, or says why not.
+/// Parses one lease as a peer of an IPv4 network: its IPv4 subnet and PublicIP. An IPv6-only
+/// lease is not an IPv4 peer ([`Skip::NoIpv4`]).
 pub fn parse_peer(
     subnets_prefix: &str,
     network: Ipv4Net,
     key: &[u8],
     value: &[u8],
 ) -> Result<(Ipv4Net, Ipv4Addr), Skip> {
+    let lease = parse_peer_lease(subnets_prefix, Some(network), None, key, value)?;
+    match lease.subnets.ipv4 {
+        Some(subnet) => Ok((subnet, lease.public_ip)),
+        None => Err(Skip::NoIpv4),
+    }
+}
+
+/// Parses one lease, both halves: each subnet must lie inside that family's network when
+/// this host has it on (an IPv6 half is not checked while IPv6 is off here: it is unused).
+pub fn parse_peer_lease(
+    subnets_prefix: &str,
+    network: Option<Ipv4Net>,
+    network6: Option<Ipv6Net>,
+    key: &[u8],
+    value: &[u8],
+) -> Result<PeerLease, Skip> {
     let suffix = key
         .strip_prefix(subnets_prefix.as_bytes())
         .and_then(|s| std::str::from_utf8(s).ok())
         .ok_or_else(|| Skip::Invalid("key is not under the subnets prefix".into()))?;
-    let subnet = key_to_subnet(suffix).ok_or_else(|| {
-        Skip::Invalid(format!("{suffix:?} is not a subnet key like 10.5.34.0-24"))
-    })?;
-    if !network.contains(&subnet) || subnet.prefix_len() < network.prefix_len() {
-        return Err(Skip::Invalid(format!(
-            "subnet {subnet} lies outside the network {network}"
-        )));
+    let subnets = parse_lease_key(suffix).map_err(|e| Skip::Invalid(e.to_string()))?;
+    if let (Some(subnet), Some(network)) = (subnets.ipv4, network) {
+        if !network.contains(&subnet) || subnet.prefix_len() < network.prefix_len() {
+            return Err(Skip::Invalid(format!(
+                "subnet {subnet} lies outside the network {network}"
+            )));
+        }
+    }
+    if let (Some(subnet), Some(network)) = (subnets.ipv6, network6) {
+        if !network.contains(&subnet) || subnet.prefix_len() < network.prefix_len() {
+            return Err(Skip::Invalid(format!(
+                "IPv6 subnet {subnet} lies outside the IPv6 network {network}"
+            )));
+        }
     }
     if value.len() > MAX_LEASE_VALUE {
         return Err(Skip::Invalid(format!(
@@ -67,18 +114,26 @@ pub fn parse_peer(
     if !lease.speaks_udp() {
         return Err(Skip::OtherBackend(lease.backend_type.unwrap_or_default()));
     }
-    Ok((subnet, lease.public_ip))
+    Ok(PeerLease {
+        subnets,
+        public_ip: lease.public_ip,
+        public_ipv6: lease.public_ipv6,
+    })
 }
 
 pub struct PeerRegistry {
     etcd: Etcd,
     subnets_prefix: String,
     network: Ipv4Net,
+    /// IPv6Network when the network has IPv6 on: the IPv6 halves are then kept in `ipv6`.
+    network6: Option<Ipv6Net>,
     events: mpsc::Sender<PeerEvent>,
-    metrics: Metrics,
+    /// Metrics, and where the IPv6 peer view is published.
+    state: State,
     /// Keys of other backends' leases, logged once each (forgotten when the key goes).
     logged_other_backend: HashSet<Vec<u8>>,
     book: PeerBook,
+    ipv6: Ipv6PeerMap,
 }
 
 impl PeerRegistry {
@@ -86,18 +141,47 @@ impl PeerRegistry {
         etcd: Etcd,
         subnets_prefix: String,
         network: Ipv4Net,
+        network6: Option<Ipv6Net>,
         events: mpsc::Sender<PeerEvent>,
-        metrics: Metrics,
+        state: State,
     ) -> Self {
         PeerRegistry {
             etcd,
             subnets_prefix,
             network,
+            network6,
             events,
-            metrics,
+            state,
             logged_other_backend: HashSet::new(),
             book: PeerBook::default(),
+            ipv6: Ipv6PeerMap::new(),
         }
+    }
+
+    /// Records (or drops, `lease: None`) the IPv6 half of the lease at `subnets`.
+    fn set_ipv6(&mut self, subnets: LeaseSubnets, lease: Option<&PeerLease>) {
+        if self.network6.is_none() {
+            return;
+        }
+        let Some(subnet6) = subnets.ipv6 else { return };
+        let changed = match lease {
+            Some(l) => {
+                let peer = Ipv6Peer {
+                    ipv4_subnet: subnets.ipv4,
+                    public_ipv6: l.public_ipv6,
+                };
+                self.ipv6.insert(subnet6, peer) != Some(peer)
+            }
+            None => self.ipv6.remove(&subnet6).is_some(),
+        };
+        if changed {
+            self.publish_ipv6();
+        }
+    }
+
+    fn publish_ipv6(&self) {
+        let view = self.ipv6.clone();
+        self.state.update(|s| s.ipv6_peers = view);
     }
 
     /// Runs until the receiving side is gone.
@@ -106,7 +190,7 @@ impl PeerRegistry {
         let mut first = true;
         loop {
             if !first {
-                self.metrics.etcd_reconnects.inc();
+                self.state.metrics.etcd_reconnects.inc();
             }
             first = false;
             match self.list_and_watch(&mut backoff).await {
@@ -139,11 +223,22 @@ impl PeerRegistry {
         self.logged_other_backend
             .retain(|key| listed.contains(key.as_slice()));
         let mut leases = Vec::new();
+        self.ipv6.clear();
         for kv in resp.kvs() {
-            if let Some((subnet, ip)) = self.accept(kv.key(), kv.value()) {
-                leases.push((subnet, ip, kv.create_revision()));
+            if let Some(lease) = self.accept(kv.key(), kv.value()) {
+                if let (Some(subnet6), true) = (lease.subnets.ipv6, self.network6.is_some()) {
+                    let peer = Ipv6Peer {
+                        ipv4_subnet: lease.subnets.ipv4,
+                        public_ipv6: lease.public_ipv6,
+                    };
+                    self.ipv6.insert(subnet6, peer);
+                }
+                if let Some(subnet) = lease.subnets.ipv4 {
+                    leases.push((subnet, lease.public_ip, kv.create_revision()));
+                }
             }
         }
+        self.publish_ipv6();
         let (snapshot, refusals) = self.book.reset(leases);
         for refused in refusals {
             self.report(refused);
@@ -185,8 +280,15 @@ impl PeerRegistry {
                 let Some(kv) = event.kv() else { continue };
                 let peer_events = match event.event_type() {
                     EventType::Put => match self.accept(kv.key(), kv.value()) {
-                        Some((subnet, ip)) => {
-                            match self.book.upsert(subnet, ip, kv.create_revision()) {
+                        Some(lease) => {
+                            self.set_ipv6(lease.subnets, Some(&lease));
+                            let Some(subnet) = lease.subnets.ipv4 else {
+                                continue;
+                            };
+                            match self
+                                .book
+                                .upsert(subnet, lease.public_ip, kv.create_revision())
+                            {
                                 Ok(peer_event) => vec![peer_event],
                                 Err(refused) => {
                                     self.report(refused);
@@ -195,15 +297,15 @@ impl PeerRegistry {
                             }
                         }
                         // A key that turned bad, or another backend, is no peer of ours any more.
-                        None => match self.subnet_of(kv.key()) {
-                            Some(subnet) => self.book.remove(subnet),
+                        None => match self.subnets_of(kv.key()) {
+                            Some(subnets) => self.forget(subnets),
                             None => continue,
                         },
                     },
                     EventType::Delete => {
                         self.logged_other_backend.remove(kv.key());
-                        match self.subnet_of(kv.key()) {
-                            Some(subnet) => self.book.remove(subnet),
+                        match self.subnets_of(kv.key()) {
+                            Some(subnets) => self.forget(subnets),
                             None => continue,
                         }
                     }
@@ -218,9 +320,18 @@ impl PeerRegistry {
         Ok(Stop::Resync("stream closed by etcd".into()))
     }
 
-    fn subnet_of(&self, key: &[u8]) -> Option<Ipv4Net> {
+    /// A lease gone (or turned bad): both halves stop being peers.
+    fn forget(&mut self, subnets: LeaseSubnets) -> Vec<PeerEvent> {
+        self.set_ipv6(subnets, None);
+        match subnets.ipv4 {
+            Some(subnet) => self.book.remove(subnet),
+            None => Vec::new(),
+        }
+    }
+
+    fn subnets_of(&self, key: &[u8]) -> Option<LeaseSubnets> {
         let suffix = key.strip_prefix(self.subnets_prefix.as_bytes())?;
-        key_to_subnet(std::str::from_utf8(suffix).ok()?)
+        parse_lease_key(std::str::from_utf8(suffix).ok()?).ok()
     }
 
     fn report(&self, refused: Refused) {
@@ -229,15 +340,17 @@ impl PeerRegistry {
             refused.subnet,
             refused.earlier
         );
-        self.metrics.invalid_leases.inc();
+        self.state.metrics.invalid_leases.inc();
     }
 
-    fn accept(&mut self, key: &[u8], value: &[u8]) -> Option<(Ipv4Net, Ipv4Addr)> {
-        match parse_peer(&self.subnets_prefix, self.network, key, value) {
+    fn accept(&mut self, key: &[u8], value: &[u8]) -> Option<PeerLease> {
+        let network = (self.network != Ipv4Net::default()).then_some(self.network);
+        match parse_peer_lease(&self.subnets_prefix, network, self.network6, key, value) {
             Ok(peer) => Some(peer),
+            Err(Skip::NoIpv4) => None,
             Err(Skip::Invalid(why)) => {
                 tracing::warn!(key = %String::from_utf8_lossy(key), "skipping lease: {why}");
-                self.metrics.invalid_leases.inc();
+                self.state.metrics.invalid_leases.inc();
                 None
             }
             Err(Skip::OtherBackend(kind)) => {
@@ -281,6 +394,72 @@ mod tests {
         );
         let flannel_udp = r#"{"PublicIP":"192.168.1.11","PublicIPv6":null}"#;
         assert!(parse("/coreos.com/network/subnets/10.5.35.0-24", flannel_udp).is_ok());
+    }
+
+    fn lease6(key: &str, value: &str) -> Result<PeerLease, Skip> {
+        parse_peer_lease(
+            PREFIX,
+            Some(net("10.5.0.0/16")),
+            Some("fc00::/48".parse().unwrap()),
+            key.as_bytes(),
+            value.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn dual_stack_and_ipv6_only_leases_carry_their_ipv6_half() {
+        let dual = lease6(
+            "/coreos.com/network/subnets/10.5.34.0-24&fc00:0:0:22::-64",
+            r#"{"PublicIP":"192.168.1.10","PublicIPv6":"fd00::10","BackendType":"udp"}"#,
+        )
+        .unwrap();
+        assert_eq!(dual.subnets.ipv4, Some(net("10.5.34.0/24")));
+        assert_eq!(dual.subnets.ipv6, Some("fc00:0:0:22::/64".parse().unwrap()));
+        assert_eq!(dual.public_ipv6, Some("fd00::10".parse().unwrap()));
+        // Still the same IPv4 peer as before.
+        assert_eq!(
+            parse(
+                "/coreos.com/network/subnets/10.5.34.0-24&fc00:0:0:22::-64",
+                r#"{"PublicIP":"192.168.1.10","PublicIPv6":"fd00::10"}"#
+            ),
+            Ok((net("10.5.34.0/24"), Ipv4Addr::new(192, 168, 1, 10)))
+        );
+        let only6_key = "/coreos.com/network/subnets/0.0.0.0-0&fc00:0:0:23::-64";
+        let only6_value = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00::11"}"#;
+        let only6 = lease6(only6_key, only6_value).unwrap();
+        assert_eq!(only6.subnets.ipv4, None);
+        assert_eq!(parse(only6_key, only6_value), Err(Skip::NoIpv4));
+    }
+
+    #[test]
+    fn a_flannel_udp_lease_is_a_peer_without_ipv6() {
+        let v4 = lease6(
+            "/coreos.com/network/subnets/10.5.35.0-24",
+            r#"{"PublicIP":"192.168.1.11","PublicIPv6":null}"#,
+        )
+        .unwrap();
+        assert_eq!(v4.subnets.ipv4, Some(net("10.5.35.0/24")));
+        assert_eq!((v4.subnets.ipv6, v4.public_ipv6), (None, None));
+    }
+
+    #[test]
+    fn an_ipv6_half_outside_the_ipv6_network_is_invalid() {
+        assert_eq!(
+            lease6(
+                "/coreos.com/network/subnets/10.5.34.0-24&fd99::-64",
+                r#"{"PublicIP":"192.168.1.10"}"#
+            ),
+            Err(Skip::Invalid(
+                "IPv6 subnet fd99::/64 lies outside the IPv6 network fc00::/48".into()
+            ))
+        );
+        assert!(matches!(
+            lease6(
+                "/coreos.com/network/subnets/10.5.34.0-24&fc00::1-64",
+                r#"{"PublicIP":"192.168.1.10"}"#
+            ),
+            Err(Skip::Invalid(_))
+        ));
     }
 
     #[test]

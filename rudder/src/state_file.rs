@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::config::NetworkConfig;
@@ -20,6 +20,8 @@ use crate::status::State;
 pub struct SavedState {
     pub config: NetworkConfig,
     pub subnet: Ipv4Net,
+    /// Our IPv6 subnet when the network has IPv6 on (a restart asks for it again).
+    pub ipv6_subnet: Option<Ipv6Net>,
     pub peers: BTreeMap<Ipv4Net, Ipv4Addr>,
 }
 
@@ -28,6 +30,9 @@ struct OnDisk {
     /// The network config in etcd's JSON format.
     config: serde_json::Value,
     subnet: String,
+    /// Absent in files from before dual stack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ipv6_subnet: Option<String>,
     /// subnet → public IP.
     peers: BTreeMap<String, String>,
 }
@@ -38,13 +43,24 @@ pub fn path_beside(subnet_file: &Path) -> PathBuf {
 }
 
 fn config_json(c: &NetworkConfig) -> serde_json::Value {
-    serde_json::json!({
+    let mut json = serde_json::json!({
         "Network": c.network.to_string(),
         "SubnetLen": c.subnet_len,
         "SubnetMin": c.subnet_min.to_string(),
         "SubnetMax": c.subnet_max.to_string(),
         "Backend": { "Type": c.backend_type, "Port": c.port },
-    })
+    });
+    if !c.enable_ipv4 {
+        json["EnableIPv4"] = false.into();
+    }
+    if let Some(v6) = &c.ipv6 {
+        json["EnableIPv6"] = true.into();
+        json["IPv6Network"] = v6.network.to_string().into();
+        json["IPv6SubnetLen"] = v6.subnet_len.into();
+        json["IPv6SubnetMin"] = v6.subnet_min.to_string().into();
+        json["IPv6SubnetMax"] = v6.subnet_max.to_string().into();
+    }
+    json
 }
 
 impl SavedState {
@@ -52,6 +68,7 @@ impl SavedState {
         let disk = OnDisk {
             config: config_json(&self.config),
             subnet: self.subnet.to_string(),
+            ipv6_subnet: self.ipv6_subnet.map(|s| s.to_string()),
             peers: self
                 .peers
                 .iter()
@@ -71,6 +88,19 @@ impl SavedState {
             "subnet {subnet} is outside the network {}",
             config.network
         );
+        let ipv6_subnet: Option<Ipv6Net> = disk
+            .ipv6_subnet
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .context("ipv6_subnet")?;
+        if let Some(v6) = ipv6_subnet {
+            let range = config.ipv6.map(|c| c.range());
+            anyhow::ensure!(
+                range.is_some_and(|r| r.contains(v6)),
+                "IPv6 subnet {v6} is not one the network config hands out"
+            );
+        }
         let peers = disk
             .peers
             .iter()
@@ -80,6 +110,7 @@ impl SavedState {
         Ok(SavedState {
             config,
             subnet,
+            ipv6_subnet,
             peers,
         })
     }
@@ -136,6 +167,7 @@ pub async fn keep_written(path: PathBuf, config: NetworkConfig, state: State) {
             s.subnet.map(|subnet| SavedState {
                 config: config.clone(),
                 subnet,
+                ipv6_subnet: s.ipv6_subnet,
                 peers: s.peers.clone(),
             })
         };
@@ -160,6 +192,7 @@ mod tests {
         let saved = SavedState {
             config,
             subnet: "10.5.7.0/24".parse().unwrap(),
+            ipv6_subnet: None,
             peers: [(
                 "10.5.9.0/24".parse().unwrap(),
                 Ipv4Addr::new(192, 168, 1, 9),
@@ -171,5 +204,31 @@ mod tests {
         let err = SavedState::parse(&outside).unwrap_err();
         assert!(format!("{err:#}").contains("outside"), "{err:#}");
         assert!(SavedState::parse("{").is_err());
+    }
+
+    #[test]
+    fn keeps_the_ipv6_subnet_and_the_ipv6_config() {
+        let config = NetworkConfig::parse(
+            br#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48"}"#,
+        )
+        .unwrap();
+        let saved = SavedState {
+            config,
+            subnet: "10.5.7.0/24".parse().unwrap(),
+            ipv6_subnet: Some("fc00:0:0:22::/64".parse().unwrap()),
+            peers: BTreeMap::new(),
+        };
+        let text = saved.render();
+        assert!(
+            text.contains("\"ipv6_subnet\": \"fc00:0:0:22::/64\""),
+            "{text}"
+        );
+        assert_eq!(SavedState::parse(&text).unwrap(), saved);
+        let outside = text.replace("fc00:0:0:22::/64", "fd00:0:0:22::/64");
+        let err = SavedState::parse(&outside).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("not one the network"),
+            "{err:#}"
+        );
     }
 }

@@ -1,10 +1,10 @@
 //! The shared view of the daemon's state that the status and metrics endpoints read,
 //! and the Prometheus registry over it.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, RwLock};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -14,14 +14,18 @@ use rudder_ebpf::Counter as PacketCounter;
 
 use crate::dataplane::Dataplane;
 use crate::metrics::Metrics;
-use crate::peers::PeerMap;
+use crate::peers::{Ipv6PeerMap, PeerMap};
 
 /// What the daemon knows about itself, updated by its tasks, read by status and metrics.
 #[derive(Debug, Default, Clone)]
 pub struct StatusInfo {
     pub network: Option<Ipv4Net>,
     pub subnet: Option<Ipv4Net>,
+    pub ipv6_network: Option<Ipv6Net>,
+    pub ipv6_subnet: Option<Ipv6Net>,
     pub public_ip: Option<Ipv4Addr>,
+    /// PublicIPv6 in our lease (`--public-ipv6`, else the interface's), with IPv6 on.
+    pub public_ipv6: Option<Ipv6Addr>,
     /// The underlay address datagrams leave from; differs from `public_ip` behind a 1:1 NAT.
     pub local_ip: Option<Ipv4Addr>,
     pub iface: Option<String>,
@@ -34,6 +38,9 @@ pub struct StatusInfo {
     /// Set once the network config is valid; cleared while it is not.
     pub config_error: Option<String>,
     pub peers: PeerMap,
+    /// The IPv6 half of every peer lease that has one (the control plane's view: this
+    /// build's data plane does not route IPv6 yet).
+    pub ipv6_peers: Ipv6PeerMap,
 }
 
 /// Shared state: the status record, the data plane once it exists, and the metrics.

@@ -4,27 +4,45 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::subnet::gateway;
+use crate::subnet::{gateway, gateway6};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubnetFile {
+    /// `false` on an IPv6-only network: no FLANNEL_NETWORK/FLANNEL_SUBNET then, as flannel.
+    pub enable_ipv4: bool,
     pub network: Ipv4Net,
     pub subnet: Ipv4Net,
+    /// IPv6Network and our IPv6 subnet when the network has IPv6 on.
+    pub ipv6: Option<(Ipv6Net, Ipv6Net)>,
     pub mtu: u16,
     pub ip_masq: bool,
 }
 
 impl SubnetFile {
+    /// flannel's `WriteSubnetFile` (pkg/subnet/subnet.go): each family's network, then its
+    /// subnet's first address with the prefix length, then MTU and IPMASQ.
     pub fn render(&self) -> String {
-        format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
-            self.network,
-            gateway(self.subnet),
-            self.subnet.prefix_len(),
-            self.mtu,
-            self.ip_masq
+        let mut out = String::new();
+        if self.enable_ipv4 {
+            out += &format!(
+                "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\n",
+                self.network,
+                gateway(self.subnet),
+                self.subnet.prefix_len(),
+            );
+        }
+        if let Some((network, subnet)) = self.ipv6 {
+            out += &format!(
+                "FLANNEL_IPV6_NETWORK={network}\nFLANNEL_IPV6_SUBNET={}/{}\n",
+                gateway6(subnet),
+                subnet.prefix_len(),
+            );
+        }
+        out + &format!(
+            "FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.mtu, self.ip_masq
         )
     }
 
@@ -56,6 +74,15 @@ pub fn previous_subnet(path: &Path) -> Option<Ipv4Net> {
         .map(|n| n.trunc())
 }
 
+/// The IPv6 subnet a previous run wrote (`FLANNEL_IPV6_SUBNET`), if any.
+pub fn previous_ipv6_subnet(path: &Path) -> Option<Ipv6Net> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))
+        .and_then(|v| v.trim().parse::<Ipv6Net>().ok())
+        .map(|n| n.trunc())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,11 +90,48 @@ mod tests {
 
     fn sample() -> SubnetFile {
         SubnetFile {
+            enable_ipv4: true,
             network: "10.1.0.0/16".parse().unwrap(),
             subnet: "10.1.74.0/24".parse().unwrap(),
+            ipv6: None,
             mtu: 1472,
             ip_masq: false,
         }
+    }
+
+    fn with_ipv6(mut file: SubnetFile) -> SubnetFile {
+        file.ipv6 = Some((
+            "fc00::/48".parse().unwrap(),
+            "fc00:0:0:22::/64".parse().unwrap(),
+        ));
+        file
+    }
+
+    #[test]
+    fn dual_stack_and_ipv6_only_files_match_flannel() {
+        assert_eq!(
+            with_ipv6(sample()).render(),
+            "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\n\
+             FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:22::1/64\n\
+             FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
+        );
+        let only6 = SubnetFile {
+            enable_ipv4: false,
+            ..with_ipv6(sample())
+        };
+        assert_eq!(
+            only6.render(),
+            "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:22::1/64\n\
+             FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("subnet.env");
+        only6.write(&path).unwrap();
+        assert_eq!(previous_subnet(&path), None);
+        assert_eq!(
+            previous_ipv6_subnet(&path),
+            Some("fc00:0:0:22::/64".parse().unwrap())
+        );
     }
 
     #[test]

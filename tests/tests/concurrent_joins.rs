@@ -135,9 +135,10 @@ fn hundred_concurrent_acquisitions_through_the_lease_module() {
                         prefix,
                         config.clone(),
                         Ipv4Addr::new(172, 31, 0, i + 1),
+                        None,
                         Duration::from_secs(120),
                     );
-                    tokio::spawn(async move { leases.acquire(None).await })
+                    tokio::spawn(async move { leases.acquire(None, None).await })
                 });
                 let mut out = Vec::new();
                 for joined in futures::future::join_all(tasks).await {
@@ -180,6 +181,89 @@ fn hundred_concurrent_acquisitions_through_the_lease_module() {
         check!(
             owners.len() == CAPACITY,
             "a public IP holds two leases: {in_etcd:?}"
+        );
+        Ok(())
+    });
+}
+
+/// The same race on a dual-stack network whose IPv6 side is the scarcer: fc00::/123 in /126s
+/// leaves 7 IPv6 subnets beside 15 IPv4 ones. No subnet of either family is handed out twice
+/// (the IPv6 half cannot be guarded by the create transaction: the later creator yields).
+#[test]
+fn hundred_concurrent_dual_stack_acquisitions_share_no_subnet() {
+    e2e(|c| {
+        let prefix = "/lease-race-v6";
+        let endpoint = c.etcd_endpoint();
+        let results = netns::run_in(c.underlay_ns(), move || {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async move {
+                let args = EtcdArgs {
+                    etcd_endpoints: vec![endpoint],
+                    etcd_prefix: prefix.into(),
+                    etcd_keyfile: None,
+                    etcd_certfile: None,
+                    etcd_cafile: None,
+                    etcd_username: None,
+                    etcd_password: None,
+                };
+                let etcd = Etcd::connect(&args).await?;
+                let config = NetworkConfig::parse(
+                    br#"{"Network":"10.5.0.0/24","SubnetLen":28,"EnableIPv6":true,"IPv6Network":"fc00::/123","IPv6SubnetLen":126}"#,
+                )?;
+                let tasks = (0..100u8).map(|i| {
+                    let mut leases = LeaseManager::new(
+                        etcd.clone(),
+                        prefix,
+                        config.clone(),
+                        Ipv4Addr::new(172, 31, 0, i + 1),
+                        Some(std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(i) + 1)),
+                        Duration::from_secs(120),
+                    );
+                    tokio::spawn(async move { leases.acquire(None, None).await })
+                });
+                let mut out = Vec::new();
+                for joined in futures::future::join_all(tasks).await {
+                    out.push(joined?);
+                }
+                anyhow::Ok(out)
+            })
+        })?;
+        let (mut v4s, mut v6s, mut exhausted) = (HashSet::new(), HashSet::new(), 0);
+        for result in &results {
+            match result {
+                Ok(lease) => {
+                    let v6 = lease
+                        .ipv6_subnet
+                        .ok_or_else(|| anyhow::anyhow!("no IPv6 half"))?;
+                    check!(
+                        v4s.insert(lease.subnet),
+                        "{} handed out twice",
+                        lease.subnet
+                    );
+                    check!(v6s.insert(v6), "{v6} handed out twice");
+                }
+                // IPv4 exhaustion is possible too while losers' keys briefly exist.
+                Err(AcquireError::Ipv6Exhausted { .. } | AcquireError::Exhausted { .. }) => {
+                    exhausted += 1
+                }
+                Err(e) => anyhow::bail!(
+                    "acquisition failed with something other than IPv6 exhaustion: {e}"
+                ),
+            }
+        }
+        eprintln!(
+            "100 concurrent dual-stack acquisitions: {} leases, {exhausted} IPv6-exhausted",
+            v6s.len()
+        );
+        check!(
+            v6s.len() == 7 && exhausted == 93,
+            "{} ok, {exhausted} exhausted",
+            v6s.len()
+        );
+        let in_etcd = leases(c, prefix)?;
+        check!(
+            in_etcd.len() == 7 && in_etcd.keys().all(|k| k.contains('&')),
+            "etcd holds {in_etcd:?}"
         );
         Ok(())
     });

@@ -3,8 +3,8 @@
 //! `-flag value`, `--flag=value`, `-bool=true`), `FLANNELD_*` variables; `--iface` given
 //! twice (the first names no interface), `--iface-regex`, `--iface-can-reach` next to a decoy
 //! interface; `--ip-masq-fully-random-disable` and `--ip-blackhole-route` in effect;
-//! RUDDER_* wins over FLANNELD_*; flanneld's Kubernetes flags and `--public-ipv6` fail
-//! with one line.
+//! RUDDER_* wins over FLANNELD_*; flanneld's Kubernetes flags and a malformed
+//! `--public-ipv6` fail with one line.
 
 use std::time::Duration;
 
@@ -166,9 +166,9 @@ fn flanneld_command_line_and_environment_run_unchanged() {
                 "FLANNELD_KUBE_SUBNET_MGR",
             ),
             (
-                vec![bin, &endpoint, "-public-ipv6=fd00::5"],
+                vec![bin, &endpoint, "-public-ipv6=fd00::5::1"],
                 None,
-                "IPv6 is not supported yet",
+                "--public-ipv6 \"fd00::5::1\" is not an IPv6 address",
             ),
         ] {
             let mut cmd = netns::exec(plain.netns(), argv[0]);
