@@ -59,13 +59,22 @@ impl EbpfDataplane {
                 .collect(),
             None => BTreeMap::new(),
         };
-        for (ip, endpoint) in state.routes()?.discover_routed_endpoints(subnet)? {
+        let routed = state.routes()?.discover_routed_endpoints(subnet)?;
+        let veths = routed
+            .iter()
+            .map(|(_, endpoint, name)| (endpoint.host_ifindex, name.clone()))
+            .collect();
+        for (ip, endpoint, _) in routed {
             found.entry(ip).or_insert(endpoint);
         }
         let State {
-            kernel, discovered, ..
+            kernel,
+            discovered,
+            routed_veths,
+            ..
         } = &mut *state;
         let kernel = kernel.as_mut().context("eBPF data plane is shut down")?;
+        routed_veths.follow(kernel, veths);
         for (ip, endpoint) in &found {
             if discovered.get(ip) != Some(endpoint) {
                 kernel

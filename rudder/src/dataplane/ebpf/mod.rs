@@ -144,6 +144,8 @@ struct State {
     discovered: BTreeMap<Ipv4Addr, LocalEndpoint>,
     /// The bridge `rudder_br_in` is attached to.
     bridge: Option<AdoptedBridge>,
+    /// The bridgeless container veths it is attached to as well.
+    routed_veths: routed_endpoints::RoutedVeths,
     /// Whether the gateway address is on this host (then it is the peer routes' source).
     gateway_local: bool,
     /// What the last route check saw (tells why routes went missing since).
@@ -240,6 +242,7 @@ impl EbpfDataplane {
                 next_traffic_id,
                 discovered: BTreeMap::new(),
                 bridge: None,
+                routed_veths: Default::default(),
                 gateway_local: false,
                 route_events: None,
                 pins,

@@ -1,7 +1,11 @@
 //! Local containers without a bridge (CNI ptp or Calico style): a host-side veth with a /32
 //! route `<container IP> dev vethX` and the container's IPv4 neighbour on it. The fast
-//! delivery path redirects into vethX's peer with the veth's own MAC as the source.
+//! delivery path redirects into vethX's peer with the veth's own MAC as the source, and
+//! `rudder_br_in` sits on vethX's ingress as it does on a bridge's (container → peer).
+//! Without the latter the container's packets would pass the host's forwarding, which makes
+//! `rudder_egress` send their replies up the stack too (`stack_flows`).
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use anyhow::Context as _;
@@ -16,15 +20,52 @@ use rtnetlink::packet_route::{
 use rtnetlink::RouteMessageBuilder;
 use rudder_ebpf::LocalEndpoint;
 
+use super::kernel::{Kernel, SchedClassifierLinkId};
 use super::routes::{Routes, RTPROT_RUDDER};
+
+/// The bridgeless veths `rudder_br_in` is attached to: ifindex → link (`None`: attaching
+/// failed, logged once; that container's traffic to peers takes the host's path).
+#[derive(Default)]
+pub(super) struct RoutedVeths(BTreeMap<u32, Option<SchedClassifierLinkId>>);
+
+impl RoutedVeths {
+    /// Attaches to the veths in `now` (ifindex → name) not yet served, detaches from those
+    /// no longer there (a deleted veth took its link with it).
+    pub(super) fn follow(&mut self, kernel: &mut Kernel, now: BTreeMap<u32, String>) {
+        let gone: Vec<u32> = self
+            .0
+            .keys()
+            .filter(|i| !now.contains_key(i))
+            .copied()
+            .collect();
+        for ifindex in gone {
+            if let Some(Some(link)) = self.0.remove(&ifindex) {
+                kernel.detach_bridge(link);
+            }
+        }
+        for (ifindex, name) in now {
+            self.0.entry(ifindex).or_insert_with(|| match kernel.attach_bridge(&name) {
+                Ok(link) => {
+                    tracing::info!(veth = %name, ifindex, "routed container veth: container to peer fast path attached");
+                    Some(link)
+                }
+                Err(e) => {
+                    tracing::warn!(veth = %name, "{e:#}; this container's traffic to peers takes the host's forwarding path");
+                    None
+                }
+            });
+        }
+    }
+}
 
 impl Routes {
     /// Containers inside `subnet` reached by a /32 link route of the main table over a veth
-    /// whose neighbour entry for them is usable (see the module documentation).
+    /// whose neighbour entry for them is usable (see the module documentation), with the
+    /// veth's name.
     pub(super) fn discover_routed_endpoints(
         &self,
         subnet: Ipv4Net,
-    ) -> anyhow::Result<Vec<(Ipv4Addr, LocalEndpoint)>> {
+    ) -> anyhow::Result<Vec<(Ipv4Addr, LocalEndpoint, String)>> {
         self.run(async {
             let routes: Vec<_> = self
                 .handle
@@ -105,15 +146,17 @@ impl Routes {
                     LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac.as_slice()).ok(),
                     _ => None,
                 });
-                if let (true, Some(gateway_mac)) = (is_veth, gateway_mac) {
-                    found.push((
-                        ip,
-                        LocalEndpoint {
-                            host_ifindex: oif,
-                            container_mac,
-                            gateway_mac,
-                        },
-                    ));
+                let name = link.attributes.iter().find_map(|attr| match attr {
+                    LinkAttribute::IfName(name) => Some(name.clone()),
+                    _ => None,
+                });
+                if let (true, Some(gateway_mac), Some(name)) = (is_veth, gateway_mac, name) {
+                    let endpoint = LocalEndpoint {
+                        host_ifindex: oif,
+                        container_mac,
+                        gateway_mac,
+                    };
+                    found.push((ip, endpoint, name));
                 }
             }
             Ok(found)
