@@ -117,8 +117,11 @@ struct Filter {
     /// IPv4 neighbours in the network as last seen: (ifindex, IP) → (MAC, usable). A
     /// container's entry cycles reachable → stale → delay → reachable under traffic; only a
     /// change of MAC or usability matters.
-    neighbours: HashMap<(u32, Ipv4Addr), (Option<Vec<u8>>, bool)>,
+    neighbours: HashMap<(u32, Ipv4Addr), NeighbourSeen>,
 }
+
+/// A neighbour entry's MAC and whether its state is usable.
+type NeighbourSeen = (Option<Vec<u8>>, bool);
 
 impl Filter {
     fn relevant(&mut self, message: &RouteNetlinkMessage) -> bool {
