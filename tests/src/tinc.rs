@@ -28,17 +28,29 @@ pub fn tinc_ip(h: &Host) -> Ipv4Addr {
 /// waits until every host pings every other over `tinc0`. The daemons are the cluster's:
 /// its teardown stops them.
 pub fn start_tinc_mesh(c: &Cluster, hosts: &[&Host]) -> Result<()> {
-    start_tinc_mesh_carrying(c, hosts, TINC_MTU, &[]).map(|_| ())
+    start(c, hosts, TINC_MTU, &[], false).map(|_| ())
 }
 
 /// [`start_tinc_mesh`] with `tinc0`'s MTU `mtu` and each host also owning the subnets
 /// `subnets[i]` (tinc routes packets for them to that host; add the kernel routes into
-/// `tinc0` yourself). Returns the tincd PIDs.
+/// `tinc0` yourself). The path MTU is set, not discovered: while tinc 1.0 discovers it,
+/// packets above the minimum found so far go over its TCP meta connection. Returns the
+/// tincd PIDs.
 pub fn start_tinc_mesh_carrying(
     c: &Cluster,
     hosts: &[&Host],
     mtu: u32,
     subnets: &[Vec<Ipv4Net>],
+) -> Result<Vec<u32>> {
+    start(c, hosts, mtu, subnets, true)
+}
+
+fn start(
+    c: &Cluster,
+    hosts: &[&Host],
+    mtu: u32,
+    subnets: &[Vec<Ipv4Net>],
+    fixed_pmtu: bool,
 ) -> Result<Vec<u32>> {
     require(&["tincd"])?;
     let dir_of = |h: &Host| c.dir().join(format!("tinc-{}", h.name()));
@@ -65,6 +77,10 @@ pub fn start_tinc_mesh_carrying(
             h.underlay_ip(),
             tinc_ip(h)
         );
+        if fixed_pmtu {
+            // tinc's MTU counts the Ethernet header it keeps even in router mode.
+            host_file.push_str(&format!("PMTUDiscovery = no\nPMTU = {}\n", mtu + 14));
+        }
         for subnet in subnets.get(i).into_iter().flatten() {
             host_file.push_str(&format!("Subnet = {subnet}\n"));
         }
