@@ -206,6 +206,8 @@ impl Drop for AbortOnDrop {
 /// plane without fast paths (only the periodic resync runs).
 pub async fn follow_host_state(dp: Arc<dyn Dataplane>, mut events: Option<mpsc::Receiver<()>>) {
     let mut tick = tokio::time::interval(RESYNC_EVERY);
+    // After a slow refresh, the next resync comes a period later, not in a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
         let full = tokio::select! {
