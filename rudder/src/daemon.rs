@@ -115,7 +115,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             subnet = %saved.subnet, peers = saved.peers.len(),
             "brought up from {} before etcd answered", state_path.display()
         );
-        let refresh = tokio::spawn(refresh_host_state(dp.clone()));
+        let refresh = follow_host_state(&dp, underlay.index, saved.config.network);
         early = Some((local, dp, refresh));
     }
     let stop_early =
@@ -277,7 +277,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         state: state.clone(),
     };
 
-    let refresh_task = tokio::spawn(refresh_host_state(dp.clone()));
+    let refresh_task = follow_host_state(&dp, underlay.index, config.network);
     let state_file_task = tokio::spawn(crate::state_file::keep_written(
         state_path.clone(),
         config.clone(),
@@ -451,25 +451,18 @@ async fn public_ipv6_of(
     }
 }
 
-/// Lets the data plane re-read host state (local containers, its routes) four times a second.
-async fn refresh_host_state(dp: Arc<dyn Dataplane>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut failing = false;
-    loop {
-        tick.tick().await;
-        let dp = dp.clone();
-        let result = tokio::task::spawn_blocking(move || dp.refresh_host_state()).await;
-        match result {
-            Ok(Ok(())) => failing = false,
-            // Log the first failure of a run of failures, not every tick.
-            Ok(Err(e)) if !failing => {
-                failing = true;
-                tracing::warn!("refreshing the data plane's host state failed: {e:#}");
-            }
-            Ok(Err(_)) => {}
-            Err(e) => tracing::error!("data plane refresh panicked: {e}"),
-        }
-    }
+/// Keeps the data plane's host state current: from netlink events where it has fast paths
+/// (`endpoint_watch`), and by a periodic resync.
+fn follow_host_state(
+    dp: &Arc<dyn Dataplane>,
+    underlay: u32,
+    network: ipnet::Ipv4Net,
+) -> tokio::task::JoinHandle<()> {
+    let events = dp
+        .fast_path()
+        .is_some()
+        .then(|| crate::endpoint_watch::watch(underlay, network));
+    tokio::spawn(crate::endpoint_watch::follow_host_state(dp.clone(), events))
 }
 
 /// Reads `<prefix>/config` until it exists and is valid; every failure is logged and kept in

@@ -19,6 +19,7 @@ pub mod config_watch;
 pub mod daemon;
 pub mod dataplane;
 pub mod docker_opts;
+pub mod endpoint_watch;
 pub mod etcd;
 pub mod firewall;
 pub mod flanneld_compat;

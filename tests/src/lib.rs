@@ -28,6 +28,7 @@ pub mod extra_etcd;
 pub mod flanneld;
 pub mod host;
 pub mod netns;
+pub mod outside_bridge;
 pub mod packet;
 pub mod process;
 pub mod router;

@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use ipnet::Ipv4Net;
 
 use crate::util::{require, run, wait_until};
 use crate::{netns, Cluster, Host};
@@ -27,9 +28,34 @@ pub fn tinc_ip(h: &Host) -> Ipv4Addr {
 /// waits until every host pings every other over `tinc0`. The daemons are the cluster's:
 /// its teardown stops them.
 pub fn start_tinc_mesh(c: &Cluster, hosts: &[&Host]) -> Result<()> {
+    start(c, hosts, TINC_MTU, &[], false).map(|_| ())
+}
+
+/// [`start_tinc_mesh`] with `tinc0`'s MTU `mtu` and each host also owning the subnets
+/// `subnets[i]` (tinc routes packets for them to that host; add the kernel routes into
+/// `tinc0` yourself). The path MTU is set, not discovered: while tinc 1.0 discovers it,
+/// packets above the minimum found so far go over its TCP meta connection. Returns the
+/// tincd PIDs.
+pub fn start_tinc_mesh_carrying(
+    c: &Cluster,
+    hosts: &[&Host],
+    mtu: u32,
+    subnets: &[Vec<Ipv4Net>],
+) -> Result<Vec<u32>> {
+    start(c, hosts, mtu, subnets, true)
+}
+
+fn start(
+    c: &Cluster,
+    hosts: &[&Host],
+    mtu: u32,
+    subnets: &[Vec<Ipv4Net>],
+    fixed_pmtu: bool,
+) -> Result<Vec<u32>> {
     require(&["tincd"])?;
     let dir_of = |h: &Host| c.dir().join(format!("tinc-{}", h.name()));
-    for h in hosts {
+    let mut pids = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
         let dir = dir_of(h);
         std::fs::create_dir_all(dir.join("hosts"))?;
         let mut conf = format!("Name = {}\nDeviceType = tun\nInterface = {TINC_DEVICE}\nMode = router\nAddressFamily = ipv4\n", h.name());
@@ -41,19 +67,24 @@ pub fn start_tinc_mesh(c: &Cluster, hosts: &[&Host]) -> Result<()> {
         std::fs::write(
             &up,
             format!(
-                "#!/bin/sh\nip link set $INTERFACE mtu {TINC_MTU}\nip addr add {}/24 dev $INTERFACE\nip link set $INTERFACE up\n",
+                "#!/bin/sh\nip link set $INTERFACE mtu {mtu}\nip addr add {}/24 dev $INTERFACE\nip link set $INTERFACE up\n",
                 tinc_ip(h)
             ),
         )?;
         std::fs::set_permissions(&up, std::fs::Permissions::from_mode(0o755))?;
-        std::fs::write(
-            dir.join("hosts").join(h.name()),
-            format!(
-                "Address = {}\nSubnet = {}/32\nCipher = none\nDigest = none\n",
-                h.underlay_ip(),
-                tinc_ip(h)
-            ),
-        )?;
+        let mut host_file = format!(
+            "Address = {}\nSubnet = {}/32\nCipher = none\nDigest = none\n",
+            h.underlay_ip(),
+            tinc_ip(h)
+        );
+        if fixed_pmtu {
+            // tinc's MTU counts the Ethernet header it keeps even in router mode.
+            host_file.push_str(&format!("PMTUDiscovery = no\nPMTU = {}\n", mtu + 14));
+        }
+        for subnet in subnets.get(i).into_iter().flatten() {
+            host_file.push_str(&format!("Subnet = {subnet}\n"));
+        }
+        std::fs::write(dir.join("hosts").join(h.name()), host_file)?;
         // Appends the public key to hosts/<name>.
         run(std::process::Command::new("tincd")
             .arg("-c")
@@ -85,6 +116,7 @@ pub fn start_tinc_mesh(c: &Cluster, hosts: &[&Host]) -> Result<()> {
             .spawn()
             .context("starting tincd")?;
         c.resources().add_pid(child.id());
+        pids.push(child.id());
     }
     for h in hosts {
         for other in hosts.iter().filter(|o| o.name() != h.name()) {
@@ -104,5 +136,5 @@ pub fn start_tinc_mesh(c: &Cluster, hosts: &[&Host]) -> Result<()> {
             })?;
         }
     }
-    Ok(())
+    Ok(pids)
 }

@@ -108,8 +108,15 @@ pub trait Dataplane: Send + Sync {
     }
 
     /// Re-reads what the data plane learns from the host rather than from etcd (the eBPF
-    /// path's local containers); called every few seconds. Nothing by default.
+    /// path's bridge, local containers and lost routes); called every few seconds as a
+    /// safety net. Nothing by default.
     fn refresh_host_state(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Something about the host's local containers changed (a netlink event, see
+    /// `endpoint_watch`): re-read the bridge and the local endpoints now. Nothing by default.
+    fn local_endpoints_changed(&self) -> anyhow::Result<()> {
         Ok(())
     }
 

@@ -1,9 +1,13 @@
 //! rudder data-plane benchmark: 2 hosts on the harness's underlay (MTU 1500), one container
 //! behind each; modes `route` (host-gw routes), `vxlan` (kernel vxlan, VNI 1, port 8472),
 //! `rudder-ebpf`, `rudder-tun`, `rudder-ebpf-docker` (real dockerd on both hosts, docker0
-//! adopted by rudder, the containers docker's), and the mixed clusters `mixed-ebpf-to-tun` /
-//! `mixed-tun-to-ebpf` (sender's plane first; default offloads), alternated over rounds;
-//! medians and ratios to `route`.
+//! adopted by rudder, the containers docker's), the mixed clusters `mixed-ebpf-to-tun` /
+//! `mixed-tun-to-ebpf` (sender's plane first; default offloads),
+//! `rudder-ebpf-outside-bridge` (no `--bridge`: the harness makes the bridge, holding the
+//! gateway address as docker's `--bip` would, and the containers; also times a new
+//! container's way onto the fast path) and `tinc` (tinc 1.0 in router mode, no cipher, no
+//! digest: a userspace UDP overlay like the TUN path), alternated over rounds; medians and
+//! ratios to `route`, and rudder-tun's to `tinc`.
 //!
 //! Run as root: `cargo xtask bench [--rounds N] [--seconds S] [--json FILE]`.
 
@@ -11,12 +15,14 @@ use anyhow::{anyhow, bail, Result};
 use rudder_tests::bpf_stats;
 use rudder_tests::cleanup::install_signal_cleanup;
 use rudder_tests::docker::docker_host;
+use rudder_tests::outside_bridge;
+use rudder_tests::tinc::{start_tinc_mesh_carrying, TINC_DEVICE};
 use rudder_tests::util::{ip, machine, percentile, require_daemon};
 use rudder_tests::{netns, wait_mesh, wait_ping, Cluster, Endpoint, Host, HostOpts};
 use std::time::Duration;
 
 const PORT: u16 = 5201;
-const MODES: [&str; 7] = [
+const MODES: [&str; 9] = [
     "route",
     "vxlan",
     "rudder-ebpf",
@@ -24,7 +30,14 @@ const MODES: [&str; 7] = [
     "rudder-ebpf-docker",
     "mixed-ebpf-to-tun",
     "mixed-tun-to-ebpf",
+    "rudder-ebpf-outside-bridge",
+    "tinc",
 ];
+/// Containers timed onto the fast path per `rudder-ebpf-outside-bridge` round.
+const FAST_PATH_SAMPLES: u8 = 5;
+/// tinc0's MTU: a 1500-byte underlay packet holds IPv4 20 + UDP 8 + tinc's sequence
+/// number 4 + the Ethernet header tinc keeps even in router mode 14 + this.
+const TINC_MTU: u32 = 1454;
 const METRICS: [&str; 15] = [
     "tcp1_gbps",
     // TCP segments the single stream's sender retransmitted (iperf3's count).
@@ -100,12 +113,13 @@ fn real_main() -> Result<()> {
     let _stats_on = bpf_stats::enable()?;
     // results[mode][metric] = values over rounds
     let mut results = vec![vec![Vec::<f64>::new(); METRICS.len()]; MODES.len()];
+    let mut fast_path_ms = Vec::new();
     for round in 0..args.rounds {
         for (mi, mode) in MODES.iter().enumerate() {
             if !args.modes.iter().any(|m| m == mode) {
                 continue;
             }
-            match run_mode(mode, args.seconds) {
+            match run_mode(mode, args.seconds, &mut fast_path_ms) {
                 Ok(v) => {
                     println!("round {} {mode:<12} {v:.3?}", round + 1);
                     for (k, x) in v.into_iter().enumerate() {
@@ -121,10 +135,27 @@ fn real_main() -> Result<()> {
         .map(|m| m.iter().map(|v| median(v)).collect())
         .collect();
     print_table(&med, 0..MAIN_METRICS, |_| true);
+    let index = |name: &str| MODES.iter().position(|m| *m == name).expect("a mode");
+    let (tun, tinc) = (index("rudder-tun"), index("tinc"));
+    if !results[tun][0].is_empty() && !results[tinc][0].is_empty() {
+        let cells: Vec<String> = (0..MAIN_METRICS)
+            .map(|k| format!("{:.2}x", med[tun][k] / med[tinc][k]))
+            .collect();
+        println!("| rudder-tun / tinc | {} |", cells.join(" | "));
+    }
     println!("\neBPF program cost, ns per run (kernel BPF stats, both hosts):");
     print_table(&med, MAIN_METRICS..METRICS.len(), |mi| {
         med[mi][MAIN_METRICS..].iter().any(|x| x.is_finite())
     });
+    if !fast_path_ms.is_empty() {
+        println!(
+            "\ncontainer on the fast path after {:.1} ms (median of {}; min {:.1}, max {:.1})",
+            median(&fast_path_ms),
+            fast_path_ms.len(),
+            fast_path_ms.iter().copied().fold(f64::INFINITY, f64::min),
+            fast_path_ms.iter().copied().fold(0.0, f64::max),
+        );
+    }
     if let Some(f) = args.json {
         let mut obj = serde_json::Map::new();
         obj.insert("machine".into(), machine().into());
@@ -135,6 +166,10 @@ fn real_main() -> Result<()> {
             }
             obj.insert(mode.to_string(), m.into());
         }
+        obj.insert(
+            "fast_path_ms".into(),
+            serde_json::json!({"median": median(&fast_path_ms), "samples": fast_path_ms}),
+        );
         std::fs::write(&f, serde_json::to_string_pretty(&obj)?)?;
     }
     Ok(())
@@ -167,8 +202,9 @@ fn median(v: &[f64]) -> f64 {
     percentile(v, 50)
 }
 
-/// Sets up a fresh 2-host cluster for `mode`, measures, tears down (Drop).
-fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
+/// Sets up a fresh 2-host cluster for `mode`, measures, tears down (Drop). Times to the
+/// fast path (ms) go to `fast_path_ms`.
+fn run_mode(mode: &str, secs: u32, fast_path_ms: &mut Vec<f64>) -> Result<Vec<f64>> {
     let cluster = Cluster::new()?;
     // The sender's (host 0) and the receiver's data plane.
     let planes = match mode {
@@ -179,6 +215,7 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
     };
     let opts_for = |i: usize| HostOpts {
         dataplane: Some(planes[i].into()),
+        external_bridge: mode == "rudder-ebpf-outside-bridge",
         ..HostOpts::default()
     };
     let opts = || opts_for(0);
@@ -202,6 +239,31 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
         let to = endpoints.pop().expect("two endpoints");
         let from = endpoints.pop().expect("two endpoints");
         (hosts, from, to)
+    } else if mode == "rudder-ebpf-outside-bridge" {
+        let hosts = vec![
+            cluster.add_host(opts_for(0))?,
+            cluster.add_host(opts_for(1))?,
+        ];
+        let (a, b) = (&hosts[0], &hosts[1]);
+        rudder_tests::wait_until(
+            "the hosts to see each other",
+            Duration::from_secs(30),
+            || Ok(a.sees_peer(b)? && b.sees_peer(a)?),
+        )?;
+        for h in &hosts {
+            outside_bridge::make_bridge(h)?;
+            outside_bridge::wait_adopted(h)?;
+        }
+        let from = outside_bridge::add_container(a, 1)?;
+        // The receiver's first container is the one measured; more for the median.
+        let mut to = None;
+        for n in 1..=FAST_PATH_SAMPLES {
+            let (ctr, took) = outside_bridge::time_to_fast_path(b, n)?;
+            println!("container {} on the fast path after {took:.1?}", ctr.ip);
+            fast_path_ms.push(took.as_secs_f64() * 1e3);
+            to.get_or_insert(ctr);
+        }
+        (hosts, from, to.expect("at least one container"))
     } else {
         let hosts = vec![
             cluster.add_host(opts_for(0))?,
@@ -212,6 +274,8 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
         (hosts, from, to)
     };
     let (a, b) = (&hosts[0], &hosts[1]);
+    // tinc's daemons stand in for rudder's in the CPU figures.
+    let mut tinc_pids = Vec::new();
     match mode {
         // More specific /32 routes than the daemon's, inside the host namespaces only. The
         // daemons go first (SIGKILL: their bridges and containers stay): plain overlay packets
@@ -285,6 +349,18 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
                 ])?;
             }
         }
+        "tinc" => {
+            for h in [a, b] {
+                h.kill9()?;
+                let _ = run_cmd(h.netns(), "nft", &["delete", "table", "ip", "rudder_guard"]);
+            }
+            let subnets = [vec![a.subnet()], vec![b.subnet()]];
+            tinc_pids = start_tinc_mesh_carrying(&cluster, &[a, b], TINC_MTU, &subnets)?;
+            for (h, p) in [(a, b), (b, a)] {
+                let dst = format!("{}/32", p.container_ip());
+                ip(&["-n", h.netns(), "route", "add", &dst, "dev", TINC_DEVICE])?;
+            }
+        }
         _ => {}
     }
     wait_ping(&from, to.ip, Duration::from_secs(30))?;
@@ -296,7 +372,13 @@ fn run_mode(mode: &str, secs: u32) -> Result<Vec<f64>> {
             Ok(Duration::ZERO)
         }
     };
-    let daemons_cpu = || -> Result<Duration> { Ok(cpu(a)? + cpu(b)?) };
+    let daemons_cpu = || -> Result<Duration> {
+        let tincd: Duration = tinc_pids
+            .iter()
+            .map(|pid| rudder_tests::process::cpu_time_of(*pid))
+            .sum::<Result<_>>()?;
+        Ok(cpu(a)? + cpu(b)? + tincd)
+    };
     let (busy_before, daemons_before) = (machine_busy()?, daemons_cpu()?);
     let pids: Vec<u32> = [a, b].iter().filter_map(|h| h.pid()).collect();
     let bpf_stats = || bpf_stats::snapshot(&pids);

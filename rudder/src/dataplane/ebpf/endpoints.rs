@@ -1,8 +1,9 @@
 //! Local endpoints: the bridge the containers sit behind (rudder's own with `--bridge`, else
 //! whichever interface holds the subnet's gateway address: docker0, cni0, a hand-made one),
 //! and the containers behind it that get the fast delivery path, found from the bridge's IPv4
-//! neighbours and FDB.
+//! neighbours and FDB; plus bridgeless veths with a /32 route (`routed_endpoints`).
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use anyhow::Context as _;
@@ -10,7 +11,95 @@ use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use rudder_ebpf::LocalEndpoint;
 
+use super::kernel::ignore_missing;
+use super::routed_endpoints::{lladdr, usable};
 use super::routes::Routes;
+use super::{EbpfDataplane, State};
+
+impl EbpfDataplane {
+    /// Registers a container on this host for the fast delivery path: decapsulated packets
+    /// for `ip` go straight into the namespace of `host_veth_ifindex`'s peer, with Ethernet
+    /// destination `container_mac` and source `gateway_mac` (the bridge's MAC).
+    pub fn upsert_local_endpoint(
+        &self,
+        ip: Ipv4Addr,
+        host_veth_ifindex: u32,
+        container_mac: [u8; 6],
+        gateway_mac: [u8; 6],
+    ) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let kernel = state.kernel_mut()?;
+        let endpoint = LocalEndpoint {
+            host_ifindex: host_veth_ifindex,
+            container_mac,
+            gateway_mac,
+        };
+        kernel
+            .endpoints
+            .insert(ip.octets(), endpoint, 0)
+            .with_context(|| {
+                format!("adding local endpoint {ip} (ifindex {host_veth_ifindex}) to the BPF map")
+            })
+    }
+
+    /// Finds the local containers and installs them as local endpoints, removing those that
+    /// vanished since the last call; returns how many there are. A container is an IPv4
+    /// neighbour inside the local subnet either of the adopted bridge, whose MAC the
+    /// bridge's FDB places on a veth port, or of a veth a /32 route points at. Call it on
+    /// netlink events (`endpoint_watch`) and periodically; endpoints added with
+    /// [`Self::upsert_local_endpoint`] for the same IP are overwritten.
+    pub fn refresh_local_endpoints(&self) -> anyhow::Result<usize> {
+        let mut state = self.lock();
+        let subnet = state.opts.local_subnet;
+        let mut found: BTreeMap<Ipv4Addr, LocalEndpoint> = match &state.bridge {
+            Some(bridge) => state
+                .routes()?
+                .discover_endpoints(&bridge.name, subnet)?
+                .into_iter()
+                .collect(),
+            None => BTreeMap::new(),
+        };
+        let routed = state.routes()?.discover_routed_endpoints(subnet)?;
+        let veths = routed
+            .iter()
+            .map(|(_, endpoint, name)| (endpoint.host_ifindex, name.clone()))
+            .collect();
+        for (ip, endpoint, _) in routed {
+            found.entry(ip).or_insert(endpoint);
+        }
+        let State {
+            kernel,
+            discovered,
+            routed_veths,
+            ..
+        } = &mut *state;
+        let kernel = kernel.as_mut().context("eBPF data plane is shut down")?;
+        routed_veths.follow(kernel, veths);
+        for (ip, endpoint) in &found {
+            if discovered.get(ip) != Some(endpoint) {
+                kernel
+                    .endpoints
+                    .insert(ip.octets(), *endpoint, 0)
+                    .with_context(|| format!("adding local endpoint {ip} to the BPF map"))?;
+            }
+        }
+        for ip in discovered.keys().filter(|ip| !found.contains_key(ip)) {
+            ignore_missing(kernel.endpoints.remove(&ip.octets()))
+                .with_context(|| format!("removing vanished local endpoint {ip}"))?;
+        }
+        let count = found.len();
+        *discovered = found;
+        Ok(count)
+    }
+
+    /// Forgets a local container; absent ones are not an error.
+    pub fn remove_local_endpoint(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let kernel = state.kernel_mut()?;
+        ignore_missing(kernel.endpoints.remove(&ip.octets()))
+            .with_context(|| format!("removing local endpoint {ip} from the BPF map"))
+    }
+}
 
 impl Routes {
     /// The interface holding `address` (name, ifindex): docker's `--bip` and CNI's
@@ -85,15 +174,10 @@ impl Routes {
     ) -> anyhow::Result<Vec<(Ipv4Addr, LocalEndpoint)>> {
         use rtnetlink::packet_route::{
             link::{InfoKind, LinkAttribute, LinkInfo},
-            neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+            neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
             AddressFamily,
         };
-        fn lladdr(entry: &NeighbourMessage) -> Option<[u8; 6]> {
-            entry.attributes.iter().find_map(|attr| match attr {
-                NeighbourAttribute::LinkLayerAddress(mac) => mac.as_slice().try_into().ok(),
-                _ => None,
-            })
-        }
+        let lladdr = |entry: &NeighbourMessage| lladdr(&entry.attributes);
         self.run(async {
             let bridge_link = self
                 .handle
@@ -146,16 +230,10 @@ impl Routes {
                 .await
                 .context("dumping IPv4 neighbours")?;
             let mut found = Vec::new();
-            for neighbour in neighbours.iter().filter(|n| {
-                n.header.ifindex == bridge_index
-                    && !matches!(
-                        n.header.state,
-                        NeighbourState::Incomplete
-                            | NeighbourState::Failed
-                            | NeighbourState::Noarp
-                            | NeighbourState::None
-                    )
-            }) {
+            for neighbour in neighbours
+                .iter()
+                .filter(|n| n.header.ifindex == bridge_index && usable(n.header.state))
+            {
                 let Some(ip) = neighbour.attributes.iter().find_map(|attr| match attr {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
                     _ => None,

@@ -31,17 +31,18 @@
 //!
 //! - **The bridge is adopted, not owned**: `--bridge` names it, else it is whichever
 //!   interface holds the subnet's gateway address (first host address, what docker's
-//!   `--bip` and CNI's `isGateway` put on docker0/cni0). It is looked for on every refresh
-//!   (four times a second): when it appears, or is deleted and re-created (a docker
-//!   restart), `rudder_br_in` is attached to it, and the peer routes get the gateway
+//!   `--bip` and CNI's `isGateway` put on docker0/cni0). It is looked for whenever a link
+//!   or an address changes (netlink events, `endpoint_watch`): when it appears, or is
+//!   deleted and re-created (a docker restart), `rudder_br_in` is attached to it, and the peer routes get the gateway
 //!   address as preferred source while that address is local (host-originated overlay
 //!   traffic then passes the peers' anti-spoofing check), and lose it when it goes.
 //!
 //! # What the daemon must provide
 //! - `net.ipv4.ip_forward=1`; containers' MTU = the overlay MTU.
-//! - Call [`Dataplane::refresh_host_state`] four times a second: it adopts the bridge and
-//!   re-reads the local endpoints (the bridge's neighbours and FDB); or feed
-//!   [`EbpfDataplane::upsert_local_endpoint`] yourself.
+//! - Call [`Dataplane::local_endpoints_changed`] when links, addresses, neighbours or /32
+//!   routes change (`endpoint_watch` does): it adopts the bridge and re-reads the local
+//!   endpoints; and [`Dataplane::refresh_host_state`] every few seconds as a safety net
+//!   (also restores lost routes). Or feed [`EbpfDataplane::upsert_local_endpoint`] yourself.
 //! - Redirected packets bypass the host's forwarding path: host netfilter (forward chain,
 //!   conntrack) does not see container ↔ peer traffic on the fast paths.
 //!
@@ -54,7 +55,7 @@
 //!
 //! Rooms: `kernel` (the BPF object, its programs and maps), `routes` (peer routes),
 //! `bridge` (adopting the containers' bridge),
-//! `endpoints` (local container discovery), `socket_path` (datagrams BPF passes up);
+//! `endpoints` and `routed_endpoints` (local container discovery), `socket_path` (datagrams BPF passes up);
 //! this file ties them into [`EbpfDataplane`].
 
 use std::{
@@ -83,6 +84,7 @@ mod kernel_tests;
 mod kernel_tests_stack_flows;
 mod pins;
 mod route_loss;
+mod routed_endpoints;
 mod routes;
 #[cfg(test)]
 mod smoke_tests;
@@ -91,6 +93,7 @@ mod underlay_change;
 
 use bridge::AdoptedBridge;
 use kernel::{ignore_missing, Kernel};
+pub(crate) use routed_endpoints::usable as usable_neighbour_state;
 use routes::Routes;
 pub use routes::RTPROT_RUDDER;
 
@@ -124,9 +127,6 @@ pub struct EbpfDataplane {
     state: Mutex<State>,
     /// Where the datagrams BPF passes up are handled; set by [`Self::start_socket_path`].
     socket_path: Mutex<Option<Arc<socket_path::SocketPath>>>,
-    /// Counts `refresh_host_state` calls: endpoints are re-read on every call (new
-    /// containers get the fast path quickly), routes checked on every 8th (a full dump).
-    refreshes: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -144,6 +144,8 @@ struct State {
     discovered: BTreeMap<Ipv4Addr, LocalEndpoint>,
     /// The bridge `rudder_br_in` is attached to.
     bridge: Option<AdoptedBridge>,
+    /// The bridgeless container veths it is attached to as well.
+    routed_veths: routed_endpoints::RoutedVeths,
     /// Whether the gateway address is on this host (then it is the peer routes' source).
     gateway_local: bool,
     /// What the last route check saw (tells why routes went missing since).
@@ -231,7 +233,6 @@ impl EbpfDataplane {
             .max(1);
         let dataplane = EbpfDataplane {
             socket_path: Mutex::new(None),
-            refreshes: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(State {
                 opts,
                 kernel: Some(kernel),
@@ -241,6 +242,7 @@ impl EbpfDataplane {
                 next_traffic_id,
                 discovered: BTreeMap::new(),
                 bridge: None,
+                routed_veths: Default::default(),
                 gateway_local: false,
                 route_events: None,
                 pins,
@@ -287,77 +289,6 @@ impl EbpfDataplane {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    /// Registers a container on this host for the fast delivery path: decapsulated packets
-    /// for `ip` go straight into the namespace of `host_veth_ifindex`'s peer, with Ethernet
-    /// destination `container_mac` and source `gateway_mac` (the bridge's MAC).
-    pub fn upsert_local_endpoint(
-        &self,
-        ip: Ipv4Addr,
-        host_veth_ifindex: u32,
-        container_mac: [u8; 6],
-        gateway_mac: [u8; 6],
-    ) -> anyhow::Result<()> {
-        let mut state = self.lock();
-        let kernel = state.kernel_mut()?;
-        let endpoint = LocalEndpoint {
-            host_ifindex: host_veth_ifindex,
-            container_mac,
-            gateway_mac,
-        };
-        kernel
-            .endpoints
-            .insert(ip.octets(), endpoint, 0)
-            .with_context(|| {
-                format!("adding local endpoint {ip} (ifindex {host_veth_ifindex}) to the BPF map")
-            })
-    }
-
-    /// Finds the containers behind the adopted bridge and installs them
-    /// as local endpoints, removing those that vanished since the last call; returns how
-    /// many there are. A container is an IPv4 neighbour of the bridge inside the local
-    /// subnet whose MAC the bridge's FDB places on a veth port. Call it periodically (e.g.
-    /// every few seconds) or on netlink neighbour events; endpoints added with
-    /// [`Self::upsert_local_endpoint`] for the same IP are overwritten.
-    pub fn refresh_local_endpoints(&self) -> anyhow::Result<usize> {
-        let mut state = self.lock();
-        let subnet = state.opts.local_subnet;
-        let found: BTreeMap<Ipv4Addr, LocalEndpoint> = match &state.bridge {
-            Some(bridge) => state
-                .routes()?
-                .discover_endpoints(&bridge.name, subnet)?
-                .into_iter()
-                .collect(),
-            None => BTreeMap::new(),
-        };
-        let State {
-            kernel, discovered, ..
-        } = &mut *state;
-        let kernel = kernel.as_mut().context("eBPF data plane is shut down")?;
-        for (ip, endpoint) in &found {
-            if discovered.get(ip) != Some(endpoint) {
-                kernel
-                    .endpoints
-                    .insert(ip.octets(), *endpoint, 0)
-                    .with_context(|| format!("adding local endpoint {ip} to the BPF map"))?;
-            }
-        }
-        for ip in discovered.keys().filter(|ip| !found.contains_key(ip)) {
-            ignore_missing(kernel.endpoints.remove(&ip.octets()))
-                .with_context(|| format!("removing vanished local endpoint {ip}"))?;
-        }
-        let count = found.len();
-        *discovered = found;
-        Ok(count)
-    }
-
-    /// Forgets a local container; absent ones are not an error.
-    pub fn remove_local_endpoint(&self, ip: Ipv4Addr) -> anyhow::Result<()> {
-        let mut state = self.lock();
-        let kernel = state.kernel_mut()?;
-        ignore_missing(kernel.endpoints.remove(&ip.octets()))
-            .with_context(|| format!("removing local endpoint {ip} from the BPF map"))
     }
 
     /// For status output: (program name, instructions after translation, instructions
@@ -418,16 +349,19 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn refresh_host_state(&self) -> anyhow::Result<()> {
-        let n = self
-            .refreshes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.adopt_bridge()?;
-        if n.is_multiple_of(8) {
-            self.restore_lost_routes()?;
+        self.restore_lost_routes()?;
+        {
             let mut state = self.lock();
             let live = state.peer_entries.values().map(|(id, _)| *id).collect();
             state.kernel_mut()?.forget_traffic_except(&live);
         }
+        self.refresh_local_endpoints()?;
+        Ok(())
+    }
+
+    fn local_endpoints_changed(&self) -> anyhow::Result<()> {
+        self.adopt_bridge()?;
         self.refresh_local_endpoints()?;
         Ok(())
     }
