@@ -80,6 +80,8 @@ mod kernel_decap_tests;
 #[cfg(test)]
 mod kernel_tests;
 #[cfg(test)]
+mod kernel_tests_full_tables;
+#[cfg(test)]
 mod kernel_tests_stack_flows;
 mod pins;
 mod route_loss;
