@@ -143,7 +143,10 @@ pub fn run_join(n: usize, dataplane: &str) -> Result<JoinRow> {
     let mut acquisitions = 0;
     let mut cpu = 0.0;
     for h in &hosts {
-        acquisitions += h.counter("lease_acquisitions")?;
+        let status = h.status()?;
+        acquisitions += status["lease_acquisitions"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("/status has no lease_acquisitions: {status}"))?;
         let pid = h.pid().context("daemon pid")?;
         cpu += cpu_time_of(pid)?.as_secs_f64();
     }
