@@ -175,6 +175,7 @@ impl Reconciler {
             .filter(|s| !target.contains_key(s))
             .copied()
             .collect();
+        self.dataplane.begin_peer_batch();
         for subnet in stale {
             self.install(subnet, None);
         }
@@ -183,6 +184,7 @@ impl Reconciler {
                 self.install(*subnet, Some(*ip));
             }
         }
+        self.dataplane.end_peer_batch();
         let installed = self.installed.clone();
         self.state.update(|s| s.peers = installed);
     }
