@@ -326,7 +326,12 @@ fn run_case(n: usize, dp: &str, changes: usize) -> Result<Row> {
     while ready.is_none() || all.is_none() {
         host.check_alive()?;
         if t0.elapsed() > PROGRAM_TIMEOUT {
-            bail!("not all {n} peers programmed after {PROGRAM_TIMEOUT:?}");
+            let log = host.log();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            bail!(
+                "not all {n} peers programmed after {PROGRAM_TIMEOUT:?} ({} are); log ends: {tail:?}",
+                programmed(&host, ebpf).unwrap_or(0)
+            );
         }
         if ready.is_none() && host.is_ready() {
             ready = Some(t0.elapsed());
