@@ -535,14 +535,19 @@ impl Observer {
                     {
                         pos += chunk.len() as u64;
                         partial.push_str(&chunk);
-                        while let Some(i) = partial.find('\n') {
-                            let line: String = partial.drain(..=i).collect();
-                            if let Some(t) = log_time(&line) {
-                                if tx.send((t, line)).is_err() {
+                        // Lines cut off the front once per read: draining each line from
+                        // the front was O(n^2) for the 65k-line burst of a big start.
+                        let mut done = 0;
+                        while let Some(i) = partial[done..].find('\n') {
+                            let line = &partial[done..done + i + 1];
+                            done += i + 1;
+                            if let Some(t) = log_time(line) {
+                                if tx.send((t, line.to_string())).is_err() {
                                     return;
                                 }
                             }
                         }
+                        partial.drain(..done);
                     }
                 }
                 std::thread::sleep(Duration::from_micros(500));

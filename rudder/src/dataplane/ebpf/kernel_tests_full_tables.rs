@@ -13,6 +13,8 @@ use super::kernel_tests::{
     PEER_MAC, PORT, TC_ACT_OK,
 };
 
+const _: () = assert!(MAX_PEERS >= 65_536, "a /8 in /24s is 65,536 subnets");
+
 /// Our subnet, outside the /8 of peers (the network is 10.0.0.0/7).
 const LOCAL: Ipv4Addr = Ipv4Addr::new(11, 0, 0, 10);
 
@@ -55,7 +57,6 @@ fn full_kernel() -> Kernel {
 
 #[test]
 fn every_peer_of_a_full_slash_8_encapsulates_and_decapsulates() {
-    assert!(MAX_PEERS >= 65_536, "a /8 in /24s is 65,536 subnets");
     let kernel = full_kernel();
     for i in [0, MAX_PEERS / 2, MAX_PEERS - 1] {
         let (subnet, peer_ip) = peer(i);
