@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use serde_json::{json, Value};
 
 use crate::cli::{EtcdArgs, LeasesArgs, NetworkInitArgs};
 use crate::config::NetworkConfig;
+use crate::etcd::listing::list_prefix;
 use crate::lease::subnets_prefix;
 use crate::subnet::{key_to_subnet, LeaseValue};
 
@@ -109,11 +110,9 @@ pub struct LeaseRow {
 pub async fn leases(args: &LeasesArgs) -> anyhow::Result<()> {
     let mut client = connect_once(&args.etcd).await?;
     let prefix = subnets_prefix(&args.etcd.etcd_prefix);
-    let resp = client
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await?;
+    let (kvs, _) = list_prefix(client.clone(), &prefix).await?;
     let mut rows = Vec::new();
-    for kv in resp.kvs() {
+    for kv in &kvs {
         let key = String::from_utf8_lossy(kv.key()).to_string();
         let subnet = key
             .strip_prefix(&prefix)

@@ -12,10 +12,11 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::config::NetworkConfig;
+use crate::etcd::listing::list_prefix;
 use crate::etcd::Etcd;
 use crate::subnet::{lease_key, parse_lease_key, LeaseSubnets, LeaseValue};
 use crate::subnet_set::SubnetSet;
@@ -417,13 +418,8 @@ impl LeaseManager {
     /// Every key under `subnets/` that parses as a subnet, with its value when that parses.
     async fn list(&mut self) -> Result<Vec<Listed>, etcd_client::Error> {
         let prefix = self.subnets_prefix();
-        let resp = self
-            .etcd
-            .client()
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-            .await?;
-        Ok(resp
-            .kvs()
+        let (kvs, _) = list_prefix(self.etcd.client(), &prefix).await?;
+        Ok(kvs
             .iter()
             .filter_map(|kv| {
                 let suffix = kv.key().strip_prefix(prefix.as_bytes())?;

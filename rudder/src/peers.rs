@@ -6,10 +6,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::mpsc;
 
+use crate::etcd::listing::Pages;
 use crate::etcd::{Backoff, Etcd};
 use crate::peer_book::{PeerBook, Refused};
 use crate::status::State;
@@ -209,36 +210,33 @@ impl PeerRegistry {
     }
 
     async fn list_and_watch(&mut self, backoff: &mut Backoff) -> Result<Stop, etcd_client::Error> {
-        let resp = self
-            .etcd
-            .client()
-            .get(
-                self.subnets_prefix.as_str(),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        // Only keys that still exist stay remembered as "logged once".
-        let listed: HashSet<&[u8]> = resp.kvs().iter().map(|kv| kv.key()).collect();
-        self.logged_other_backend
-            .retain(|key| listed.contains(key.as_slice()));
+        // Page by page, so a big cluster's listing never sits in memory twice.
+        let mut pages = Pages::new(self.etcd.client(), &self.subnets_prefix);
         let mut leases = Vec::new();
+        // Only keys that still exist stay remembered as "logged once".
+        let mut still_other_backend = HashSet::new();
         self.ipv6.clear();
-        for kv in resp.kvs() {
-            if let Some(lease) = self.accept(kv.key(), kv.value()) {
-                if let (Some(subnet6), true) = (lease.subnets.ipv6, self.network6.is_some()) {
-                    let peer = Ipv6Peer {
-                        ipv4_subnet: lease.subnets.ipv4,
-                        public_ipv6: lease.public_ipv6,
-                    };
-                    self.ipv6.insert(subnet6, peer);
-                }
-                if let Some(subnet) = lease.subnets.ipv4 {
-                    leases.push((subnet, lease.public_ip, kv.create_revision()));
+        while let Some(page) = pages.next().await? {
+            for kv in &page {
+                if let Some(lease) = self.accept(kv.key(), kv.value()) {
+                    if let (Some(subnet6), true) = (lease.subnets.ipv6, self.network6.is_some()) {
+                        let peer = Ipv6Peer {
+                            ipv4_subnet: lease.subnets.ipv4,
+                            public_ipv6: lease.public_ipv6,
+                        };
+                        self.ipv6.insert(subnet6, peer);
+                    }
+                    if let Some(subnet) = lease.subnets.ipv4 {
+                        leases.push((subnet, lease.public_ip, kv.create_revision()));
+                    }
+                } else if self.logged_other_backend.contains(kv.key()) {
+                    still_other_backend.insert(kv.key().to_vec());
                 }
             }
         }
+        self.logged_other_backend = still_other_backend;
         self.publish_ipv6();
+        let revision = pages.revision().unwrap_or(0);
         let (snapshot, refusals) = self.book.reset(leases);
         for refused in refusals {
             self.report(refused);

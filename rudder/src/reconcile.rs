@@ -175,6 +175,7 @@ impl Reconciler {
             .filter(|s| !target.contains_key(s))
             .copied()
             .collect();
+        self.dataplane.begin_peer_batch();
         for subnet in stale {
             self.install(subnet, None);
         }
@@ -183,6 +184,7 @@ impl Reconciler {
                 self.install(*subnet, Some(*ip));
             }
         }
+        self.dataplane.end_peer_batch();
         let installed = self.installed.clone();
         self.state.update(|s| s.peers = installed);
     }
@@ -300,6 +302,9 @@ mod tests {
     struct Recorder {
         peers: Mutex<PeerMap>,
         calls: Mutex<Vec<String>>,
+        /// Whether a peer batch is open, and the calls made inside one.
+        in_batch: Mutex<bool>,
+        batched: Mutex<Vec<String>>,
     }
 
     impl Dataplane for Recorder {
@@ -314,11 +319,23 @@ mod tests {
         }
         fn upsert_peer(&self, subnet: Ipv4Net, ip: Ipv4Addr) -> anyhow::Result<()> {
             self.calls.lock().unwrap().push(format!("+{subnet}"));
+            if *self.in_batch.lock().unwrap() {
+                self.batched.lock().unwrap().push(format!("+{subnet}"));
+            }
             self.peers.lock().unwrap().insert(subnet, ip);
             Ok(())
         }
+        fn begin_peer_batch(&self) {
+            *self.in_batch.lock().unwrap() = true;
+        }
+        fn end_peer_batch(&self) {
+            *self.in_batch.lock().unwrap() = false;
+        }
         fn remove_peer(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
             self.calls.lock().unwrap().push(format!("-{subnet}"));
+            if *self.in_batch.lock().unwrap() {
+                self.batched.lock().unwrap().push(format!("-{subnet}"));
+            }
             self.peers.lock().unwrap().remove(&subnet);
             Ok(())
         }
@@ -354,6 +371,20 @@ mod tests {
         let (tx, rx) = watch::channel(net("10.5.1.0/24"));
         let r = Reconciler::new(recorder.clone(), State::default(), ME, rx, notify.clone());
         (r, recorder, notify, tx)
+    }
+
+    #[test]
+    fn a_snapshot_is_one_peer_batch_and_a_watch_event_none() {
+        let (mut r, dp, _, _tx) = setup();
+        let snap: PeerMap = [(net("10.5.2.0/24"), PEER), (net("10.5.3.0/24"), PEER)].into();
+        r.handle(PeerEvent::Snapshot(snap));
+        r.handle(PeerEvent::Upsert(net("10.5.4.0/24"), PEER));
+        assert_eq!(
+            *dp.batched.lock().unwrap(),
+            vec!["+10.5.2.0/24", "+10.5.3.0/24"]
+        );
+        assert!(!*dp.in_batch.lock().unwrap(), "the batch was closed");
+        assert_eq!(dp.calls.lock().unwrap().len(), 3);
     }
 
     #[test]

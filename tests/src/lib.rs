@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod cni;
 mod container;
 pub mod containerd;
+pub mod cpbench_join;
 mod daemon;
 pub mod docker;
 pub mod etcd_json;

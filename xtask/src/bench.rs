@@ -1,6 +1,6 @@
 //! `cargo xtask bench [--only data-plane|control-plane]`: setup, build (rudder in release),
 //! run the bench binaries of the tests crate (`rudder-bench`, then `rudder-cpbench`) with
-//! `RUDDER_BIN` pointing at the release daemon. `--peers`, `--dataplanes` and `--changes` go
+//! `RUDDER_BIN` pointing at the release daemon. `--peers`, `--dataplanes`, `--changes` and `--join` go
 //! to the control-plane bench, the other flags to the data-plane bench; with both, `--json F`
 //! writes F and `F.control-plane.json`.
 
@@ -8,7 +8,7 @@ use crate::util::{build_workspace, cargo, run as run_ok, status, target_dir};
 use anyhow::{bail, Result};
 use std::process::Command;
 
-const CONTROL_PLANE_FLAGS: [&str; 3] = ["--peers", "--dataplanes", "--changes"];
+const CONTROL_PLANE_FLAGS: [&str; 4] = ["--peers", "--dataplanes", "--changes", "--join"];
 
 pub fn run(args: &[String]) -> Result<i32> {
     let (mut data, mut control, mut only, mut json) = (vec![], vec![], None, None);

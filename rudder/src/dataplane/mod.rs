@@ -89,6 +89,13 @@ pub trait Dataplane: Send + Sync {
     /// Forget the host that owned `subnet`.
     fn remove_peer(&self, subnet: Ipv4Net) -> anyhow::Result<()>;
 
+    /// Many peer changes follow (a full resync): the data plane may defer publishing them
+    /// until [`Dataplane::end_peer_batch`], so n changes cost O(n), not n publications.
+    fn begin_peer_batch(&self) {}
+
+    /// Publishes what the batch deferred.
+    fn end_peer_batch(&self) {}
+
     /// Current packet counters.
     fn counters(&self) -> CounterSnapshot;
 

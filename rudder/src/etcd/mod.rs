@@ -1,6 +1,7 @@
 //! etcd connection (endpoints, TLS, auth) and the back-off every etcd loop uses.
 
 pub mod diagnose;
+pub mod listing;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -59,7 +59,7 @@
 //! this file ties them into [`EbpfDataplane`].
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -81,11 +81,14 @@ mod kernel_decap_tests;
 #[cfg(test)]
 mod kernel_tests;
 #[cfg(test)]
+mod kernel_tests_full_tables;
+#[cfg(test)]
 mod kernel_tests_stack_flows;
 mod pins;
 mod route_loss;
 mod routed_endpoints;
 mod routes;
+mod senders;
 #[cfg(test)]
 mod smoke_tests;
 mod socket_path;
@@ -135,6 +138,9 @@ struct State {
     kernel: Option<Kernel>,
     routes: Option<Routes>,
     peers: BTreeMap<Ipv4Net, Ipv4Addr>,
+    /// How many of `peers` each public IP has (the sender map's value), kept with `peers`:
+    /// counting them per change made a resync of n peers O(n^2).
+    subnets_per_sender: HashMap<Ipv4Addr, u32>,
     /// Each peer entry's traffic id (see [`PeerValue::traffic_id`]) and when it was
     /// installed or moved: its traffic counters start there.
     peer_entries: BTreeMap<Ipv4Net, (u32, std::time::SystemTime)>,
@@ -219,7 +225,12 @@ impl EbpfDataplane {
                 "adopted the BPF programs' links, maps and routes a previous rudder left"
             );
         }
-        let peers = adopted.iter().map(|(s, (ip, _))| (*s, *ip)).collect();
+        let peers: BTreeMap<Ipv4Net, Ipv4Addr> =
+            adopted.iter().map(|(s, (ip, _))| (*s, *ip)).collect();
+        let mut subnets_per_sender = HashMap::new();
+        for ip in peers.values() {
+            *subnets_per_sender.entry(*ip).or_insert(0) += 1;
+        }
         let peer_entries = adopted
             .iter()
             .map(|(s, (_, id))| (*s, (*id, std::time::SystemTime::now())))
@@ -238,6 +249,7 @@ impl EbpfDataplane {
                 kernel: Some(kernel),
                 routes: Some(routes),
                 peers,
+                subnets_per_sender,
                 peer_entries,
                 next_traffic_id,
                 discovered: BTreeMap::new(),
@@ -328,18 +340,6 @@ impl State {
     fn pref_source(&self) -> Option<Ipv4Addr> {
         self.gateway_local
             .then(|| crate::subnet::gateway(self.opts.local_subnet))
-    }
-
-    /// Keeps the sender map in step with `peers` for one public IP.
-    fn sync_sender(&mut self, public_ip: Ipv4Addr) -> anyhow::Result<()> {
-        let subnets = self.peers.values().filter(|ip| **ip == public_ip).count() as u32;
-        let kernel = self.kernel_mut()?;
-        if subnets == 0 {
-            ignore_missing(kernel.senders.remove(&public_ip.octets()))
-        } else {
-            kernel.senders.insert(public_ip.octets(), subnets, 0)
-        }
-        .with_context(|| format!("updating the sender map for {public_ip}"))
     }
 }
 
@@ -437,7 +437,7 @@ impl Dataplane for EbpfDataplane {
         if let Some(stale) = stale_id {
             let _ = kernel.peer_traffic.remove(&stale);
         }
-        let previous = state.peers.insert(subnet, public_ip);
+        let previous = state.insert_peer(subnet, public_ip);
         if let Some(path) = self.socket_path() {
             path.upsert_peer(subnet, public_ip, previous);
         }
@@ -465,7 +465,7 @@ impl Dataplane for EbpfDataplane {
         if let Some((traffic_id, _)) = state.peer_entries.remove(&subnet) {
             let _ = state.kernel_mut()?.peer_traffic.remove(&traffic_id);
         }
-        if let Some(public_ip) = state.peers.remove(&subnet) {
+        if let Some(public_ip) = state.remove_peer_entry(subnet) {
             if let Some(path) = self.socket_path() {
                 path.remove_peer(subnet, public_ip);
             }
@@ -537,6 +537,7 @@ impl Dataplane for EbpfDataplane {
         }
         drop(state.kernel.take());
         state.peers.clear();
+        state.subnets_per_sender.clear();
         state.peer_entries.clear();
         state.discovered.clear();
         if let Some(routes) = state.routes.take() {

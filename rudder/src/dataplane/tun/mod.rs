@@ -67,6 +67,8 @@ struct PeerState {
     peers: BTreeMap<Ipv4Net, PeerEntry>,
     /// The master copy of the forwarding table, updated in place; readers get clones.
     table: ForwardingTable,
+    /// In a peer batch: publish once at its end (a clone per change would be O(n^2)).
+    batching: bool,
 }
 
 /// The TUN data plane. See the module documentation.
@@ -159,6 +161,7 @@ impl TunDataplane {
                 icmp_sources,
                 peers: BTreeMap::new(),
                 table,
+                batching: false,
             }),
             options,
             shared,
@@ -188,8 +191,10 @@ impl TunDataplane {
     fn update(&self, change: impl FnOnce(&mut PeerState)) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         change(&mut state);
-        // A clone is a few memcpys: O(n) per change, no sorting or map walks.
-        self.shared.table.publish(state.table.clone());
+        if !state.batching {
+            // A clone is a few memcpys: O(n) per change, no sorting or map walks.
+            self.shared.table.publish(state.table.clone());
+        }
     }
 }
 
@@ -278,6 +283,14 @@ impl Dataplane for TunDataplane {
             state.peers.insert(subnet, entry);
         });
         Ok(())
+    }
+
+    fn begin_peer_batch(&self) {
+        self.update(|state| state.batching = true);
+    }
+
+    fn end_peer_batch(&self) {
+        self.update(|state| state.batching = false);
     }
 
     fn remove_peer(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
