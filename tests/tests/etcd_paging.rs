@@ -13,8 +13,8 @@ use rudder::config::NetworkConfig;
 use rudder::etcd::listing::{list_prefix, Pages};
 use rudder::etcd::Etcd;
 use rudder::lease::{subnets_prefix, LeaseManager};
-use rudder::metrics::Metrics;
 use rudder::peers::{PeerEvent, PeerRegistry};
+use rudder::status::State;
 use rudder::subnet::subnet_to_key;
 use rudder_tests::{check, e2e, etcd_json, netns, Cluster};
 
@@ -99,8 +99,9 @@ fn leases_beyond_the_grpc_decode_limit_are_all_listed() {
                         etcd.clone(),
                         listed_prefix.clone(),
                         "10.0.0.0/8".parse()?,
+                        None,
                         tx,
-                        Metrics::default(),
+                        State::default(),
                     );
                     let task = tokio::spawn(registry.run());
                     let first = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await?;
@@ -115,9 +116,10 @@ fn leases_beyond_the_grpc_decode_limit_are_all_listed() {
                         prefix,
                         NetworkConfig::parse(NETWORK.as_bytes())?,
                         Ipv4Addr::new(172, 31, 0, 1),
+                        None,
                         Duration::from_secs(60),
                     );
-                    let acquired = leases.acquire(None).await.map(|l| l.subnet);
+                    let acquired = leases.acquire(None, None).await.map(|l| l.subnet);
                     anyhow::Ok((unpaged, kvs.len(), small_pages, snapshot, acquired))
                 })
             })?;
