@@ -220,8 +220,8 @@ pub fn inner_traffic_class(packet: &[u8]) -> Option<u8> {
     }
 }
 
-/// A hash of the inner flow (addresses, flow label, protocol and ports): one flow always
-/// gets the same value, so the underlay's ECMP keeps it on one path (RFC 6438).
+/// A hash of the inner flow (addresses, flow label, protocol, and ports unless fragmented):
+/// one flow always gets the same value, so the underlay's ECMP keeps it on one path (RFC 6438).
 pub fn flow_hash6(packet: &[u8], view: &Ipv6View) -> u32 {
     // FNV-1a: tiny, and good enough to spread flows.
     let mut hash: u32 = 0x811c_9dc5;
@@ -234,7 +234,8 @@ pub fn flow_hash6(packet: &[u8], view: &Ipv6View) -> u32 {
     eat(&view.dst.octets());
     eat(&view.flow_label.to_be_bytes());
     eat(&[view.protocol]);
-    if matches!(view.protocol, PROTO_TCP | PROTO_UDP) {
+    // Only the first fragment shows the ports: every fragment of a flow must hash alike.
+    if matches!(view.protocol, PROTO_TCP | PROTO_UDP) && !view.is_fragment() {
         if let Some(ports) = view.l4(packet).and_then(|l4| l4.get(..4)) {
             eat(ports);
         }

@@ -341,6 +341,11 @@ fn flow_labels_are_20_bits_non_zero_and_per_flow() {
     let hash = |p: &[u8]| flow_hash6(p, &parse_ipv6(p).unwrap());
     assert_eq!(hash(&a), hash(&b), "same flow, same hash");
     assert_ne!(hash(&a), hash(&c), "another port, another flow");
+    let mut first = frag(17, 0, true);
+    first.extend_from_slice(&a[40..]);
+    let first = ipv6_packet(SRC, DST, 64, 44, &first);
+    let later = ipv6_packet(SRC, DST, 64, 44, &frag(17, 3, false));
+    assert_eq!(hash(&first), hash(&later), "fragments of one flow");
 }
 
 /// A UDP packet whose checksum field holds the pseudo-header sum (checksum offload).
