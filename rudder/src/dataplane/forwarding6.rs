@@ -62,14 +62,14 @@ pub enum Inbound6<P> {
     },
 }
 
-const fn drop<P>(reason: Counter) -> Outbound6<P> {
+const fn dropped<P>(reason: Counter) -> Outbound6<P> {
     Outbound6::Drop {
         reason,
         icmp_len: None,
     }
 }
 
-const fn refuse<P>(reason: Counter) -> Inbound6<P> {
+const fn refused<P>(reason: Counter) -> Inbound6<P> {
     Inbound6::Drop {
         reason,
         icmp_len: None,
@@ -87,11 +87,11 @@ pub fn decide_outbound6<R: PeerRoutes6>(
 ) -> Outbound6<R::Peer> {
     let view = match packet6::parse_ipv6(packet) {
         Ok(view) => view,
-        Err(reason) => return drop(reason),
+        Err(reason) => return dropped(reason),
     };
     let packet = &packet[..view.total_len];
     if let Err(reason) = packet6::check_overlay_scope(packet, &view) {
-        return drop(reason);
+        return dropped(reason);
     }
     let source = overlay.icmp_into_device;
     if view.total_len > mtu {
@@ -138,18 +138,18 @@ pub fn decide_inbound6<R: PeerRoutes6>(
 ) -> Inbound6<R::Peer> {
     let view: Ipv6View = match packet6::parse_ipv6(packet) {
         Ok(view) => view,
-        Err(reason) => return refuse(reason),
+        Err(reason) => return refused(reason),
     };
     let packet = &mut packet[..view.total_len];
     let sender_subnets = peers.subnets_of(sender);
     if let Err(reason) = packet6::check_received6(&view, overlay.local_subnet, sender_subnets) {
-        return refuse(reason);
+        return refused(reason);
     }
     if let Err(reason) = packet6::check_overlay_scope(packet, &view) {
-        return refuse(reason);
+        return refused(reason);
     }
     if let Err(reason) = packet6::decapsulate_ecn6(packet, outer_ecn_byte) {
-        return refuse(reason);
+        return refused(reason);
     }
     if hop == ReceiverHop::Rules {
         if let Err(reason) = packet6::decrement_hop_limit(packet) {

@@ -178,7 +178,7 @@ fn link_scoped_traffic_never_leaves() {
         udp6("fd00:5:1::7", "ff0e::1", 64, &[0; 2000]),
     ] {
         let verdict = outbound(&p, 1452);
-        assert_eq!(verdict, (drop(packet6::DROP_LINK_SCOPED), vec![]));
+        assert_eq!(verdict, (dropped(packet6::DROP_LINK_SCOPED), vec![]));
     }
 }
 
@@ -187,12 +187,12 @@ fn malformed_packets_are_dropped_with_their_reason() {
     let mut p = udp6("fd00:5:1::7", "fd00:5:2::9", 64, b"x");
     p[6] = 60; // destination options that run past the payload
     p[41] = 200;
-    assert_eq!(outbound(&p, 1452).0, drop(Counter::DropMalformed));
+    assert_eq!(outbound(&p, 1452).0, dropped(Counter::DropMalformed));
     assert_eq!(
         inbound(&mut p, PEER2, 0, ReceiverHop::Rules).0,
-        refuse(Counter::DropMalformed)
+        refused(Counter::DropMalformed)
     );
-    assert_eq!(outbound(&p[..30], 1452).0, drop(Counter::DropTruncated));
+    assert_eq!(outbound(&p[..30], 1452).0, dropped(Counter::DropTruncated));
 }
 
 #[test]
@@ -218,27 +218,27 @@ fn inbound_spoofed_unknown_or_misdirected_is_refused() {
     let mut p = udp6("fd00:5:3::9", "fd00:5:1::7", 64, b"hi");
     assert_eq!(
         inbound(&mut p, PEER2, 0, ReceiverHop::Kernel).0,
-        refuse(Counter::DropSpoofedSource)
+        refused(Counter::DropSpoofedSource)
     );
     let stranger: IpAddr = "2001:db8::66".parse().unwrap();
     assert_eq!(
         inbound(&mut p, stranger, 0, ReceiverHop::Kernel).0,
-        refuse(Counter::DropUnknownSender)
+        refused(Counter::DropUnknownSender)
     );
     let mut p = udp6("fd00:5:2::9", "fd00:5:3::7", 64, b"hi");
     assert_eq!(
         inbound(&mut p, PEER2, 0, ReceiverHop::Kernel).0,
-        refuse(Counter::DropNotOurSubnet)
+        refused(Counter::DropNotOurSubnet)
     );
     let mut p = udp6("fe80::9", "fd00:5:1::7", 64, b"hi");
     assert_eq!(
         inbound(&mut p, PEER2, 0, ReceiverHop::Kernel).0,
-        refuse(Counter::DropSpoofedSource)
+        refused(Counter::DropSpoofedSource)
     );
     let mut nd = icmp6("fd00:5:2::9", "fd00:5:1::7", 136);
     assert_eq!(
         inbound(&mut nd, PEER2, 0, ReceiverHop::Kernel).0,
-        refuse(packet6::DROP_LINK_SCOPED)
+        refused(packet6::DROP_LINK_SCOPED)
     );
 }
 
@@ -254,7 +254,7 @@ fn inbound_ecn_ce_is_copied_or_dropped() {
     p[1] &= 0xcf; // Not-ECT
     assert_eq!(
         inbound(&mut p, PEER2, 0x03, ReceiverHop::Kernel).0,
-        refuse(Counter::DropCeNotEct)
+        refused(Counter::DropCeNotEct)
     );
 }
 
