@@ -31,6 +31,8 @@ mod lease_keeper;
 pub mod local_setup;
 pub mod metrics;
 pub mod packet;
+pub mod packet6;
+pub mod packet6_icmp;
 pub mod packet_segment;
 pub mod peer_book;
 pub mod peers;

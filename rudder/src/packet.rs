@@ -194,7 +194,7 @@ pub fn internet_checksum(data: &[u8]) -> u16 {
 }
 
 pub(crate) const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
+pub(crate) const PROTO_UDP: u8 = 17;
 
 /// Finishes a TCP or UDP checksum its sender's kernel left for a NIC to complete.
 ///

@@ -3,9 +3,10 @@
 //! would have: for a TUN device without offloads (`--tun-offload false`), which can only take
 //! packets of at most its MTU. What the kernel's `tcp_gso_segment` does: sequence numbers
 //! advance by the payload, IP ids by one, FIN/PSH only on the last segment, CWR only on the
-//! first, every header and TCP checksum complete.
+//! first, every header and TCP checksum complete. IPv6 likewise, without an IP id.
 
 use crate::packet::{internet_checksum, Ipv4View, PROTO_TCP};
+use crate::packet6::{l4_checksum6, Ipv6View, IPV6_HEADER_LEN};
 
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
@@ -23,28 +24,82 @@ pub fn segment_tcp(
 ) -> usize {
     debug_assert_eq!(view.protocol, PROTO_TCP);
     let ip_len = view.header_len;
-    let payload = &packet[headers..view.total_len];
     let first_id = u16::from_be_bytes([packet[4], packet[5]]);
-    let first_seq = u32::from_be_bytes([
-        packet[ip_len + 4],
-        packet[ip_len + 5],
-        packet[ip_len + 6],
-        packet[ip_len + 7],
-    ]);
-    let flags = packet[ip_len + 13];
-    let chunks = payload.len().div_ceil(mss).max(1);
-    for (i, chunk) in payload.chunks(mss.max(1)).enumerate() {
-        let mut seg = Vec::with_capacity(headers + chunk.len());
-        seg.extend_from_slice(&packet[..headers]);
-        seg.extend_from_slice(chunk);
+    let ip = |seg: &mut [u8], i: usize| {
         let total = seg.len() as u16;
         seg[2..4].copy_from_slice(&total.to_be_bytes());
         seg[4..6].copy_from_slice(&first_id.wrapping_add(i as u16).to_be_bytes());
         seg[10..12].fill(0);
         let header_sum = internet_checksum(&seg[..ip_len]);
         seg[10..12].copy_from_slice(&header_sum.to_be_bytes());
+    };
+    let checksum = |tcp: &[u8]| tcp_checksum(view, tcp);
+    let tcp_at = ip_len;
+    segment_with(
+        &packet[..view.total_len],
+        tcp_at,
+        headers,
+        mss,
+        out,
+        ip,
+        checksum,
+    )
+}
 
-        let tcp = &mut seg[ip_len..];
+/// [`segment_tcp`] for IPv6 (extension headers kept in every segment): no IP id, the
+/// payload length per segment, the TCP checksum over the IPv6 pseudo-header.
+pub fn segment_tcp6(
+    packet: &[u8],
+    view: &Ipv6View,
+    headers: usize,
+    mss: usize,
+    out: &mut Vec<Vec<u8>>,
+) -> usize {
+    debug_assert_eq!(view.protocol, PROTO_TCP);
+    let ip = |seg: &mut [u8], _: usize| {
+        let payload_len = (seg.len() - IPV6_HEADER_LEN) as u16;
+        seg[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    };
+    let checksum = |tcp: &[u8]| l4_checksum6(view.src, view.dst, PROTO_TCP, tcp);
+    let tcp_at = view.l4_offset;
+    segment_with(
+        &packet[..view.total_len],
+        tcp_at,
+        headers,
+        mss,
+        out,
+        ip,
+        checksum,
+    )
+}
+
+/// The TCP side of segmentation, either IP version: `fix_ip` completes segment `i`'s IP
+/// header(s), `checksum` computes a TCP checksum (field zeroed) for the version.
+fn segment_with(
+    packet: &[u8],
+    tcp_at: usize,
+    headers: usize,
+    mss: usize,
+    out: &mut Vec<Vec<u8>>,
+    fix_ip: impl Fn(&mut [u8], usize),
+    checksum: impl Fn(&[u8]) -> u16,
+) -> usize {
+    let payload = &packet[headers..];
+    let first_seq = u32::from_be_bytes([
+        packet[tcp_at + 4],
+        packet[tcp_at + 5],
+        packet[tcp_at + 6],
+        packet[tcp_at + 7],
+    ]);
+    let flags = packet[tcp_at + 13];
+    let chunks = payload.len().div_ceil(mss).max(1);
+    for (i, chunk) in payload.chunks(mss.max(1)).enumerate() {
+        let mut seg = Vec::with_capacity(headers + chunk.len());
+        seg.extend_from_slice(&packet[..headers]);
+        seg.extend_from_slice(chunk);
+        fix_ip(&mut seg, i);
+
+        let tcp = &mut seg[tcp_at..];
         let seq = first_seq.wrapping_add((i * mss) as u32);
         tcp[4..8].copy_from_slice(&seq.to_be_bytes());
         let mut seg_flags = flags;
@@ -56,8 +111,8 @@ pub fn segment_tcp(
         }
         tcp[13] = seg_flags;
         tcp[16..18].fill(0);
-        let checksum = tcp_checksum(view, tcp);
-        tcp[16..18].copy_from_slice(&checksum.to_be_bytes());
+        let sum = checksum(tcp);
+        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
         out.push(seg);
     }
     chunks
@@ -74,6 +129,10 @@ fn tcp_checksum(view: &Ipv4View, tcp: &[u8]) -> u16 {
     let folded = (sum & 0xffff) + (sum >> 16);
     !(folded as u16)
 }
+
+#[cfg(test)]
+#[path = "packet_segment6_tests.rs"]
+mod tests6;
 
 #[cfg(test)]
 mod tests {

@@ -50,6 +50,50 @@ pub fn overlay_mtu(underlay_mtu: u32) -> u16 {
         .unwrap_or(u16::MAX)
 }
 
+/// The outer header's family: what encapsulation costs (IPv4 + UDP, or IPv6 + UDP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OuterFamily {
+    Ipv4,
+    Ipv6,
+}
+
+/// Encapsulation overhead over an IPv6 outer header: 40 bytes of IPv6, 8 of UDP.
+pub const IPV6_ENCAP_OVERHEAD: u32 = 48;
+
+impl OuterFamily {
+    pub const fn overhead(self) -> u32 {
+        match self {
+            OuterFamily::Ipv4 => rudder_ebpf::ENCAP_OVERHEAD as u32,
+            OuterFamily::Ipv6 => IPV6_ENCAP_OVERHEAD,
+        }
+    }
+}
+
+/// The overlay MTU over an underlay of `underlay_mtu` for an outer header of `outer`.
+pub fn overlay_mtu_over(underlay_mtu: u32, outer: OuterFamily) -> u16 {
+    u16::try_from(underlay_mtu.saturating_sub(outer.overhead())).unwrap_or(u16::MAX)
+}
+
+/// The overlay MTU when the overlay carries IPv6: an error naming the underlay when it
+/// cannot give the 1280 bytes IPv6 requires of every link (RFC 8200 §5).
+pub fn ipv6_overlay_mtu(
+    underlay_name: &str,
+    underlay_mtu: u32,
+    outer: OuterFamily,
+) -> anyhow::Result<u16> {
+    let mtu = overlay_mtu_over(underlay_mtu, outer);
+    let floor = crate::packet6::IPV6_MIN_MTU as u32;
+    if u32::from(mtu) < floor {
+        bail!(
+            "underlay {underlay_name} has MTU {underlay_mtu}: the overlay gets {mtu} over an \
+             {outer:?} outer header, below the 1280 IPv6 needs (an underlay MTU of at least {} \
+             is required)",
+            floor + outer.overhead()
+        );
+    }
+    Ok(mtu)
+}
+
 /// `ip link`'s name for a link type (`none` for a tun, `ppp`, `ether`).
 fn link_layer_name(kind: LinkLayerType) -> String {
     kind.to_string().to_lowercase()
@@ -273,5 +317,31 @@ mod tests {
         let (link, ip) = match_regex(&re("^dock"), &l).unwrap();
         assert_eq!((link.name.as_str(), ip), ("docker0", None));
         assert!(match_regex(&re("^wlan"), &l).is_none());
+    }
+
+    #[test]
+    fn overlay_mtu_depends_on_the_outer_family() {
+        assert_eq!(overlay_mtu_over(1500, OuterFamily::Ipv4), 1472);
+        assert_eq!(overlay_mtu_over(1500, OuterFamily::Ipv6), 1452);
+        assert_eq!(overlay_mtu_over(1500, OuterFamily::Ipv4), overlay_mtu(1500));
+        assert_eq!(overlay_mtu_over(20, OuterFamily::Ipv6), 0);
+    }
+
+    #[test]
+    fn ipv6_needs_an_overlay_of_1280() {
+        assert_eq!(
+            ipv6_overlay_mtu("eth0", 1328, OuterFamily::Ipv6).unwrap(),
+            1280
+        );
+        assert_eq!(
+            ipv6_overlay_mtu("eth0", 1308, OuterFamily::Ipv4).unwrap(),
+            1280
+        );
+        let err = ipv6_overlay_mtu("eth0", 1327, OuterFamily::Ipv6).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("eth0") && text.contains("1279"), "{text}");
+        assert!(text.contains("at least 1328"), "{text}");
+        let err = ipv6_overlay_mtu("eth0", 1307, OuterFamily::Ipv4).unwrap_err();
+        assert!(err.to_string().contains("at least 1308"), "{err}");
     }
 }

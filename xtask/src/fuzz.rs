@@ -8,7 +8,12 @@ use anyhow::{bail, Context, Result};
 use std::process::{Command, Stdio};
 
 /// The targets in `fuzz/fuzz_targets/`.
-pub const TARGETS: &[&str] = &["packet_rules", "network_config", "lease_parsing"];
+pub const TARGETS: &[&str] = &[
+    "packet_rules",
+    "packet6_rules",
+    "network_config",
+    "lease_parsing",
+];
 
 #[derive(Debug, clap::Args)]
 pub struct FuzzArgs {

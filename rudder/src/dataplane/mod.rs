@@ -6,12 +6,14 @@
 //! as it is while etcd is unreachable.
 //!
 //! Shared rooms, below both planes: `counters` (snapshots, per-peer traffic) and
-//! `forwarding` (the userspace forwarding table and rules). `create` picks and starts one.
+//! `forwarding` (the userspace forwarding table and rules; `forwarding6` the rules for inner
+//! IPv6). `create` picks and starts one.
 
 pub mod counters;
 mod create;
 pub mod ebpf;
 pub mod forwarding;
+pub mod forwarding6;
 pub mod stack_rules;
 pub mod tun;
 
