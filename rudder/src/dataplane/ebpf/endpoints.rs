@@ -129,6 +129,20 @@ impl Routes {
         }
     }
 
+    /// Every IPv4 neighbour entry of the host (both endpoint discoveries read them).
+    pub(super) async fn ipv4_neighbours(
+        &self,
+    ) -> anyhow::Result<Vec<rtnetlink::packet_route::neighbour::NeighbourMessage>> {
+        self.handle
+            .neighbours()
+            .get()
+            .set_address_family(rtnetlink::packet_route::AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .context("dumping IPv4 neighbours")
+    }
+
     /// The ifindex of interface `name`, if it exists.
     pub(super) fn link_index(&self, name: &str) -> anyhow::Result<Option<u32>> {
         self.run(async {
@@ -220,15 +234,7 @@ impl Routes {
                 .filter_map(|entry| Some((lladdr(entry)?, entry.header.ifindex)))
                 .collect();
 
-            let neighbours: Vec<NeighbourMessage> = self
-                .handle
-                .neighbours()
-                .get()
-                .set_address_family(AddressFamily::Inet)
-                .execute()
-                .try_collect()
-                .await
-                .context("dumping IPv4 neighbours")?;
+            let neighbours: Vec<NeighbourMessage> = self.ipv4_neighbours().await?;
             let mut found = Vec::new();
             for neighbour in neighbours
                 .iter()

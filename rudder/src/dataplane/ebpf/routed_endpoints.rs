@@ -15,7 +15,6 @@ use rtnetlink::packet_route::{
     link::{InfoKind, LinkAttribute, LinkInfo},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteProtocol, RouteScope, RouteType},
-    AddressFamily,
 };
 use rtnetlink::RouteMessageBuilder;
 use rudder_ebpf::LocalEndpoint;
@@ -104,15 +103,7 @@ impl Routes {
             if routed.is_empty() {
                 return Ok(Vec::new());
             }
-            let neighbours: Vec<_> = self
-                .handle
-                .neighbours()
-                .get()
-                .set_address_family(AddressFamily::Inet)
-                .execute()
-                .try_collect()
-                .await
-                .context("dumping IPv4 neighbours")?;
+            let neighbours: Vec<_> = self.ipv4_neighbours().await?;
             let mut found = Vec::new();
             for (ip, oif) in routed {
                 let container_mac = neighbours.iter().find_map(|n| {
