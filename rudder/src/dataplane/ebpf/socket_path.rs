@@ -229,12 +229,10 @@ fn reinject<'a>(raw: &OwnedFd, packets: impl Iterator<Item = &'a [u8]>, counters
     let mut headers = MultiHeaders::<SockaddrIn>::preallocate(UDP_BATCH, None);
     let mut slices = Vec::with_capacity(UDP_BATCH);
     let mut destinations = Vec::with_capacity(UDP_BATCH);
-    let mut lengths = Vec::with_capacity(UDP_BATCH);
     for packet in packets {
         let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
         destinations.push(Some(SockaddrIn::from(SocketAddrV4::new(dst, 0))));
         slices.push([IoSlice::new(packet)]);
-        lengths.push(packet.len());
     }
     if slices.is_empty() {
         return;
@@ -253,7 +251,8 @@ fn reinject<'a>(raw: &OwnedFd, packets: impl Iterator<Item = &'a [u8]>, counters
             0
         }
     };
-    for (index, len) in lengths.into_iter().enumerate() {
+    for (index, [slice]) in slices.iter().enumerate() {
+        let len = slice.len();
         if index < sent {
             counters.add(Counter::Decapsulated, len);
         } else {
