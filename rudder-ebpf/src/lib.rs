@@ -20,6 +20,9 @@ pub mod names {
     pub const MAP_PEER_TRAFFIC: &str = "RUDDER_PEER_TRAF";
     pub const MAP_STACK_FLOWS: &str = "RUDDER_STK_FLOWS";
     pub const MAP_TRAIN_SENDERS: &str = "RUDDER_TRAIN_SRC";
+    pub const MAP_CONFIG6: &str = "RUDDER_CONFIG6";
+    pub const MAP_PEERS6: &str = "RUDDER_PEERS6";
+    pub const MAP_SENDERS6: &str = "RUDDER_SENDERS6";
 }
 
 /// Capacity of the peer maps: a /8 network cut into /24 subnets has 65536 of them.
@@ -43,6 +46,9 @@ pub const ENCAP_OVERHEAD: u16 = 28;
 
 /// TTL written into the outer IPv4 header.
 pub const OUTER_TTL: u8 = 64;
+
+/// Outer IPv6 header (40) + UDP header (8).
+pub const ENCAP_OVERHEAD6: u16 = 48;
 
 /// What happened to a packet, as counted by both data planes.
 ///
@@ -292,6 +298,64 @@ pub struct DataplaneConfig {
     pub underlay_ifindex: u32,
 }
 
+/// An underlay address of either family as 16 bytes: an IPv4 address IPv4-mapped
+/// (`::ffff:a.b.c.d`, what `Ipv4Addr::to_ipv6_mapped` gives), an IPv6 address as is.
+pub type UnderlayAddr = [u8; 16];
+
+/// `addr` as an [`UnderlayAddr`].
+pub const fn ipv4_mapped(addr: [u8; 4]) -> UnderlayAddr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+    ]
+}
+
+/// The IPv4 address inside an IPv4-mapped [`UnderlayAddr`], if it is one.
+pub const fn mapped_ipv4(addr: &UnderlayAddr) -> Option<[u8; 4]> {
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return None;
+        }
+        i += 1;
+    }
+    if addr[10] != 0xff || addr[11] != 0xff {
+        return None;
+    }
+    Some([addr[12], addr[13], addr[14], addr[15]])
+}
+
+/// Value of the IPv6 peer LPM trie (keyed by `lpm_trie::Key<[u8; 16]>`): the host that
+/// leases the IPv6 subnet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerValue6 {
+    /// The peer's underlay address: IPv4-mapped when the outer header is IPv4.
+    pub underlay: UnderlayAddr,
+    /// Key of this entry's traffic counters, from the same id space as [`PeerValue`]'s.
+    pub traffic_id: u32,
+}
+
+/// Value of the sender map keyed by [`UnderlayAddr`]: how many IPv6 subnets the host at
+/// that underlay address leases (tells a spoofed inner IPv6 source from an unknown sender).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Senders6 {
+    pub ipv6_subnets: u32,
+}
+
+/// This host's place in the IPv6 overlay, a single-entry array map beside
+/// [`DataplaneConfig`]; `enabled == 0` (the default) means the network has no IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataplaneConfig6 {
+    pub local_subnet: [u8; 16],
+    /// [`ipv6_mask`] of the local subnet's prefix length.
+    pub local_mask: [u8; 16],
+    pub network: [u8; 16],
+    pub network_mask: [u8; 16],
+    pub enabled: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all are `repr(C)`, made only of integers and byte arrays, without padding.
@@ -301,6 +365,9 @@ mod user {
     unsafe impl aya::Pod for super::LocalEndpoint {}
     unsafe impl aya::Pod for super::DataplaneConfig {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::PeerValue6 {}
+    unsafe impl aya::Pod for super::Senders6 {}
+    unsafe impl aya::Pod for super::DataplaneConfig6 {}
 }
 
 // The kernel reads these with fixed layouts; a changed size is a wire break.
@@ -310,6 +377,8 @@ const _: () = assert!(core::mem::size_of::<PeerTraffic>() == 32);
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 16);
 const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 28);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<PeerValue6>() == 20);
+const _: () = assert!(core::mem::size_of::<DataplaneConfig6>() == 68);
 
 /// True when `addr` lies inside `net`/`prefix_len` (all in network byte order).
 pub const fn ipv4_in_subnet(addr: [u8; 4], net: [u8; 4], prefix_len: u32) -> bool {
@@ -321,6 +390,37 @@ pub const fn ipv4_in_subnet(addr: [u8; 4], net: [u8; 4], prefix_len: u32) -> boo
     }
     let mask = u32::MAX << (32 - prefix_len);
     (u32::from_be_bytes(addr) & mask) == (u32::from_be_bytes(net) & mask)
+}
+
+/// The netmask of an IPv6 prefix length (clamped to 128), 16 bytes.
+pub const fn ipv6_mask(prefix_len: u32) -> [u8; 16] {
+    let mut mask = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        let bits = prefix_len as i32 - i as i32 * 8;
+        mask[i] = if bits >= 8 {
+            0xff
+        } else if bits <= 0 {
+            0
+        } else {
+            0xff << (8 - bits)
+        };
+        i += 1;
+    }
+    mask
+}
+
+/// True when `addr` lies inside the subnet `net` with netmask `mask` (see [`ipv6_mask`]).
+/// Branch-free: precomputed masks keep the BPF verifier's path count flat.
+#[inline(always)]
+pub const fn ipv6_in_subnet(addr: &[u8; 16], net: &[u8; 16], mask: &[u8; 16]) -> bool {
+    let mut diff = 0u8;
+    let mut i = 0;
+    while i < 16 {
+        diff |= (addr[i] ^ net[i]) & mask[i];
+        i += 1;
+    }
+    diff == 0
 }
 
 #[cfg(test)]
@@ -340,5 +440,34 @@ mod tests {
         assert!(!ipv4_in_subnet([10, 5, 35, 7], [10, 5, 34, 0], 24));
         assert!(ipv4_in_subnet([1, 2, 3, 4], [0, 0, 0, 0], 0));
         assert!(!ipv4_in_subnet([10, 5, 34, 7], [10, 5, 34, 0], 33));
+    }
+
+    #[test]
+    fn ipv6_subnet_membership() {
+        let inside_of = |addr: &[u8; 16], net: &[u8; 16], len| ipv6_in_subnet(addr, net, &ipv6_mask(len));
+        let net = [0xfd, 0, 0, 5, 0, 0x22, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut inside = net;
+        inside[15] = 7;
+        assert!(inside_of(&inside, &net, 64));
+        assert!(inside_of(&inside, &net, 120));
+        assert!(!inside_of(&inside, &net, 128));
+        let mut outside = net;
+        outside[5] = 0x23;
+        assert!(!inside_of(&outside, &net, 64));
+        assert!(inside_of(&outside, &net, 47));
+        assert!(!inside_of(&outside, &net, 48));
+        assert!(inside_of(&outside, &[0; 16], 0));
+        assert_eq!(ipv6_mask(200), [0xff; 16]);
+        assert_eq!(ipv6_mask(12)[..3], [0xff, 0xf0, 0]);
+    }
+
+    #[test]
+    fn ipv4_mapping_round_trips() {
+        let mapped = ipv4_mapped([192, 168, 1, 2]);
+        assert_eq!(mapped, core::net::Ipv4Addr::new(192, 168, 1, 2).to_ipv6_mapped().octets());
+        assert_eq!(mapped_ipv4(&mapped), Some([192, 168, 1, 2]));
+        let mut v6 = mapped;
+        v6[0] = 0xfd;
+        assert_eq!(mapped_ipv4(&v6), None);
     }
 }

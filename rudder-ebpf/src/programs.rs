@@ -15,41 +15,42 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use rudder_ebpf::{
-    ipv4_in_subnet, Counter, DataplaneConfig, LocalEndpoint, PeerTraffic, PeerValue,
+    ipv4_in_subnet, ipv4_mapped, Counter, DataplaneConfig, LocalEndpoint, PeerTraffic, PeerValue,
     ENCAP_OVERHEAD, MAX_LOCAL_ENDPOINTS, MAX_PEERS, OUTER_TTL, STACK_MARK,
 };
 
+use crate::ipv6::ETH_P_IPV6;
 use crate::stack_flows::{remember_stack_flow, reply_to_stack_flow};
 use crate::train_senders::{saw_train_from, sends_trains};
 
 const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
+pub(crate) const ETH_P_IP: u16 = 0x0800;
 pub(crate) const IPV4_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
+pub(crate) const UDP_HLEN: usize = 8;
 pub(crate) const IPPROTO_UDP: u8 = 17;
 pub(crate) const IPPROTO_TCP: u8 = 6;
 const TCP_HLEN: usize = 20;
-const IP_DF: u16 = 0x4000;
+pub(crate) const IP_DF: u16 = 0x4000;
 /// MF flag and fragment offset: any of them set means "a fragment".
 pub(crate) const IP_FRAG_MASK: u16 = 0x3fff;
 /// The ECN field of the TOS byte and two of its values (RFC 3168).
-const ECN_MASK: u8 = 0x03;
-const ECN_CE: u8 = 0x03;
-const ECN_NOT_ECT: u8 = 0x00;
+pub(crate) const ECN_MASK: u8 = 0x03;
+pub(crate) const ECN_CE: u8 = 0x03;
+pub(crate) const ECN_NOT_ECT: u8 = 0x00;
 
 /// Where the outer (or, on egress before encapsulation, the only) IPv4 header starts.
 pub(crate) const L3_OFF: usize = ETH_HLEN;
-const UDP_OFF: usize = L3_OFF + IPV4_HLEN;
+pub(crate) const UDP_OFF: usize = L3_OFF + IPV4_HLEN;
 /// Where the inner IPv4 header starts in an overlay datagram.
-const INNER_OFF: usize = UDP_OFF + UDP_HLEN;
+pub(crate) const INNER_OFF: usize = UDP_OFF + UDP_HLEN;
 
 /// UDP source ports are spread over 49152..=65535 by flow hash so that ECMP and RSS on
 /// the underlay see per-flow entropy, like vxlan does.
-const SRC_PORT_BASE: u16 = 49152;
-const SRC_PORT_MASK: u32 = 0x3fff;
+pub(crate) const SRC_PORT_BASE: u16 = 49152;
+pub(crate) const SRC_PORT_MASK: u32 = 0x3fff;
 
 /// TCX: "next program decides" (pass when last); used for traffic that is not ours.
-const TCX_NEXT: i32 = TC_ACT_UNSPEC;
+pub(crate) const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 
 #[map(name = "RUDDER_CONFIG")]
 static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
@@ -77,7 +78,7 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 static BYTES: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT as u32, 0);
 
 #[inline(always)]
-fn count(counter: Counter, bytes: u32) {
+pub(crate) fn count(counter: Counter, bytes: u32) {
     // SAFETY: per-CPU slots, programs do not migrate CPUs mid-run.
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         unsafe { *slot += 1 };
@@ -89,7 +90,7 @@ fn count(counter: Counter, bytes: u32) {
 
 /// IPv4 bytes of the packet as it is now (the Ethernet header excluded).
 #[inline(always)]
-fn l3_len(ctx: &TcContext) -> u32 {
+pub(crate) fn l3_len(ctx: &TcContext) -> u32 {
     ctx.len().saturating_sub(ETH_HLEN as u32)
 }
 
@@ -101,7 +102,7 @@ static PEER_TRAFFIC: PerCpuHashMap<u32, PeerTraffic> =
     PerCpuHashMap::with_max_entries(MAX_PEERS, BPF_F_NO_PREALLOC);
 
 #[inline(always)]
-fn add_traffic(peer: &PeerValue, rx: bool, bytes: u32) {
+pub(crate) fn add_traffic(peer: &PeerValue, rx: bool, bytes: u32) {
     let id = peer.traffic_id;
     let slot = match PEER_TRAFFIC.get_ptr_mut(id) {
         Some(slot) => slot,
@@ -130,7 +131,7 @@ fn add_traffic(peer: &PeerValue, rx: bool, bytes: u32) {
 /// caller counts it): a broken path shows up in the daemon's log without a line per packet.
 // Out of line: the log formatting is large and must not be copied into every hot path.
 #[inline(never)]
-fn io_error(ctx: &TcContext, what: &str, err: i64) -> Counter {
+pub(crate) fn io_error(ctx: &TcContext, what: &str, err: i64) -> Counter {
     let seen = COUNTERS
         .get(Counter::DropIoError as u32)
         .copied()
@@ -143,13 +144,13 @@ fn io_error(ctx: &TcContext, what: &str, err: i64) -> Counter {
 }
 
 #[inline(always)]
-fn drop_with(ctx: &TcContext, counter: Counter) -> i32 {
+pub(crate) fn drop_with(ctx: &TcContext, counter: Counter) -> i32 {
     count(counter, l3_len(ctx));
     TC_ACT_SHOT as i32
 }
 
 #[inline(always)]
-fn pass(ctx: &TcContext) -> i32 {
+pub(crate) fn pass(ctx: &TcContext) -> i32 {
     count(Counter::Passed, l3_len(ctx));
     TCX_NEXT
 }
@@ -161,7 +162,7 @@ fn config() -> Option<DataplaneConfig> {
 
 /// Folds a 32-bit one's complement sum to 16 bits.
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub(crate) fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16
@@ -169,7 +170,7 @@ fn fold(mut sum: u32) -> u16 {
 
 /// One's complement sum of a 20-byte header, read as big-endian 16-bit words.
 #[inline(always)]
-fn sum_header(hdr: &[u8; IPV4_HLEN]) -> u32 {
+pub(crate) fn sum_header(hdr: &[u8; IPV4_HLEN]) -> u32 {
     let mut sum = 0u32;
     let mut i = 0;
     while i < IPV4_HLEN {
@@ -203,6 +204,9 @@ fn egress(ctx: &TcContext) -> i32 {
     let Some(cfg) = config() else {
         return TCX_NEXT;
     };
+    if ctx.skb.protocol() == u32::from(ETH_P_IPV6.to_be()) {
+        return crate::ipv6::egress6(ctx, &cfg);
+    }
     if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
         return pass(ctx);
     }
@@ -250,7 +254,7 @@ fn egress(ctx: &TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn is_gso(ctx: &TcContext) -> bool {
+pub(crate) fn is_gso(ctx: &TcContext) -> bool {
     gso_size(ctx) != 0
 }
 
@@ -293,10 +297,23 @@ fn encapsulate(
     inner: &[u8; IPV4_HLEN],
     peer_ip: [u8; 4],
 ) -> Result<(), Counter> {
-    let inner_len = be16(inner, 2);
+    encapsulate_in_ipv4(ctx, cfg, be16(inner, 2), inner[1], be16(inner, 6) & IP_DF, peer_ip)
+}
+
+/// Inserts outer IPv4 + UDP between the Ethernet header and an inner packet of either
+/// family (`inner_len` bytes, TOS or traffic class `tos`, `df` the outer DF bit).
+#[inline(always)]
+pub(crate) fn encapsulate_in_ipv4(
+    ctx: &TcContext,
+    cfg: &DataplaneConfig,
+    inner_len: u16,
+    tos: u8,
+    df: u16,
+    peer_ip: [u8; 4],
+) -> Result<(), Counter> {
     // SAFETY: helper calls on the program's own context.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
-    let inner_frag = be16(inner, 6);
+    let inner_frag = df;
     let outer_id: u16 = if inner_frag & IP_DF != 0 {
         0
     } else {
@@ -321,7 +338,7 @@ fn encapsulate(
 
     let mut ip = [0u8; IPV4_HLEN];
     ip[0] = 0x45;
-    ip[1] = inner[1]; // TOS/ECN follows the inner packet
+    ip[1] = tos; // TOS/ECN follows the inner packet
     ip[2..4].copy_from_slice(&outer_len.to_be_bytes());
     ip[4..6].copy_from_slice(&outer_id.to_be_bytes());
     ip[6..8].copy_from_slice(&(inner_frag & IP_DF).to_be_bytes());
@@ -338,7 +355,11 @@ fn encapsulate(
     udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
     // udp[6..8] = 0: no UDP checksum, legal over IPv4 and what keeps GSO cheap.
 
-    if ctx.store(L3_OFF, &ip, 0).is_err() || ctx.store(UDP_OFF, &udp, 0).is_err() {
+    // The helper set skb->protocol to IPv4 for an IPv6 inner packet; the frame says so too.
+    if ctx.store(L3_OFF - 2, &ETH_P_IP.to_be_bytes(), 0).is_err()
+        || ctx.store(L3_OFF, &ip, 0).is_err()
+        || ctx.store(UDP_OFF, &udp, 0).is_err()
+    {
         return Err(Counter::DropIoError);
     }
     Ok(())
@@ -445,6 +466,9 @@ fn ingress(ctx: &TcContext) -> i32 {
     let Some(cfg) = config() else {
         return TCX_NEXT;
     };
+    if ctx.skb.protocol() == u32::from(ETH_P_IPV6.to_be()) {
+        return crate::ipv6::ingress_ipv6_outer(ctx);
+    }
     if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
         return pass(ctx);
     }
@@ -480,6 +504,9 @@ fn ingress(ctx: &TcContext) -> i32 {
     let Ok(first) = ctx.load::<u8>(INNER_OFF) else {
         return drop_with(ctx, Counter::DropTruncated);
     };
+    if first >> 4 == 6 {
+        return crate::ipv6::decap_ipv6_inner(ctx, &ipv4_mapped(outer_src), outer[1], INNER_OFF);
+    }
     if first >> 4 != 4 {
         return drop_with(ctx, Counter::DropNotIpv4);
     }

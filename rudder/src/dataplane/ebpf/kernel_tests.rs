@@ -508,9 +508,15 @@ fn bridge_fast_path_leaves_exceptions_to_the_stack() {
 #[test]
 fn programs_pass_the_verifier_within_budget() {
     let kernel = fixture();
-    for name in [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_BRIDGE] {
-        let (count, size) = kernel.program_sizes(name).unwrap();
-        eprintln!("{name}: {size} instructions, {count} processed by the verifier");
+    let sizes: Vec<_> = [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_BRIDGE]
+        .into_iter()
+        .map(|name| {
+            let (count, size) = kernel.program_sizes(name).unwrap();
+            eprintln!("{name}: {size} instructions, {count} processed by the verifier");
+            (name, count)
+        })
+        .collect();
+    for (name, count) in sizes {
         // The kernel allows 1M processed instructions; this budget catches an accidental
         // blow-up (an unrolled loop, a log call inlined into a hot path) early. It includes
         // the out-of-line aya-log formatting of the rare-failure path.
