@@ -16,12 +16,12 @@
 //! forwarding rules in [`crate::dataplane::forwarding`].
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
@@ -264,7 +264,10 @@ impl Dataplane for TunDataplane {
         Ok(())
     }
 
-    fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> anyhow::Result<()> {
+    fn upsert_peer(&self, subnet: Ipv4Net, underlay: IpAddr) -> anyhow::Result<()> {
+        let IpAddr::V4(public_ip) = underlay else {
+            bail!("peer {subnet} at {underlay}: the TUN data plane does not carry IPv6 outer headers yet");
+        };
         self.update(|state| {
             let subnet = subnet.trunc();
             let previous = state.peers.get(&subnet).map(|peer| peer.public_ip);
@@ -303,6 +306,18 @@ impl Dataplane for TunDataplane {
         Ok(())
     }
 
+    fn set_local_subnet6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
+        bail!("IPv6 subnet {subnet}: the TUN data plane does not carry IPv6 yet")
+    }
+
+    fn upsert_peer6(&self, subnet: Ipv6Net, _: IpAddr) -> anyhow::Result<()> {
+        bail!("IPv6 peer {subnet}: the TUN data plane does not carry IPv6 yet")
+    }
+
+    fn remove_peer6(&self, _: Ipv6Net) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     fn counters(&self) -> CounterSnapshot {
         let mut snapshot = self.shared.counters.snapshot();
         if let Some(guard) = &self.guard {
@@ -334,7 +349,7 @@ impl Dataplane for TunDataplane {
             .iter()
             .map(|(subnet, peer)| PeerStats {
                 subnet: *subnet,
-                public_ip: peer.public_ip,
+                public_ip: peer.public_ip.into(),
                 changed: peer.changed,
                 traffic: peer.traffic.snapshot(),
             })
