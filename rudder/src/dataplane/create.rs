@@ -97,6 +97,7 @@ async fn load_ebpf(opts: &DataplaneOptions) -> anyhow::Result<Arc<dyn Dataplane>
         bridge: opts.bridge.clone(),
         force_fail: opts.ebpf_force_fail,
         pin_dir: opts.bpf_pin_dir.clone(),
+        ipv6: opts.ipv6,
     };
     // Loading talks to the kernel synchronously (verifier, netlink): keep it off the runtime.
     let dp = tokio::task::spawn_blocking(move || ebpf::EbpfDataplane::load(ebpf_opts))

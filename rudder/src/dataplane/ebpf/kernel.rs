@@ -6,7 +6,10 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
-use rudder_ebpf::{names, Counter, DataplaneConfig, LocalEndpoint, PeerValue};
+use rudder_ebpf::{
+    names, Counter, DataplaneConfig, DataplaneConfig6, LocalEndpoint, PeerValue, PeerValue6,
+    Senders6, UnderlayAddr,
+};
 
 use super::pins::{PinDir, PINNED_MAPS};
 use crate::dataplane::counters::{CounterSnapshot, PeerTraffic};
@@ -43,6 +46,9 @@ pub(super) struct Kernel {
     pub(super) counters: PerCpuArray<MapData, u64>,
     pub(super) bytes: PerCpuArray<MapData, u64>,
     pub(super) peer_traffic: PerCpuHashMap<MapData, u32, PeerTraffic>,
+    pub(super) config6: Array<MapData, DataplaneConfig6>,
+    pub(super) peers6: LpmTrie<MapData, [u8; 16], PeerValue6>,
+    pub(super) senders6: HashMap<MapData, UnderlayAddr, Senders6>,
 }
 
 impl Drop for Kernel {
@@ -126,6 +132,9 @@ impl Kernel {
             counters: take(&mut ebpf, names::MAP_COUNTERS)?,
             bytes: take(&mut ebpf, names::MAP_BYTES)?,
             peer_traffic: take(&mut ebpf, names::MAP_PEER_TRAFFIC)?,
+            config6: take(&mut ebpf, names::MAP_CONFIG6)?,
+            peers6: take(&mut ebpf, names::MAP_PEERS6)?,
+            senders6: take(&mut ebpf, names::MAP_SENDERS6)?,
             ebpf,
         })
     }
@@ -134,6 +143,27 @@ impl Kernel {
         self.config
             .set(0, config, 0)
             .context("writing the data plane config map")
+    }
+
+    pub(super) fn set_config6(&mut self, config: &DataplaneConfig6) -> anyhow::Result<()> {
+        self.config6
+            .set(0, config, 0)
+            .context("writing the IPv6 data plane config map")
+    }
+
+    /// The IPv6 peers in the (adopted) LPM trie: subnet → (underlay address, traffic id).
+    pub(super) fn installed_peers6(
+        &self,
+    ) -> std::collections::BTreeMap<ipnet::Ipv6Net, (std::net::IpAddr, u32)> {
+        self.peers6
+            .iter()
+            .flatten()
+            .filter_map(|(key, value)| {
+                let subnet = ipnet::Ipv6Net::new(key.data().into(), key.prefix_len() as u8).ok()?;
+                let underlay = std::net::Ipv6Addr::from(value.underlay).to_canonical();
+                Some((subnet, (underlay, value.traffic_id)))
+            })
+            .collect()
     }
 
     /// The (program, interface, direction) pairs attached to the underlay.

@@ -83,11 +83,15 @@ mod kernel_tests;
 #[cfg(test)]
 mod kernel_tests_full_tables;
 #[cfg(test)]
+mod kernel_tests6;
+#[cfg(test)]
 mod kernel_tests_stack_flows;
+mod peers6;
 mod pins;
 mod route_loss;
 mod routed_endpoints;
 mod routes;
+mod routes6;
 mod senders;
 #[cfg(test)]
 mod smoke_tests;
@@ -123,6 +127,8 @@ pub struct EbpfOptions {
     pub force_fail: bool,
     /// bpffs directory for the pins (`--bpf-pin-dir`); `None`: nothing pinned.
     pub pin_dir: Option<std::path::PathBuf>,
+    /// The overlay's IPv6 side; `None` while the network has IPv6 off.
+    pub ipv6: Option<super::Ipv6Plane>,
 }
 
 /// The eBPF data plane. See the module documentation for the design.
@@ -138,6 +144,8 @@ struct State {
     kernel: Option<Kernel>,
     routes: Option<Routes>,
     peers: BTreeMap<Ipv4Net, Ipv4Addr>,
+    /// IPv6 peer subnets → (underlay address, traffic id), as in the IPv6 trie (`peers6`).
+    peers6: BTreeMap<Ipv6Net, (IpAddr, u32)>,
     /// How many of `peers` each public IP has (the sender map's value), kept with `peers`:
     /// counting them per change made a resync of n peers O(n^2).
     subnets_per_sender: HashMap<Ipv4Addr, u32>,
@@ -205,6 +213,7 @@ impl EbpfDataplane {
             }
         }
         kernel.set_config(&config_of(&opts))?;
+        kernel.set_config6(&peers6::config6_of(opts.ipv6.as_ref()))?;
         // Without it only NAT'd flows across hosts break (with br_netfilter): not a reason to
         // give up the whole data plane.
         if let Err(e) = super::stack_rules::install_nat_mark() {
@@ -214,6 +223,9 @@ impl EbpfDataplane {
         routes
             .add_unreachable(opts.network)
             .with_context(|| format!("adding the route `unreachable {}`", opts.network))?;
+        if let Some(plane) = &opts.ipv6 {
+            routes.add_unreachable6(plane.network)?;
+        }
         let adopted = if adopting {
             kernel.installed_peers()
         } else {
@@ -235,9 +247,15 @@ impl EbpfDataplane {
             .iter()
             .map(|(s, (_, id))| (*s, (*id, std::time::SystemTime::now())))
             .collect();
+        let peers6 = if adopting {
+            kernel.installed_peers6()
+        } else {
+            BTreeMap::new()
+        };
         let next_traffic_id = adopted
             .values()
             .map(|(_, id)| *id)
+            .chain(peers6.values().map(|(_, id)| *id))
             .max()
             .unwrap_or(0)
             .wrapping_add(1)
@@ -249,6 +267,7 @@ impl EbpfDataplane {
                 kernel: Some(kernel),
                 routes: Some(routes),
                 peers,
+                peers6,
                 subnets_per_sender,
                 peer_entries,
                 next_traffic_id,
@@ -353,7 +372,12 @@ impl Dataplane for EbpfDataplane {
         self.restore_lost_routes()?;
         {
             let mut state = self.lock();
-            let live = state.peer_entries.values().map(|(id, _)| *id).collect();
+            let live = state
+                .peer_entries
+                .values()
+                .map(|(id, _)| *id)
+                .chain(state.peers6.values().map(|(_, id)| *id))
+                .collect();
             state.kernel_mut()?.forget_traffic_except(&live);
         }
         self.refresh_local_endpoints()?;
@@ -478,15 +502,15 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn set_local_subnet6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
-        bail!("IPv6 subnet {subnet}: the eBPF data plane does not carry IPv6 yet")
+        self.set_local_subnet6_impl(subnet)
     }
 
-    fn upsert_peer6(&self, subnet: Ipv6Net, _: IpAddr) -> anyhow::Result<()> {
-        bail!("IPv6 peer {subnet}: the eBPF data plane does not carry IPv6 yet")
+    fn upsert_peer6(&self, subnet: Ipv6Net, underlay: IpAddr) -> anyhow::Result<()> {
+        self.upsert_peer6_impl(subnet, underlay)
     }
 
-    fn remove_peer6(&self, _: Ipv6Net) -> anyhow::Result<()> {
-        Ok(())
+    fn remove_peer6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
+        self.remove_peer6_impl(subnet)
     }
 
     fn counters(&self) -> CounterSnapshot {
@@ -552,6 +576,7 @@ impl Dataplane for EbpfDataplane {
         }
         drop(state.kernel.take());
         state.peers.clear();
+        state.peers6.clear();
         state.subnets_per_sender.clear();
         state.peer_entries.clear();
         state.discovered.clear();
@@ -611,6 +636,15 @@ fn validate(opts: &EbpfOptions) -> anyhow::Result<()> {
     }
     if opts.udp_port == 0 {
         bail!("UDP port 0 is not usable for the overlay");
+    }
+    if let Some(plane) = &opts.ipv6 {
+        if !plane.network.contains(&plane.local_subnet) {
+            bail!(
+                "local IPv6 subnet {} is not inside the IPv6 network {}",
+                plane.local_subnet,
+                plane.network
+            );
+        }
     }
     Ok(())
 }

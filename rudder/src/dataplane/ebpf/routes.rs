@@ -21,7 +21,7 @@ pub const RTPROT_RUDDER: u8 = 211;
 pub(super) struct Routes {
     runtime: Option<tokio::runtime::Runtime>,
     pub(super) handle: rtnetlink::Handle,
-    underlay_ifindex: u32,
+    pub(super) underlay_ifindex: u32,
 }
 
 impl Routes {
@@ -225,10 +225,10 @@ impl Routes {
             .collect())
     }
 
-    /// Deletes every IPv4 route with our protocol number; returns how many.
+    /// Deletes every route (IPv4 and IPv6) with our protocol number; returns how many.
     pub(super) fn remove_stale(&self) -> anyhow::Result<usize> {
         let ours = self.ours()?;
-        let count = ours.len();
+        let count = ours.len() + self.remove_stale6()?;
         for route in ours {
             match self.run(self.handle.route().del(route.clone()).execute()) {
                 Ok(()) => {}
@@ -249,7 +249,7 @@ impl Drop for Routes {
     }
 }
 
-fn is_no_such_route(error: &rtnetlink::Error) -> bool {
+pub(super) fn is_no_such_route(error: &rtnetlink::Error) -> bool {
     matches!(error, rtnetlink::Error::NetlinkError(msg)
         if msg.code.map(|c| c.get()) == Some(-libc::ESRCH))
 }

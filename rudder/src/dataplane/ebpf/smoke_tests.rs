@@ -160,6 +160,7 @@ impl Topology {
             bridge: bridge.map(String::from),
             force_fail: false,
             pin_dir: None,
+            ipv6: None,
         };
         self.in_ns(host, move || EbpfDataplane::load(opts))
             .join()
@@ -460,6 +461,7 @@ fn force_fail_reports_a_load_error() {
         bridge: None,
         force_fail: true,
         pin_dir: None,
+        ipv6: None,
     };
     let err = EbpfDataplane::load(opts)
         .err()

@@ -21,7 +21,7 @@ impl EbpfDataplane {
         for (subnet, public_ip) in &state.peers {
             routes.add_peer(*subnet, *public_ip, overlay_mtu, src)?;
         }
-        Ok(())
+        state.reinstall_routes6()
     }
 
     /// Asks the kernel again for each peer's next hop (`ip route get <peer>`) and replaces the

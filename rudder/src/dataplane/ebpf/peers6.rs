@@ -1,0 +1,154 @@
+//! The IPv6 half of the eBPF data plane's peers: the IPv6 peer trie, the IPv6 sender map
+//! (underlay address → its number of IPv6 subnets) and the IPv6 peer routes, kept in step
+//! with `State::peers6`, as `senders.rs` and `mod.rs` do for IPv4.
+
+use std::net::IpAddr;
+
+use anyhow::{bail, Context as _};
+use aya::maps::lpm_trie::Key;
+use ipnet::Ipv6Net;
+use rudder_ebpf::{ipv6_mask, DataplaneConfig6, PeerValue6, Senders6, UnderlayAddr};
+
+use super::kernel::ignore_missing;
+use super::{EbpfDataplane, State};
+use crate::dataplane::Ipv6Plane;
+
+/// The 16-byte form the BPF maps key underlay addresses by (IPv4-mapped for IPv4).
+pub(super) fn underlay_key(addr: IpAddr) -> UnderlayAddr {
+    match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn key6(subnet: Ipv6Net) -> Key<[u8; 16]> {
+    Key::new(u32::from(subnet.prefix_len()), subnet.network().octets())
+}
+
+pub(super) fn config6_of(plane: Option<&Ipv6Plane>) -> DataplaneConfig6 {
+    match plane {
+        Some(plane) => DataplaneConfig6 {
+            local_subnet: plane.local_subnet.network().octets(),
+            local_mask: ipv6_mask(u32::from(plane.local_subnet.prefix_len())),
+            network: plane.network.network().octets(),
+            network_mask: ipv6_mask(u32::from(plane.network.prefix_len())),
+            enabled: 1,
+        },
+        None => DataplaneConfig6 {
+            local_subnet: [0; 16],
+            local_mask: [0; 16],
+            network: [0; 16],
+            network_mask: [0; 16],
+            enabled: 0,
+        },
+    }
+}
+
+impl State {
+    fn ipv6_plane(&self) -> anyhow::Result<Ipv6Plane> {
+        self.opts
+            .ipv6
+            .context("the network has no IPv6 (EnableIPv6 is off): no IPv6 peers")
+    }
+
+    /// Keeps the IPv6 sender map in step with `peers6` for one underlay address.
+    fn sync_sender6(&mut self, underlay: IpAddr) -> anyhow::Result<()> {
+        let subnets = self.peers6.values().filter(|(ip, _)| *ip == underlay).count() as u32;
+        let key = underlay_key(underlay);
+        let kernel = self.kernel_mut()?;
+        if subnets == 0 {
+            ignore_missing(kernel.senders6.remove(&key))
+        } else {
+            kernel.senders6.insert(
+                key,
+                Senders6 {
+                    ipv6_subnets: subnets,
+                },
+                0,
+            )
+        }
+        .with_context(|| format!("updating the IPv6 sender map for {underlay}"))
+    }
+
+    /// Reinstalls every IPv6 peer route (a new overlay MTU).
+    pub(super) fn reinstall_routes6(&self) -> anyhow::Result<()> {
+        let routes = self.routes()?;
+        for (subnet, (underlay, _)) in &self.peers6 {
+            if let IpAddr::V4(peer_ip) = underlay {
+                routes.add_peer6(*subnet, *peer_ip, self.opts.overlay_mtu)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl EbpfDataplane {
+    pub(super) fn set_local_subnet6_impl(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let mut plane = state.ipv6_plane()?;
+        if !plane.network.contains(&subnet) {
+            bail!(
+                "IPv6 subnet {subnet} is not inside the IPv6 network {}",
+                plane.network
+            );
+        }
+        plane.local_subnet = subnet.trunc();
+        state.opts.ipv6 = Some(plane);
+        let config = config6_of(Some(&plane));
+        state.kernel_mut()?.set_config6(&config)
+    }
+
+    pub(super) fn upsert_peer6_impl(&self, subnet: Ipv6Net, underlay: IpAddr) -> anyhow::Result<()> {
+        let IpAddr::V4(peer_ip) = underlay else {
+            bail!("IPv6 peer {subnet} at {underlay}: the eBPF data plane does not build IPv6 outer headers yet");
+        };
+        let mut state = self.lock();
+        let plane = state.ipv6_plane()?;
+        let subnet = subnet.trunc();
+        let local = plane.local_subnet;
+        if subnet.contains(&local.network()) || local.contains(&subnet.network()) {
+            bail!("IPv6 peer subnet {subnet} overlaps our own subnet {local}; not installing it");
+        }
+        let existing = state.peers6.get(&subnet).copied();
+        let traffic_id = match existing {
+            Some((old, id)) if old == underlay => id,
+            _ => {
+                let id = state.next_traffic_id;
+                state.next_traffic_id = id.wrapping_add(1).max(1);
+                id
+            }
+        };
+        let value = PeerValue6 {
+            underlay: underlay_key(underlay),
+            traffic_id,
+        };
+        let kernel = state.kernel_mut()?;
+        kernel
+            .peers6
+            .insert(&key6(subnet), value, 0)
+            .with_context(|| format!("adding IPv6 peer {subnet} -> {underlay} to the BPF LPM trie"))?;
+        if let Some((_, stale)) = existing.filter(|(_, id)| *id != traffic_id) {
+            let _ = kernel.peer_traffic.remove(&stale);
+        }
+        state.peers6.insert(subnet, (underlay, traffic_id));
+        state.sync_sender6(underlay)?;
+        if let Some((old, _)) = existing.filter(|(old, _)| *old != underlay) {
+            state.sync_sender6(old)?;
+        }
+        let mtu = state.opts.overlay_mtu;
+        state.routes()?.add_peer6(subnet, peer_ip, mtu)
+    }
+
+    pub(super) fn remove_peer6_impl(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let subnet = subnet.trunc();
+        state.routes()?.remove_peer6(subnet)?;
+        ignore_missing(state.kernel_mut()?.peers6.remove(&key6(subnet)))
+            .with_context(|| format!("removing IPv6 peer {subnet} from the BPF LPM trie"))?;
+        if let Some((underlay, traffic_id)) = state.peers6.remove(&subnet) {
+            let _ = state.kernel_mut()?.peer_traffic.remove(&traffic_id);
+            state.sync_sender6(underlay)?;
+        }
+        Ok(())
+    }
+}
