@@ -1,5 +1,6 @@
 //! Inner IPv6 on the stack path: `rudder_egress` encapsulates IPv6 packets the kernel routed
-//! to a peer's IPv6 subnet (`ip -6 route add <subnet> via inet <peer> dev <underlay>`), and
+//! to a peer's IPv6 subnet (through a placeholder gateway, see `routes6.rs`) and redirects
+//! them to the outer destination's neighbour, and
 //! `rudder_ingress` decapsulates overlay datagrams carrying IPv6 and hands them to the stack,
 //! whose forwarding makes the router hop (hop limit, "time exceeded"). The checks are the
 //! TUN rules of `rudder/src/packet6.rs` and `dataplane/forwarding6.rs`, in the same order.
@@ -7,12 +8,12 @@
 
 use aya_ebpf::{
     bindings::{
-        __sk_buff,
+        __sk_buff, bpf_redir_neigh,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV6,
         BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
     },
     cty::c_void,
-    helpers::generated::{bpf_loop, bpf_skb_load_bytes},
+    helpers::generated::{bpf_loop, bpf_redirect_neigh, bpf_skb_load_bytes},
     macros::map,
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
     programs::TcContext,
@@ -292,7 +293,17 @@ pub(crate) fn egress6(ctx: &TcContext, cfg: &DataplaneConfig) -> i32 {
     }
     count(Counter::Encapsulated, inner_bytes);
     add_traffic_of(traffic_id, false, inner_bytes);
-    TC_ACT_OK as i32
+    // The IPv6 peer routes lead to a placeholder gateway (the kernel has no IPv6 routes with
+    // IPv4 gateways): the outer IPv4 destination's route and ARP entry give the real MACs.
+    // SAFETY: a null params pointer with length 0 is the documented "do the lookup" form.
+    unsafe {
+        bpf_redirect_neigh(
+            cfg.underlay_ifindex,
+            core::ptr::null_mut::<bpf_redir_neigh>(),
+            0,
+            0,
+        ) as i32
+    }
 }
 
 #[inline(always)]

@@ -95,6 +95,8 @@ mod routes6;
 mod senders;
 #[cfg(test)]
 mod smoke_tests;
+#[cfg(test)]
+mod smoke_tests6;
 mod socket_path;
 mod underlay_change;
 

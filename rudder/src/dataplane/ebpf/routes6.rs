@@ -1,21 +1,27 @@
-//! The IPv6 peer routes: `<IPv6 subnet> via inet <next hop> dev <underlay> onlink mtu
-//! <overlay MTU> proto 211` (an IPv6 route with an IPv4 gateway, `RTA_VIA`): the kernel
-//! resolves the IPv4 next hop's MAC with ARP and hands the IPv6 packet to `rudder_egress`
-//! with a usable Ethernet header. Plus the IPv6 network's unreachable route.
+//! The IPv6 peer routes: `<IPv6 subnet> via fe80::7275:6464:6572 dev <underlay> onlink mtu
+//! <overlay MTU> proto 211`. The kernel refuses IPv6 routes with an IPv4 gateway (`via inet`,
+//! RTA_VIA: "IPv6 does not support RTA_VIA attribute"), so every IPv6 peer route points at
+//! one placeholder link-local gateway with a permanent neighbour entry: the kernel hands the
+//! packet to `rudder_egress`, which encapsulates it and `bpf_redirect_neigh`s it, taking
+//! the real MACs from the IPv4 route and ARP entry of the outer destination. Plus the IPv6
+//! network's unreachable route.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use ipnet::Ipv6Net;
 use rtnetlink::{
-    packet_route::route::{
-        RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope, RouteType, RouteVia,
-    },
+    packet_route::route::{RouteMessage, RouteMetric, RouteAttribute, RouteProtocol, RouteScope, RouteType},
     RouteMessageBuilder,
 };
 
 use super::routes::{is_no_such_route, Routes, RTPROT_RUDDER};
+
+/// The IPv6 peer routes' gateway ("rudder" in its last 48 bits): never a real neighbour.
+pub(super) const NEXT_HOP6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0x7275, 0x6464, 0x6572);
+/// Its MAC, locally administered; replaced by `bpf_redirect_neigh` before the frame leaves.
+const NEXT_HOP6_MAC: [u8; 6] = [0x02, 0x72, 0x75, 0x64, 0x64, 0x72];
 
 impl Routes {
     /// Installs (or replaces) the route of one IPv6 peer subnet reached at `peer_ip`.
@@ -25,16 +31,14 @@ impl Routes {
         peer_ip: Ipv4Addr,
         overlay_mtu: u16,
     ) -> anyhow::Result<()> {
-        let next_hop = self.next_hop(peer_ip);
+        self.ensure_next_hop6()?;
         let mut message = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(subnet.network(), subnet.prefix_len())
+            .gateway(NEXT_HOP6)
             .output_interface(self.underlay_ifindex)
             .protocol(RouteProtocol::Other(RTPROT_RUDDER))
             .onlink()
             .build();
-        message
-            .attributes
-            .push(RouteAttribute::Via(RouteVia::Inet(next_hop)));
         message
             .attributes
             .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(u32::from(
@@ -43,10 +47,26 @@ impl Routes {
         self.run(self.handle.route().add(message).replace().execute())
             .with_context(|| {
                 format!(
-                    "adding route {subnet} via inet {next_hop} (peer {peer_ip}) dev ifindex {} mtu {overlay_mtu}",
+                    "adding route {subnet} via {NEXT_HOP6} (peer {peer_ip}) dev ifindex {} mtu {overlay_mtu}",
                     self.underlay_ifindex
                 )
             })
+    }
+
+    /// The placeholder gateway's permanent neighbour entry (re-added if something flushed it).
+    pub(super) fn ensure_next_hop6(&self) -> anyhow::Result<()> {
+        let request = self
+            .handle
+            .neighbours()
+            .add(self.underlay_ifindex, IpAddr::V6(NEXT_HOP6))
+            .link_layer_address(&NEXT_HOP6_MAC)
+            .replace();
+        self.run(request.execute()).with_context(|| {
+            format!(
+                "adding the neighbour {NEXT_HOP6} lladdr 02:72:75:64:64:72 (the IPv6 peer routes' gateway) on ifindex {}",
+                self.underlay_ifindex
+            )
+        })
     }
 
     pub(super) fn remove_peer6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
@@ -91,10 +111,21 @@ impl Routes {
             .collect())
     }
 
-    /// Deletes every IPv6 route with our protocol number; returns how many.
+    /// Deletes every IPv6 route with our protocol number, and the placeholder gateway's
+    /// neighbour entry; returns how many routes.
     pub(super) fn remove_stale6(&self) -> anyhow::Result<usize> {
         let ours = self.ours6()?;
         let count = ours.len();
+        let mut neighbour = rtnetlink::packet_route::neighbour::NeighbourMessage::default();
+        neighbour.header.family = rtnetlink::packet_route::AddressFamily::Inet6;
+        neighbour.header.ifindex = self.underlay_ifindex;
+        neighbour
+            .attributes
+            .push(rtnetlink::packet_route::neighbour::NeighbourAttribute::Destination(
+                rtnetlink::packet_route::neighbour::NeighbourAddress::Inet6(NEXT_HOP6),
+            ));
+        // Absent unless IPv6 peers were installed: nothing to report then.
+        let _ = self.run(self.handle.neighbours().del(neighbour).execute());
         for route in ours {
             match self.run(self.handle.route().del(route.clone()).execute()) {
                 Ok(()) => {}
