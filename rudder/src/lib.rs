@@ -24,6 +24,7 @@ pub mod etcd;
 pub mod firewall;
 pub mod flanneld_compat;
 pub mod host;
+pub mod host_ipv6;
 pub mod http;
 pub mod json;
 pub mod lease;

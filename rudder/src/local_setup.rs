@@ -4,13 +4,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::watch;
 
 use crate::cli::RunArgs;
 use crate::firewall::{self, ForwardRules};
 use crate::host::{self, Netlink};
-use crate::subnet::gateway;
+use crate::host_ipv6;
+use crate::subnet::{gateway, gateway6};
 use crate::subnet_file::SubnetFile;
 
 /// What depends on our subnet outside the data plane: subnet file, bridge, masquerade.
@@ -67,11 +69,22 @@ impl LocalSetup {
         ipv6_subnet: Option<Ipv6Net>,
     ) -> anyhow::Result<()> {
         host::enable_ip_forwarding()?;
+        if ipv6_subnet.is_some() {
+            host_ipv6::enable_ipv6_forwarding()?;
+        }
         if let Some(bridge) = &self.args.bridge {
             let address = Ipv4Net::new(gateway(subnet), subnet.prefix_len())?;
-            self.netlink
+            let index = self
+                .netlink
                 .ensure_bridge(bridge, address, u32::from(self.overlay_mtu()))
                 .await?;
+            if let Some(subnet6) = ipv6_subnet {
+                // The containers' IPv6 gateway: the subnet's first address, as for IPv4.
+                let gateway6 = Ipv6Net::new(gateway6(subnet6), subnet6.prefix_len())?;
+                host_ipv6::set_only_global_ipv6(self.netlink.handle(), index, gateway6)
+                    .await
+                    .with_context(|| format!("putting {gateway6} on bridge {bridge}"))?;
+            }
         }
         if self.args.ip_masq {
             firewall::install_masquerade(

@@ -23,6 +23,7 @@ pub mod containerd;
 pub mod cpbench_join;
 mod daemon;
 pub mod docker;
+pub mod dual_stack;
 pub mod etcd_json;
 pub mod etcd_members;
 pub mod extra_etcd;
@@ -38,6 +39,7 @@ pub mod soak_probe;
 mod soak_table;
 pub mod tinc;
 pub mod traffic;
+pub mod traffic6;
 pub mod underlay;
 pub mod util;
 

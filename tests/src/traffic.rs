@@ -124,9 +124,10 @@ impl Transfer {
 pub fn tcp_transfer(from: &Endpoint, to: &Endpoint, bytes: usize) -> Result<Transfer> {
     let to_ip = to.ip;
     transfer(
-        from,
+        &from.ns,
+        &from.ip.to_string(),
         &to.ns,
-        (to.ip, 0),
+        SocketAddr::from((to.ip, 0)),
         |port| SocketAddr::from((to_ip, port)),
         bytes,
     )
@@ -142,18 +143,22 @@ pub fn tcp_transfer_via(
     bytes: usize,
 ) -> Result<Transfer> {
     transfer(
-        from,
+        &from.ns,
+        &from.ip.to_string(),
         &to.ns,
-        (Ipv4Addr::UNSPECIFIED, port),
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
         |_| SocketAddr::V4(dst),
         bytes,
     )
 }
 
-fn transfer(
-    from: &Endpoint,
+/// The TCP transfer of [`tcp_transfer`] for any address family: the listener binds `bind`
+/// in `to_ns`, the sender in `from_ns` (called `from` in errors) connects to `dst(port)`.
+pub(crate) fn transfer(
+    from_ns: &str,
+    from: &str,
     to_ns: &str,
-    bind: (Ipv4Addr, u16),
+    bind: SocketAddr,
     dst: impl Fn(u16) -> SocketAddr,
     bytes: usize,
 ) -> Result<Transfer> {
@@ -189,7 +194,7 @@ fn transfer(
     let dst = dst(port);
     let send_data = data.clone();
     let start = Instant::now();
-    let sender = netns::spawn_in(&from.ns, move || {
+    let sender = netns::spawn_in(from_ns, move || {
         let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(10))
             .with_context(|| format!("connect to {dst}"))?;
         s.set_write_timeout(Some(Duration::from_secs(20)))?;
@@ -202,18 +207,18 @@ fn transfer(
         .join()
         .map_err(|_| anyhow!("receiver panicked"))?
         .with_context(|| format!("receiving on {dst}"))?;
-    sent.with_context(|| format!("tcp {} -> {dst}", from.ip))?;
+    sent.with_context(|| format!("tcp {} -> {dst}", from))?;
     let elapsed = start.elapsed();
     if got.len() != data.len() {
         bail!(
             "tcp {} -> {dst}: sent {} bytes, received {}",
-            from.ip,
+            from,
             data.len(),
             got.len()
         );
     }
     if let Some(pos) = got.iter().zip(data.iter()).position(|(a, b)| a != b) {
-        bail!("tcp {} -> {dst}: content differs at byte {pos}", from.ip);
+        bail!("tcp {} -> {dst}: content differs at byte {pos}", from);
     }
     Ok(Transfer { bytes, elapsed })
 }
