@@ -52,22 +52,15 @@ static PEERS6: LpmTrie<[u8; 16], PeerValue6> = LpmTrie::with_max_entries(MAX_PEE
 
 /// Underlay address (IPv4-mapped or IPv6) → how many IPv6 subnets its host leases.
 #[map(name = "RUDDER_SENDERS6")]
-static SENDERS6: HashMap<UnderlayAddr, Senders6> = HashMap::with_max_entries(MAX_PEERS, 0);
+pub(crate) static SENDERS6: HashMap<UnderlayAddr, Senders6> = HashMap::with_max_entries(MAX_PEERS, 0);
 
 #[inline(always)]
-fn config6() -> Option<&'static DataplaneConfig6> {
+pub(crate) fn config6() -> Option<&'static DataplaneConfig6> {
     CONFIG6.get(0).filter(|c| c.enabled != 0)
 }
 
 #[inline(always)]
-fn addr16(b: &[u8; IPV6_HLEN], off: usize) -> [u8; 16] {
-    let mut a = [0u8; 16];
-    a.copy_from_slice(&b[off..off + 16]);
-    a
-}
-
-#[inline(always)]
-fn in_network(a: &[u8; 16], cfg: &DataplaneConfig6) -> bool {
+pub(crate) fn in_network(a: &[u8; 16], cfg: &DataplaneConfig6) -> bool {
     ipv6_in_subnet(a, &cfg.network, &cfg.network_mask)
 }
 
@@ -242,7 +235,20 @@ fn encapsulate_ipv6_in_ipv4(
 }
 
 /// "No counter": success of an out-of-line step that returns a [`Counter`] index.
-const OK: u32 = u32::MAX;
+pub(crate) const OK: u32 = u32::MAX;
+
+/// The walk and the scope rule for the IPv6 packet at `L3_OFF`: [`OK`], or the counter.
+// Out of line: the walk's state lives in this frame, not in `egress6`'s.
+#[inline(never)]
+fn egress_checks(ctx: &TcContext, next: u8, total_len: u32) -> u32 {
+    let Some(upper) = upper_layer(ctx, L3_OFF, next, total_len) else {
+        return Counter::DropMalformed as u32;
+    };
+    if out_of_overlay_scope(ctx, L3_OFF, &upper, total_len) {
+        return Counter::DropNoRoute as u32;
+    }
+    OK
+}
 
 /// `rudder_egress` for an IPv6 packet the stack routed out of the underlay device.
 // Out of line, as `decap_ipv6_inner`: its own stack frame, not added to the IPv4 path's.
@@ -269,11 +275,12 @@ pub(crate) fn egress6(ctx: &TcContext, cfg: &DataplaneConfig) -> i32 {
         return pass(ctx);
     };
     let total_len = IPV6_HLEN as u32 + u32::from(be16(&hdr, 4));
-    let Some(upper) = upper_layer(ctx, L3_OFF, hdr[6], total_len) else {
-        return drop_with(ctx, Counter::DropMalformed);
-    };
-    if out_of_overlay_scope(ctx, L3_OFF, &upper, total_len) {
-        return drop_with(ctx, Counter::DropNoRoute);
+    match egress_checks(ctx, hdr[6], total_len) {
+        OK => {}
+        counter if counter == Counter::DropMalformed as u32 => {
+            return drop_with(ctx, Counter::DropMalformed)
+        }
+        _ => return drop_with(ctx, Counter::DropNoRoute),
     }
     // The peer routes carry the overlay MTU: the stack already sent "packet too big".
     if !is_gso(ctx) && total_len > u32::from(cfg.overlay_mtu) {
@@ -284,8 +291,13 @@ pub(crate) fn egress6(ctx: &TcContext, cfg: &DataplaneConfig) -> i32 {
     let traffic_id = peer.traffic_id;
     let result = match mapped_ipv4(&peer.underlay) {
         Some(peer_ip) => encapsulate_ipv6_in_ipv4(ctx, cfg, total_len, traffic_class, peer_ip),
-        // An IPv6 outer header is not built by this version.
-        None => Counter::DropNoRoute as u32,
+        None => crate::ipv6_outer::encapsulate_in_ipv6(
+            ctx,
+            cfg,
+            total_len,
+            traffic_class,
+            &peer.underlay,
+        ),
     };
     if result != OK {
         count_drop(ctx, result);
@@ -307,13 +319,13 @@ pub(crate) fn egress6(ctx: &TcContext, cfg: &DataplaneConfig) -> i32 {
 }
 
 #[inline(always)]
-fn add_traffic_of(traffic_id: u32, rx: bool, bytes: u32) {
+pub(crate) fn add_traffic_of(traffic_id: u32, rx: bool, bytes: u32) {
     add_traffic(&PeerValue::new([0; 4], traffic_id), rx, bytes);
 }
 
 /// Counts a drop by the counter index an out-of-line step returned.
 #[inline(always)]
-fn count_drop(ctx: &TcContext, counter: u32) {
+pub(crate) fn count_drop(ctx: &TcContext, counter: u32) {
     let counter = if counter == Counter::DropIoError as u32 {
         Counter::DropIoError
     } else {
@@ -322,30 +334,10 @@ fn count_drop(ctx: &TcContext, counter: u32) {
     count(counter, l3_len(ctx));
 }
 
-/// `rudder_ingress` for a frame whose outer header is IPv6: not overlay traffic of this
-/// version, but a plain IPv6 packet between overlay addresses is forged (only the tunnel
-/// carries those), as for IPv4.
-pub(crate) fn ingress_ipv6_outer(ctx: &TcContext) -> i32 {
-    let Some(cfg6) = config6() else {
-        return pass(ctx);
-    };
-    let Ok(hdr) = ctx.load::<[u8; IPV6_HLEN]>(L3_OFF) else {
-        return pass(ctx);
-    };
-    if hdr[0] >> 4 == 6
-        && in_network(&addr16(&hdr, 8), cfg6)
-        && in_network(&addr16(&hdr, 24), cfg6)
-    {
-        return drop_with(ctx, Counter::DropUnencapsulated);
-    }
-    pass(ctx)
-}
-
 /// Decapsulates an overlay datagram from underlay address `sender` whose payload (at
 /// `inner_off`) is IPv6, in the order of `forwarding6::decide_inbound6`, and hands the inner
 /// packet to the stack. `outer_ecn_byte` is the outer TOS (or traffic class).
-// Inlined: as a subprogram its frame adds to the IPv4 path's, past the 512-byte limit.
-#[inline(always)]
+#[inline(never)]
 pub(crate) fn decap_ipv6_inner(
     ctx: &TcContext,
     sender: &UnderlayAddr,

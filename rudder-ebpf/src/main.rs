@@ -35,6 +35,8 @@
 #[cfg(target_arch = "bpf")]
 mod ipv6;
 #[cfg(target_arch = "bpf")]
+mod ipv6_outer;
+#[cfg(target_arch = "bpf")]
 mod programs;
 #[cfg(target_arch = "bpf")]
 mod stack_flows;

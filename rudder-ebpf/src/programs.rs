@@ -226,6 +226,9 @@ fn egress(ctx: &TcContext) -> i32 {
         return TCX_NEXT;
     }
     let Some(peer) = PEERS.get(Key::new(32, dst)) else {
+        if let Some(verdict) = crate::ipv6_outer::egress_ipv4_over_ipv6(ctx, &cfg, &inner) {
+            return verdict;
+        }
         // Overlay traffic without a peer must not leak unencapsulated onto the underlay.
         if ipv4_in_subnet(dst, cfg.network, cfg.network_prefix_len)
             && !ipv4_in_subnet(dst, cfg.local_subnet, cfg.local_prefix_len)
@@ -462,13 +465,35 @@ pub fn rudder_ingress(ctx: TcContext) -> i32 {
     ingress(&ctx)
 }
 
+/// Dispatches by outer family; each half is out of line so their stack frames do not add up.
 fn ingress(ctx: &TcContext) -> i32 {
     let Some(cfg) = config() else {
         return TCX_NEXT;
     };
     if ctx.skb.protocol() == u32::from(ETH_P_IPV6.to_be()) {
-        return crate::ipv6::ingress_ipv6_outer(ctx);
+        return crate::ipv6_outer::ingress_ipv6_outer(ctx, &cfg);
     }
+    match ingress_ipv4_outer(ctx, &cfg) {
+        // Called from here, not from inside: the two frames would exceed the 512-byte stack.
+        INNER_IPV6 => match ctx.load::<[u8; IPV4_HLEN]>(L3_OFF) {
+            Ok(outer) => crate::ipv6::decap_ipv6_inner(
+                ctx,
+                &ipv4_mapped(addr(&outer, 12)),
+                outer[1],
+                INNER_OFF,
+            ),
+            Err(_) => drop_with(ctx, Counter::DropTruncated),
+        },
+        verdict => verdict,
+    }
+}
+
+/// `ingress_ipv4_outer`'s answer for an overlay datagram whose payload is IPv6.
+const INNER_IPV6: i32 = i32::MIN;
+
+#[inline(never)]
+fn ingress_ipv4_outer(ctx: &TcContext, cfg: &DataplaneConfig) -> i32 {
+    let cfg = *cfg;
     if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
         return pass(ctx);
     }
@@ -505,7 +530,7 @@ fn ingress(ctx: &TcContext) -> i32 {
         return drop_with(ctx, Counter::DropTruncated);
     };
     if first >> 4 == 6 {
-        return crate::ipv6::decap_ipv6_inner(ctx, &ipv4_mapped(outer_src), outer[1], INNER_OFF);
+        return INNER_IPV6;
     }
     if first >> 4 != 4 {
         return drop_with(ctx, Counter::DropNotIpv4);
@@ -533,7 +558,7 @@ fn ingress(ctx: &TcContext) -> i32 {
         count(Counter::ToDaemon, l3_len(ctx));
         return TCX_NEXT;
     }
-    if !header_checksum_ok(ctx, &inner, header_len) {
+    if !header_checksum_ok(ctx, INNER_OFF, &inner, header_len) {
         return drop_with(ctx, Counter::DropMalformed);
     }
 
@@ -612,7 +637,7 @@ fn ingress(ctx: &TcContext) -> i32 {
 /// Writes `new_tos` into the IPv4 header at `l3_off` and patches its checksum (TOS is the
 /// low byte of the version/IHL/TOS word).
 #[inline(always)]
-fn set_tos(
+pub(crate) fn set_tos(
     ctx: &TcContext,
     l3_off: usize,
     version_ihl: u8,
@@ -624,14 +649,19 @@ fn set_tos(
 
 /// Verifies the inner header checksum, options included (IHL up to 15 words).
 #[inline(always)]
-fn header_checksum_ok(ctx: &TcContext, base: &[u8; IPV4_HLEN], header_len: u32) -> bool {
+pub(crate) fn header_checksum_ok(
+    ctx: &TcContext,
+    inner_off: usize,
+    base: &[u8; IPV4_HLEN],
+    header_len: u32,
+) -> bool {
     let mut sum = sum_header(base);
     let mut off = IPV4_HLEN as u32;
     while off < 60 {
         if off >= header_len {
             break;
         }
-        let Ok(word) = ctx.load::<[u8; 4]>(INNER_OFF + off as usize) else {
+        let Ok(word) = ctx.load::<[u8; 4]>(inner_off + off as usize) else {
             return false;
         };
         sum += u32::from(be16(&word, 0)) + u32::from(be16(&word, 2));

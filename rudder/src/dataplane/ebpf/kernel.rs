@@ -49,6 +49,8 @@ pub(super) struct Kernel {
     pub(super) config6: Array<MapData, DataplaneConfig6>,
     pub(super) peers6: LpmTrie<MapData, [u8; 16], PeerValue6>,
     pub(super) senders6: HashMap<MapData, UnderlayAddr, Senders6>,
+    /// IPv4 peer subnets reached over IPv6.
+    pub(super) peers46: LpmTrie<MapData, [u8; 4], PeerValue6>,
 }
 
 impl Drop for Kernel {
@@ -135,6 +137,7 @@ impl Kernel {
             config6: take(&mut ebpf, names::MAP_CONFIG6)?,
             peers6: take(&mut ebpf, names::MAP_PEERS6)?,
             senders6: take(&mut ebpf, names::MAP_SENDERS6)?,
+            peers46: take(&mut ebpf, names::MAP_PEERS46)?,
             ebpf,
         })
     }

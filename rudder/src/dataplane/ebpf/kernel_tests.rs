@@ -520,8 +520,9 @@ fn programs_pass_the_verifier_within_budget() {
         // The kernel allows 1M processed instructions; this budget catches an accidental
         // blow-up (an unrolled loop, a log call inlined into a hot path) early. It includes
         // the out-of-line aya-log formatting of the rare-failure path and the IPv6 paths
-        // (~21000 for egress, ~17000 for ingress with them; the extension-header walk runs
-        // in `bpf_loop`, as a plain loop it alone cost 40000-80000).
-        assert!(count > 0 && count < 32768, "{name} has {count} instructions");
+        // (both inner families over both outer ones: ~27000 for egress, ~34000 for ingress;
+        // the extension-header walk runs in `bpf_loop`, as a plain loop it alone cost
+        // 40000-80000).
+        assert!(count > 0 && count < 65536, "{name} has {count} instructions");
     }
 }

@@ -52,7 +52,7 @@ pub(super) fn fixture6() -> Kernel {
         .unwrap();
     kernel
         .senders6
-        .insert(underlay, Senders6 { ipv6_subnets: 1 }, 0)
+        .insert(underlay, Senders6 { ipv6_subnets: 1, ipv4_subnets: 0 }, 0)
         .unwrap();
     kernel
 }

@@ -85,6 +85,8 @@ mod kernel_tests_full_tables;
 #[cfg(test)]
 mod kernel_tests6;
 #[cfg(test)]
+mod kernel_tests_outer6;
+#[cfg(test)]
 mod kernel_tests_stack_flows;
 mod peers6;
 mod pins;
@@ -148,6 +150,9 @@ struct State {
     peers: BTreeMap<Ipv4Net, Ipv4Addr>,
     /// IPv6 peer subnets → (underlay address, traffic id), as in the IPv6 trie (`peers6`).
     peers6: BTreeMap<Ipv6Net, (IpAddr, u32)>,
+    /// IPv4 peer subnets reached at a PublicIPv6 → (it, traffic id, installed at): in the
+    /// `peers46` trie, never in `peers`.
+    peers_over6: BTreeMap<Ipv4Net, (std::net::Ipv6Addr, u32, std::time::SystemTime)>,
     /// How many of `peers` each public IP has (the sender map's value), kept with `peers`:
     /// counting them per change made a resync of n peers O(n^2).
     subnets_per_sender: HashMap<Ipv4Addr, u32>,
@@ -272,6 +277,7 @@ impl EbpfDataplane {
                 routes: Some(routes),
                 peers,
                 peers6,
+                peers_over6: BTreeMap::new(),
                 subnets_per_sender,
                 peer_entries,
                 next_traffic_id,
@@ -382,6 +388,7 @@ impl Dataplane for EbpfDataplane {
                 .values()
                 .map(|(id, _)| *id)
                 .chain(state.peers6.values().map(|(_, id)| *id))
+                .chain(state.peers_over6.values().map(|(_, id, _)| *id))
                 .collect();
             state.kernel_mut()?.forget_traffic_except(&live);
         }
@@ -437,9 +444,12 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn upsert_peer(&self, subnet: Ipv4Net, underlay: IpAddr) -> anyhow::Result<()> {
-        let IpAddr::V4(public_ip) = underlay else {
-            bail!("peer {subnet} at {underlay}: the eBPF data plane does not carry IPv6 outer headers yet");
+        let public_ip = match underlay {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(ip) => return self.upsert_peer_over6(subnet, ip),
         };
+        // Reached over IPv4 now: out of the IPv6-outer trie.
+        self.remove_peer_over6(subnet)?;
         let mut state = self.lock();
         let subnet = subnet.trunc();
         let local = state.opts.local_subnet;
@@ -524,25 +534,8 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn remove_peer(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
-        let mut state = self.lock();
-        let subnet = subnet.trunc();
-        if let Some(pending) = &mut state.pending_routes {
-            pending.remove(&subnet);
-        }
-        state.routes()?.remove_peer(subnet)?;
-        let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
-        ignore_missing(state.kernel_mut()?.peers.remove(&key))
-            .with_context(|| format!("removing peer {subnet} from the BPF LPM trie"))?;
-        if let Some((traffic_id, _)) = state.peer_entries.remove(&subnet) {
-            let _ = state.kernel_mut()?.peer_traffic.remove(&traffic_id);
-        }
-        if let Some(public_ip) = state.remove_peer_entry(subnet) {
-            if let Some(path) = self.socket_path() {
-                path.remove_peer(subnet, public_ip);
-            }
-            state.sync_sender(public_ip)?;
-        }
-        Ok(())
+        self.remove_peer_over4(subnet)?;
+        self.remove_peer_over6(subnet)
     }
 
     fn set_local_subnet6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
@@ -584,6 +577,23 @@ impl Dataplane for EbpfDataplane {
                 })
                 .collect()
         };
+        let over6: Vec<PeerStats> = {
+            let state = self.lock();
+            state
+                .peers_over6
+                .iter()
+                .map(|(subnet, (ip, traffic_id, changed))| PeerStats {
+                    subnet: *subnet,
+                    public_ip: (*ip).into(),
+                    changed: *changed,
+                    traffic: state
+                        .kernel
+                        .as_ref()
+                        .map(|k| k.peer_traffic(*traffic_id))
+                        .unwrap_or_default(),
+                })
+                .collect()
+        };
         peers
             .into_iter()
             .map(|(subnet, public_ip, traffic_id, changed)| {
@@ -606,6 +616,7 @@ impl Dataplane for EbpfDataplane {
                     traffic,
                 }
             })
+            .chain(over6)
             .collect()
     }
 
@@ -621,6 +632,7 @@ impl Dataplane for EbpfDataplane {
         drop(state.kernel.take());
         state.peers.clear();
         state.peers6.clear();
+        state.peers_over6.clear();
         state.subnets_per_sender.clear();
         state.peer_entries.clear();
         state.discovered.clear();
@@ -652,6 +664,29 @@ impl Dataplane for EbpfDataplane {
 }
 
 impl EbpfDataplane {
+    /// Forgets an IPv4 peer subnet reached over IPv4 (absent: nothing to do).
+    fn remove_peer_over4(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let subnet = subnet.trunc();
+        if let Some(pending) = &mut state.pending_routes {
+            pending.remove(&subnet);
+        }
+        state.routes()?.remove_peer(subnet)?;
+        let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
+        ignore_missing(state.kernel_mut()?.peers.remove(&key))
+            .with_context(|| format!("removing peer {subnet} from the BPF LPM trie"))?;
+        if let Some((traffic_id, _)) = state.peer_entries.remove(&subnet) {
+            let _ = state.kernel_mut()?.peer_traffic.remove(&traffic_id);
+        }
+        if let Some(public_ip) = state.remove_peer_entry(subnet) {
+            if let Some(path) = self.socket_path() {
+                path.remove_peer(subnet, public_ip);
+            }
+            state.sync_sender(public_ip)?;
+        }
+        Ok(())
+    }
+
     fn stop_socket_path(&self) {
         if let Some(path) = self
             .socket_path

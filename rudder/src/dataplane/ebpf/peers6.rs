@@ -2,11 +2,11 @@
 //! (underlay address → its number of IPv6 subnets) and the IPv6 peer routes, kept in step
 //! with `State::peers6`, as `senders.rs` and `mod.rs` do for IPv4.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use anyhow::{bail, Context as _};
 use aya::maps::lpm_trie::Key;
-use ipnet::Ipv6Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rudder_ebpf::{ipv6_mask, DataplaneConfig6, PeerValue6, Senders6, UnderlayAddr};
 
 use super::kernel::ignore_missing;
@@ -28,6 +28,7 @@ fn key6(subnet: Ipv6Net) -> Key<[u8; 16]> {
 pub(super) fn config6_of(plane: Option<&Ipv6Plane>) -> DataplaneConfig6 {
     match plane {
         Some(plane) => DataplaneConfig6 {
+            local_ip: plane.public_ipv6.map_or([0; 16], |ip| ip.octets()),
             local_subnet: plane.local_subnet.network().octets(),
             local_mask: ipv6_mask(u32::from(plane.local_subnet.prefix_len())),
             network: plane.network.network().octets(),
@@ -35,6 +36,7 @@ pub(super) fn config6_of(plane: Option<&Ipv6Plane>) -> DataplaneConfig6 {
             enabled: 1,
         },
         None => DataplaneConfig6 {
+            local_ip: [0; 16],
             local_subnet: [0; 16],
             local_mask: [0; 16],
             network: [0; 16],
@@ -52,17 +54,23 @@ impl State {
     }
 
     /// Keeps the IPv6 sender map in step with `peers6` for one underlay address.
-    fn sync_sender6(&mut self, underlay: IpAddr) -> anyhow::Result<()> {
-        let subnets = self.peers6.values().filter(|(ip, _)| *ip == underlay).count() as u32;
+    pub(super) fn sync_sender6(&mut self, underlay: IpAddr) -> anyhow::Result<()> {
+        let ipv6_subnets = self.peers6.values().filter(|(ip, _)| *ip == underlay).count() as u32;
+        let ipv4_subnets = self
+            .peers_over6
+            .values()
+            .filter(|(ip, _, _)| IpAddr::V6(*ip) == underlay)
+            .count() as u32;
         let key = underlay_key(underlay);
         let kernel = self.kernel_mut()?;
-        if subnets == 0 {
+        if ipv6_subnets + ipv4_subnets == 0 {
             ignore_missing(kernel.senders6.remove(&key))
         } else {
             kernel.senders6.insert(
                 key,
                 Senders6 {
-                    ipv6_subnets: subnets,
+                    ipv6_subnets,
+                    ipv4_subnets,
                 },
                 0,
             )
@@ -74,9 +82,10 @@ impl State {
     pub(super) fn reinstall_routes6(&self) -> anyhow::Result<()> {
         let routes = self.routes()?;
         for (subnet, (underlay, _)) in &self.peers6 {
-            if let IpAddr::V4(peer_ip) = underlay {
-                routes.add_peer6(*subnet, *peer_ip, self.opts.overlay_mtu)?;
-            }
+            routes.add_peer6(*subnet, *underlay, self.opts.overlay_mtu)?;
+        }
+        for subnet in self.peers_over6.keys() {
+            routes.add_peer_over6(*subnet, self.opts.overlay_mtu, self.pref_source())?;
         }
         Ok(())
     }
@@ -99,11 +108,11 @@ impl EbpfDataplane {
     }
 
     pub(super) fn upsert_peer6_impl(&self, subnet: Ipv6Net, underlay: IpAddr) -> anyhow::Result<()> {
-        let IpAddr::V4(peer_ip) = underlay else {
-            bail!("IPv6 peer {subnet} at {underlay}: the eBPF data plane does not build IPv6 outer headers yet");
-        };
         let mut state = self.lock();
         let plane = state.ipv6_plane()?;
+        if underlay.is_ipv6() && plane.public_ipv6.is_none() {
+            bail!("IPv6 peer {subnet} at {underlay}: this host has no PublicIPv6 to send from");
+        }
         let subnet = subnet.trunc();
         let local = plane.local_subnet;
         if subnet.contains(&local.network()) || local.contains(&subnet.network()) {
@@ -136,7 +145,7 @@ impl EbpfDataplane {
             state.sync_sender6(old)?;
         }
         let mtu = state.opts.overlay_mtu;
-        state.routes()?.add_peer6(subnet, peer_ip, mtu)
+        state.routes()?.add_peer6(subnet, underlay, mtu)
     }
 
     pub(super) fn remove_peer6_impl(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
@@ -150,5 +159,68 @@ impl EbpfDataplane {
             state.sync_sender6(underlay)?;
         }
         Ok(())
+    }
+
+    /// An IPv4 peer subnet whose host is reached at its PublicIPv6 (the IPv4 trie keeps the
+    /// peers reached over IPv4: a subnet is in one of them, never both).
+    pub(super) fn upsert_peer_over6(&self, subnet: Ipv4Net, underlay: Ipv6Addr) -> anyhow::Result<()> {
+        let subnet = subnet.trunc();
+        if self.lock().peers.contains_key(&subnet) {
+            self.remove_peer_over4(subnet)?;
+        }
+        let mut state = self.lock();
+        let plane = state.ipv6_plane()?;
+        if plane.public_ipv6.is_none() {
+            bail!("peer {subnet} at {underlay}: this host has no PublicIPv6 to send from");
+        }
+        let local = state.opts.local_subnet;
+        if subnet.contains(&local.network()) || local.contains(&subnet.network()) {
+            bail!("peer subnet {subnet} overlaps our own subnet {local}; not installing it");
+        }
+        let existing = state.peers_over6.get(&subnet).copied();
+        let (traffic_id, changed) = match existing {
+            Some((old, id, changed)) if old == underlay => (id, changed),
+            _ => {
+                let id = state.next_traffic_id;
+                state.next_traffic_id = id.wrapping_add(1).max(1);
+                (id, std::time::SystemTime::now())
+            }
+        };
+        let value = PeerValue6 {
+            underlay: underlay.octets(),
+            traffic_id,
+        };
+        let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
+        let kernel = state.kernel_mut()?;
+        kernel
+            .peers46
+            .insert(&key, value, 0)
+            .with_context(|| format!("adding peer {subnet} -> {underlay} to the BPF LPM trie"))?;
+        if let Some((_, stale, _)) = existing.filter(|(_, id, _)| *id != traffic_id) {
+            let _ = kernel.peer_traffic.remove(&stale);
+        }
+        state.peers_over6.insert(subnet, (underlay, traffic_id, changed));
+        state.sync_sender6(IpAddr::V6(underlay))?;
+        if let Some((old, _, _)) = existing.filter(|(old, _, _)| *old != underlay) {
+            state.sync_sender6(IpAddr::V6(old))?;
+        }
+        let (mtu, src) = (state.opts.overlay_mtu, state.pref_source());
+        state.routes()?.add_peer_over6(subnet, mtu, src)
+    }
+
+    /// Forgets an IPv4 peer subnet reached over IPv6 (absent: nothing to do).
+    pub(super) fn remove_peer_over6(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        let subnet = subnet.trunc();
+        let Some((underlay, traffic_id, _)) = state.peers_over6.remove(&subnet) else {
+            return Ok(());
+        };
+        state.routes()?.remove_peer(subnet)?;
+        let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
+        let kernel = state.kernel_mut()?;
+        ignore_missing(kernel.peers46.remove(&key))
+            .with_context(|| format!("removing peer {subnet} from the BPF LPM trie"))?;
+        let _ = kernel.peer_traffic.remove(&traffic_id);
+        state.sync_sender6(IpAddr::V6(underlay))
     }
 }

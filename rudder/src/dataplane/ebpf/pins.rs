@@ -17,7 +17,7 @@ use rudder_ebpf::names;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Every map the programs share, pinned by name.
-pub(super) const PINNED_MAPS: [&str; 12] = [
+pub(super) const PINNED_MAPS: [&str; 13] = [
     names::MAP_CONFIG,
     names::MAP_PEERS,
     names::MAP_SENDERS,
@@ -30,6 +30,7 @@ pub(super) const PINNED_MAPS: [&str; 12] = [
     names::MAP_CONFIG6,
     names::MAP_PEERS6,
     names::MAP_SENDERS6,
+    names::MAP_PEERS46,
 ];
 
 /// This underlay's pin directory, locked for the life of the process.

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
-use ipnet::Ipv6Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::{
     packet_route::route::{RouteMessage, RouteMetric, RouteAttribute, RouteProtocol, RouteScope, RouteType},
     RouteMessageBuilder,
@@ -28,7 +28,7 @@ impl Routes {
     pub(super) fn add_peer6(
         &self,
         subnet: Ipv6Net,
-        peer_ip: Ipv4Addr,
+        peer_ip: IpAddr,
         overlay_mtu: u16,
     ) -> anyhow::Result<()> {
         self.ensure_next_hop6()?;
@@ -51,6 +51,50 @@ impl Routes {
                     self.underlay_ifindex
                 )
             })
+    }
+
+    /// Installs (or replaces) the route of an IPv4 peer subnet reached over IPv6: `<subnet>
+    /// via inet6 <placeholder> dev <underlay> onlink mtu <overlay MTU> proto 211` (an IPv4
+    /// route may have an IPv6 gateway, RFC 5549).
+    pub(super) fn add_peer_over6(
+        &self,
+        subnet: Ipv4Net,
+        overlay_mtu: u16,
+        pref_source: Option<Ipv4Addr>,
+    ) -> anyhow::Result<()> {
+        self.ensure_next_hop6()?;
+        let build = |src: Option<Ipv4Addr>| {
+            let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(subnet.network(), subnet.prefix_len())
+                .via(NEXT_HOP6)
+                .output_interface(self.underlay_ifindex)
+                .protocol(RouteProtocol::Other(RTPROT_RUDDER))
+                .onlink();
+            if let Some(src) = src {
+                builder = builder.pref_source(src);
+            }
+            let mut message = builder.build();
+            message
+                .attributes
+                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(u32::from(
+                    overlay_mtu,
+                ))]));
+            message
+        };
+        let result = self.run(self.handle.route().add(build(pref_source)).replace().execute());
+        let result = match result {
+            // The gateway address is not on the bridge (yet): route without it.
+            Err(_) if pref_source.is_some() => {
+                self.run(self.handle.route().add(build(None)).replace().execute())
+            }
+            other => other,
+        };
+        result.with_context(|| {
+            format!(
+                "adding route {subnet} via inet6 {NEXT_HOP6} dev ifindex {} mtu {overlay_mtu}",
+                self.underlay_ifindex
+            )
+        })
     }
 
     /// The placeholder gateway's permanent neighbour entry (re-added if something flushed it).
