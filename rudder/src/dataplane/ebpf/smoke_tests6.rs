@@ -18,7 +18,14 @@ use crate::dataplane::{Dataplane as _, Ipv6Plane};
 const CONTAINER_A6: &str = "fd00:5:1::10";
 const CONTAINER_B6: &str = "fd00:5:2::10";
 
-fn load6(topo: &Topology, host: &str, public_ip: std::net::Ipv4Addr, subnet: &str, subnet6: &str) -> EbpfDataplane {
+fn load6(
+    topo: &Topology,
+    host: &str,
+    public_ip: std::net::Ipv4Addr,
+    subnet: &str,
+    subnet6: &str,
+    public_ipv6: Option<Ipv6Addr>,
+) -> EbpfDataplane {
     let (ifindex, _) = topo.link(host, "eth0");
     let opts = EbpfOptions {
         underlay_ifname: "eth0".into(),
@@ -27,14 +34,14 @@ fn load6(topo: &Topology, host: &str, public_ip: std::net::Ipv4Addr, subnet: &st
         network: "10.5.0.0/16".parse().unwrap(),
         local_subnet: subnet.parse().unwrap(),
         udp_port: rudder_ebpf::DEFAULT_UDP_PORT,
-        overlay_mtu: 1472,
+        overlay_mtu: if public_ipv6.is_some() { 1452 } else { 1472 },
         bridge: Some("br0".into()),
         force_fail: false,
         pin_dir: None,
         ipv6: Some(Ipv6Plane {
             network: "fd00:5::/32".parse().unwrap(),
             local_subnet: subnet6.parse().unwrap(),
-            public_ipv6: None,
+            public_ipv6,
         }),
     };
     let host = host.to_string();
@@ -97,8 +104,8 @@ fn containers_talk_ipv6_through_the_ebpf_overlay_over_an_ipv4_underlay() {
     super::kernel_tests::require_root();
     let topo = Topology::build();
     add_ipv6(&topo);
-    let a = load6(&topo, "hA", UNDERLAY_A, "10.5.1.0/24", "fd00:5:1::/64");
-    let b = load6(&topo, "hB", UNDERLAY_B, "10.5.2.0/24", "fd00:5:2::/64");
+    let a = load6(&topo, "hA", UNDERLAY_A, "10.5.1.0/24", "fd00:5:1::/64", None);
+    let b = load6(&topo, "hB", UNDERLAY_B, "10.5.2.0/24", "fd00:5:2::/64", None);
     let subnet_a: Ipv4Net = "10.5.1.0/24".parse().unwrap();
     let subnet_b: Ipv4Net = "10.5.2.0/24".parse().unwrap();
     let subnet_a6: Ipv6Net = "fd00:5:1::/64".parse().unwrap();
@@ -148,4 +155,60 @@ fn containers_talk_ipv6_through_the_ebpf_overlay_over_an_ipv4_underlay() {
     b.shutdown().unwrap();
     let routes = topo.ip("hA", "-6 route show proto 211");
     assert!(routes.trim().is_empty(), "shutdown left IPv6 routes: {routes}");
+}
+
+/// Both hosts have a PublicIPv6: IPv4 and IPv6 containers' traffic travels in IPv6 outer
+/// headers (zero UDP checksum), routed to the placeholder gateway and redirected by BPF.
+#[test]
+fn both_families_travel_over_an_ipv6_underlay() {
+    super::kernel_tests::require_root();
+    let topo = Topology::build();
+    add_ipv6(&topo);
+    let public6_a: Ipv6Addr = "fd00:77::1".parse().unwrap();
+    let public6_b: Ipv6Addr = "fd00:77::2".parse().unwrap();
+    for (host, addr) in [("hA", public6_a), ("hB", public6_b)] {
+        topo.ip(host, &format!("-6 addr add {addr}/64 dev eth0 nodad"));
+        topo.exec(host, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    }
+    for container in ["cA", "cB"] {
+        topo.ip(container, "link set eth0 mtu 1452");
+    }
+    let a = load6(&topo, "hA", UNDERLAY_A, "10.5.1.0/24", "fd00:5:1::/64", Some(public6_a));
+    let b = load6(&topo, "hB", UNDERLAY_B, "10.5.2.0/24", "fd00:5:2::/64", Some(public6_b));
+    a.upsert_peer("10.5.2.0/24".parse().unwrap(), public6_b.into()).unwrap();
+    b.upsert_peer("10.5.1.0/24".parse().unwrap(), public6_a.into()).unwrap();
+    a.upsert_peer6("fd00:5:2::/64".parse().unwrap(), public6_b.into()).unwrap();
+    b.upsert_peer6("fd00:5:1::/64".parse().unwrap(), public6_a.into()).unwrap();
+    let routes = rudder_routes(&topo, "hA");
+    assert!(
+        routes.contains("10.5.2.0/24 via inet6 fe80::7275:6464:6572 dev eth0"),
+        "IPv4 peer route over IPv6: {routes}"
+    );
+    topo.exec("cA", &["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.5.2.10"]);
+    topo.exec("cA", &["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", CONTAINER_B6]);
+    let bytes = 16 << 20;
+    let before = a.counters();
+    let before_bytes = a.byte_counters();
+    let elapsed = tcp6_transfer(&topo, bytes);
+    let after = a.counters();
+    let packets = after[Counter::Encapsulated.index()] - before[Counter::Encapsulated.index()];
+    let encap_bytes = a.byte_counters()[Counter::Encapsulated.index()] - before_bytes[Counter::Encapsulated.index()];
+    assert!(packets > 0, "nothing encapsulated: {after:?}");
+    let stats = a.peer_stats();
+    assert!(
+        stats.iter().any(|p| p.public_ip == std::net::IpAddr::V6(public6_b) && p.traffic.tx_packets > 0),
+        "the IPv4 subnet's traffic over IPv6 is reported: {stats:?}"
+    );
+    eprintln!(
+        "IPv6 over IPv6: {bytes} bytes in {elapsed:?}; {packets} packets encapsulated, {} bytes on average",
+        encap_bytes / packets.max(1)
+    );
+    let drops: Vec<_> = Counter::ALL
+        .into_iter()
+        .filter(|c| c.is_drop() && b.counters()[c.index()] > 0)
+        .map(|c| (c.name(), b.counters()[c.index()]))
+        .collect();
+    assert!(drops.is_empty(), "hB dropped: {drops:?}");
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
 }
