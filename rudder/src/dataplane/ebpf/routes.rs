@@ -97,7 +97,11 @@ impl Routes {
         self.run(
             futures::stream::iter(peers)
                 .map(|&(subnet, ip)| async move {
-                    (subnet, self.add_peer_async(subnet, ip, overlay_mtu, pref_source).await)
+                    (
+                        subnet,
+                        self.add_peer_async(subnet, ip, overlay_mtu, pref_source)
+                            .await,
+                    )
                 })
                 .buffer_unordered(ROUTES_IN_FLIGHT)
                 .filter_map(|(subnet, result)| async move { result.err().map(|e| (subnet, e)) })
@@ -142,7 +146,12 @@ impl Routes {
             // The gateway address is not on the bridge (yet): route without it.
             Err(_) if pref_source.is_some() => {
                 tracing::warn!(%subnet, src = ?pref_source, "preferred source not configured locally; peer route added without it");
-                self.handle.route().add(build(None)).replace().execute().await
+                self.handle
+                    .route()
+                    .add(build(None))
+                    .replace()
+                    .execute()
+                    .await
             }
             other => other,
         };
