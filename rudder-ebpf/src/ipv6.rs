@@ -8,9 +8,8 @@
 
 use aya_ebpf::{
     bindings::{
-        __sk_buff, bpf_redir_neigh,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV6,
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
+        __sk_buff, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_redir_neigh,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV6, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
     },
     cty::c_void,
     helpers::generated::{bpf_loop, bpf_redirect_neigh, bpf_skb_load_bytes},
@@ -25,7 +24,7 @@ use rudder_ebpf::{
 
 use crate::programs::{
     add_traffic, be16, count, drop_with, encapsulate_in_ipv4, io_error, is_gso, l3_len, pass,
-    IP_DF, L3_OFF, ECN_CE, ECN_MASK, ECN_NOT_ECT, TCX_NEXT,
+    ECN_CE, ECN_MASK, ECN_NOT_ECT, IP_DF, L3_OFF, TCX_NEXT,
 };
 use crate::train_senders::{saw_train_from, sends_trains};
 
@@ -52,7 +51,8 @@ static PEERS6: LpmTrie<[u8; 16], PeerValue6> = LpmTrie::with_max_entries(MAX_PEE
 
 /// Underlay address (IPv4-mapped or IPv6) → how many IPv6 subnets its host leases.
 #[map(name = "RUDDER_SENDERS6")]
-pub(crate) static SENDERS6: HashMap<UnderlayAddr, Senders6> = HashMap::with_max_entries(MAX_PEERS, 0);
+pub(crate) static SENDERS6: HashMap<UnderlayAddr, Senders6> =
+    HashMap::with_max_entries(MAX_PEERS, 0);
 
 #[inline(always)]
 pub(crate) fn config6() -> Option<&'static DataplaneConfig6> {
@@ -198,7 +198,12 @@ fn is_link_local(a: &[u8; 16]) -> bool {
 /// source).
 // Out of line: reads the addresses itself, keeping its callers' stack frames small.
 #[inline(never)]
-fn out_of_overlay_scope(ctx: &TcContext, l3_off: usize, upper: &UpperLayer, total_len: u32) -> bool {
+fn out_of_overlay_scope(
+    ctx: &TcContext,
+    l3_off: usize,
+    upper: &UpperLayer,
+    total_len: u32,
+) -> bool {
     let (Ok(src), Ok(dst)) = (
         ctx.load::<[u8; 16]>(l3_off + 8),
         ctx.load::<[u8; 16]>(l3_off + 24),
@@ -215,7 +220,10 @@ fn out_of_overlay_scope(ctx: &TcContext, l3_off: usize, upper: &UpperLayer, tota
     if upper.protocol != IPPROTO_ICMPV6 || !has_l4 || upper.offset >= total_len {
         return false;
     }
-    matches!(ctx.load::<u8>(l3_off + upper.offset as usize), Ok(133..=137))
+    matches!(
+        ctx.load::<u8>(l3_off + upper.offset as usize),
+        Ok(133..=137)
+    )
 }
 
 /// Outer IPv4 + UDP around the IPv6 packet at `L3_OFF`, DF set: routers never fragment

@@ -19,8 +19,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use rudder_ebpf::{
-    ipv4_in_subnet, Counter, DataplaneConfig, DataplaneConfig6, PeerValue6, UnderlayAddr, ENCAP_OVERHEAD6,
-    MAX_PEERS, OUTER_TTL,
+    ipv4_in_subnet, Counter, DataplaneConfig, DataplaneConfig6, PeerValue6, UnderlayAddr,
+    ENCAP_OVERHEAD6, MAX_PEERS, OUTER_TTL,
 };
 
 use crate::ipv6::{

@@ -461,7 +461,8 @@ mod tests {
 
     #[test]
     fn ipv6_subnet_membership() {
-        let inside_of = |addr: &[u8; 16], net: &[u8; 16], len| ipv6_in_subnet(addr, net, &ipv6_mask(len));
+        let inside_of =
+            |addr: &[u8; 16], net: &[u8; 16], len| ipv6_in_subnet(addr, net, &ipv6_mask(len));
         let net = [0xfd, 0, 0, 5, 0, 0x22, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let mut inside = net;
         inside[15] = 7;
@@ -481,7 +482,12 @@ mod tests {
     #[test]
     fn ipv4_mapping_round_trips() {
         let mapped = ipv4_mapped([192, 168, 1, 2]);
-        assert_eq!(mapped, core::net::Ipv4Addr::new(192, 168, 1, 2).to_ipv6_mapped().octets());
+        assert_eq!(
+            mapped,
+            core::net::Ipv4Addr::new(192, 168, 1, 2)
+                .to_ipv6_mapped()
+                .octets()
+        );
         assert_eq!(mapped_ipv4(&mapped), Some([192, 168, 1, 2]));
         let mut v6 = mapped;
         v6[0] = 0xfd;

@@ -300,7 +300,14 @@ fn encapsulate(
     inner: &[u8; IPV4_HLEN],
     peer_ip: [u8; 4],
 ) -> Result<(), Counter> {
-    encapsulate_in_ipv4(ctx, cfg, be16(inner, 2), inner[1], be16(inner, 6) & IP_DF, peer_ip)
+    encapsulate_in_ipv4(
+        ctx,
+        cfg,
+        be16(inner, 2),
+        inner[1],
+        be16(inner, 6) & IP_DF,
+        peer_ip,
+    )
 }
 
 /// Inserts outer IPv4 + UDP between the Ethernet header and an inner packet of either

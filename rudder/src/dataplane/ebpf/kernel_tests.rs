@@ -523,6 +523,9 @@ fn programs_pass_the_verifier_within_budget() {
         // (both inner families over both outer ones: ~27000 for egress, ~34000 for ingress;
         // the extension-header walk runs in `bpf_loop`, as a plain loop it alone cost
         // 40000-80000).
-        assert!(count > 0 && count < 65536, "{name} has {count} instructions");
+        assert!(
+            count > 0 && count < 65536,
+            "{name} has {count} instructions"
+        );
     }
 }

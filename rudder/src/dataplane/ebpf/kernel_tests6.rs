@@ -52,7 +52,14 @@ pub(super) fn fixture6() -> Kernel {
         .unwrap();
     kernel
         .senders6
-        .insert(underlay, Senders6 { ipv6_subnets: 1, ipv4_subnets: 0 }, 0)
+        .insert(
+            underlay,
+            Senders6 {
+                ipv6_subnets: 1,
+                ipv4_subnets: 0,
+            },
+            0,
+        )
         .unwrap();
     kernel
 }
@@ -76,12 +83,23 @@ fn encap_wraps_ipv6_inner_in_ipv4_byte_exact() {
         Counter::Encapsulated,
     );
     assert_eq!(out.len(), frame.len() + 28);
-    assert_eq!(out[12..14], [0x08, 0x00], "EtherType follows the outer header");
+    assert_eq!(
+        out[12..14],
+        [0x08, 0x00],
+        "EtherType follows the outer header"
+    );
     let ip = &out[14..34];
     assert_eq!(ip[0], 0x45);
     assert_eq!(ip[1], 0xb9, "TOS = the inner traffic class, ECN included");
-    assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), inner.len() + 28);
-    assert_eq!(ip[4..8], [0, 0, 0x40, 0], "id 0, DF: IPv6 is never fragmented on the way");
+    assert_eq!(
+        usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+        inner.len() + 28
+    );
+    assert_eq!(
+        ip[4..8],
+        [0, 0, 0x40, 0],
+        "id 0, DF: IPv6 is never fragmented on the way"
+    );
     assert_eq!((ip[8], ip[9]), (64, 17));
     assert_eq!(ip[12..16], OUR_PUBLIC.octets());
     assert_eq!(ip[16..20], PEER_PUBLIC.octets());
@@ -89,11 +107,17 @@ fn encap_wraps_ipv6_inner_in_ipv4_byte_exact() {
     let udp = &out[34..42];
     assert!(u16::from_be_bytes([udp[0], udp[1]]) >= 49152);
     assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), PORT);
-    assert_eq!(usize::from(u16::from_be_bytes([udp[4], udp[5]])), inner.len() + 8);
+    assert_eq!(
+        usize::from(u16::from_be_bytes([udp[4], udp[5]])),
+        inner.len() + 8
+    );
     assert_eq!(udp[6..8], [0, 0], "UDP checksum 0 over IPv4");
     assert_eq!(out[42..], inner[..], "inner packet unchanged");
     let traffic = kernel.peer_traffic(PEER6_TRAFFIC);
-    assert_eq!((traffic.tx_packets, traffic.tx_bytes), (1, inner.len() as u64));
+    assert_eq!(
+        (traffic.tx_packets, traffic.tx_bytes),
+        (1, inner.len() as u64)
+    );
 }
 
 #[test]
@@ -102,19 +126,37 @@ fn egress6_leaves_the_underlays_own_ipv6_alone_and_never_leaks_overlay_traffic()
     // The underlay's own neighbour discovery and traffic outside the overlay: untouched.
     for (what, packet) in [
         ("router solicitation", icmp6("fe80::1", "ff02::2", 133)),
-        ("beyond the overlay", udp6("2001:db8::1", "2001:db8::2", 64, &[1; 20])),
-        ("to our own subnet", udp6(PEER_HOST6, LOCAL_HOST6, 64, &[1; 20])),
+        (
+            "beyond the overlay",
+            udp6("2001:db8::1", "2001:db8::2", 64, &[1; 20]),
+        ),
+        (
+            "to our own subnet",
+            udp6(PEER_HOST6, LOCAL_HOST6, 64, &[1; 20]),
+        ),
     ] {
         let frame = ethernet6(PEER_MAC, OUR_MAC, &packet);
-        let out = expect_counted(&kernel, names::PROG_EGRESS, &frame, TC_ACT_UNSPEC, Counter::Passed);
+        let out = expect_counted(
+            &kernel,
+            names::PROG_EGRESS,
+            &frame,
+            TC_ACT_UNSPEC,
+            Counter::Passed,
+        );
         assert_eq!(out, frame, "{what}: changed");
     }
     // Overlay addresses no peer holds, link-scoped sources towards a peer, a peer's
     // neighbour discovery: dropped, never sent unencapsulated or carried.
     for (what, packet) in [
         ("no peer", udp6(LOCAL_HOST6, "fd00:5:9::1", 64, &[1; 20])),
-        ("link-local source", udp6("fe80::1", PEER_HOST6, 64, &[1; 20])),
-        ("neighbour solicitation", icmp6(LOCAL_HOST6, PEER_HOST6, 135)),
+        (
+            "link-local source",
+            udp6("fe80::1", PEER_HOST6, 64, &[1; 20]),
+        ),
+        (
+            "neighbour solicitation",
+            icmp6(LOCAL_HOST6, PEER_HOST6, 135),
+        ),
     ] {
         let frame = ethernet6(PEER_MAC, OUR_MAC, &packet);
         let (verdict, _) = run(&kernel, names::PROG_EGRESS, &frame);
@@ -155,7 +197,11 @@ fn decap_hands_inner_ipv6_to_the_stack_byte_exact() {
         );
         assert_eq!(out[..12], frame[..12], "MAC addresses kept");
         assert_eq!(out[12..14], [0x86, 0xdd], "EtherType IPv6");
-        assert_eq!(out[14..], inner[..], "hop limit {hop_limit}: inner packet as sent");
+        assert_eq!(
+            out[14..],
+            inner[..],
+            "hop limit {hop_limit}: inner packet as sent"
+        );
     }
     let traffic = kernel.peer_traffic(PEER6_TRAFFIC);
     assert_eq!(traffic.rx_packets, 2);
@@ -167,14 +213,26 @@ fn decap6_applies_the_congestion_mark_rules() {
     let kernel = fixture6();
     let inner = udp6(PEER_HOST6, LOCAL_HOST6, 64, &[1; 40]); // ECT(1)
     let frame = overlay_frame_with_tos(PEER_PUBLIC, OUR_PUBLIC, PORT, 0x03, &inner);
-    let out = expect_counted(&kernel, names::PROG_INGRESS, &frame, TC_ACT_OK, Counter::Decapsulated);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_OK,
+        Counter::Decapsulated,
+    );
     let mut expected = inner.clone();
     expected[1] |= 0x30;
     assert_eq!(out[14..], expected[..], "ECT(1) -> CE, DSCP kept");
     let mut not_ect = inner;
     not_ect[1] &= !0x30;
     let frame = overlay_frame_with_tos(PEER_PUBLIC, OUR_PUBLIC, PORT, 0x03, &not_ect);
-    expect_counted(&kernel, names::PROG_INGRESS, &frame, TC_ACT_SHOT, Counter::DropCeNotEct);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropCeNotEct,
+    );
 }
 
 #[test]
@@ -183,17 +241,58 @@ fn decap6_refuses_what_the_rules_refuse() {
     let ok = udp6(PEER_HOST6, LOCAL_HOST6, 64, &[1; 40]);
     let mut zero_payload = ok.clone();
     zero_payload[4..6].copy_from_slice(&[0, 0]);
-    let mut bad_extension = ipv6_packet(PEER_HOST6, LOCAL_HOST6, 64, 60, &[17, 9, 0, 0, 0, 0, 0, 0]);
+    let mut bad_extension =
+        ipv6_packet(PEER_HOST6, LOCAL_HOST6, 64, 60, &[17, 9, 0, 0, 0, 0, 0, 0]);
     bad_extension.truncate(48);
     let cases: [(&str, std::net::Ipv4Addr, Vec<u8>, Counter); 8] = [
-        ("unknown sender", STRANGER_PUBLIC, ok.clone(), Counter::DropUnknownSender),
-        ("not our subnet", PEER_PUBLIC, udp6(PEER_HOST6, "fd00:5:3::1", 64, &[1; 40]), Counter::DropNotOurSubnet),
-        ("spoofed source", PEER_PUBLIC, udp6("fd00:5:3::1", LOCAL_HOST6, 64, &[1; 40]), Counter::DropSpoofedSource),
-        ("neighbour discovery", PEER_PUBLIC, icmp6(PEER_HOST6, LOCAL_HOST6, 136), Counter::DropNoRoute),
-        ("jumbogram length", PEER_PUBLIC, zero_payload, Counter::DropMalformed),
-        ("truncated", PEER_PUBLIC, ok[..ok.len() - 1].to_vec(), Counter::DropTruncated),
-        ("short header", PEER_PUBLIC, ok[..30].to_vec(), Counter::DropTruncated),
-        ("extension header past the end", PEER_PUBLIC, bad_extension, Counter::DropMalformed),
+        (
+            "unknown sender",
+            STRANGER_PUBLIC,
+            ok.clone(),
+            Counter::DropUnknownSender,
+        ),
+        (
+            "not our subnet",
+            PEER_PUBLIC,
+            udp6(PEER_HOST6, "fd00:5:3::1", 64, &[1; 40]),
+            Counter::DropNotOurSubnet,
+        ),
+        (
+            "spoofed source",
+            PEER_PUBLIC,
+            udp6("fd00:5:3::1", LOCAL_HOST6, 64, &[1; 40]),
+            Counter::DropSpoofedSource,
+        ),
+        (
+            "neighbour discovery",
+            PEER_PUBLIC,
+            icmp6(PEER_HOST6, LOCAL_HOST6, 136),
+            Counter::DropNoRoute,
+        ),
+        (
+            "jumbogram length",
+            PEER_PUBLIC,
+            zero_payload,
+            Counter::DropMalformed,
+        ),
+        (
+            "truncated",
+            PEER_PUBLIC,
+            ok[..ok.len() - 1].to_vec(),
+            Counter::DropTruncated,
+        ),
+        (
+            "short header",
+            PEER_PUBLIC,
+            ok[..30].to_vec(),
+            Counter::DropTruncated,
+        ),
+        (
+            "extension header past the end",
+            PEER_PUBLIC,
+            bad_extension,
+            Counter::DropMalformed,
+        ),
     ];
     for (what, sender, inner, reason) in cases {
         let frame = overlay_frame(sender, OUR_PUBLIC, PORT, &inner);
@@ -216,10 +315,22 @@ fn plain_ipv6_between_overlay_addresses_from_the_underlay_is_dropped() {
     let kernel = fixture6();
     let forged = udp6(PEER_HOST6, LOCAL_HOST6, 64, &[1; 20]);
     let frame = ethernet6(OUR_MAC, PEER_MAC, &forged);
-    expect_counted(&kernel, names::PROG_INGRESS, &frame, TC_ACT_SHOT, Counter::DropUnencapsulated);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropUnencapsulated,
+    );
     let underlay_own = icmp6("fe80::2", "ff02::1", 134);
     let frame = ethernet6(OUR_MAC, PEER_MAC, &underlay_own);
-    let out = expect_counted(&kernel, names::PROG_INGRESS, &frame, TC_ACT_UNSPEC, Counter::Passed);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_UNSPEC,
+        Counter::Passed,
+    );
     assert_eq!(out, frame);
 }
 
@@ -229,7 +340,13 @@ fn decap_without_ipv6_configured_refuses_ipv6_payloads() {
     let kernel = fixture();
     let inner = udp6(PEER_HOST6, LOCAL_HOST6, 64, &[1; 40]);
     let frame = overlay_frame(PEER_PUBLIC, OUR_PUBLIC, PORT, &inner);
-    expect_counted(&kernel, names::PROG_INGRESS, &frame, TC_ACT_SHOT, Counter::DropNotIpv4);
+    expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &frame,
+        TC_ACT_SHOT,
+        Counter::DropNotIpv4,
+    );
 }
 
 /// The fixture's IPv6 peers for `decide_inbound6`: one subnet at the peer's IPv4 address.
@@ -254,13 +371,19 @@ impl crate::dataplane::forwarding6::PeerRoutes6 for FixturePeers {
 fn random_extensions(rng: &mut impl rand::Rng, upper: u8) -> (u8, Vec<u8>) {
     const KINDS: [u8; 6] = [0, 43, 44, 51, 60, 60];
     let count = rng.random_range(1..11);
-    let kinds: Vec<u8> = (0..count).map(|_| KINDS[rng.random_range(0..KINDS.len())]).collect();
+    let kinds: Vec<u8> = (0..count)
+        .map(|_| KINDS[rng.random_range(0..KINDS.len())])
+        .collect();
     let mut bytes = Vec::new();
     for (i, kind) in kinds.iter().enumerate() {
         let next = kinds.get(i + 1).copied().unwrap_or(upper);
         let mut header = match kind {
             44 => {
-                let offset: u16 = if rng.random_bool(0.3) { rng.random_range(1..50) } else { 0 };
+                let offset: u16 = if rng.random_bool(0.3) {
+                    rng.random_range(1..50)
+                } else {
+                    0
+                };
                 let field = (offset << 3) | u16::from(rng.random_bool(0.5));
                 let [hi, lo] = field.to_be_bytes();
                 vec![next, 0, hi, lo, 0, 0, 0, 1]
@@ -304,11 +427,26 @@ fn decap6_agrees_with_the_tun_rules_on_mutated_packets() {
     };
     let seed: u64 = rand::rng().random();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let addresses = [PEER_HOST6, LOCAL_HOST6, "fd00:5:3::30", "fe80::5", "ff02::1", "::"];
+    let addresses = [
+        PEER_HOST6,
+        LOCAL_HOST6,
+        "fd00:5:3::30",
+        "fe80::5",
+        "ff02::1",
+        "::",
+    ];
     let (mut delivered, mut dropped) = (0, 0);
     for round in 0..3000 {
-        let src = if rng.random_bool(0.6) { PEER_HOST6 } else { addresses[rng.random_range(0..addresses.len())] };
-        let dst = if rng.random_bool(0.6) { LOCAL_HOST6 } else { addresses[rng.random_range(0..addresses.len())] };
+        let src = if rng.random_bool(0.6) {
+            PEER_HOST6
+        } else {
+            addresses[rng.random_range(0..addresses.len())]
+        };
+        let dst = if rng.random_bool(0.6) {
+            LOCAL_HOST6
+        } else {
+            addresses[rng.random_range(0..addresses.len())]
+        };
         let mut inner = match rng.random_range(0..3) {
             0 => udp6(src, dst, rng.random_range(0..3u8) * 32, &[0x42; 24]),
             1 => icmp6(src, dst, rng.random_range(128..140)),
@@ -335,7 +473,11 @@ fn decap6_agrees_with_the_tun_rules_on_mutated_packets() {
             // versions stay, refused by both as "not the IP version expected".
             inner[0] = 0x60 | (inner[0] & 0x0f);
         }
-        let sender = if rng.random_bool(0.9) { PEER_PUBLIC } else { STRANGER_PUBLIC };
+        let sender = if rng.random_bool(0.9) {
+            PEER_PUBLIC
+        } else {
+            STRANGER_PUBLIC
+        };
         let outer_tos = rng.random_range(0..4u8);
         let frame = overlay_frame_with_tos(sender, OUR_PUBLIC, PORT, outer_tos, &inner);
         let before = kernel.packet_counts();
@@ -345,7 +487,11 @@ fn decap6_agrees_with_the_tun_rules_on_mutated_packets() {
             .into_iter()
             .filter(|c| after[c.index()] != before[c.index()])
             .collect();
-        assert_eq!(moved.len(), 1, "seed {seed} round {round}: counters {moved:?} moved for {inner:02x?}");
+        assert_eq!(
+            moved.len(),
+            1,
+            "seed {seed} round {round}: counters {moved:?} moved for {inner:02x?}"
+        );
 
         let mut tun_copy = inner.clone();
         let mut icmp = [0u8; ICMP6_ERROR_MAX_LEN];
@@ -361,17 +507,32 @@ fn decap6_agrees_with_the_tun_rules_on_mutated_packets() {
         match tun {
             Inbound6::Deliver { len, .. } => {
                 delivered += 1;
-                assert_eq!(moved[0], Counter::Decapsulated, "seed {seed} round {round}: TUN delivers, BPF says {:?} for {inner:02x?}", moved[0]);
+                assert_eq!(
+                    moved[0],
+                    Counter::Decapsulated,
+                    "seed {seed} round {round}: TUN delivers, BPF says {:?} for {inner:02x?}",
+                    moved[0]
+                );
                 assert_eq!(verdict, TC_ACT_OK, "seed {seed} round {round}");
-                assert_eq!(out[14..14 + len], tun_copy[..len], "seed {seed} round {round}: delivered bytes differ for {inner:02x?}");
+                assert_eq!(
+                    out[14..14 + len],
+                    tun_copy[..len],
+                    "seed {seed} round {round}: delivered bytes differ for {inner:02x?}"
+                );
             }
             Inbound6::Drop { reason, .. } => {
                 dropped += 1;
                 assert_eq!(verdict, TC_ACT_SHOT, "seed {seed} round {round}: TUN drops ({reason:?}), BPF verdict {verdict} for {inner:02x?}");
-                assert_eq!(moved[0], reason, "seed {seed} round {round}: drop reasons differ for {inner:02x?}");
+                assert_eq!(
+                    moved[0], reason,
+                    "seed {seed} round {round}: drop reasons differ for {inner:02x?}"
+                );
             }
         }
     }
     eprintln!("seed {seed}: {delivered} delivered, {dropped} dropped, all in agreement");
-    assert!(delivered > 100 && dropped > 100, "the mutations should exercise both outcomes");
+    assert!(
+        delivered > 100 && dropped > 100,
+        "the mutations should exercise both outcomes"
+    );
 }

@@ -35,23 +35,46 @@ fn fixture_outer6() -> Kernel {
         .peers6
         .insert(
             &Key::new(64, "fd00:5:3::".parse::<Ipv6Addr>().unwrap().octets()),
-            PeerValue6 { underlay, traffic_id: 31 },
+            PeerValue6 {
+                underlay,
+                traffic_id: 31,
+            },
             0,
         )
         .unwrap();
     kernel
         .peers46
-        .insert(&Key::new(24, [10, 5, 3, 0]), PeerValue6 { underlay, traffic_id: 32 }, 0)
+        .insert(
+            &Key::new(24, [10, 5, 3, 0]),
+            PeerValue6 {
+                underlay,
+                traffic_id: 32,
+            },
+            0,
+        )
         .unwrap();
     kernel
         .senders6
-        .insert(underlay, Senders6 { ipv6_subnets: 1, ipv4_subnets: 1 }, 0)
+        .insert(
+            underlay,
+            Senders6 {
+                ipv6_subnets: 1,
+                ipv4_subnets: 1,
+            },
+            0,
+        )
         .unwrap();
     kernel
 }
 
 /// An overlay datagram over IPv6 as a peer sends it (UDP checksum `udp_check`).
-fn overlay_frame6(src: Ipv6Addr, dst: Ipv6Addr, traffic_class: u8, udp_check: u16, inner: &[u8]) -> Vec<u8> {
+fn overlay_frame6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    traffic_class: u8,
+    udp_check: u16,
+    inner: &[u8],
+) -> Vec<u8> {
     let mut l3 = vec![0u8; 48];
     let first = (6u32 << 28) | (u32::from(traffic_class) << 20) | 0x12345;
     l3[0..4].copy_from_slice(&first.to_be_bytes());
@@ -74,16 +97,27 @@ fn assert_outer6(out: &[u8], inner: &[u8], traffic_class: u8) {
     let ip = &out[14..54];
     let first = u32::from_be_bytes([ip[0], ip[1], ip[2], ip[3]]);
     assert_eq!(first >> 28, 6, "version");
-    assert_eq!((first >> 20) as u8, traffic_class, "traffic class from the inner packet");
+    assert_eq!(
+        (first >> 20) as u8,
+        traffic_class,
+        "traffic class from the inner packet"
+    );
     assert_ne!(first & 0xfffff, 0, "flow label set from the flow hash");
-    assert_eq!(usize::from(u16::from_be_bytes([ip[4], ip[5]])), inner.len() + 8, "payload length");
+    assert_eq!(
+        usize::from(u16::from_be_bytes([ip[4], ip[5]])),
+        inner.len() + 8,
+        "payload length"
+    );
     assert_eq!((ip[6], ip[7]), (17, 64), "UDP, hop limit 64");
     assert_eq!(ip[8..24], OUR_PUBLIC6.octets());
     assert_eq!(ip[24..40], PEER_PUBLIC6.octets());
     let udp = &out[54..62];
     assert!(u16::from_be_bytes([udp[0], udp[1]]) >= 49152);
     assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), PORT);
-    assert_eq!(usize::from(u16::from_be_bytes([udp[4], udp[5]])), inner.len() + 8);
+    assert_eq!(
+        usize::from(u16::from_be_bytes([udp[4], udp[5]])),
+        inner.len() + 8
+    );
     assert_eq!(udp[6..8], [0, 0], "zero UDP checksum (RFC 6935/6936)");
     assert_eq!(out[62..], inner[..], "inner packet unchanged");
 }
@@ -93,7 +127,13 @@ fn encap_wraps_ipv4_inner_in_ipv6_byte_exact() {
     let kernel = fixture_outer6();
     let inner = ipv4_udp(LOCAL_CONTAINER, PEER3_CONTAINER, 63, true, 200);
     let frame = ethernet(PEER_MAC, OUR_MAC, &inner);
-    let out = expect_counted(&kernel, names::PROG_EGRESS, &frame, TC_ACT_REDIRECT, Counter::Encapsulated);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_EGRESS,
+        &frame,
+        TC_ACT_REDIRECT,
+        Counter::Encapsulated,
+    );
     assert_eq!(out.len(), frame.len() + 48);
     assert_outer6(&out, &inner, 0x10);
     assert_eq!(kernel.peer_traffic(32).tx_packets, 1);
@@ -104,7 +144,13 @@ fn encap_wraps_ipv6_inner_in_ipv6_byte_exact() {
     let kernel = fixture_outer6();
     let inner = udp6(LOCAL_HOST6, PEER3_HOST6, 63, &[0x33; 150]);
     let frame = ethernet6(PEER_MAC, OUR_MAC, &inner);
-    let out = expect_counted(&kernel, names::PROG_EGRESS, &frame, TC_ACT_REDIRECT, Counter::Encapsulated);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_EGRESS,
+        &frame,
+        TC_ACT_REDIRECT,
+        Counter::Encapsulated,
+    );
     assert_eq!(out.len(), frame.len() + 48);
     assert_outer6(&out, &inner, 0xb9);
     assert_eq!(kernel.peer_traffic(31).tx_packets, 1);
@@ -139,7 +185,11 @@ fn decap_of_ipv6_outer_hands_both_families_to_the_stack_byte_exact() {
     ect[10..12].copy_from_slice(&[0, 0]);
     let csum = checksum(&ect[..20]);
     ect[10..12].copy_from_slice(&csum.to_be_bytes());
-    let (verdict, out) = run(&kernel, names::PROG_INGRESS, &overlay_frame6(PEER_PUBLIC6, OUR_PUBLIC6, 0x03, 0, &ect));
+    let (verdict, out) = run(
+        &kernel,
+        names::PROG_INGRESS,
+        &overlay_frame6(PEER_PUBLIC6, OUR_PUBLIC6, 0x03, 0, &ect),
+    );
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out[15] & 0x03, 0x03, "CE copied inside");
     assert_eq!(checksum(&out[14..34]), 0, "inner checksum patched");
@@ -150,11 +200,36 @@ fn decap_of_ipv6_outer_checks_the_sender() {
     let kernel = fixture_outer6();
     let cases = [
         // 10.5.2.0/24 is the IPv4-underlay peer's: not this sender's.
-        ("spoofed IPv4 source", PEER_PUBLIC6, ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 20), Counter::DropSpoofedSource),
-        ("unknown sender, IPv4 inner", STRANGER_PUBLIC6, ipv4_udp(PEER3_CONTAINER, LOCAL_CONTAINER, 64, true, 20), Counter::DropUnknownSender),
-        ("spoofed IPv6 source", PEER_PUBLIC6, udp6("fd00:5:2::20", LOCAL_HOST6, 64, &[1; 20]), Counter::DropSpoofedSource),
-        ("unknown sender, IPv6 inner", STRANGER_PUBLIC6, udp6(PEER3_HOST6, LOCAL_HOST6, 64, &[1; 20]), Counter::DropUnknownSender),
-        ("not our subnet", PEER_PUBLIC6, ipv4_udp(PEER3_CONTAINER, PEER_CONTAINER, 64, true, 20), Counter::DropNotOurSubnet),
+        (
+            "spoofed IPv4 source",
+            PEER_PUBLIC6,
+            ipv4_udp(PEER_CONTAINER, LOCAL_CONTAINER, 64, true, 20),
+            Counter::DropSpoofedSource,
+        ),
+        (
+            "unknown sender, IPv4 inner",
+            STRANGER_PUBLIC6,
+            ipv4_udp(PEER3_CONTAINER, LOCAL_CONTAINER, 64, true, 20),
+            Counter::DropUnknownSender,
+        ),
+        (
+            "spoofed IPv6 source",
+            PEER_PUBLIC6,
+            udp6("fd00:5:2::20", LOCAL_HOST6, 64, &[1; 20]),
+            Counter::DropSpoofedSource,
+        ),
+        (
+            "unknown sender, IPv6 inner",
+            STRANGER_PUBLIC6,
+            udp6(PEER3_HOST6, LOCAL_HOST6, 64, &[1; 20]),
+            Counter::DropUnknownSender,
+        ),
+        (
+            "not our subnet",
+            PEER_PUBLIC6,
+            ipv4_udp(PEER3_CONTAINER, PEER_CONTAINER, 64, true, 20),
+            Counter::DropNotOurSubnet,
+        ),
     ];
     for (what, sender, inner, reason) in cases {
         let frame = overlay_frame6(sender, OUR_PUBLIC6, 0, 0, &inner);
@@ -162,11 +237,22 @@ fn decap_of_ipv6_outer_checks_the_sender() {
         let (verdict, _) = run(&kernel, names::PROG_INGRESS, &frame);
         let after = kernel.packet_counts();
         assert_eq!(verdict, TC_ACT_SHOT, "{what}");
-        assert_eq!(after[reason.index()], before[reason.index()] + 1, "{what}: {}", reason.name());
+        assert_eq!(
+            after[reason.index()],
+            before[reason.index()] + 1,
+            "{what}: {}",
+            reason.name()
+        );
     }
     // Not to our PublicIPv6, or not our port: the underlay's own traffic.
     let inner = ipv4_udp(PEER3_CONTAINER, LOCAL_CONTAINER, 64, true, 20);
     let elsewhere = overlay_frame6(PEER_PUBLIC6, STRANGER_PUBLIC6, 0, 0, &inner);
-    let out = expect_counted(&kernel, names::PROG_INGRESS, &elsewhere, TC_ACT_UNSPEC, Counter::Passed);
+    let out = expect_counted(
+        &kernel,
+        names::PROG_INGRESS,
+        &elsewhere,
+        TC_ACT_UNSPEC,
+        Counter::Passed,
+    );
     assert_eq!(out, elsewhere);
 }

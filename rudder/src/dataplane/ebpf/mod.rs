@@ -81,9 +81,9 @@ mod kernel_decap_tests;
 #[cfg(test)]
 mod kernel_tests;
 #[cfg(test)]
-mod kernel_tests_full_tables;
-#[cfg(test)]
 mod kernel_tests6;
+#[cfg(test)]
+mod kernel_tests_full_tables;
 #[cfg(test)]
 mod kernel_tests_outer6;
 #[cfg(test)]

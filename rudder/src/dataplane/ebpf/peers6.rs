@@ -55,7 +55,11 @@ impl State {
 
     /// Keeps the IPv6 sender map in step with `peers6` for one underlay address.
     pub(super) fn sync_sender6(&mut self, underlay: IpAddr) -> anyhow::Result<()> {
-        let ipv6_subnets = self.peers6.values().filter(|(ip, _)| *ip == underlay).count() as u32;
+        let ipv6_subnets = self
+            .peers6
+            .values()
+            .filter(|(ip, _)| *ip == underlay)
+            .count() as u32;
         let ipv4_subnets = self
             .peers_over6
             .values()
@@ -107,7 +111,11 @@ impl EbpfDataplane {
         state.kernel_mut()?.set_config6(&config)
     }
 
-    pub(super) fn upsert_peer6_impl(&self, subnet: Ipv6Net, underlay: IpAddr) -> anyhow::Result<()> {
+    pub(super) fn upsert_peer6_impl(
+        &self,
+        subnet: Ipv6Net,
+        underlay: IpAddr,
+    ) -> anyhow::Result<()> {
         let mut state = self.lock();
         let plane = state.ipv6_plane()?;
         if underlay.is_ipv6() && plane.public_ipv6.is_none() {
@@ -135,7 +143,9 @@ impl EbpfDataplane {
         kernel
             .peers6
             .insert(&key6(subnet), value, 0)
-            .with_context(|| format!("adding IPv6 peer {subnet} -> {underlay} to the BPF LPM trie"))?;
+            .with_context(|| {
+                format!("adding IPv6 peer {subnet} -> {underlay} to the BPF LPM trie")
+            })?;
         if let Some((_, stale)) = existing.filter(|(_, id)| *id != traffic_id) {
             let _ = kernel.peer_traffic.remove(&stale);
         }
@@ -163,7 +173,11 @@ impl EbpfDataplane {
 
     /// An IPv4 peer subnet whose host is reached at its PublicIPv6 (the IPv4 trie keeps the
     /// peers reached over IPv4: a subnet is in one of them, never both).
-    pub(super) fn upsert_peer_over6(&self, subnet: Ipv4Net, underlay: Ipv6Addr) -> anyhow::Result<()> {
+    pub(super) fn upsert_peer_over6(
+        &self,
+        subnet: Ipv4Net,
+        underlay: Ipv6Addr,
+    ) -> anyhow::Result<()> {
         let subnet = subnet.trunc();
         if self.lock().peers.contains_key(&subnet) {
             self.remove_peer_over4(subnet)?;
@@ -199,7 +213,9 @@ impl EbpfDataplane {
         if let Some((_, stale, _)) = existing.filter(|(_, id, _)| *id != traffic_id) {
             let _ = kernel.peer_traffic.remove(&stale);
         }
-        state.peers_over6.insert(subnet, (underlay, traffic_id, changed));
+        state
+            .peers_over6
+            .insert(subnet, (underlay, traffic_id, changed));
         state.sync_sender6(IpAddr::V6(underlay))?;
         if let Some((old, _, _)) = existing.filter(|(old, _, _)| *old != underlay) {
             state.sync_sender6(IpAddr::V6(old))?;

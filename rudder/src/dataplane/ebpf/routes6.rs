@@ -12,7 +12,9 @@ use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::{
-    packet_route::route::{RouteMessage, RouteMetric, RouteAttribute, RouteProtocol, RouteScope, RouteType},
+    packet_route::route::{
+        RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteScope, RouteType,
+    },
     RouteMessageBuilder,
 };
 
@@ -81,7 +83,13 @@ impl Routes {
                 ))]));
             message
         };
-        let result = self.run(self.handle.route().add(build(pref_source)).replace().execute());
+        let result = self.run(
+            self.handle
+                .route()
+                .add(build(pref_source))
+                .replace()
+                .execute(),
+        );
         let result = match result {
             // The gateway address is not on the bridge (yet): route without it.
             Err(_) if pref_source.is_some() => {
@@ -163,11 +171,11 @@ impl Routes {
         let mut neighbour = rtnetlink::packet_route::neighbour::NeighbourMessage::default();
         neighbour.header.family = rtnetlink::packet_route::AddressFamily::Inet6;
         neighbour.header.ifindex = self.underlay_ifindex;
-        neighbour
-            .attributes
-            .push(rtnetlink::packet_route::neighbour::NeighbourAttribute::Destination(
+        neighbour.attributes.push(
+            rtnetlink::packet_route::neighbour::NeighbourAttribute::Destination(
                 rtnetlink::packet_route::neighbour::NeighbourAddress::Inet6(NEXT_HOP6),
-            ));
+            ),
+        );
         // Absent unless IPv6 peers were installed: nothing to report then.
         let _ = self.run(self.handle.neighbours().del(neighbour).execute());
         for route in ours {

@@ -77,9 +77,14 @@ fn tcp6_transfer(topo: &Topology, bytes: usize) -> Duration {
         let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut stream = loop {
-            match TcpStream::connect_timeout(&SocketAddrV6::new(dst, 5202, 0, 0).into(), Duration::from_secs(2)) {
+            match TcpStream::connect_timeout(
+                &SocketAddrV6::new(dst, 5202, 0, 0).into(),
+                Duration::from_secs(2),
+            ) {
                 Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
                 Err(e) => panic!("connect to {dst}: {e}"),
             }
         };
@@ -93,7 +98,10 @@ fn tcp6_transfer(topo: &Topology, bytes: usize) -> Duration {
     let elapsed = start.elapsed();
     assert_eq!(received.len(), bytes, "bytes received");
     assert!(
-        received.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
+        received
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (i % 251) as u8),
         "payload corrupted in transit"
     );
     elapsed
@@ -104,8 +112,22 @@ fn containers_talk_ipv6_through_the_ebpf_overlay_over_an_ipv4_underlay() {
     super::kernel_tests::require_root();
     let topo = Topology::build();
     add_ipv6(&topo);
-    let a = load6(&topo, "hA", UNDERLAY_A, "10.5.1.0/24", "fd00:5:1::/64", None);
-    let b = load6(&topo, "hB", UNDERLAY_B, "10.5.2.0/24", "fd00:5:2::/64", None);
+    let a = load6(
+        &topo,
+        "hA",
+        UNDERLAY_A,
+        "10.5.1.0/24",
+        "fd00:5:1::/64",
+        None,
+    );
+    let b = load6(
+        &topo,
+        "hB",
+        UNDERLAY_B,
+        "10.5.2.0/24",
+        "fd00:5:2::/64",
+        None,
+    );
     let subnet_a: Ipv4Net = "10.5.1.0/24".parse().unwrap();
     let subnet_b: Ipv4Net = "10.5.2.0/24".parse().unwrap();
     let subnet_a6: Ipv6Net = "fd00:5:1::/64".parse().unwrap();
@@ -123,10 +145,26 @@ fn containers_talk_ipv6_through_the_ebpf_overlay_over_an_ipv4_underlay() {
         "IPv6 peer route: {routes}"
     );
     assert!(routes.contains("mtu 1472"), "route MTU: {routes}");
-    assert!(routes.contains("unreachable fd00:5::/32"), "network route: {routes}");
+    assert!(
+        routes.contains("unreachable fd00:5::/32"),
+        "network route: {routes}"
+    );
 
     let before = a.counters();
-    topo.exec("cA", &["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", CONTAINER_B6]);
+    topo.exec(
+        "cA",
+        &[
+            "ping",
+            "-6",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            CONTAINER_B6,
+        ],
+    );
     let bytes = 16 << 20;
     let elapsed = tcp6_transfer(&topo, bytes);
     let after = a.counters();
@@ -134,7 +172,10 @@ fn containers_talk_ipv6_through_the_ebpf_overlay_over_an_ipv4_underlay() {
     let encapsulated = after[Counter::Encapsulated.index()] - before[Counter::Encapsulated.index()];
     assert!(encapsulated > 0, "hA encapsulated nothing: {after:?}");
     let b_counts = b.counters();
-    assert!(b_counts[Counter::Decapsulated.index()] > 0, "hB decapsulated nothing: {b_counts:?}");
+    assert!(
+        b_counts[Counter::Decapsulated.index()] > 0,
+        "hB decapsulated nothing: {b_counts:?}"
+    );
     // Figures, printed not asserted: GSO packets encapsulated whole show as inner packets
     // larger than the overlay MTU.
     eprintln!(
@@ -142,19 +183,29 @@ fn containers_talk_ipv6_through_the_ebpf_overlay_over_an_ipv4_underlay() {
          {} bytes on average; hB decapsulated {} packets ({} bytes on average)",
         after_bytes[Counter::Encapsulated.index()] / after[Counter::Encapsulated.index()].max(1),
         b_counts[Counter::Decapsulated.index()],
-        b.byte_counters()[Counter::Decapsulated.index()] / b_counts[Counter::Decapsulated.index()].max(1),
+        b.byte_counters()[Counter::Decapsulated.index()]
+            / b_counts[Counter::Decapsulated.index()].max(1),
     );
 
     // Removing the peer removes its route: the network's unreachable route answers.
     a.remove_peer6(subnet_b6).unwrap();
     let routes = topo.ip("hA", "-6 route show proto 211");
-    assert!(!routes.contains("fd00:5:2::/64"), "route left behind: {routes}");
+    assert!(
+        !routes.contains("fd00:5:2::/64"),
+        "route left behind: {routes}"
+    );
     let v4_routes = rudder_routes(&topo, "hA");
-    assert!(v4_routes.contains("10.5.2.0/24"), "IPv4 peer route kept: {v4_routes}");
+    assert!(
+        v4_routes.contains("10.5.2.0/24"),
+        "IPv4 peer route kept: {v4_routes}"
+    );
     a.shutdown().unwrap();
     b.shutdown().unwrap();
     let routes = topo.ip("hA", "-6 route show proto 211");
-    assert!(routes.trim().is_empty(), "shutdown left IPv6 routes: {routes}");
+    assert!(
+        routes.trim().is_empty(),
+        "shutdown left IPv6 routes: {routes}"
+    );
 }
 
 /// Both hosts have a PublicIPv6: IPv4 and IPv6 containers' traffic travels in IPv6 outer
@@ -173,30 +224,67 @@ fn both_families_travel_over_an_ipv6_underlay() {
     for container in ["cA", "cB"] {
         topo.ip(container, "link set eth0 mtu 1452");
     }
-    let a = load6(&topo, "hA", UNDERLAY_A, "10.5.1.0/24", "fd00:5:1::/64", Some(public6_a));
-    let b = load6(&topo, "hB", UNDERLAY_B, "10.5.2.0/24", "fd00:5:2::/64", Some(public6_b));
-    a.upsert_peer("10.5.2.0/24".parse().unwrap(), public6_b.into()).unwrap();
-    b.upsert_peer("10.5.1.0/24".parse().unwrap(), public6_a.into()).unwrap();
-    a.upsert_peer6("fd00:5:2::/64".parse().unwrap(), public6_b.into()).unwrap();
-    b.upsert_peer6("fd00:5:1::/64".parse().unwrap(), public6_a.into()).unwrap();
+    let a = load6(
+        &topo,
+        "hA",
+        UNDERLAY_A,
+        "10.5.1.0/24",
+        "fd00:5:1::/64",
+        Some(public6_a),
+    );
+    let b = load6(
+        &topo,
+        "hB",
+        UNDERLAY_B,
+        "10.5.2.0/24",
+        "fd00:5:2::/64",
+        Some(public6_b),
+    );
+    a.upsert_peer("10.5.2.0/24".parse().unwrap(), public6_b.into())
+        .unwrap();
+    b.upsert_peer("10.5.1.0/24".parse().unwrap(), public6_a.into())
+        .unwrap();
+    a.upsert_peer6("fd00:5:2::/64".parse().unwrap(), public6_b.into())
+        .unwrap();
+    b.upsert_peer6("fd00:5:1::/64".parse().unwrap(), public6_a.into())
+        .unwrap();
     let routes = rudder_routes(&topo, "hA");
     assert!(
         routes.contains("10.5.2.0/24 via inet6 fe80::7275:6464:6572 dev eth0"),
         "IPv4 peer route over IPv6: {routes}"
     );
-    topo.exec("cA", &["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.5.2.10"]);
-    topo.exec("cA", &["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", CONTAINER_B6]);
+    topo.exec(
+        "cA",
+        &["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.5.2.10"],
+    );
+    topo.exec(
+        "cA",
+        &[
+            "ping",
+            "-6",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            CONTAINER_B6,
+        ],
+    );
     let bytes = 16 << 20;
     let before = a.counters();
     let before_bytes = a.byte_counters();
     let elapsed = tcp6_transfer(&topo, bytes);
     let after = a.counters();
     let packets = after[Counter::Encapsulated.index()] - before[Counter::Encapsulated.index()];
-    let encap_bytes = a.byte_counters()[Counter::Encapsulated.index()] - before_bytes[Counter::Encapsulated.index()];
+    let encap_bytes = a.byte_counters()[Counter::Encapsulated.index()]
+        - before_bytes[Counter::Encapsulated.index()];
     assert!(packets > 0, "nothing encapsulated: {after:?}");
     let stats = a.peer_stats();
     assert!(
-        stats.iter().any(|p| p.public_ip == std::net::IpAddr::V6(public6_b) && p.traffic.tx_packets > 0),
+        stats
+            .iter()
+            .any(|p| p.public_ip == std::net::IpAddr::V6(public6_b) && p.traffic.tx_packets > 0),
         "the IPv4 subnet's traffic over IPv6 is reported: {stats:?}"
     );
     eprintln!(
