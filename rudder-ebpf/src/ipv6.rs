@@ -22,9 +22,10 @@ use rudder_ebpf::{
     Senders6, UnderlayAddr, MAX_PEERS,
 };
 
+use crate::ipv4_headers::encapsulate_in_ipv4;
 use crate::programs::{
-    add_traffic, be16, count, drop_with, encapsulate_in_ipv4, io_error, is_gso, l3_len, pass,
-    ECN_CE, ECN_MASK, ECN_NOT_ECT, IP_DF, L3_OFF, TCX_NEXT,
+    add_traffic, be16, count, drop_with, io_error, is_gso, l3_len, pass, ECN_CE, ECN_MASK,
+    ECN_NOT_ECT, IP_DF, L3_OFF, TCX_NEXT,
 };
 use crate::train_senders::{saw_train_from, sends_trains};
 

@@ -23,13 +23,13 @@ use rudder_ebpf::{
     ENCAP_OVERHEAD6, MAX_PEERS, OUTER_TTL,
 };
 
+use crate::ipv4_headers::{header_checksum_ok, set_tos};
 use crate::ipv6::{
     add_traffic_of, config6, count_drop, decap_ipv6_inner, in_network, ETH_P_IPV6, OK, SENDERS6,
 };
 use crate::programs::{
-    addr, be16, count, drop_with, header_checksum_ok, io_error, is_gso, l3_len, pass, set_tos,
-    ECN_CE, ECN_MASK, ECN_NOT_ECT, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, L3_OFF, SRC_PORT_BASE,
-    SRC_PORT_MASK, TCX_NEXT, UDP_HLEN,
+    addr, be16, count, drop_with, io_error, is_gso, l3_len, pass, ECN_CE, ECN_MASK, ECN_NOT_ECT,
+    ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, L3_OFF, SRC_PORT_BASE, SRC_PORT_MASK, TCX_NEXT, UDP_HLEN,
 };
 
 const IPV6_HLEN: usize = 40;
