@@ -160,12 +160,23 @@ impl Routes {
         })
     }
 
-    /// The underlay gateway towards `public_ip` if the kernel routes it through one,
-    /// else `public_ip` itself (same link).
-    pub(super) fn next_hop(&self, public_ip: Ipv4Addr) -> Ipv4Addr {
-        self.run(self.next_hop_async(public_ip))
+    /// The underlay gateway towards each of `ips` if the kernel routes it through one, else
+    /// the address itself (same link), up to [`ROUTES_IN_FLIGHT`] lookups in flight.
+    pub(super) fn next_hops(
+        &self,
+        ips: impl IntoIterator<Item = Ipv4Addr>,
+    ) -> std::collections::HashMap<Ipv4Addr, Ipv4Addr> {
+        use futures::StreamExt as _;
+        let ips: std::collections::BTreeSet<Ipv4Addr> = ips.into_iter().collect();
+        self.run(
+            futures::stream::iter(ips)
+                .map(|ip| async move { (ip, self.next_hop_async(ip).await) })
+                .buffer_unordered(ROUTES_IN_FLIGHT)
+                .collect(),
+        )
     }
 
+    /// One `ip route get <public_ip>`: its gateway, or `public_ip` itself.
     async fn next_hop_async(&self, public_ip: Ipv4Addr) -> Ipv4Addr {
         let query = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(public_ip, 32)
