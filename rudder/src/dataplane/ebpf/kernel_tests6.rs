@@ -350,15 +350,15 @@ fn decap_without_ipv6_configured_refuses_ipv6_payloads() {
 }
 
 /// The fixture's IPv6 peers for `decide_inbound6`: one subnet at the peer's IPv4 address.
-struct FixturePeers(Vec<Ipv6Net>);
+struct FixturePeers(Vec<Ipv6Net>, IpAddr);
 
 impl crate::dataplane::forwarding6::PeerRoutes6 for FixturePeers {
     type Peer = IpAddr;
     fn route(&self, dst: Ipv6Addr) -> Option<IpAddr> {
-        self.0[0].contains(&dst).then_some(IpAddr::V4(PEER_PUBLIC))
+        self.0[0].contains(&dst).then_some(self.1)
     }
     fn subnets_of(&self, sender: IpAddr) -> &[Ipv6Net] {
-        if sender == IpAddr::V4(PEER_PUBLIC) {
+        if sender == self.1 {
             &self.0
         } else {
             &[]
@@ -412,13 +412,75 @@ fn random_extensions(rng: &mut impl rand::Rng, upper: u8) -> (u8, Vec<u8>) {
 /// delivered bytes) is `forwarding6::decide_inbound6`'s for the same bytes and sender.
 #[test]
 fn decap6_agrees_with_the_tun_rules_on_mutated_packets() {
+    let frame = |sender: IpAddr, tos: u8, inner: &[u8]| {
+        let IpAddr::V4(sender) = sender else {
+            unreachable!("IPv4 senders here")
+        };
+        overlay_frame_with_tos(sender, OUR_PUBLIC, PORT, tos, inner)
+    };
+    let senders = (IpAddr::V4(PEER_PUBLIC), IpAddr::V4(STRANGER_PUBLIC));
+    agree_on_mutated_packets(&fixture6(), senders, &frame);
+}
+
+/// The same over an IPv6 outer header: the peer holding fd00:5:2::/64 sends from its
+/// PublicIPv6, and the outer traffic class carries the ECN field.
+#[test]
+fn decap6_over_an_ipv6_outer_header_agrees_with_the_tun_rules() {
+    use super::kernel_tests_outer6::{overlay_frame6, OUR_PUBLIC6, PEER_PUBLIC6, STRANGER_PUBLIC6};
+    let mut kernel = fixture6();
+    let plane = Ipv6Plane {
+        network: net6(NETWORK6),
+        local_subnet: net6(LOCAL6),
+        public_ipv6: Some(OUR_PUBLIC6),
+    };
+    kernel.set_config6(&config6_of(Some(&plane))).unwrap();
+    let underlay = underlay_key(IpAddr::V6(PEER_PUBLIC6));
+    let peer = net6(PEER6);
+    kernel
+        .peers6
+        .insert(
+            &Key::new(u32::from(peer.prefix_len()), peer.network().octets()),
+            PeerValue6 {
+                underlay,
+                traffic_id: PEER6_TRAFFIC,
+            },
+            0,
+        )
+        .unwrap();
+    kernel
+        .senders6
+        .insert(
+            underlay,
+            Senders6 {
+                ipv6_subnets: 1,
+                ipv4_subnets: 0,
+            },
+            0,
+        )
+        .unwrap();
+    let frame = |sender: IpAddr, tos: u8, inner: &[u8]| {
+        let IpAddr::V6(sender) = sender else {
+            unreachable!("IPv6 senders here")
+        };
+        overlay_frame6(sender, OUR_PUBLIC6, tos, 0, inner)
+    };
+    let senders = (IpAddr::V6(PEER_PUBLIC6), IpAddr::V6(STRANGER_PUBLIC6));
+    agree_on_mutated_packets(&kernel, senders, &frame);
+}
+
+/// 3000 mutated IPv6 payloads from `senders.0` (the owner of fd00:5:2::/64) or `senders.1`
+/// (a stranger), framed by `frame(sender, outer ECN byte, payload)`.
+fn agree_on_mutated_packets(
+    kernel: &Kernel,
+    senders: (IpAddr, IpAddr),
+    frame: &dyn Fn(IpAddr, u8, &[u8]) -> Vec<u8>,
+) {
     use crate::dataplane::forwarding::ReceiverHop;
     use crate::dataplane::forwarding6::{decide_inbound6, Inbound6, Overlay6};
     use crate::packet6_icmp::ICMP6_ERROR_MAX_LEN;
     use rand::{Rng, SeedableRng};
 
-    let kernel = fixture6();
-    let peers = FixturePeers(vec![net6(PEER6)]);
+    let peers = FixturePeers(vec![net6(PEER6)], senders.0);
     let overlay = Overlay6 {
         local_subnet: net6(LOCAL6),
         network: net6(NETWORK6),
@@ -474,14 +536,15 @@ fn decap6_agrees_with_the_tun_rules_on_mutated_packets() {
             inner[0] = 0x60 | (inner[0] & 0x0f);
         }
         let sender = if rng.random_bool(0.9) {
-            PEER_PUBLIC
+            senders.0
         } else {
-            STRANGER_PUBLIC
+            senders.1
         };
-        let outer_tos = rng.random_range(0..4u8);
-        let frame = overlay_frame_with_tos(sender, OUR_PUBLIC, PORT, outer_tos, &inner);
+        // Any outer ECN field (with a DSCP), so the RFC 6040 rule is exercised too.
+        let outer_tos = 0xb8 | rng.random_range(0..4u8);
+        let frame = frame(sender, outer_tos, &inner);
         let before = kernel.packet_counts();
-        let (verdict, out) = run(&kernel, names::PROG_INGRESS, &frame);
+        let (verdict, out) = run(kernel, names::PROG_INGRESS, &frame);
         let after = kernel.packet_counts();
         let moved: Vec<Counter> = Counter::ALL
             .into_iter()
@@ -497,7 +560,7 @@ fn decap6_agrees_with_the_tun_rules_on_mutated_packets() {
         let mut icmp = [0u8; ICMP6_ERROR_MAX_LEN];
         let tun = decide_inbound6(
             &mut tun_copy,
-            IpAddr::V4(sender),
+            sender,
             outer_tos,
             &overlay,
             &peers,

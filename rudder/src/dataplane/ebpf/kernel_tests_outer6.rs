@@ -14,9 +14,9 @@ use super::peers6::{config6_of, underlay_key};
 use crate::dataplane::Ipv6Plane;
 use crate::packet6::tests::udp6;
 
-const OUR_PUBLIC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1);
-const PEER_PUBLIC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 3);
-const STRANGER_PUBLIC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 99);
+pub(super) const OUR_PUBLIC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1);
+pub(super) const PEER_PUBLIC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 3);
+pub(super) const STRANGER_PUBLIC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 99);
 /// The peer at PEER_PUBLIC6 holds 10.5.3.0/24 and fd00:5:3::/64.
 const PEER3_CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 5, 3, 30);
 const PEER3_HOST6: &str = "fd00:5:3::30";
@@ -68,7 +68,7 @@ fn fixture_outer6() -> Kernel {
 }
 
 /// An overlay datagram over IPv6 as a peer sends it (UDP checksum `udp_check`).
-fn overlay_frame6(
+pub(super) fn overlay_frame6(
     src: Ipv6Addr,
     dst: Ipv6Addr,
     traffic_class: u8,
