@@ -12,8 +12,8 @@ use aya_ebpf::{
 use rudder_ebpf::{Counter, DataplaneConfig, ENCAP_OVERHEAD, OUTER_TTL};
 
 use crate::programs::{
-    be16, io_error, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, IP_DF, L3_OFF, SRC_PORT_BASE, SRC_PORT_MASK,
-    UDP_HLEN, UDP_OFF,
+    be16, io_error, IPPROTO_UDP, IPV4_HLEN, IP_DF, L3_OFF, SRC_PORT_BASE, SRC_PORT_MASK, UDP_HLEN,
+    UDP_OFF,
 };
 
 /// Folds a 32-bit one's complement sum to 16 bits.
@@ -110,11 +110,7 @@ pub(crate) fn encapsulate_in_ipv4(
     udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
     // udp[6..8] = 0: no UDP checksum, legal over IPv4 and what keeps GSO cheap.
 
-    // The helper set skb->protocol to IPv4 for an IPv6 inner packet; the frame says so too.
-    if ctx.store(L3_OFF - 2, &ETH_P_IP.to_be_bytes(), 0).is_err()
-        || ctx.store(L3_OFF, &ip, 0).is_err()
-        || ctx.store(UDP_OFF, &udp, 0).is_err()
-    {
+    if ctx.store(L3_OFF, &ip, 0).is_err() || ctx.store(UDP_OFF, &udp, 0).is_err() {
         return Err(Counter::DropIoError);
     }
     Ok(())

@@ -25,7 +25,7 @@ use rudder_ebpf::{
 use crate::ipv4_headers::encapsulate_in_ipv4;
 use crate::programs::{
     add_traffic, be16, count, drop_with, io_error, is_gso, l3_len, pass, ECN_CE, ECN_MASK,
-    ECN_NOT_ECT, IP_DF, L3_OFF, TCX_NEXT,
+    ECN_NOT_ECT, ETH_P_IP, IP_DF, L3_OFF, TCX_NEXT,
 };
 use crate::train_senders::{saw_train_from, sends_trains};
 
@@ -237,10 +237,16 @@ fn encapsulate_ipv6_in_ipv4(
     traffic_class: u8,
     peer_ip: [u8; 4],
 ) -> u32 {
-    match encapsulate_in_ipv4(ctx, cfg, total_len as u16, traffic_class, IP_DF, peer_ip) {
-        Ok(()) => OK,
-        Err(counter) => counter as u32,
+    if let Err(counter) =
+        encapsulate_in_ipv4(ctx, cfg, total_len as u16, traffic_class, IP_DF, peer_ip)
+    {
+        return counter as u32;
     }
+    // The helper set skb->protocol to IPv4; the frame must say so too.
+    if ctx.store(L3_OFF - 2, &ETH_P_IP.to_be_bytes(), 0).is_err() {
+        return Counter::DropIoError as u32;
+    }
+    OK
 }
 
 /// "No counter": success of an out-of-line step that returns a [`Counter`] index.
