@@ -468,13 +468,12 @@ fn decap6_over_an_ipv6_outer_header_agrees_with_the_tun_rules() {
     agree_on_mutated_packets(&kernel, senders, &frame);
 }
 
+/// Builds an overlay frame from (sender, outer ECN byte, payload).
+type FrameBuilder = dyn Fn(IpAddr, u8, &[u8]) -> Vec<u8>;
+
 /// 3000 mutated IPv6 payloads from `senders.0` (the owner of fd00:5:2::/64) or `senders.1`
 /// (a stranger), framed by `frame(sender, outer ECN byte, payload)`.
-fn agree_on_mutated_packets(
-    kernel: &Kernel,
-    senders: (IpAddr, IpAddr),
-    frame: &dyn Fn(IpAddr, u8, &[u8]) -> Vec<u8>,
-) {
+fn agree_on_mutated_packets(kernel: &Kernel, senders: (IpAddr, IpAddr), frame: &FrameBuilder) {
     use crate::dataplane::forwarding::ReceiverHop;
     use crate::dataplane::forwarding6::{decide_inbound6, Inbound6, Overlay6};
     use crate::packet6_icmp::ICMP6_ERROR_MAX_LEN;
