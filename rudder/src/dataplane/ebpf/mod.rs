@@ -382,6 +382,7 @@ impl Dataplane for EbpfDataplane {
     fn refresh_host_state(&self) -> anyhow::Result<()> {
         self.adopt_bridge()?;
         self.restore_lost_routes()?;
+        self.restore_lost_routes6()?;
         {
             let mut state = self.lock();
             let live = state

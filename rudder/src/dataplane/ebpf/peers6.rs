@@ -96,6 +96,48 @@ impl State {
 }
 
 impl EbpfDataplane {
+    /// Puts back what a link flap or a hand removed: the placeholder gateway's neighbour
+    /// entry, the IPv6 network's unreachable route, and the IPv6 and over-IPv6 peer routes
+    /// (the IPv4 ones are `route_loss.rs`'s). Returns how many routes came back.
+    pub(super) fn restore_lost_routes6(&self) -> anyhow::Result<usize> {
+        let state = self.lock();
+        let Some(plane) = state.opts.ipv6 else {
+            return Ok(0);
+        };
+        let routes = state.routes()?;
+        let mtu = state.opts.overlay_mtu;
+        let present6 = routes.installed_destinations6()?;
+        let mut restored = 0;
+        if !present6.contains(&plane.network) {
+            routes.add_unreachable6(plane.network)?;
+            restored += 1;
+        }
+        if state.peers6.is_empty() && state.peers_over6.is_empty() {
+            return Ok(restored);
+        }
+        // Replacing a permanent entry is idempotent; a flushed one would blackhole them all.
+        routes.ensure_next_hop6()?;
+        for (subnet, (underlay, _)) in &state.peers6 {
+            if !present6.contains(subnet) {
+                routes.add_peer6(*subnet, *underlay, mtu)?;
+                restored += 1;
+            }
+        }
+        if !state.peers_over6.is_empty() {
+            let present4 = routes.installed_destinations()?;
+            for subnet in state.peers_over6.keys() {
+                if !present4.contains(subnet) {
+                    routes.add_peer_over6(*subnet, mtu, state.pref_source())?;
+                    restored += 1;
+                }
+            }
+        }
+        if restored > 0 {
+            tracing::warn!(restored, "IPv6-related peer routes were missing: put back");
+        }
+        Ok(restored)
+    }
+
     pub(super) fn set_local_subnet6_impl(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
         let mut state = self.lock();
         let mut plane = state.ipv6_plane()?;

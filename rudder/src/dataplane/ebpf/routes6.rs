@@ -146,6 +146,25 @@ impl Routes {
             .with_context(|| format!("adding the route `unreachable {network}`"))
     }
 
+    /// Destinations of our IPv6 routes present now.
+    pub(super) fn installed_destinations6(
+        &self,
+    ) -> anyhow::Result<std::collections::BTreeSet<Ipv6Net>> {
+        use rtnetlink::packet_route::route::RouteAddress;
+        Ok(self
+            .ours6()?
+            .iter()
+            .filter_map(|route| {
+                route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet6(addr)) => {
+                        Ipv6Net::new(*addr, route.header.destination_prefix_length).ok()
+                    }
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
     /// Every IPv6 route with our protocol number.
     fn ours6(&self) -> anyhow::Result<Vec<RouteMessage>> {
         let dump = RouteMessageBuilder::<Ipv6Addr>::new().build();

@@ -187,6 +187,28 @@ fn containers_talk_ipv6_through_the_ebpf_overlay_over_an_ipv4_underlay() {
             / b_counts[Counter::Decapsulated.index()].max(1),
     );
 
+    // A flushed neighbour entry and a deleted route come back with the periodic refresh.
+    topo.ip("hA", "-6 neigh flush dev eth0 nud permanent");
+    topo.ip("hA", "-6 route del fd00:5:2::/64 proto 211");
+    let refresh = std::sync::Arc::new(a);
+    let in_ns = refresh.clone();
+    topo.in_ns("hA", move || in_ns.refresh_host_state())
+        .join()
+        .unwrap()
+        .unwrap();
+    let a = std::sync::Arc::try_unwrap(refresh).ok().expect("one owner");
+    let routes = topo.ip("hA", "-6 route show proto 211");
+    assert!(
+        routes.contains("fd00:5:2::/64 via fe80::7275:6464:6572"),
+        "route not restored: {routes}"
+    );
+    let neighbours = topo.ip("hA", "-6 neigh show dev eth0");
+    assert!(
+        neighbours.contains("fe80::7275:6464:6572"),
+        "neighbour not restored: {neighbours}"
+    );
+    topo.exec("cA", &["ping", "-6", "-c", "1", "-W", "2", CONTAINER_B6]);
+
     // Removing the peer removes its route: the network's unreachable route answers.
     a.remove_peer6(subnet_b6).unwrap();
     let routes = topo.ip("hA", "-6 route show proto 211");
