@@ -160,7 +160,8 @@ fn config() -> Option<DataplaneConfig> {
 
 #[inline(always)]
 fn in_overlay_range(dst: [u8; 4], cfg: &DataplaneConfig) -> bool {
-    ipv4_in_subnet(dst, cfg.network, cfg.network_prefix_len)
+    // Length 0: an IPv6-only network, no IPv4 overlay at all (not "everything").
+    cfg.network_prefix_len != 0 && ipv4_in_subnet(dst, cfg.network, cfg.network_prefix_len)
 }
 
 #[inline(always)]
@@ -208,7 +209,7 @@ fn egress(ctx: &TcContext) -> i32 {
             return verdict;
         }
         // Overlay traffic without a peer must not leak unencapsulated onto the underlay.
-        if ipv4_in_subnet(dst, cfg.network, cfg.network_prefix_len)
+        if in_overlay_range(dst, &cfg)
             && !ipv4_in_subnet(dst, cfg.local_subnet, cfg.local_prefix_len)
         {
             return drop_with(ctx, Counter::DropNoRoute);

@@ -136,6 +136,13 @@ pub struct EbpfOptions {
     pub ipv6: Option<super::Ipv6Plane>,
 }
 
+impl EbpfOptions {
+    /// False on an IPv6-only network, whose IPv4 network and subnet are 0.0.0.0/0.
+    pub fn carries_ipv4(&self) -> bool {
+        self.network != Ipv4Net::default()
+    }
+}
+
 /// The eBPF data plane. See the module documentation for the design.
 pub struct EbpfDataplane {
     state: Mutex<State>,
@@ -230,9 +237,12 @@ impl EbpfDataplane {
             tracing::warn!("{e:#}: NAT'd connections to containers on other hosts may fail when the bridge DNATs (br_netfilter)");
         }
         kernel.attach(&opts.underlay_ifname, pins.as_ref())?;
-        routes
-            .add_unreachable(opts.network)
-            .with_context(|| format!("adding the route `unreachable {}`", opts.network))?;
+        // (An IPv6-only network has no IPv4 network to answer for: 0.0.0.0/0 is everything.)
+        if opts.carries_ipv4() {
+            routes
+                .add_unreachable(opts.network)
+                .with_context(|| format!("adding the route `unreachable {}`", opts.network))?;
+        }
         if let Some(plane) = &opts.ipv6 {
             routes.add_unreachable6(plane.network)?;
         }

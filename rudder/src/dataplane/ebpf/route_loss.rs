@@ -135,7 +135,7 @@ impl EbpfDataplane {
         let routes = state.routes()?;
         let present = routes.installed_destinations()?;
         let mut unreachable_restored = false;
-        if !present.contains(&state.opts.network) {
+        if state.opts.carries_ipv4() && !present.contains(&state.opts.network) {
             routes.add_unreachable(state.opts.network)?;
             unreachable_restored = true;
         }
