@@ -91,18 +91,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // answers (a start during an etcd outage does not cut this host off).
     let mut early = None;
     if let Some(saved) = &saved {
+        let (public_ipv6, overlay_mtu) =
+            ipv6_side(&netlink, &underlay, public_ipv6_flag, &saved.config).await?;
         let up = BringUp {
             args: &args,
             underlay: &underlay,
             overlay_mtu,
+            public_ipv6,
             netlink: &netlink,
             state: &state,
         };
         let (local, dp) = up
             .run(&saved.config, saved.subnet, saved.ipv6_subnet)
             .await?;
+        // Saved peers are reached at their PublicIP until etcd says more (their PublicIPv6).
         for (subnet, ip) in &saved.peers {
-            if let Err(e) = dp.upsert_peer(*subnet, *ip) {
+            if let Err(e) = dp.upsert_peer(*subnet, (*ip).into()) {
                 tracing::warn!(%subnet, "programming saved peer {ip} failed: {e:#}");
             }
         }
@@ -149,20 +153,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
 
-    let public_ipv6 = match &config.ipv6 {
+    let (public_ipv6, overlay_mtu) =
+        ipv6_side(&netlink, &underlay, public_ipv6_flag, &config).await?;
+    match &config.ipv6 {
         Some(v6) => {
-            let public_ipv6 = public_ipv6_of(&netlink, &underlay, public_ipv6_flag).await;
-            // One line at start: the control plane is real, the data plane is not there yet.
-            tracing::warn!(
-                "IPv6 is on (IPv6Network {}): rudder leases an IPv6 subnet and announces PublicIPv6 {}, but this build's data plane carries IPv4 only: IPv6 traffic between hosts is not carried yet",
+            tracing::info!(
+                "IPv6 is on (IPv6Network {}): PublicIPv6 {}, overlay MTU {overlay_mtu} ({} outer headers)",
                 v6.network,
-                public_ipv6.map_or("null".to_string(), |ip| ip.to_string())
+                public_ipv6.map_or("null".to_string(), |ip| ip.to_string()),
+                if public_ipv6.is_some() { "IPv6 outer to peers with a PublicIPv6, else IPv4" } else { "IPv4" }
             );
             state.update(|s| {
                 s.ipv6_network = Some(v6.network);
                 s.public_ipv6 = public_ipv6;
+                s.mtu = Some(overlay_mtu);
             });
-            public_ipv6
         }
         None => {
             if let Some(ip) = public_ipv6_flag {
@@ -170,9 +175,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     "--public-ipv6 {ip} is unused: the network config has no EnableIPv6"
                 );
             }
-            None
         }
-    };
+    }
     let mut leases = LeaseManager::new(
         client.clone(),
         &prefix,
@@ -204,9 +208,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 );
                 local.apply(lease.subnet, lease.ipv6_subnet).await?;
                 dp.set_local_subnet(lease.subnet)?;
-            } else if hint6 != lease.ipv6_subnet {
+            }
+            if hint6 != lease.ipv6_subnet {
                 tracing::warn!(old = ?hint6, new = ?lease.ipv6_subnet, "our IPv6 subnet changed while rudder was stopped");
                 local.apply(lease.subnet, lease.ipv6_subnet).await?;
+                if let Some(subnet6) = lease.ipv6_subnet {
+                    dp.set_local_subnet6(subnet6)?;
+                }
             }
             (local, dp)
         }
@@ -215,6 +223,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 args: &args,
                 underlay: &underlay,
                 overlay_mtu,
+                public_ipv6,
                 netlink: &netlink,
                 state: &state,
             };
@@ -243,10 +252,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     // Peers a previous run left in the kernel (eBPF pins) count as installed, so the first
     // snapshot from etcd is applied to them as a diff.
+    // (Those reached over IPv6 are programmed again from etcd's snapshot.)
     let adopted: std::collections::BTreeMap<_, _> = dp
         .peer_stats()
         .iter()
-        .map(|p| (p.subnet, p.public_ip))
+        .filter_map(|p| match p.public_ip {
+            std::net::IpAddr::V4(ip) => Some((p.subnet, ip)),
+            std::net::IpAddr::V6(_) => None,
+        })
         .collect();
     let reconciler = Reconciler::new(
         dp.clone(),
@@ -255,10 +268,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         subnet_rx,
         lease_check.clone(),
     )
+    .with_public_ipv6(public_ipv6)
     .with_installed(adopted);
     let follower = UnderlayFollower {
         name: underlay.name.clone(),
         mtu: underlay.mtu,
+        outer: outer_family(public_ipv6),
+        carries_ipv6: config.ipv6.is_some(),
         dataplane: dp.clone(),
         state: state.clone(),
     };
@@ -353,6 +369,7 @@ struct BringUp<'a> {
     args: &'a RunArgs,
     underlay: &'a crate::underlay::Underlay,
     overlay_mtu: u16,
+    public_ipv6: Option<Ipv6Addr>,
     netlink: &'a Netlink,
     state: &'a State,
 }
@@ -385,6 +402,14 @@ impl BringUp<'_> {
             bridge: args.bridge.clone(),
             ebpf_force_fail: args.ebpf_force_fail,
             bpf_pin_dir: Some(args.bpf_pin_dir.clone()),
+            ipv6: config
+                .ipv6
+                .zip(ipv6_subnet)
+                .map(|(v6, local_subnet)| dataplane::Ipv6Plane {
+                    network: v6.network,
+                    local_subnet,
+                    public_ipv6: self.public_ipv6,
+                }),
         };
         let (dp, reason) = match dataplane::create(&opts).await {
             Ok(created) => created,
@@ -418,6 +443,31 @@ fn describe(c: &NetworkConfig) -> String {
         Some(v6) => format!("{v4}, IPv6Network {} /{}", v6.network, v6.subnet_len),
         None => format!("{v4}, IPv6 off"),
     }
+}
+
+/// The outer header this host's largest datagrams carry.
+fn outer_family(public_ipv6: Option<Ipv6Addr>) -> crate::underlay::OuterFamily {
+    match public_ipv6 {
+        Some(_) => crate::underlay::OuterFamily::Ipv6,
+        None => crate::underlay::OuterFamily::Ipv4,
+    }
+}
+
+/// The IPv6 side of `config`: our PublicIPv6 (IPv6 on) and the overlay MTU the largest outer
+/// header leaves; an error when an IPv6 overlay would get less than 1280 bytes.
+async fn ipv6_side(
+    netlink: &Netlink,
+    underlay: &crate::underlay::Underlay,
+    flag: Option<Ipv6Addr>,
+    config: &NetworkConfig,
+) -> anyhow::Result<(Option<Ipv6Addr>, u16)> {
+    if config.ipv6.is_none() {
+        return Ok((None, crate::underlay::overlay_mtu(underlay.mtu)));
+    }
+    let public_ipv6 = public_ipv6_of(netlink, underlay, flag).await;
+    let mtu =
+        crate::underlay::ipv6_overlay_mtu(&underlay.name, underlay.mtu, outer_family(public_ipv6))?;
+    Ok((public_ipv6, mtu))
 }
 
 /// PublicIPv6: `--public-ipv6`, else the underlay interface's IPv6 address as flannel picks it;

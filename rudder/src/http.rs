@@ -105,7 +105,7 @@ pub fn status_table(status: &serde_json::Value) -> String {
     );
     if !status["ipv6_network"].is_null() {
         out += &format!(
-            "ipv6:       subnet {} of {}, public ipv6 {} (leased; not carried by this data plane yet)\n",
+            "ipv6:       subnet {} of {}, public ipv6 {}\n",
             text("ipv6_subnet"),
             text("ipv6_network"),
             text("public_ipv6")

@@ -138,6 +138,7 @@ impl LeaseKeeper {
                 if let Err(e) = self.local.apply(lease.subnet, lease.ipv6_subnet).await {
                     tracing::error!("applying the new IPv6 subnet locally failed: {e:#}");
                 }
+                self.move_ipv6_subnet(lease.ipv6_subnet);
             }
         } else {
             tracing::error!(
@@ -151,9 +152,20 @@ impl LeaseKeeper {
             if let Err(e) = self.dataplane.set_local_subnet(lease.subnet) {
                 tracing::error!("moving the data plane to the new subnet failed: {e:#}");
             }
+            if lease.ipv6_subnet != old6 {
+                self.move_ipv6_subnet(lease.ipv6_subnet);
+            }
             self.subnet_tx.send_replace(lease.subnet);
         }
         self.lease = lease;
+    }
+
+    fn move_ipv6_subnet(&self, subnet: Option<ipnet::Ipv6Net>) {
+        if let Some(subnet) = subnet {
+            if let Err(e) = self.dataplane.set_local_subnet6(subnet) {
+                tracing::error!("moving the data plane to the new IPv6 subnet failed: {e:#}");
+            }
+        }
     }
 
     /// `cleanup`: remove the data plane and the local setup (uninstall); otherwise leave

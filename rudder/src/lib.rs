@@ -38,6 +38,7 @@ pub mod packet_segment;
 pub mod peer_book;
 pub mod peers;
 pub mod reconcile;
+pub mod reconcile6;
 pub mod state_file;
 pub mod status;
 pub mod status_socket;

@@ -25,6 +25,9 @@ pub type PeerMap = BTreeMap<Ipv4Net, Ipv4Addr>;
 pub struct Ipv6Peer {
     /// The same lease's IPv4 subnet; `None` for an IPv6-only host.
     pub ipv4_subnet: Option<Ipv4Net>,
+    /// PublicIP: where the peer is reached when either end has no PublicIPv6 (0.0.0.0 for an
+    /// IPv6-only host).
+    pub public_ip: Ipv4Addr,
     /// PublicIPv6; `None` when the peer announced none.
     pub public_ipv6: Option<Ipv6Addr>,
 }
@@ -46,6 +49,11 @@ pub enum PeerEvent {
     Snapshot(PeerMap),
     Upsert(Ipv4Net, Ipv4Addr),
     Remove(Ipv4Net),
+    /// The IPv6 halves (only with IPv6 on): the complete set after a listing, sent before
+    /// the IPv4 [`PeerEvent::Snapshot`]; a lease's IPv6 change is sent before its IPv4 one.
+    Ipv6Snapshot(Ipv6PeerMap),
+    Ipv6Upsert(Ipv6Net, Ipv6Peer),
+    Ipv6Remove(Ipv6Net),
 }
 
 /// A real lease value is ~80 bytes; anything this large is junk, not parsed.
@@ -122,6 +130,14 @@ pub fn parse_peer_lease(
     })
 }
 
+fn ipv6_peer(lease: &PeerLease) -> Ipv6Peer {
+    Ipv6Peer {
+        ipv4_subnet: lease.subnets.ipv4,
+        public_ip: lease.public_ip,
+        public_ipv6: lease.public_ipv6,
+    }
+}
+
 pub struct PeerRegistry {
     etcd: Etcd,
     subnets_prefix: String,
@@ -159,25 +175,26 @@ impl PeerRegistry {
         }
     }
 
-    /// Records (or drops, `lease: None`) the IPv6 half of the lease at `subnets`.
-    fn set_ipv6(&mut self, subnets: LeaseSubnets, lease: Option<&PeerLease>) {
-        if self.network6.is_none() {
-            return;
-        }
-        let Some(subnet6) = subnets.ipv6 else { return };
-        let changed = match lease {
+    /// Records (or drops, `lease: None`) the IPv6 half of the lease at `subnets`; the event
+    /// for the reconciler when it changed.
+    fn set_ipv6(&mut self, subnets: LeaseSubnets, lease: Option<&PeerLease>) -> Option<PeerEvent> {
+        self.network6?;
+        let subnet6 = subnets.ipv6?;
+        let event = match lease {
             Some(l) => {
-                let peer = Ipv6Peer {
-                    ipv4_subnet: subnets.ipv4,
-                    public_ipv6: l.public_ipv6,
-                };
-                self.ipv6.insert(subnet6, peer) != Some(peer)
+                let peer = ipv6_peer(l);
+                (self.ipv6.insert(subnet6, peer) != Some(peer))
+                    .then_some(PeerEvent::Ipv6Upsert(subnet6, peer))
             }
-            None => self.ipv6.remove(&subnet6).is_some(),
+            None => self
+                .ipv6
+                .remove(&subnet6)
+                .map(|_| PeerEvent::Ipv6Remove(subnet6)),
         };
-        if changed {
+        if event.is_some() {
             self.publish_ipv6();
         }
+        event
     }
 
     fn publish_ipv6(&self) {
@@ -220,11 +237,7 @@ impl PeerRegistry {
             for kv in &page {
                 if let Some(lease) = self.accept(kv.key(), kv.value()) {
                     if let (Some(subnet6), true) = (lease.subnets.ipv6, self.network6.is_some()) {
-                        let peer = Ipv6Peer {
-                            ipv4_subnet: lease.subnets.ipv4,
-                            public_ipv6: lease.public_ipv6,
-                        };
-                        self.ipv6.insert(subnet6, peer);
+                        self.ipv6.insert(subnet6, ipv6_peer(&lease));
                     }
                     if let Some(subnet) = lease.subnets.ipv4 {
                         leases.push((subnet, lease.public_ip, kv.create_revision()));
@@ -240,6 +253,15 @@ impl PeerRegistry {
         let (snapshot, refusals) = self.book.reset(leases);
         for refused in refusals {
             self.report(refused);
+        }
+        if self.network6.is_some()
+            && self
+                .events
+                .send(PeerEvent::Ipv6Snapshot(self.ipv6.clone()))
+                .await
+                .is_err()
+        {
+            return Ok(Stop::ReceiverGone);
         }
         if self
             .events
@@ -279,20 +301,21 @@ impl PeerRegistry {
                 let peer_events = match event.event_type() {
                     EventType::Put => match self.accept(kv.key(), kv.value()) {
                         Some(lease) => {
-                            self.set_ipv6(lease.subnets, Some(&lease));
-                            let Some(subnet) = lease.subnets.ipv4 else {
-                                continue;
-                            };
-                            match self
-                                .book
-                                .upsert(subnet, lease.public_ip, kv.create_revision())
-                            {
-                                Ok(peer_event) => vec![peer_event],
-                                Err(refused) => {
-                                    self.report(refused);
-                                    continue;
+                            let mut peer_events: Vec<PeerEvent> = self
+                                .set_ipv6(lease.subnets, Some(&lease))
+                                .into_iter()
+                                .collect();
+                            if let Some(subnet) = lease.subnets.ipv4 {
+                                match self.book.upsert(
+                                    subnet,
+                                    lease.public_ip,
+                                    kv.create_revision(),
+                                ) {
+                                    Ok(peer_event) => peer_events.push(peer_event),
+                                    Err(refused) => self.report(refused),
                                 }
                             }
+                            peer_events
                         }
                         // A key that turned bad, or another backend, is no peer of ours any more.
                         None => match self.subnets_of(kv.key()) {
@@ -320,11 +343,11 @@ impl PeerRegistry {
 
     /// A lease gone (or turned bad): both halves stop being peers.
     fn forget(&mut self, subnets: LeaseSubnets) -> Vec<PeerEvent> {
-        self.set_ipv6(subnets, None);
-        match subnets.ipv4 {
-            Some(subnet) => self.book.remove(subnet),
-            None => Vec::new(),
+        let mut events: Vec<PeerEvent> = self.set_ipv6(subnets, None).into_iter().collect();
+        if let Some(subnet) = subnets.ipv4 {
+            events.extend(self.book.remove(subnet));
         }
+        events
     }
 
     fn subnets_of(&self, key: &[u8]) -> Option<LeaseSubnets> {

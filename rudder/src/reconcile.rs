@@ -5,7 +5,7 @@
 //! state stays as it is.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::dataplane::Dataplane;
 use crate::peers::{PeerEvent, PeerMap};
+use crate::reconcile6::{Ipv6Reconciler, Own};
 use crate::status::State;
 
 /// How long a peer missing from a resync snapshot (but never deleted by a watch event)
@@ -45,6 +46,12 @@ pub struct Reconciler {
     missing_since: BTreeMap<Ipv4Net, (Ipv4Addr, Instant)>,
     /// Public IPs held by several leases, as last reported (to warn once per change).
     shared_ips_warned: BTreeMap<Ipv4Addr, Vec<Ipv4Net>>,
+    /// This host's PublicIPv6 (IPv6 on): peers announcing one too are reached over IPv6.
+    public_ipv6: Option<Ipv6Addr>,
+    /// Installed IPv4 peers reached over an IPv6 outer header, at that address.
+    over_ipv6: BTreeMap<Ipv4Net, Ipv6Addr>,
+    /// The IPv6 halves of the leases.
+    ipv6: Ipv6Reconciler,
 }
 
 impl Reconciler {
@@ -65,6 +72,23 @@ impl Reconciler {
             installed: BTreeMap::new(),
             shared_ips_warned: BTreeMap::new(),
             missing_since: BTreeMap::new(),
+            public_ipv6: None,
+            over_ipv6: BTreeMap::new(),
+            ipv6: Ipv6Reconciler::default(),
+        }
+    }
+
+    /// This host announces `public_ipv6`: peers that announce one too are reached over IPv6.
+    pub fn with_public_ipv6(mut self, public_ipv6: Option<Ipv6Addr>) -> Self {
+        self.public_ipv6 = public_ipv6;
+        self
+    }
+
+    fn own(&self) -> Own {
+        Own {
+            subnet: *self.own_subnet.borrow(),
+            public_ip: self.public_ip,
+            public_ipv6: self.public_ipv6,
         }
     }
 
@@ -97,7 +121,21 @@ impl Reconciler {
         }
     }
 
-    fn handle(&mut self, event: PeerEvent) {
+    pub(crate) fn handle(&mut self, event: PeerEvent) {
+        if matches!(
+            event,
+            PeerEvent::Ipv6Snapshot(_) | PeerEvent::Ipv6Upsert(..) | PeerEvent::Ipv6Remove(_)
+        ) {
+            let own = self.own();
+            self.dataplane.begin_peer_batch();
+            let moved = self.ipv6.handle(event, &*self.dataplane, &own);
+            // IPv4 peers whose PublicIPv6 changed may now be reached over another family.
+            for subnet in moved {
+                self.apply_one(subnet);
+            }
+            self.dataplane.end_peer_batch();
+            return;
+        }
         let own = *self.own_subnet.borrow();
         // Our own key written (it changes only when we acquire): make sure it is still ours,
         // on our etcd lease; another host announcing our public IP writes the same value.
@@ -126,6 +164,9 @@ impl Reconciler {
                 self.desired.remove(&subnet);
                 (subnet == own, Some(subnet))
             }
+            PeerEvent::Ipv6Snapshot(_) | PeerEvent::Ipv6Upsert(..) | PeerEvent::Ipv6Remove(_) => {
+                unreachable!("handled above")
+            }
         };
         if check_own && self.desired.get(&own) != Some(&self.public_ip) {
             tracing::warn!(subnet = %own, "our lease is gone from etcd or names another host; checking");
@@ -141,15 +182,30 @@ impl Reconciler {
     }
 
     /// When the earliest grace period of a peer missing from a resync runs out.
-    fn next_grace_expiry(&self) -> Option<Instant> {
-        self.missing_since
+    pub(crate) fn next_grace_expiry(&self) -> Option<Instant> {
+        let ipv4 = self
+            .missing_since
             .values()
             .map(|(_, since)| *since + RESYNC_GRACE)
-            .min()
+            .min();
+        ipv4.into_iter().chain(self.ipv6.next_grace_expiry()).min()
+    }
+
+    /// Where the IPv4 peer `subnet` at `ip` is reached, and what is installed for it.
+    fn underlay_of(&self, subnet: Ipv4Net, ip: Ipv4Addr) -> IpAddr {
+        self.ipv6.underlay_of_ipv4(&self.own(), subnet, ip)
+    }
+
+    fn installed_underlay(&self, subnet: Ipv4Net) -> Option<IpAddr> {
+        let ip = *self.installed.get(&subnet)?;
+        Some(match self.over_ipv6.get(&subnet) {
+            Some(v6) => IpAddr::V6(*v6),
+            None => IpAddr::V4(ip),
+        })
     }
 
     /// Applies the difference between desired (minus our own subnet) and installed.
-    fn apply(&mut self) {
+    pub(crate) fn apply(&mut self) {
         let own = *self.own_subnet.borrow();
         let now = Instant::now();
         self.missing_since.retain(|subnet, (_, since)| {
@@ -180,10 +236,14 @@ impl Reconciler {
             self.install(subnet, None);
         }
         for (subnet, ip) in &target {
-            if self.installed.get(subnet) != Some(ip) {
+            if self.installed.get(subnet) != Some(ip)
+                || self.installed_underlay(*subnet) != Some(self.underlay_of(*subnet, *ip))
+            {
                 self.install(*subnet, Some(*ip));
             }
         }
+        let own = self.own();
+        self.ipv6.apply(&*self.dataplane, &own);
         self.dataplane.end_peer_batch();
         let installed = self.installed.clone();
         self.state.update(|s| s.peers = installed);
@@ -200,7 +260,11 @@ impl Reconciler {
             .copied()
             .filter(|ip| subnet != own && *ip != self.public_ip);
         self.recheck_shared_ips(subnet, want, own);
-        if self.installed.get(&subnet).copied() == want {
+        if self.installed.get(&subnet).copied() == want
+            && want.is_none_or(|ip| {
+                self.installed_underlay(subnet) == Some(self.underlay_of(subnet, ip))
+            })
+        {
             return;
         }
         if self.install(subnet, want) {
@@ -223,6 +287,7 @@ impl Reconciler {
                 Ok(()) => {
                     tracing::info!(%subnet, "peer removed");
                     self.installed.remove(&subnet);
+                    self.over_ipv6.remove(&subnet);
                     true
                 }
                 Err(e) => {
@@ -230,17 +295,24 @@ impl Reconciler {
                     false
                 }
             },
-            Some(ip) => match self.dataplane.upsert_peer(subnet, ip) {
-                Ok(()) => {
-                    tracing::info!(%subnet, public_ip = %ip, "peer programmed");
-                    self.installed.insert(subnet, ip);
-                    true
+            Some(ip) => {
+                let underlay = self.underlay_of(subnet, ip);
+                match self.dataplane.upsert_peer(subnet, underlay) {
+                    Ok(()) => {
+                        tracing::info!(%subnet, public_ip = %ip, %underlay, "peer programmed");
+                        self.installed.insert(subnet, ip);
+                        match underlay {
+                            IpAddr::V6(v6) => self.over_ipv6.insert(subnet, v6),
+                            IpAddr::V4(_) => self.over_ipv6.remove(&subnet),
+                        };
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(%subnet, public_ip = %ip, %underlay, "programming peer failed: {e:#}");
+                        false
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(%subnet, public_ip = %ip, "programming peer failed: {e:#}");
-                    false
-                }
-            },
+            }
         }
     }
 
@@ -293,14 +365,19 @@ impl Reconciler {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dataplane::{CounterSnapshot, DataplaneKind};
+    use ipnet::Ipv6Net;
     use std::sync::Mutex;
 
+    /// A data plane that records what it was told.
     #[derive(Default)]
-    struct Recorder {
-        peers: Mutex<PeerMap>,
+    pub(crate) struct Recorder {
+        pub(crate) peers: Mutex<PeerMap>,
+        /// Where each IPv4 peer is reached.
+        pub(crate) underlays: Mutex<BTreeMap<Ipv4Net, IpAddr>>,
+        pub(crate) peers6: Mutex<BTreeMap<Ipv6Net, IpAddr>>,
         calls: Mutex<Vec<String>>,
         /// Whether a peer batch is open, and the calls made inside one.
         in_batch: Mutex<bool>,
@@ -317,12 +394,28 @@ mod tests {
         fn set_overlay_mtu(&self, _: u16) -> anyhow::Result<()> {
             Ok(())
         }
-        fn upsert_peer(&self, subnet: Ipv4Net, ip: Ipv4Addr) -> anyhow::Result<()> {
+        fn upsert_peer(&self, subnet: Ipv4Net, underlay: IpAddr) -> anyhow::Result<()> {
             self.calls.lock().unwrap().push(format!("+{subnet}"));
             if *self.in_batch.lock().unwrap() {
                 self.batched.lock().unwrap().push(format!("+{subnet}"));
             }
-            self.peers.lock().unwrap().insert(subnet, ip);
+            if let IpAddr::V4(ip) = underlay {
+                self.peers.lock().unwrap().insert(subnet, ip);
+            }
+            self.underlays.lock().unwrap().insert(subnet, underlay);
+            Ok(())
+        }
+        fn set_local_subnet6(&self, _: Ipv6Net) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn upsert_peer6(&self, subnet: Ipv6Net, underlay: IpAddr) -> anyhow::Result<()> {
+            self.calls.lock().unwrap().push(format!("+{subnet}"));
+            self.peers6.lock().unwrap().insert(subnet, underlay);
+            Ok(())
+        }
+        fn remove_peer6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
+            self.calls.lock().unwrap().push(format!("-{subnet}"));
+            self.peers6.lock().unwrap().remove(&subnet);
             Ok(())
         }
         fn begin_peer_batch(&self) {
@@ -337,6 +430,7 @@ mod tests {
                 self.batched.lock().unwrap().push(format!("-{subnet}"));
             }
             self.peers.lock().unwrap().remove(&subnet);
+            self.underlays.lock().unwrap().remove(&subnet);
             Ok(())
         }
         fn counters(&self) -> CounterSnapshot {
@@ -353,14 +447,15 @@ mod tests {
         }
     }
 
-    fn net(s: &str) -> Ipv4Net {
+    pub(crate) fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
     }
 
-    const ME: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
-    const PEER: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 2);
+    pub(crate) const ME: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
+    pub(crate) const PEER: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 2);
 
-    fn setup() -> (
+    /// A reconciler for 10.5.1.0/24 at [`ME`], with the recorder it drives.
+    pub(crate) fn setup() -> (
         Reconciler,
         Arc<Recorder>,
         Arc<Notify>,

@@ -20,7 +20,7 @@ use crate::dataplane::Dataplane;
 use crate::host::Netlink;
 use crate::local_setup::LocalSetup;
 use crate::status::State;
-use crate::underlay::overlay_mtu;
+use crate::underlay::{overlay_mtu_over, OuterFamily};
 
 /// What changed on the host that the data plane derives something from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +175,10 @@ impl Drop for AbortOnDrop {
 pub(crate) struct UnderlayFollower {
     pub(crate) name: String,
     pub(crate) mtu: u32,
+    /// The largest outer header this host sends (IPv6 when it has a PublicIPv6).
+    pub(crate) outer: OuterFamily,
+    /// The overlay carries IPv6: it needs 1280 bytes.
+    pub(crate) carries_ipv6: bool,
     pub(crate) dataplane: Arc<dyn Dataplane>,
     pub(crate) state: State,
 }
@@ -204,7 +208,7 @@ impl UnderlayFollower {
     }
 
     async fn mtu_changed(&mut self, mtu: u32, local: &LocalSetup) {
-        let overlay = overlay_mtu(mtu);
+        let overlay = overlay_mtu_over(mtu, self.outer);
         let old = std::mem::replace(&mut self.mtu, mtu);
         if overlay < MIN_OVERLAY_MTU {
             tracing::error!(
@@ -213,6 +217,12 @@ impl UnderlayFollower {
                 self.name
             );
             return;
+        }
+        if self.carries_ipv6 {
+            if let Err(e) = crate::underlay::ipv6_overlay_mtu(&self.name, mtu, self.outer) {
+                tracing::error!("{e:#}; keeping the previous overlay MTU");
+                return;
+            }
         }
         tracing::info!(
             "underlay {} MTU {old} → {mtu}: overlay MTU {overlay}",

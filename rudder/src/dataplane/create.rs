@@ -27,6 +27,20 @@ pub struct DataplaneOptions {
     pub ebpf_force_fail: bool,
     /// bpffs directory for the eBPF plane's pins.
     pub bpf_pin_dir: Option<std::path::PathBuf>,
+    /// The overlay's IPv6 side; `None` while the network has IPv6 off.
+    pub ipv6: Option<Ipv6Plane>,
+}
+
+/// What a data plane needs to carry IPv6 (the network has `EnableIPv6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Plane {
+    /// IPv6Network.
+    pub network: ipnet::Ipv6Net,
+    /// This host's IPv6 subnet (later changes: [`super::Dataplane::set_local_subnet6`]).
+    pub local_subnet: ipnet::Ipv6Net,
+    /// This host's PublicIPv6: the outer source for peers reached over IPv6. The overlay
+    /// MTU is then computed for the IPv6 outer header (48 bytes).
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
 }
 
 /// Starts the requested data plane; returns it with a line saying why it was chosen.
@@ -102,6 +116,7 @@ async fn start_tun(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplane
     // Bound to the address we own, so datagrams leave from it even when it is not the
     // interface's primary one (peers only accept the address our lease names, or its NAT).
     tun_opts.bind = std::net::SocketAddrV4::new(opts.underlay.local_ip, opts.port);
+    tun_opts.ipv6 = opts.ipv6.map(|v6| tun::TunIpv6::from_plane(&v6, opts.port));
     let dp = tun::TunDataplane::start(tun_opts).await?;
     let batching = dp.batching();
     Ok((Arc::new(dp), batching))

@@ -17,12 +17,12 @@ pub mod forwarding6;
 pub mod stack_rules;
 pub mod tun;
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 pub use counters::{CounterSnapshot, PeerTraffic};
-pub use create::{create, DataplaneOptions};
+pub use create::{create, DataplaneOptions, Ipv6Plane};
 
 /// Which implementation carries the traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -49,7 +49,8 @@ impl DataplaneKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerStats {
     pub subnet: Ipv4Net,
-    pub public_ip: Ipv4Addr,
+    /// Where its datagrams go: its PublicIP, or its PublicIPv6 (see [`Dataplane::upsert_peer`]).
+    pub public_ip: IpAddr,
     /// When the entry was installed or last pointed at another public IP; `traffic`
     /// counts from then.
     pub changed: std::time::SystemTime,
@@ -85,11 +86,22 @@ pub trait Dataplane: Send + Sync {
         Ok(())
     }
 
-    /// Add or update the host owning `subnet`.
-    fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> anyhow::Result<()>;
+    /// Add or update the host owning `subnet`, reached at `underlay`: its PublicIPv6 when
+    /// this host and the peer both announce one (an IPv6 outer header), else its PublicIP.
+    fn upsert_peer(&self, subnet: Ipv4Net, underlay: IpAddr) -> anyhow::Result<()>;
 
     /// Forget the host that owned `subnet`.
     fn remove_peer(&self, subnet: Ipv4Net) -> anyhow::Result<()>;
+
+    /// Our own IPv6 subnet changed (only with IPv6 on: first acquisition or re-acquire).
+    fn set_local_subnet6(&self, subnet: Ipv6Net) -> anyhow::Result<()>;
+
+    /// Add or update the host owning the IPv6 subnet `subnet`, reached at `underlay` (chosen
+    /// as for [`Dataplane::upsert_peer`]). Never called for a lease without an IPv6 subnet.
+    fn upsert_peer6(&self, subnet: Ipv6Net, underlay: IpAddr) -> anyhow::Result<()>;
+
+    /// Forget the host that owned the IPv6 subnet `subnet`.
+    fn remove_peer6(&self, subnet: Ipv6Net) -> anyhow::Result<()>;
 
     /// Many peer changes follow (a full resync): the data plane may defer publishing them
     /// until [`Dataplane::end_peer_batch`], so n changes cost O(n), not n publications.

@@ -45,7 +45,7 @@ fn a_bridge_made_by_someone_else_is_adopted_and_followed() {
     // No --bridge: br0 is found because it holds 10.5.1.1, the subnet's gateway address.
     let a = Arc::new(topo.load_with_bridge("hA", UNDERLAY_A, "10.5.1.0/24", None));
     let peer: Ipv4Net = "10.5.2.0/24".parse().unwrap();
-    a.upsert_peer(peer, UNDERLAY_B).unwrap();
+    a.upsert_peer(peer, UNDERLAY_B.into()).unwrap();
     let fast = a.fast_path().unwrap();
     assert_eq!(fast.bridge.as_deref(), Some("br0"), "{fast:?}");
     assert!(bridge_program_attached(&topo, "hA"));

@@ -60,13 +60,13 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::{Arc, Mutex, MutexGuard},
 };
 
 use anyhow::{bail, Context as _};
 use aya::maps::lpm_trie::Key;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rudder_ebpf::{names, Counter, DataplaneConfig, LocalEndpoint, PeerValue};
 
 use super::{CounterSnapshot, Dataplane, DataplaneKind, PeerStats};
@@ -407,7 +407,10 @@ impl Dataplane for EbpfDataplane {
         self.refresh_next_hops().map(|_| ())
     }
 
-    fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> anyhow::Result<()> {
+    fn upsert_peer(&self, subnet: Ipv4Net, underlay: IpAddr) -> anyhow::Result<()> {
+        let IpAddr::V4(public_ip) = underlay else {
+            bail!("peer {subnet} at {underlay}: the eBPF data plane does not carry IPv6 outer headers yet");
+        };
         let mut state = self.lock();
         let subnet = subnet.trunc();
         let local = state.opts.local_subnet;
@@ -474,6 +477,18 @@ impl Dataplane for EbpfDataplane {
         Ok(())
     }
 
+    fn set_local_subnet6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
+        bail!("IPv6 subnet {subnet}: the eBPF data plane does not carry IPv6 yet")
+    }
+
+    fn upsert_peer6(&self, subnet: Ipv6Net, _: IpAddr) -> anyhow::Result<()> {
+        bail!("IPv6 peer {subnet}: the eBPF data plane does not carry IPv6 yet")
+    }
+
+    fn remove_peer6(&self, _: Ipv6Net) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     fn counters(&self) -> CounterSnapshot {
         self.both_paths(Kernel::packet_counts, socket_path::SocketPath::packets)
     }
@@ -518,7 +533,7 @@ impl Dataplane for EbpfDataplane {
                 }
                 PeerStats {
                     subnet,
-                    public_ip,
+                    public_ip: public_ip.into(),
                     changed,
                     traffic,
                 }

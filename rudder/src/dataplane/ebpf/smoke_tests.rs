@@ -268,8 +268,8 @@ fn containers_talk_through_the_ebpf_overlay() {
     let subnet_b: Ipv4Net = "10.5.2.0/24".parse().unwrap();
     for _ in 0..2 {
         // Twice: upserts are idempotent.
-        a.upsert_peer(subnet_b, UNDERLAY_B).unwrap();
-        b.upsert_peer(subnet_a, UNDERLAY_A).unwrap();
+        a.upsert_peer(subnet_b, UNDERLAY_B.into()).unwrap();
+        b.upsert_peer(subnet_a, UNDERLAY_A.into()).unwrap();
     }
     let routes = rudder_routes(&topo, "hA");
     assert!(
@@ -505,8 +505,8 @@ fn throughput_vs_plain_routing() {
     let overlay = |with_endpoints: bool| {
         let a = topo.load("hA", UNDERLAY_A, "10.5.1.0/24");
         let b = topo.load("hB", UNDERLAY_B, "10.5.2.0/24");
-        a.upsert_peer(subnet_b, UNDERLAY_B).unwrap();
-        b.upsert_peer(subnet_a, UNDERLAY_A).unwrap();
+        a.upsert_peer(subnet_b, UNDERLAY_B.into()).unwrap();
+        b.upsert_peer(subnet_a, UNDERLAY_A.into()).unwrap();
         if with_endpoints {
             for (host, container, ip, dp) in
                 [("hA", "cA", CONTAINER_A, &a), ("hB", "cB", CONTAINER_B, &b)]

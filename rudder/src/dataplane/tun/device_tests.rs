@@ -202,7 +202,7 @@ fn device_forwards_both_ways_and_counts_drops() {
         add_container_bridge(&handle).await?;
 
         let dp = TunDataplane::start(options()).await?;
-        dp.upsert_peer(net(PEER_SUBNET), PEER)?;
+        dp.upsert_peer(net(PEER_SUBNET), PEER.into())?;
         let peer = UdpSocket::bind((PEER, PORT)).await?;
         let stranger = UdpSocket::bind((STRANGER, PORT)).await?;
         let mut buf = vec![0u8; 2048];
@@ -246,7 +246,7 @@ fn device_forwards_both_ways_and_counts_drops() {
         assert_eq!(stats.len(), 1);
         assert_eq!(
             (stats[0].subnet, stats[0].public_ip),
-            (net(PEER_SUBNET), PEER)
+            (net(PEER_SUBNET), PEER.into())
         );
         assert_eq!(
             stats[0].traffic,
@@ -258,11 +258,11 @@ fn device_forwards_both_ways_and_counts_drops() {
             }
         );
         // The same place again keeps the counters; a new place starts them over.
-        dp.upsert_peer(net(PEER_SUBNET), PEER)?;
+        dp.upsert_peer(net(PEER_SUBNET), PEER.into())?;
         assert_eq!(dp.peer_stats()[0].traffic.tx_packets, 1);
-        dp.upsert_peer(net(PEER_SUBNET), STRANGER)?;
+        dp.upsert_peer(net(PEER_SUBNET), STRANGER.into())?;
         assert_eq!(dp.peer_stats()[0].traffic.tx_packets, 0);
-        dp.upsert_peer(net(PEER_SUBNET), PEER)?;
+        dp.upsert_peer(net(PEER_SUBNET), PEER.into())?;
 
         // Bad datagrams: each counted under its reason, none delivered.
         let good = |src: [u8; 4], dst: [u8; 4]| udp_packet(src, dst, 64, (1, 7777), b"x");
@@ -350,7 +350,7 @@ fn device_forwards_both_ways_and_counts_drops() {
 fn local_subnet_change_moves_the_device_address() {
     in_private_netns(|| async {
         let dp = TunDataplane::start(options()).await?;
-        dp.upsert_peer(net(PEER_SUBNET), PEER)?;
+        dp.upsert_peer(net(PEER_SUBNET), PEER.into())?;
         dp.set_local_subnet(net("10.5.3.0/24"))?;
         // The new address is local now (binding succeeds), the old one is gone.
         let local = UdpSocket::bind("10.5.3.0:7777").await?;

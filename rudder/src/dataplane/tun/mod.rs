@@ -24,7 +24,7 @@
 //! forwarding rules in [`crate::dataplane::forwarding`] and `forwarding6`.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -270,79 +270,6 @@ impl TunDataplane {
         Ok(())
     }
 
-    /// Moves the device's IPv6 address to the new IPv6 subnet's network address and
-    /// re-targets the IPv6 receive checks.
-    pub fn set_local_subnet6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
-        let Some(v6) = &self.options.ipv6 else {
-            bail!("this TUN data plane was started without IPv6; restart it with the IPv6 network");
-        };
-        let network = v6.network;
-        if !network.contains(&subnet) {
-            bail!("new local IPv6 subnet {subnet} is not inside the IPv6 network {network}; refusing to use it");
-        }
-        let old = {
-            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.table6.as_ref().map(|t| t.overlay.local_subnet)
-        };
-        if old == Some(subnet) {
-            return Ok(());
-        }
-        let name = self.options.device_name.clone();
-        run_netlink_blocking(move |handle| async move {
-            let index = link_index(&handle, &name)
-                .await?
-                .with_context(|| format!("TUN device {name:?} disappeared"))?;
-            crate::host_ipv6::add_ipv6_address(&handle, index, subnet.network(), 128).await?;
-            match old {
-                Some(old) => {
-                    crate::host_ipv6::remove_ipv6_address(&handle, index, old.network()).await
-                }
-                None => Ok(()),
-            }
-        })?;
-        self.update(|state| {
-            // Rare: rebuild, since our own subnet's exclusion from forwarding moves.
-            let mut table = PeerTable6::new(overlay6(network, subnet));
-            for (peer_subnet, underlay) in &state.peers6 {
-                table.upsert(*peer_subnet, *underlay, None);
-            }
-            state.table6 = Some(table);
-        });
-        Ok(())
-    }
-
-    /// Adds or moves the IPv6 subnet of a peer reached at `underlay`.
-    pub fn upsert_peer6(&self, subnet: Ipv6Net, underlay: IpAddr) -> anyhow::Result<()> {
-        if self.options.ipv6.is_none() {
-            bail!("this TUN data plane was started without IPv6; an IPv6 peer cannot be added");
-        }
-        self.check_underlay(underlay)?;
-        self.update(|state| {
-            let subnet = subnet.trunc();
-            let previous = state.peers6.insert(subnet, underlay);
-            if previous == Some(underlay) {
-                return;
-            }
-            if let Some(table) = &mut state.table6 {
-                table.upsert(subnet, underlay, previous);
-            }
-        });
-        Ok(())
-    }
-
-    /// Removes a peer's IPv6 subnet.
-    pub fn remove_peer6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
-        self.update(|state| {
-            let subnet = subnet.trunc();
-            if let Some(previous) = state.peers6.remove(&subnet) {
-                if let Some(table) = &mut state.table6 {
-                    table.remove(subnet, previous);
-                }
-            }
-        });
-        Ok(())
-    }
-
     /// Applies `change` to the peer state and publishes the new snapshot.
     fn update(&self, change: impl FnOnce(&mut PeerState)) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -428,8 +355,8 @@ impl Dataplane for TunDataplane {
         Ok(())
     }
 
-    fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> anyhow::Result<()> {
-        self.upsert_peer_at(subnet, IpAddr::V4(public_ip))
+    fn upsert_peer(&self, subnet: Ipv4Net, underlay: IpAddr) -> anyhow::Result<()> {
+        self.upsert_peer_at(subnet, underlay)
     }
 
     fn begin_peer_batch(&self) {
@@ -445,6 +372,79 @@ impl Dataplane for TunDataplane {
             let subnet = subnet.trunc();
             if let Some(previous) = state.peers.remove(&subnet) {
                 state.table.remove(subnet, previous.public_ip);
+            }
+        });
+        Ok(())
+    }
+
+    /// Moves the device's IPv6 address to the new IPv6 subnet's network address and
+    /// re-targets the IPv6 receive checks.
+    fn set_local_subnet6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
+        let Some(v6) = &self.options.ipv6 else {
+            bail!("this TUN data plane was started without IPv6; restart it with the IPv6 network");
+        };
+        let network = v6.network;
+        if !network.contains(&subnet) {
+            bail!("new local IPv6 subnet {subnet} is not inside the IPv6 network {network}; refusing to use it");
+        }
+        let old = {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.table6.as_ref().map(|t| t.overlay.local_subnet)
+        };
+        if old == Some(subnet) {
+            return Ok(());
+        }
+        let name = self.options.device_name.clone();
+        run_netlink_blocking(move |handle| async move {
+            let index = link_index(&handle, &name)
+                .await?
+                .with_context(|| format!("TUN device {name:?} disappeared"))?;
+            crate::host_ipv6::add_ipv6_address(&handle, index, subnet.network(), 128).await?;
+            match old {
+                Some(old) => {
+                    crate::host_ipv6::remove_ipv6_address(&handle, index, old.network()).await
+                }
+                None => Ok(()),
+            }
+        })?;
+        self.update(|state| {
+            // Rare: rebuild, since our own subnet's exclusion from forwarding moves.
+            let mut table = PeerTable6::new(overlay6(network, subnet));
+            for (peer_subnet, underlay) in &state.peers6 {
+                table.upsert(*peer_subnet, *underlay, None);
+            }
+            state.table6 = Some(table);
+        });
+        Ok(())
+    }
+
+    /// Adds or moves the IPv6 subnet of a peer reached at `underlay`.
+    fn upsert_peer6(&self, subnet: Ipv6Net, underlay: IpAddr) -> anyhow::Result<()> {
+        if self.options.ipv6.is_none() {
+            bail!("this TUN data plane was started without IPv6; an IPv6 peer cannot be added");
+        }
+        self.check_underlay(underlay)?;
+        self.update(|state| {
+            let subnet = subnet.trunc();
+            let previous = state.peers6.insert(subnet, underlay);
+            if previous == Some(underlay) {
+                return;
+            }
+            if let Some(table) = &mut state.table6 {
+                table.upsert(subnet, underlay, previous);
+            }
+        });
+        Ok(())
+    }
+
+    /// Removes a peer's IPv6 subnet.
+    fn remove_peer6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
+        self.update(|state| {
+            let subnet = subnet.trunc();
+            if let Some(previous) = state.peers6.remove(&subnet) {
+                if let Some(table) = &mut state.table6 {
+                    table.remove(subnet, previous);
+                }
             }
         });
         Ok(())
@@ -481,10 +481,7 @@ impl Dataplane for TunDataplane {
             .iter()
             .map(|(subnet, peer)| PeerStats {
                 subnet: *subnet,
-                public_ip: match peer.public_ip {
-                    IpAddr::V4(ip) => ip,
-                    IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-                },
+                public_ip: peer.public_ip,
                 changed: peer.changed,
                 traffic: peer.traffic.snapshot(),
             })

@@ -59,6 +59,19 @@ pub struct TunIpv6 {
     pub bind: Option<SocketAddrV6>,
 }
 
+impl TunIpv6 {
+    /// From the daemon's IPv6 plane: the IPv6 socket on our PublicIPv6 and `port`.
+    pub fn from_plane(plane: &crate::dataplane::Ipv6Plane, port: u16) -> Self {
+        TunIpv6 {
+            network: plane.network,
+            local_subnet: plane.local_subnet,
+            bind: plane
+                .public_ipv6
+                .map(|ip| SocketAddrV6::new(ip, port, 0, 0)),
+        }
+    }
+}
+
 impl TunOptions {
     /// Defaults for a host: device `rudder0`, UDP on 0.0.0.0:8285, MTU from the underlay
     /// interface's MTU, ICMP errors to peers from the subnet's first host address and
