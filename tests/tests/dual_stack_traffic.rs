@@ -120,6 +120,25 @@ fn ipv6_and_ipv4_flow_between_containers_both_ways() {
                 ping(&a.container(), b.container_ip())?;
             }
         }
+        // An unleased destination in the IPv6 network: the sending host's plane answers
+        // with an ICMPv6 no-route error (the kernel's ping prints it).
+        let leased: Vec<_> = hosts
+            .iter()
+            .map(|h| h.ipv6_subnet())
+            .collect::<Result<_>>()?;
+        let unleased = ["fc00:0:0:fffe::2", "fc00:0:0:fffd::2"]
+            .iter()
+            .map(|a| a.parse::<Ipv6Addr>().unwrap())
+            .find(|a| !leased.iter().any(|n| n.contains(a)))
+            .unwrap();
+        let out = netns::exec(hosts[0].container_netns(), "ping")
+            .args(["-6", "-n", "-c", "1", "-W", "2", &unleased.to_string()])
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        check!(
+            text.contains("Destination unreachable"),
+            "ping -6 {unleased} (unleased): {text}"
+        );
         let (a6, b6) = (hosts[0].container6()?, hosts[1].container6()?);
         let blast = udp_blast(&a6.ns, &b6.ns, IpAddr::V6(b6.ip), 20_000, 1200)?;
         eprintln!(
