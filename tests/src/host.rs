@@ -298,13 +298,18 @@ impl Host {
     }
 
     /// Whether `/status` lists `other` (its subnet and underlay IP, or the IPv6 underlay
-    /// address a dual-stack host is reached at) as a peer.
+    /// address a dual-stack host is reached at: the harness's, or a link-local one) as a peer.
     pub fn sees_peer(&self, other: &Host) -> Result<bool> {
         let subnet = other.subnet();
         Ok(self.peer_underlays()?.iter().any(|(s, ip)| {
             *s == subnet
-                && (*ip == IpAddr::V4(other.underlay_ip())
-                    || *ip == IpAddr::V6(other.underlay_ipv6()))
+                && match ip {
+                    IpAddr::V4(ip) => *ip == other.underlay_ip(),
+                    // The harness's IPv6 underlay address, or eth0's link-local one.
+                    IpAddr::V6(ip) => {
+                        *ip == other.underlay_ipv6() || ip.segments()[0] & 0xffc0 == 0xfe80
+                    }
+                }
         }))
     }
 }

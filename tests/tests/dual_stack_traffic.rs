@@ -461,3 +461,40 @@ impl PeersJson for Host {
             .ok_or_else(|| anyhow!("/status has no peers: {st}"))
     }
 }
+
+/// Hosts whose underlay has only a link-local IPv6 address announce it as PublicIPv6 (as
+/// flanneld picks it): the IPv6 socket binds it scoped to the underlay, peers are reached
+/// over it, and IPv6 and IPv4 flow both ways.
+#[test]
+fn link_local_public_ipv6_carries_traffic() {
+    e2e(|c| {
+        c.put_config(DUAL_STACK_CONFIG)?;
+        let mut hosts = Vec::new();
+        for _ in 0..2 {
+            let h = c.add_host_without_daemon(HostOpts::default())?;
+            wait_until("eth0's link-local address", Duration::from_secs(10), || {
+                let out = ip6(h.netns(), &["addr", "show", "dev", "eth0", "scope", "link"])?;
+                Ok(out.contains("fe80:") && !out.contains("tentative"))
+            })?;
+            h.start()?;
+            h.wait_ready_dual_stack(Duration::from_secs(30))?;
+            hosts.push(h);
+        }
+        wait_mesh(&hosts, Duration::from_secs(30))?;
+        wait_mesh6(&hosts, Duration::from_secs(30))?;
+        let peers = hosts[0].peers_json()?;
+        eprintln!("h1's peers: {peers:?}");
+        check!(
+            peers.iter().all(|p| p["public_ip"]
+                .as_str()
+                .is_some_and(|ip| ip.starts_with("fe80:"))),
+            "peers not reached over their link-local PublicIPv6: {peers:?}"
+        );
+        let (a, b) = (&hosts[0], &hosts[1]);
+        for (from, to) in [(a, b), (b, a)] {
+            tcp_transfer6(&from.container6()?, &to.container6()?, 2 << 20)?;
+            tcp_transfer(&from.container(), &to.container(), 2 << 20)?;
+        }
+        Ok(())
+    });
+}

@@ -16,7 +16,7 @@
 //! inner packet, so a peer without offload (or an eBPF peer) reads it as before.
 //! Buffers are allocated once per task; nothing is allocated per packet.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,6 +61,8 @@ pub(super) struct Shared {
     pub(super) table: PublishedTable,
     /// The IPv6 peers, when the network has IPv6 on.
     pub(super) table6: Option<PublishedTable<PeerTable6>>,
+    /// The underlay interface's index: the scope of link-local peer addresses.
+    pub(super) underlay_index: u32,
     /// Port every peer listens on (ours too).
     pub(super) peer_port: u16,
     /// The device's MTU; follows the underlay's ([`Shared::set_mtu`]).
@@ -157,7 +159,7 @@ impl GsoBatch {
             return;
         };
         let transmit = Transmit {
-            destination: SocketAddr::new(peer, shared.peer_port),
+            destination: peer_address(peer, shared),
             ecn: EcnCodepoint::from_bits(self.ecn),
             contents: &self.buffer,
             segment_size: (self.segments > 1).then_some(self.segment_len),
@@ -188,6 +190,19 @@ impl GsoBatch {
         self.buffer.clear();
         self.segments = 0;
         self.closed = false;
+    }
+}
+
+/// Where a peer's datagrams go: its overlay port, a link-local address on the underlay.
+fn peer_address(peer: IpAddr, shared: &Shared) -> SocketAddr {
+    match peer {
+        IpAddr::V6(ip) if crate::packet6::is_link_local(ip) => SocketAddr::V6(SocketAddrV6::new(
+            ip,
+            shared.peer_port,
+            0,
+            shared.underlay_index,
+        )),
+        _ => SocketAddr::new(peer, shared.peer_port),
     }
 }
 

@@ -119,10 +119,19 @@ impl TunDataplane {
         })?;
         let socket = OverlaySocket::new(socket, options.offload)
             .context("configuring the overlay UDP socket (GSO/GRO) failed")?;
+        // Link-local underlay addresses are scoped to the underlay interface.
+        let underlay_index = options
+            .underlay
+            .as_deref()
+            .and_then(|name| nix::net::if_::if_nametoindex(name).ok())
+            .unwrap_or(0);
         let socket6 = match options.ipv6.as_ref().and_then(|v6| v6.bind) {
             Some(bind) => Some(
-                OverlaySocket::new(socket::bind_overlay_socket6(bind)?, options.offload)
-                    .context("configuring the IPv6 overlay UDP socket (GSO/GRO) failed")?,
+                OverlaySocket::new(
+                    socket::bind_overlay_socket6(bind, underlay_index)?,
+                    options.offload,
+                )
+                .context("configuring the IPv6 overlay UDP socket (GSO/GRO) failed")?,
             ),
             None => None,
         };
@@ -162,6 +171,7 @@ impl TunDataplane {
             counters: Counters::default(),
             table: PublishedTable::new(table.clone()),
             table6: table6.clone().map(PublishedTable::new),
+            underlay_index,
             peer_port: options.bind.port(),
             mtu: usize::from(options.mtu).into(),
             offload,

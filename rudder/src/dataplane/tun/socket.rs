@@ -109,11 +109,17 @@ impl OverlaySockets {
     }
 }
 
-/// Binds the IPv6-only overlay socket to `bind` (our PublicIPv6). When that address is not
-/// on this host (a PublicIPv6 behind NAT, `--public-ipv6`), binds `[::]` on the same port
-/// instead: the kernel then picks the source. It accepts a zero UDP checksum (RFC 6935/6936
+/// Binds the IPv6-only overlay socket to `bind` (our PublicIPv6; a link-local one scoped to
+/// the underlay interface `scope_id`). When that address cannot be bound here (a PublicIPv6
+/// behind NAT or `--public-ipv6` not on this host), binds `[::]` on the same port instead:
+/// the kernel then picks the source. It accepts a zero UDP checksum (RFC 6935/6936
 /// tunnel rule: eBPF peers send zero), and its outer hop limit is 64.
-pub fn bind_overlay_socket6(bind: SocketAddrV6) -> anyhow::Result<UdpSocket> {
+pub fn bind_overlay_socket6(bind: SocketAddrV6, scope_id: u32) -> anyhow::Result<UdpSocket> {
+    let bind = if crate::packet6::is_link_local(*bind.ip()) {
+        SocketAddrV6::new(*bind.ip(), bind.port(), 0, scope_id)
+    } else {
+        bind
+    };
     use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn6};
     let open = |address: SocketAddrV6| -> nix::Result<std::net::UdpSocket> {
         let fd = socket::socket(
@@ -129,9 +135,9 @@ pub fn bind_overlay_socket6(bind: SocketAddrV6) -> anyhow::Result<UdpSocket> {
     };
     let socket = match open(bind) {
         Ok(socket) => socket,
-        Err(nix::errno::Errno::EADDRNOTAVAIL) => {
+        Err(nix::errno::Errno::EADDRNOTAVAIL | nix::errno::Errno::EINVAL) => {
             let any = SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, bind.port(), 0, 0);
-            tracing::warn!(public_ipv6 = %bind.ip(), "the PublicIPv6 is not an address of this host; the IPv6 overlay socket binds [::] (the kernel picks the source)");
+            tracing::warn!(public_ipv6 = %bind.ip(), "the PublicIPv6 cannot be bound on this host; the IPv6 overlay socket binds [::] (the kernel picks the source)");
             open(any).with_context(|| format!("binding the IPv6 overlay UDP socket to {any} failed"))?
         }
         Err(e) => {
