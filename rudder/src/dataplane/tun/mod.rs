@@ -547,4 +547,6 @@ impl Drop for TunDataplane {
 }
 
 #[cfg(test)]
+mod device6_tests;
+#[cfg(test)]
 pub(crate) mod device_tests;
