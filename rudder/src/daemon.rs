@@ -232,7 +232,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     let (subnet_tx, subnet_rx) = watch::channel(lease.subnet);
-    let blackhole_task = args.ip_blackhole_route.then(|| {
+    // (No IPv4 subnet to blackhole on an IPv6-only network.)
+    let blackhole_task = (args.ip_blackhole_route && config.enable_ipv4).then(|| {
         let period = Duration::from_secs(args.iptables_resync.max(1));
         tokio::spawn(keep_blackhole_route(
             netlink.clone(),
@@ -465,6 +466,12 @@ async fn ipv6_side(
         return Ok((None, crate::underlay::overlay_mtu(underlay.mtu)));
     }
     let public_ipv6 = public_ipv6_of(netlink, underlay, flag).await;
+    if !config.enable_ipv4 && public_ipv6.is_none() {
+        anyhow::bail!(
+            "the network is IPv6-only (EnableIPv4 false): peers are reached over IPv6, so this host needs a PublicIPv6; give {} an IPv6 address or pass --public-ipv6",
+            underlay.name
+        );
+    }
     let mtu =
         crate::underlay::ipv6_overlay_mtu(&underlay.name, underlay.mtu, outer_family(public_ipv6))?;
     Ok((public_ipv6, mtu))

@@ -258,7 +258,7 @@ impl Netlink {
     pub async fn ensure_bridge(
         &self,
         name: &str,
-        address: Ipv4Net,
+        address: Option<Ipv4Net>,
         mtu: u32,
     ) -> anyhow::Result<u32> {
         if self.link_by_name(name).await?.is_none() {
@@ -273,7 +273,10 @@ impl Netlink {
             .link_by_name(name)
             .await?
             .ok_or_else(|| anyhow!("bridge {name} vanished right after creation"))?;
-        self.set_only_address(link.index, address).await?;
+        // No IPv4 address on an IPv6-only network.
+        if let Some(address) = address {
+            self.set_only_address(link.index, address).await?;
+        }
         self.handle
             .link()
             .set(LinkUnspec::new_with_index(link.index).mtu(mtu).up().build())

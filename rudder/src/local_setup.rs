@@ -73,7 +73,7 @@ impl LocalSetup {
             host_ipv6::enable_ipv6_forwarding()?;
         }
         if let Some(bridge) = &self.args.bridge {
-            let address = Ipv4Net::new(gateway(subnet), subnet.prefix_len())?;
+            let address = self.bridge_address(subnet)?;
             let index = self
                 .netlink
                 .ensure_bridge(bridge, address, u32::from(self.overlay_mtu()))
@@ -86,13 +86,18 @@ impl LocalSetup {
                     .with_context(|| format!("putting {gateway6} on bridge {bridge}"))?;
             }
         }
-        if self.args.ip_masq {
+        if self.args.ip_masq && self.ipv4_on() {
             firewall::install_masquerade(
                 self.network,
                 subnet,
                 !self.args.ip_masq_fully_random_disable,
             )?;
         } else {
+            if self.args.ip_masq {
+                tracing::warn!(
+                    "--ip-masq masquerades IPv4 only: nothing to do on an IPv6-only network"
+                );
+            }
             // A previous run with --ip-masq may have left its table.
             firewall::remove_masquerade().ok();
         }
@@ -117,7 +122,7 @@ impl LocalSetup {
         let subnet = self.write_subnet_file(|file| file.overlay_mtu = overlay_mtu)?;
         tracing::info!(file = %self.args.subnet_file.display(), mtu = overlay_mtu, "subnet file rewritten");
         if let (Some(bridge), Some(subnet)) = (&self.args.bridge, subnet) {
-            let address = Ipv4Net::new(gateway(subnet), subnet.prefix_len())?;
+            let address = self.bridge_address(subnet)?;
             self.netlink
                 .ensure_bridge(bridge, address, u32::from(overlay_mtu))
                 .await?;
@@ -135,7 +140,7 @@ impl LocalSetup {
         change(&mut file);
         if let Some(subnet) = file.subnet {
             SubnetFile {
-                enable_ipv4: true,
+                enable_ipv4: self.ipv4_on(),
                 network: self.network,
                 subnet,
                 ipv6: self.ipv6_network.zip(file.ipv6_subnet),
@@ -166,9 +171,22 @@ impl LocalSetup {
     }
 
     pub(crate) fn forward_rules(&self) -> Option<ForwardRules> {
-        self.args
-            .iptables_forward_rules
+        (self.args.iptables_forward_rules && self.ipv4_on())
             .then(|| ForwardRules::new(self.network))
+    }
+
+    /// False on an IPv6-only network (its IPv4 network and subnet are 0.0.0.0/0, which no
+    /// IPv4 rule or route may be made from).
+    pub(crate) fn ipv4_on(&self) -> bool {
+        self.network != Ipv4Net::default()
+    }
+
+    /// The bridge's IPv4 gateway address; none on an IPv6-only network.
+    fn bridge_address(&self, subnet: Ipv4Net) -> anyhow::Result<Option<Ipv4Net>> {
+        if !self.ipv4_on() {
+            return Ok(None);
+        }
+        Ok(Some(Ipv4Net::new(gateway(subnet), subnet.prefix_len())?))
     }
 }
 

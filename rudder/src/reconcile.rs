@@ -168,6 +168,8 @@ impl Reconciler {
                 unreachable!("handled above")
             }
         };
+        // (IPv6-only: no IPv4 lease of ours to look for.)
+        let check_own = check_own && own != Ipv4Net::default();
         if check_own && self.desired.get(&own) != Some(&self.public_ip) {
             tracing::warn!(subnet = %own, "our lease is gone from etcd or names another host; checking");
             self.lease_check.notify_one();

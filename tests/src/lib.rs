@@ -14,6 +14,7 @@
 //! namespace's routes, addresses and firewall are never touched); namespace names carry the
 //! owner PID and a random suffix; everything is removed on drop, also when a test panics.
 
+pub mod bench6;
 pub mod bpf_stats;
 pub mod cleanup;
 pub mod cluster;

@@ -372,12 +372,24 @@ pub fn iperf3(
     secs: u32,
     extra: &[&str],
 ) -> Result<serde_json::Value> {
-    let mut server = netns::exec(&to.ns, "iperf3")
+    iperf3_between(&from.ns, &to.ns, to.ip.into(), port, secs, extra)
+}
+
+/// [`iperf3`] between namespaces, to an address of either family in `to_ns`.
+pub fn iperf3_between(
+    from_ns: &str,
+    to_ns: &str,
+    to_ip: std::net::IpAddr,
+    port: u16,
+    secs: u32,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
+    let mut server = netns::exec(to_ns, "iperf3")
         .args([
             "-s",
             "-1",
             "-B",
-            &to.ip.to_string(),
+            &to_ip.to_string(),
             "-p",
             &port.to_string(),
         ])
@@ -388,15 +400,15 @@ pub fn iperf3(
         .context("starting iperf3 server")?;
     let listening = format!("sport = :{port}");
     let res = wait_until("iperf3 server", Duration::from_secs(10), || {
-        let out = output(netns::exec(&to.ns, "ss").args(["-ltnH", &listening]))?;
+        let out = output(netns::exec(to_ns, "ss").args(["-ltnH", &listening]))?;
         Ok(!String::from_utf8_lossy(&out.stdout).trim().is_empty())
     })
     .and_then(|_| {
         let out = output(
-            netns::exec(&from.ns, "iperf3")
+            netns::exec(from_ns, "iperf3")
                 .args([
                     "-c",
-                    &to.ip.to_string(),
+                    &to_ip.to_string(),
                     "-p",
                     &port.to_string(),
                     "-t",

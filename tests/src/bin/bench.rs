@@ -12,6 +12,7 @@
 //! Run as root: `cargo xtask bench [--rounds N] [--seconds S] [--json FILE]`.
 
 use anyhow::{anyhow, bail, Result};
+use rudder_tests::bench6::{run_mode6, METRICS6, MODES6};
 use rudder_tests::bpf_stats;
 use rudder_tests::cleanup::install_signal_cleanup;
 use rudder_tests::docker::docker_host;
@@ -76,7 +77,11 @@ fn parse_args() -> Result<Args> {
         rounds: 3,
         seconds: 5,
         json: None,
-        modes: MODES.iter().map(|m| m.to_string()).collect(),
+        modes: MODES
+            .iter()
+            .chain(MODES6.iter())
+            .map(|m| m.to_string())
+            .collect(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -87,8 +92,13 @@ fn parse_args() -> Result<Args> {
             "--json" => a.json = Some(val()?),
             "--modes" => {
                 a.modes = val()?.split(',').map(str::to_string).collect();
-                if let Some(bad) = a.modes.iter().find(|m| !MODES.contains(&m.as_str())) {
-                    bail!("unknown mode {bad}; modes are {}", MODES.join(","));
+                let known = |m: &str| MODES.contains(&m) || MODES6.contains(&m);
+                if let Some(bad) = a.modes.iter().find(|m| !known(m)) {
+                    bail!(
+                        "unknown mode {bad}; modes are {},{}",
+                        MODES.join(","),
+                        MODES6.join(",")
+                    );
                 }
             }
             _ => bail!("unknown argument {x}"),
@@ -130,6 +140,23 @@ fn real_main() -> Result<()> {
             }
         }
     }
+    let mut results6 = vec![vec![Vec::<f64>::new(); METRICS6.len()]; MODES6.len()];
+    for round in 0..args.rounds {
+        for (mi, mode) in MODES6.iter().enumerate() {
+            if !args.modes.iter().any(|m| m == mode) {
+                continue;
+            }
+            match run_mode6(mode, args.seconds) {
+                Ok(v) => {
+                    println!("round {} {mode:<12} {v:.3?}", round + 1);
+                    for (k, x) in v.into_iter().enumerate() {
+                        results6[mi][k].push(x);
+                    }
+                }
+                Err(e) => eprintln!("round {} {mode}: FAILED: {e:#}", round + 1),
+            }
+        }
+    }
     let med: Vec<Vec<f64>> = results
         .iter()
         .map(|m| m.iter().map(|v| median(v)).collect())
@@ -147,6 +174,21 @@ fn real_main() -> Result<()> {
     print_table(&med, MAIN_METRICS..METRICS.len(), |mi| {
         med[mi][MAIN_METRICS..].iter().any(|x| x.is_finite())
     });
+    if results6.iter().any(|m| !m[0].is_empty()) {
+        println!("\nIPv6 between containers (IPv6 outer headers), ratio to route6:");
+        let med6: Vec<Vec<f64>> = results6
+            .iter()
+            .map(|m| m.iter().map(|v| median(v)).collect())
+            .collect();
+        println!("\n| mode | {} |", METRICS6.join(" | "));
+        println!("|---|{}", "---|".repeat(METRICS6.len()));
+        for (mi, mode) in MODES6.iter().enumerate() {
+            let cells: Vec<String> = (0..METRICS6.len())
+                .map(|k| format!("{:.3} ({:.2}x)", med6[mi][k], med6[mi][k] / med6[0][k]))
+                .collect();
+            println!("| {mode} | {} |", cells.join(" | "));
+        }
+    }
     if !fast_path_ms.is_empty() {
         println!(
             "\ncontainer on the fast path after {:.1} ms (median of {}; min {:.1}, max {:.1})",

@@ -158,6 +158,8 @@ struct State {
     route_events: Option<route_loss::RouteEvents>,
     /// Where maps and links are pinned (they outlive the process).
     pins: Option<pins::PinDir>,
+    /// Inside a peer batch: routes still to add, pipelined at its end.
+    pending_routes: Option<BTreeMap<Ipv4Net, Ipv4Addr>>,
 }
 
 impl EbpfDataplane {
@@ -258,6 +260,7 @@ impl EbpfDataplane {
                 gateway_local: false,
                 route_events: None,
                 pins,
+                pending_routes: None,
             }),
         };
         dataplane.adopt_bridge()?;
@@ -453,14 +456,53 @@ impl Dataplane for EbpfDataplane {
         if let Some(old_ip) = previous.filter(|old| *old != public_ip) {
             state.sync_sender(old_ip)?;
         }
+        if let Some(pending) = &mut state.pending_routes {
+            pending.insert(subnet, public_ip);
+            return Ok(());
+        }
         let src = state.pref_source();
         let mtu = state.opts.overlay_mtu;
         state.routes()?.add_peer(subnet, public_ip, mtu, src)
     }
 
+    fn begin_peer_batch(&self) {
+        self.lock().pending_routes.get_or_insert_with(BTreeMap::new);
+    }
+
+    /// Adds the batch's routes with the requests pipelined (a resync of 65,536 peers was
+    /// two netlink round trips per peer, one after the other). A route that fails is logged;
+    /// the periodic route check restores it.
+    fn end_peer_batch(&self) {
+        let mut state = self.lock();
+        let Some(pending) = state.pending_routes.take() else {
+            return;
+        };
+        if pending.is_empty() {
+            return;
+        }
+        let peers: Vec<(Ipv4Net, Ipv4Addr)> = pending.into_iter().collect();
+        let (src, mtu) = (state.pref_source(), state.opts.overlay_mtu);
+        let failures = match state.routes() {
+            Ok(routes) => routes.add_peers(&peers, mtu, src),
+            Err(e) => {
+                tracing::error!("adding {} peer routes: {e:#}", peers.len());
+                return;
+            }
+        };
+        for (subnet, e) in failures.iter().take(5) {
+            tracing::error!(%subnet, "adding the peer route failed: {e:#}");
+        }
+        if failures.len() > 5 {
+            tracing::error!("... and {} more peer routes failed", failures.len() - 5);
+        }
+    }
+
     fn remove_peer(&self, subnet: Ipv4Net) -> anyhow::Result<()> {
         let mut state = self.lock();
         let subnet = subnet.trunc();
+        if let Some(pending) = &mut state.pending_routes {
+            pending.remove(&subnet);
+        }
         state.routes()?.remove_peer(subnet)?;
         let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
         ignore_missing(state.kernel_mut()?.peers.remove(&key))

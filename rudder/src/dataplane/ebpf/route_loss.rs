@@ -141,8 +141,10 @@ impl EbpfDataplane {
         }
         let src = state.pref_source();
         let mut peers_restored = Vec::new();
+        let pending = state.pending_routes.as_ref();
         for (subnet, public_ip) in &state.peers {
-            if !present.contains(subnet) {
+            // A batch's routes are added at its end: not lost.
+            if !present.contains(subnet) && !pending.is_some_and(|p| p.contains_key(subnet)) {
                 routes.add_peer(*subnet, *public_ip, state.opts.overlay_mtu, src)?;
                 peers_restored.push(*subnet);
             }

@@ -14,7 +14,10 @@ use ipnet::Ipv4Net;
 use rtnetlink::packet_route::{
     link::{InfoKind, LinkAttribute, LinkInfo},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-    route::{RouteAddress, RouteAttribute, RouteHeader, RouteProtocol, RouteScope, RouteType},
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    },
 };
 use rtnetlink::RouteMessageBuilder;
 use rudder_ebpf::LocalEndpoint;
@@ -57,6 +60,31 @@ impl RoutedVeths {
     }
 }
 
+/// The container and veth of a /32 link route of the main table into `subnet` (not ours,
+/// not through a next hop).
+fn routed_container(r: &RouteMessage, subnet: Ipv4Net) -> Option<(Ipv4Addr, u32)> {
+    if r.header.destination_prefix_length != 32
+        || r.header.table != RouteHeader::RT_TABLE_MAIN
+        || r.header.kind != RouteType::Unicast
+        || r.header.scope != RouteScope::Link
+        || r.header.protocol == RouteProtocol::Other(RTPROT_RUDDER)
+    {
+        return None;
+    }
+    let mut destination = None;
+    let mut oif = None;
+    for attr in &r.attributes {
+        match attr {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => destination = Some(*ip),
+            RouteAttribute::Oif(index) => oif = Some(*index),
+            // Through a next hop: not a directly attached container.
+            RouteAttribute::Gateway(_) => return None,
+            _ => {}
+        }
+    }
+    Some((destination.filter(|ip| subnet.contains(ip))?, oif?))
+}
+
 impl Routes {
     /// Containers inside `subnet` reached by a /32 link route of the main table over a veth
     /// whose neighbour entry for them is usable (see the module documentation), with the
@@ -66,40 +94,17 @@ impl Routes {
         subnet: Ipv4Net,
     ) -> anyhow::Result<Vec<(Ipv4Addr, LocalEndpoint, String)>> {
         self.run(async {
-            let routes: Vec<_> = self
+            // Filtered as the dump streams in: with 65,536 peer routes, collecting the whole
+            // dump first was tens of MB every resync.
+            let mut stream = self
                 .handle
                 .route()
                 .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-                .execute()
-                .try_collect()
-                .await
-                .context("listing IPv4 routes")?;
-            let routed: Vec<(Ipv4Addr, u32)> = routes
-                .iter()
-                .filter(|r| {
-                    r.header.destination_prefix_length == 32
-                        && r.header.table == RouteHeader::RT_TABLE_MAIN
-                        && r.header.kind == RouteType::Unicast
-                        && r.header.scope == RouteScope::Link
-                        && r.header.protocol != RouteProtocol::Other(RTPROT_RUDDER)
-                })
-                .filter_map(|r| {
-                    let mut destination = None;
-                    let mut oif = None;
-                    for attr in &r.attributes {
-                        match attr {
-                            RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
-                                destination = Some(*ip)
-                            }
-                            RouteAttribute::Oif(index) => oif = Some(*index),
-                            // Through a next hop: not a directly attached container.
-                            RouteAttribute::Gateway(_) => return None,
-                            _ => {}
-                        }
-                    }
-                    Some((destination.filter(|ip| subnet.contains(ip))?, oif?))
-                })
-                .collect();
+                .execute();
+            let mut routed: Vec<(Ipv4Addr, u32)> = Vec::new();
+            while let Some(r) = stream.try_next().await.context("listing IPv4 routes")? {
+                routed.extend(routed_container(&r, subnet));
+            }
             if routed.is_empty() {
                 return Ok(Vec::new());
             }

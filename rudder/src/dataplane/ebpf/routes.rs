@@ -14,6 +14,9 @@ use rtnetlink::{
 /// Route protocol number marking the routes this data plane owns (`ip route show proto 211`).
 pub const RTPROT_RUDDER: u8 = 211;
 
+/// Route requests pipelined at once by [`Routes::add_peers`].
+const ROUTES_IN_FLIGHT: usize = 64;
+
 /// Route changes over rtnetlink. rtnetlink is async; the daemon calls us from sync code
 /// that may itself run inside tokio, so requests run on a private current-thread runtime,
 /// driven from the calling thread (under `block_in_place` on a multi-thread runtime; a
@@ -79,7 +82,41 @@ impl Routes {
         overlay_mtu: u16,
         pref_source: Option<Ipv4Addr>,
     ) -> anyhow::Result<()> {
-        let next_hop = self.next_hop(public_ip);
+        self.run(self.add_peer_async(subnet, public_ip, overlay_mtu, pref_source))
+    }
+
+    /// [`Self::add_peer`] for many peers with up to [`ROUTES_IN_FLIGHT`] requests in flight:
+    /// n routes cost the kernel's work, not n round trips. The failures, per subnet.
+    pub(super) fn add_peers(
+        &self,
+        peers: &[(Ipv4Net, Ipv4Addr)],
+        overlay_mtu: u16,
+        pref_source: Option<Ipv4Addr>,
+    ) -> Vec<(Ipv4Net, anyhow::Error)> {
+        use futures::StreamExt as _;
+        self.run(
+            futures::stream::iter(peers)
+                .map(|&(subnet, ip)| async move {
+                    (
+                        subnet,
+                        self.add_peer_async(subnet, ip, overlay_mtu, pref_source)
+                            .await,
+                    )
+                })
+                .buffer_unordered(ROUTES_IN_FLIGHT)
+                .filter_map(|(subnet, result)| async move { result.err().map(|e| (subnet, e)) })
+                .collect(),
+        )
+    }
+
+    async fn add_peer_async(
+        &self,
+        subnet: Ipv4Net,
+        public_ip: Ipv4Addr,
+        overlay_mtu: u16,
+        pref_source: Option<Ipv4Addr>,
+    ) -> anyhow::Result<()> {
+        let next_hop = self.next_hop_async(public_ip).await;
         let build = |src: Option<Ipv4Addr>| {
             let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(subnet.network(), subnet.prefix_len())
@@ -98,18 +135,23 @@ impl Routes {
                 ))]));
             message
         };
-        let result = self.run(
-            self.handle
-                .route()
-                .add(build(pref_source))
-                .replace()
-                .execute(),
-        );
+        let result = self
+            .handle
+            .route()
+            .add(build(pref_source))
+            .replace()
+            .execute()
+            .await;
         let result = match result {
             // The gateway address is not on the bridge (yet): route without it.
             Err(_) if pref_source.is_some() => {
                 tracing::warn!(%subnet, src = ?pref_source, "preferred source not configured locally; peer route added without it");
-                self.run(self.handle.route().add(build(None)).replace().execute())
+                self.handle
+                    .route()
+                    .add(build(None))
+                    .replace()
+                    .execute()
+                    .await
             }
             other => other,
         };
@@ -118,17 +160,31 @@ impl Routes {
         })
     }
 
-    /// The underlay gateway towards `public_ip` if the kernel routes it through one,
-    /// else `public_ip` itself (same link).
-    pub(super) fn next_hop(&self, public_ip: Ipv4Addr) -> Ipv4Addr {
+    /// The underlay gateway towards each of `ips` if the kernel routes it through one, else
+    /// the address itself (same link), up to [`ROUTES_IN_FLIGHT`] lookups in flight.
+    pub(super) fn next_hops(
+        &self,
+        ips: impl IntoIterator<Item = Ipv4Addr>,
+    ) -> std::collections::HashMap<Ipv4Addr, Ipv4Addr> {
+        use futures::StreamExt as _;
+        let ips: std::collections::BTreeSet<Ipv4Addr> = ips.into_iter().collect();
+        self.run(
+            futures::stream::iter(ips)
+                .map(|ip| async move { (ip, self.next_hop_async(ip).await) })
+                .buffer_unordered(ROUTES_IN_FLIGHT)
+                .collect(),
+        )
+    }
+
+    /// One `ip route get <public_ip>`: its gateway, or `public_ip` itself.
+    async fn next_hop_async(&self, public_ip: Ipv4Addr) -> Ipv4Addr {
         let query = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(public_ip, 32)
             .build();
-        let answer = self.run(async {
-            let mut stream = self.handle.route().get(query).execute();
-            stream.try_next().await
-        });
-        answer
+        let mut stream = self.handle.route().get(query).execute();
+        stream
+            .try_next()
+            .await
             .ok()
             .flatten()
             .and_then(|route| {
@@ -164,64 +220,38 @@ impl Routes {
         Ok(self.run(self.handle.route().add(message).replace().execute())?)
     }
 
-    /// Every IPv4 route with our protocol number.
-    fn ours(&self) -> anyhow::Result<Vec<RouteMessage>> {
+    /// Every IPv4 route with our protocol number, reduced to what the checks need while the
+    /// dump streams in (65,536 full route messages would be tens of MB).
+    fn ours(&self) -> anyhow::Result<Vec<OurRoute>> {
         let dump = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        Ok(self
-            .run(
-                self.handle
-                    .route()
-                    .get(dump)
-                    .execute()
-                    .try_collect::<Vec<_>>(),
-            )
-            .context("listing IPv4 routes")?
-            .into_iter()
-            .filter(|route| route.header.protocol == RouteProtocol::Other(RTPROT_RUDDER))
-            .collect())
+        self.run(async {
+            let mut stream = self.handle.route().get(dump).execute();
+            let mut ours = Vec::new();
+            while let Some(route) = stream.try_next().await? {
+                if route.header.protocol == RouteProtocol::Other(RTPROT_RUDDER) {
+                    ours.extend(OurRoute::of(&route));
+                }
+            }
+            Ok::<_, rtnetlink::Error>(ours)
+        })
+        .context("listing IPv4 routes")
     }
 
     /// Destinations of our routes that are present now.
     pub(super) fn installed_destinations(
         &self,
     ) -> anyhow::Result<std::collections::BTreeSet<Ipv4Net>> {
-        Ok(self
-            .ours()?
-            .iter()
-            .filter_map(|route| {
-                route.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Destination(
-                        rtnetlink::packet_route::route::RouteAddress::Inet(addr),
-                    ) => Ipv4Net::new(*addr, route.header.destination_prefix_length).ok(),
-                    _ => None,
-                })
-            })
-            .collect())
+        Ok(self.ours()?.iter().map(|r| r.destination).collect())
     }
 
     /// The next hop (gateway) of each of our peer routes present now.
     pub(super) fn installed_next_hops(
         &self,
     ) -> anyhow::Result<std::collections::BTreeMap<Ipv4Net, Ipv4Addr>> {
-        use rtnetlink::packet_route::route::RouteAddress;
         Ok(self
             .ours()?
             .iter()
-            .filter_map(|route| {
-                let mut destination = None;
-                let mut gateway = None;
-                for attr in &route.attributes {
-                    match attr {
-                        RouteAttribute::Destination(RouteAddress::Inet(addr)) => {
-                            destination =
-                                Ipv4Net::new(*addr, route.header.destination_prefix_length).ok()
-                        }
-                        RouteAttribute::Gateway(RouteAddress::Inet(gw)) => gateway = Some(*gw),
-                        _ => {}
-                    }
-                }
-                Some((destination?, gateway?))
-            })
+            .filter_map(|r| Some((r.destination, r.gateway?)))
             .collect())
     }
 
@@ -230,13 +260,53 @@ impl Routes {
         let ours = self.ours()?;
         let count = ours.len();
         for route in ours {
-            match self.run(self.handle.route().del(route.clone()).execute()) {
+            let mut message = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(route.destination.network(), route.destination.prefix_len())
+                .protocol(RouteProtocol::Other(RTPROT_RUDDER))
+                .kind(route.kind)
+                .build();
+            message.header.scope = route.scope;
+            match self.run(self.handle.route().del(message).execute()) {
                 Ok(()) => {}
                 Err(e) if is_no_such_route(&e) => {}
-                Err(e) => return Err(e).with_context(|| format!("removing stale route {route:?}")),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("removing stale route {}", route.destination))
+                }
             }
         }
         Ok(count)
+    }
+}
+
+/// What the checks keep of one of our routes.
+struct OurRoute {
+    destination: Ipv4Net,
+    gateway: Option<Ipv4Addr>,
+    kind: RouteType,
+    scope: rtnetlink::packet_route::route::RouteScope,
+}
+
+impl OurRoute {
+    fn of(route: &RouteMessage) -> Option<Self> {
+        use rtnetlink::packet_route::route::RouteAddress;
+        let mut destination = None;
+        let mut gateway = None;
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Destination(RouteAddress::Inet(addr)) => {
+                    destination = Ipv4Net::new(*addr, route.header.destination_prefix_length).ok()
+                }
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => gateway = Some(*gw),
+                _ => {}
+            }
+        }
+        Some(OurRoute {
+            destination: destination?,
+            gateway,
+            kind: route.header.kind,
+            scope: route.header.scope,
+        })
     }
 }
 
