@@ -136,9 +136,13 @@ fn write_conf(device: &str, key: &str, value: &str) -> anyhow::Result<()> {
         .with_context(|| format!("writing {value} to {path} failed; is /proc/sys writable?"))
 }
 
-/// IPv6 on for a device that carries only the overlay's routed addresses: no link-local
-/// address (so no router solicitations or MLD reports from it), no router advertisements
-/// taken, no DAD. Must run before the link comes up.
+/// IPv6 on for a device that carries only the overlay's routed addresses, and quiet: no
+/// link-local address (so no router solicitations from it), no router advertisements
+/// taken, no DAD, and no MLD reports. The device joined all-routers at creation (forwarding
+/// is on in the namespace); leaving it per device (forwarding there is a router-behaviour
+/// switch: packets are forwarded by `all.forwarding`) in MLDv1 mode, where a group never
+/// reported is left silently, means nothing is reported when the link comes up. Must run
+/// before the link comes up.
 pub fn quiet_ipv6(device: &str) -> anyhow::Result<()> {
     write_conf(device, "disable_ipv6", "0")?;
     // 1 = no link-local address generated.
@@ -146,7 +150,9 @@ pub fn quiet_ipv6(device: &str) -> anyhow::Result<()> {
     write_conf(device, "accept_ra", "0")?;
     write_conf(device, "router_solicitations", "0")?;
     write_conf(device, "accept_dad", "0")?;
-    write_conf(device, "dad_transmits", "0")
+    write_conf(device, "dad_transmits", "0")?;
+    write_conf(device, "force_mld_version", "1")?;
+    write_conf(device, "forwarding", "0")
 }
 
 /// Routing IPv6 between the bridge and the overlay needs forwarding on.

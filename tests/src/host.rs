@@ -2,7 +2,7 @@
 //! its HTTP endpoints (`/readyz`, `/status`).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::atomic::AtomicBool;
@@ -262,8 +262,21 @@ impl Host {
             .ok_or_else(|| anyhow!("/status has no counter {name:?}: {st}"))
     }
 
-    /// The peers in `/status`: (subnet, public IP).
+    /// The peers in `/status`: (subnet, public IP). Fails for a peer reached over IPv6
+    /// (dual stack): see [`Host::peer_underlays`].
     pub fn peers(&self) -> Result<Vec<(Ipv4Net, Ipv4Addr)>> {
+        self.peer_underlays()?
+            .into_iter()
+            .map(|(subnet, ip)| match ip {
+                IpAddr::V4(ip) => Ok((subnet, ip)),
+                IpAddr::V6(_) => Err(anyhow!("peer {subnet} is reached over IPv6 ({ip})")),
+            })
+            .collect()
+    }
+
+    /// The peers in `/status`: (subnet, underlay address: PublicIP, or PublicIPv6 when
+    /// both ends announce one).
+    pub fn peer_underlays(&self) -> Result<Vec<(Ipv4Net, IpAddr)>> {
         let st = self.status()?;
         let peers = st["peers"]
             .as_array()
@@ -284,10 +297,19 @@ impl Host {
             .collect()
     }
 
-    /// Whether `/status` lists `other` (its subnet and underlay IP) as a peer.
+    /// Whether `/status` lists `other` (its subnet and underlay IP, or the IPv6 underlay
+    /// address a dual-stack host is reached at: the harness's, or a link-local one) as a peer.
     pub fn sees_peer(&self, other: &Host) -> Result<bool> {
-        Ok(self
-            .peers()?
-            .contains(&(other.subnet(), other.underlay_ip())))
+        let subnet = other.subnet();
+        Ok(self.peer_underlays()?.iter().any(|(s, ip)| {
+            *s == subnet
+                && match ip {
+                    IpAddr::V4(ip) => *ip == other.underlay_ip(),
+                    // The harness's IPv6 underlay address, or eth0's link-local one.
+                    IpAddr::V6(ip) => {
+                        *ip == other.underlay_ipv6() || ip.segments()[0] & 0xffc0 == 0xfe80
+                    }
+                }
+        }))
     }
 }

@@ -1,6 +1,7 @@
-//! Building raw IPv4 packets for the overlay's wire format (payload = the inner IPv4 packet).
+//! Building raw IPv4 and IPv6 packets for the overlay's wire format (payload = the inner
+//! packet).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// The Internet checksum (RFC 1071) of `data`.
 pub fn checksum(data: &[u8]) -> u16 {
@@ -42,6 +43,52 @@ pub fn ipv4_udp(
     p
 }
 
+/// A valid IPv6 packet: header, then `next_header`'s bytes `l4` (taken as they are).
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, hop_limit: u8, l4: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(40 + l4.len());
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[next_header, hop_limit]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(l4);
+    p
+}
+
+/// The checksum of an IPv6 upper-layer message `l4` (checksum field zeroed).
+pub fn checksum6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, l4: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(40 + l4.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, next_header]);
+    pseudo.extend_from_slice(l4);
+    checksum(&pseudo)
+}
+
+/// A valid IPv6/UDP packet, UDP checksum set (mandatory over IPv6).
+pub fn ipv6_udp(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    hop_limit: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut udp = Vec::with_capacity(8 + payload.len());
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let c = match checksum6(src, dst, 17, &udp) {
+        0 => 0xffff,
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    ipv6(src, dst, 17, hop_limit, &udp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +106,17 @@ mod tests {
         assert_eq!(p.len(), 30);
         assert_eq!(checksum(&p[..20]), 0);
         assert_eq!(u16::from_be_bytes([p[2], p[3]]), 30);
+    }
+
+    #[test]
+    fn ipv6_udp_checksum_verifies() {
+        let (src, dst) = (
+            "fc00:0:0:1::2".parse().unwrap(),
+            "fc00:0:0:2::2".parse().unwrap(),
+        );
+        let p = ipv6_udp(src, dst, 1000, 2000, 64, b"hello");
+        assert_eq!(p.len(), 40 + 8 + 5);
+        assert_eq!(u16::from_be_bytes([p[4], p[5]]), 13);
+        assert_eq!(checksum6(src, dst, 17, &p[40..]), 0);
     }
 }

@@ -7,7 +7,7 @@
 //! (an eBPF sender's datagrams leave from a flow-hash port nothing listens on). ICMP errors
 //! the TUN path originates are rate-limited.
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -162,6 +162,69 @@ fn tun_icmp_errors_are_rate_limited() {
             "no ICMP error suppressed in a flood of {FLOOD}"
         );
         check!(sent > 0, "every ICMP error suppressed");
+        a.check_alive()
+    });
+}
+
+/// The same over IPv6 (dual stack): a flood to an unleased IPv6 address gets ICMPv6
+/// no-route errors from the TUN plane, rate-limited like IPv4's.
+#[test]
+fn tun_icmpv6_errors_are_rate_limited() {
+    e2e(|c| {
+        c.put_config(rudder_tests::dual_stack::DUAL_STACK_CONFIG)?;
+        let a = rudder_tests::dual_stack::add_dual_stack_host(
+            c,
+            HostOpts {
+                dataplane: Some("tun".into()),
+                ..HostOpts::default()
+            },
+        )?;
+        let unleased: Ipv6Addr = "fc00:0:0:fffe::7".parse()?;
+        check!(!a.ipv6_subnet()?.contains(&unleased), "{unleased} is ours");
+        let ping = output(netns::exec(a.container_netns(), "ping").args([
+            "-6",
+            "-n",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            &unleased.to_string(),
+        ]))?;
+        let text = String::from_utf8_lossy(&ping.stdout);
+        check!(
+            text.contains("Destination unreachable"),
+            "no ICMPv6 unreachable for an unleased address: {text}"
+        );
+        const FLOOD: u64 = 5000;
+        let no_route_before = a.counter("no_route")?;
+        let limited_before = a.counter("icmp_rate_limited")?;
+        netns::run_in(a.container_netns(), move || {
+            let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+            for _ in 0..FLOOD {
+                // An ICMPv6 error arriving on the unconnected socket may fail a send: retry.
+                while socket
+                    .send_to(b"flood", SocketAddrV6::new(unleased, 9, 0, 0))
+                    .is_err()
+                {}
+            }
+            Ok(())
+        })?;
+        let mut no_route = 0;
+        rudder_tests::wait_until("the flood counted", Duration::from_secs(10), || {
+            let now = a.counter("no_route")? - no_route_before;
+            let settled = now > 0 && now == no_route;
+            no_route = now;
+            std::thread::sleep(Duration::from_millis(300));
+            Ok(settled)
+        })?;
+        let limited = a.counter("icmp_rate_limited")? - limited_before;
+        let sent = no_route - limited;
+        eprintln!("{FLOOD} IPv6 packets sent, {no_route} reached the rules: {sent} ICMPv6 errors sent, {limited} suppressed");
+        check!(
+            limited > 0,
+            "no ICMPv6 error suppressed in a flood of {FLOOD}"
+        );
+        check!(sent > 0, "every ICMPv6 error suppressed");
         a.check_alive()
     });
 }

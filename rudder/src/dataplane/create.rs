@@ -117,6 +117,7 @@ async fn start_tun(opts: &DataplaneOptions) -> anyhow::Result<(Arc<dyn Dataplane
     // Bound to the address we own, so datagrams leave from it even when it is not the
     // interface's primary one (peers only accept the address our lease names, or its NAT).
     tun_opts.bind = std::net::SocketAddrV4::new(opts.underlay.local_ip, opts.port);
+    tun_opts.ipv6 = opts.ipv6.map(|v6| tun::TunIpv6::from_plane(&v6, opts.port));
     let dp = tun::TunDataplane::start(tun_opts).await?;
     let batching = dp.batching();
     Ok((Arc::new(dp), batching))

@@ -7,7 +7,7 @@
 //! a device.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -58,8 +58,9 @@ pub struct ForwardingTable {
     /// lengths (one in a flannel network, where every lease has the same length).
     by_prefix: Vec<PrefixBucket>,
     /// Peer subnets sorted by public IP, for the sender check: parallel vectors so that
-    /// one sender's subnets are a contiguous slice.
-    public_ips: Vec<Ipv4Addr>,
+    /// one sender's subnets are a contiguous slice. A peer's underlay address is IPv4 or,
+    /// when both ends announce a PublicIPv6, IPv6 (dual stack).
+    public_ips: Vec<IpAddr>,
     public_subnets: Vec<Ipv4Net>,
 }
 
@@ -67,8 +68,8 @@ pub struct ForwardingTable {
 struct PrefixBucket {
     prefix_len: u8,
     mask: u32,
-    /// (subnet network address, peer public IP), sorted by network address.
-    entries: Vec<(u32, Ipv4Addr)>,
+    /// (subnet network address, peer underlay address), sorted by network address.
+    entries: Vec<(u32, IpAddr)>,
     /// The traffic counters of `entries[i]`.
     traffic: Vec<Arc<PeerCounters>>,
 }
@@ -89,7 +90,7 @@ impl ForwardingTable {
             public_subnets: Vec::with_capacity(peers.len()),
         };
         for (&subnet, &public_ip) in peers {
-            table.upsert(subnet, public_ip, None, Arc::default());
+            table.upsert(subnet, public_ip, None::<IpAddr>, Arc::default());
         }
         table
     }
@@ -100,12 +101,13 @@ impl ForwardingTable {
     pub(crate) fn upsert(
         &mut self,
         subnet: Ipv4Net,
-        public_ip: Ipv4Addr,
-        previous: Option<Ipv4Addr>,
+        public_ip: impl Into<IpAddr>,
+        previous: Option<impl Into<IpAddr>>,
         traffic: Arc<PeerCounters>,
     ) {
+        let public_ip = public_ip.into();
         if let Some(previous) = previous {
-            self.remove_sender_entry(previous, subnet);
+            self.remove_sender_entry(previous.into(), subnet);
         }
         if let Err(at) = self.sender_entry(public_ip, subnet) {
             self.public_ips.insert(at, public_ip);
@@ -146,8 +148,8 @@ impl ForwardingTable {
     }
 
     /// Removes `subnet`, which was at `public_ip`.
-    pub(crate) fn remove(&mut self, subnet: Ipv4Net, public_ip: Ipv4Addr) {
-        self.remove_sender_entry(public_ip, subnet);
+    pub(crate) fn remove(&mut self, subnet: Ipv4Net, public_ip: impl Into<IpAddr>) {
+        self.remove_sender_entry(public_ip.into(), subnet);
         let len = subnet.prefix_len();
         if let Ok(at) = self.by_prefix.binary_search_by(|b| len.cmp(&b.prefix_len)) {
             let bucket = &mut self.by_prefix[at];
@@ -164,7 +166,7 @@ impl ForwardingTable {
 
     /// Position of (public_ip, subnet) in the sender index: `Ok` when present, `Err`
     /// with the insertion point otherwise.
-    fn sender_entry(&self, public_ip: Ipv4Addr, subnet: Ipv4Net) -> Result<usize, usize> {
+    fn sender_entry(&self, public_ip: IpAddr, subnet: Ipv4Net) -> Result<usize, usize> {
         let (mut low, mut high) = (0, self.public_ips.len());
         while low < high {
             let mid = low + (high - low) / 2;
@@ -177,15 +179,15 @@ impl ForwardingTable {
         Err(low)
     }
 
-    fn remove_sender_entry(&mut self, public_ip: Ipv4Addr, subnet: Ipv4Net) {
+    fn remove_sender_entry(&mut self, public_ip: IpAddr, subnet: Ipv4Net) {
         if let Ok(at) = self.sender_entry(public_ip, subnet) {
             self.public_ips.remove(at);
             self.public_subnets.remove(at);
         }
     }
 
-    /// Public IP of the peer whose subnet holds `dst` (longest prefix wins).
-    pub fn lookup(&self, dst: Ipv4Addr) -> Option<Ipv4Addr> {
+    /// Underlay address of the peer whose subnet holds `dst` (longest prefix wins).
+    pub fn lookup(&self, dst: Ipv4Addr) -> Option<IpAddr> {
         self.slot_of(dst).map(|slot| self.peer_at(slot))
     }
 
@@ -202,7 +204,7 @@ impl ForwardingTable {
         })
     }
 
-    fn peer_at(&self, slot: PeerSlot) -> Ipv4Addr {
+    fn peer_at(&self, slot: PeerSlot) -> IpAddr {
         self.by_prefix[slot.0 as usize].entries[slot.1 as usize].1
     }
 
@@ -212,7 +214,8 @@ impl ForwardingTable {
     }
 
     /// The subnets leased by the host at underlay address `public_ip`.
-    pub fn subnets_of(&self, public_ip: Ipv4Addr) -> &[Ipv4Net] {
+    pub fn subnets_of(&self, public_ip: impl Into<IpAddr>) -> &[Ipv4Net] {
+        let public_ip = public_ip.into();
         let start = self.public_ips.partition_point(|ip| *ip < public_ip);
         let end = self.public_ips.partition_point(|ip| *ip <= public_ip);
         &self.public_subnets[start..end]
@@ -230,7 +233,7 @@ pub enum Outbound {
     /// entry is at `slot`.
     Encapsulate {
         len: usize,
-        peer: Ipv4Addr,
+        peer: IpAddr,
         slot: PeerSlot,
     },
     /// Drop it; when `icmp_len` is set, write the ICMP error built in the scratch buffer
@@ -330,7 +333,7 @@ pub enum ReceiverHop {
 /// place; may build an ICMP error into `icmp`.
 pub fn decide_inbound(
     packet: &mut [u8],
-    sender: Ipv4Addr,
+    sender: impl Into<IpAddr>,
     outer_tos: u8,
     table: &ForwardingTable,
     hop: ReceiverHop,
@@ -346,8 +349,8 @@ pub fn decide_inbound(
         }
     };
     let packet = &mut packet[..view.total_len];
-    if let Err(reason) = packet::check_received(&view, table.local_subnet, table.subnets_of(sender))
-    {
+    let sender_subnets = table.subnets_of(sender);
+    if let Err(reason) = packet::check_received(&view, table.local_subnet, sender_subnets) {
         return Inbound::Drop {
             reason,
             icmp_len: None,
@@ -436,30 +439,31 @@ fn icmp_error(
     packet::build_icmp_error(kind, packet, view, source, table.subnet_prefix_len(), icmp)
 }
 
-/// The current [`ForwardingTable`], published to the forwarding tasks.
+/// The current [`ForwardingTable`] (or another table, e.g. the TUN plane's IPv6 peers),
+/// published to the forwarding tasks.
 ///
 /// Writers replace the `Arc` under the lock, then bump `version`. Readers keep their own
 /// `Arc` and only take the (uncontended) read lock when `version` moved, so the hot
 /// path costs one atomic load per packet.
-pub(crate) struct PublishedTable {
+pub(crate) struct PublishedTable<T = ForwardingTable> {
     version: AtomicU64,
-    current: RwLock<Arc<ForwardingTable>>,
+    current: RwLock<Arc<T>>,
 }
 
-impl PublishedTable {
-    pub(crate) fn new(table: ForwardingTable) -> Self {
+impl<T> PublishedTable<T> {
+    pub(crate) fn new(table: T) -> Self {
         PublishedTable {
             version: AtomicU64::new(0),
             current: RwLock::new(Arc::new(table)),
         }
     }
 
-    pub(crate) fn publish(&self, table: ForwardingTable) {
+    pub(crate) fn publish(&self, table: T) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
         self.version.fetch_add(1, Ordering::Release);
     }
 
-    pub(crate) fn reader(&self) -> TableReader {
+    pub(crate) fn reader(&self) -> TableReader<T> {
         let version = self.version.load(Ordering::Acquire);
         TableReader {
             version,
@@ -467,7 +471,7 @@ impl PublishedTable {
         }
     }
 
-    fn load(&self) -> Arc<ForwardingTable> {
+    fn load(&self) -> Arc<T> {
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -476,13 +480,13 @@ impl PublishedTable {
 }
 
 /// A forwarding task's cached view of the [`PublishedTable`].
-pub(crate) struct TableReader {
+pub(crate) struct TableReader<T = ForwardingTable> {
     version: u64,
-    table: Arc<ForwardingTable>,
+    table: Arc<T>,
 }
 
-impl TableReader {
-    pub(crate) fn current(&mut self, published: &PublishedTable) -> &ForwardingTable {
+impl<T> TableReader<T> {
+    pub(crate) fn current(&mut self, published: &PublishedTable<T>) -> &T {
         let version = published.version.load(Ordering::Acquire);
         if version != self.version {
             self.table = published.load();

@@ -44,9 +44,9 @@ fn longest_prefix_wins() {
         ("10.5.2.0/24", "192.168.0.2"),
         ("10.5.2.128/25", "192.168.0.3"),
     ]);
-    assert_eq!(t.lookup(ip("10.5.2.7")), Some(ip("192.168.0.2")));
-    assert_eq!(t.lookup(ip("10.5.2.200")), Some(ip("192.168.0.3")));
-    assert_eq!(t.lookup(ip("10.5.9.1")), Some(ip("192.168.0.1")));
+    assert_eq!(t.lookup(ip("10.5.2.7")), Some(ip("192.168.0.2").into()));
+    assert_eq!(t.lookup(ip("10.5.2.200")), Some(ip("192.168.0.3").into()));
+    assert_eq!(t.lookup(ip("10.5.9.1")), Some(ip("192.168.0.1").into()));
     assert_eq!(t.lookup(ip("10.6.0.1")), None);
 }
 
@@ -69,7 +69,7 @@ fn ten_thousand_peers_look_up_exactly() {
     let t = ForwardingTable::new(net("10.200.0.0/24"), net("10.0.0.0/8"), SOURCES, &peers);
     for i in (0..10_000u32).step_by(97) {
         let dst = Ipv4Addr::from(0x0a00_0000 + (i << 8) + 42);
-        assert_eq!(t.lookup(dst), Some(Ipv4Addr::from(0xc0a8_0000 + i)));
+        assert_eq!(t.lookup(dst), Some(Ipv4Addr::from(0xc0a8_0000 + i).into()));
         assert_eq!(t.subnets_of(Ipv4Addr::from(0xc0a8_0000 + i)).len(), 1);
     }
     assert!(t.subnets_of(ip("1.2.3.4")).is_empty());
@@ -106,7 +106,7 @@ fn incremental_updates_match_a_rebuild() {
         let rebuilt = ForwardingTable::new(net("10.5.1.0/24"), net("10.5.0.0/16"), SOURCES, &peers);
         assert_eq!(format!("{t:?}"), format!("{rebuilt:?}"), "after {subnet}");
     }
-    assert_eq!(t.lookup(ip("10.5.2.1")), Some(ip("192.168.0.9")));
+    assert_eq!(t.lookup(ip("10.5.2.1")), Some(ip("192.168.0.9").into()));
     assert_eq!(t.lookup(ip("10.5.4.1")), None);
     assert!(t.subnets_of(ip("192.168.0.2")).is_empty());
 }
@@ -120,7 +120,7 @@ fn ten_thousand_upserts_all_land() {
         t.upsert(
             subnet,
             Ipv4Addr::from(0xc0a8_0000 + (i * 7919) % 10_000),
-            None,
+            None::<Ipv4Addr>,
             Arc::default(),
         );
         // What publishing costs per change.
@@ -159,7 +159,7 @@ fn outbound_to_a_peer_is_encapsulated_unchanged() {
         decide_outbound(&mut p, &t, 1472, &mut icmp),
         Outbound::Encapsulate {
             len,
-            peer: ip("192.168.0.2"),
+            peer: ip("192.168.0.2").into(),
             slot: t.slot_of(ip("10.5.2.9")).unwrap(),
         }
     );
@@ -368,6 +368,6 @@ fn published_table_reaches_readers() {
     published.publish(table(&[("10.5.2.0/24", "192.168.0.2")]));
     assert_eq!(
         reader.current(&published).lookup(ip("10.5.2.1")),
-        Some(ip("192.168.0.2"))
+        Some(ip("192.168.0.2").into())
     );
 }

@@ -113,16 +113,30 @@ pub(super) async fn delete_link(handle: &Handle, index: u32, name: &str) -> anyh
 
 /// Puts the subnet's network address /32 on the device, brings it up and routes the whole
 /// overlay network into it (flannel's udp backend layout).
+/// With an IPv6 overlay, likewise the IPv6 subnet's network address /128 and the IPv6
+/// network's route.
 async fn configure_device(handle: &Handle, index: u32, options: &TunOptions) -> anyhow::Result<()> {
-    disable_ipv6(&options.device_name)?;
+    match &options.ipv6 {
+        None => disable_ipv6(&options.device_name)?,
+        Some(_) => crate::host_ipv6::quiet_ipv6(&options.device_name)?,
+    }
     add_device_address(handle, index, options.local_subnet.network()).await?;
+    if let Some(v6) = &options.ipv6 {
+        let address = v6.local_subnet.network();
+        crate::host_ipv6::add_ipv6_address(handle, index, address, 128).await?;
+    }
     set_link_up(handle, index, &options.device_name).await?;
-    add_network_route(handle, index, options.network).await
+    add_network_route(handle, index, options.network).await?;
+    if let Some(v6) = &options.ipv6 {
+        crate::host_ipv6::replace_ipv6_route(handle, v6.network, index).await?;
+    }
+    Ok(())
 }
 
-/// The overlay is IPv4 only. With IPv6 on, the kernel sends router solicitations and
-/// MLD reports from the link-local address into the device, which would only show up
-/// as `not_ipv4` drops.
+/// An IPv4-only overlay. With IPv6 on, the kernel sends router solicitations and MLD
+/// reports from the link-local address into the device, which would only show up as
+/// `not_ipv4` drops. (An IPv6 overlay keeps the device quiet instead:
+/// [`crate::host_ipv6::quiet_ipv6`].)
 fn disable_ipv6(device: &str) -> anyhow::Result<()> {
     let path = format!("/proc/sys/net/ipv6/conf/{device}/disable_ipv6");
     match std::fs::write(&path, "1") {

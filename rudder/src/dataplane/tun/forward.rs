@@ -16,27 +16,30 @@
 //! inner packet, so a peer without offload (or an eBPF peer) reads it as before.
 //! Buffers are allocated once per task; nothing is allocated per packet.
 
-use std::io::IoSliceMut;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn_udp::{EcnCodepoint, RecvMeta, Transmit, UdpSocketState};
+use quinn_udp::{EcnCodepoint, RecvMeta, Transmit};
 use rudder_ebpf::Counter;
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
-use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, VIRTIO_NET_HDR_LEN};
 
+use super::deliver::DeviceWriter;
 use super::log_limit::TaskLogs;
+use super::socket::{OverlaySocket, OverlaySockets, UDP_BATCH};
+use super::table6::PeerTable6;
 use crate::dataplane::counters::{Counters, PeerCounters};
 use crate::dataplane::forwarding::{
     decide_inbound, decide_outbound, IcmpRateLimit, Inbound, Outbound, PublishedTable, ReceiverHop,
 };
+use crate::dataplane::forwarding6::{decide_inbound6, decide_outbound6, Inbound6, Outbound6};
 use crate::packet::{ECN_MASK, ICMP_ERROR_MAX_LEN};
+use crate::packet6::inner_traffic_class;
+use crate::packet6_icmp::ICMP6_ERROR_MAX_LEN;
 
-/// Largest IPv4 packet: the receive buffers hold any datagram the kernel can hand us.
-const MAX_PACKET_LEN: usize = 65_535;
+/// Largest IP packet: the receive buffers hold any datagram the kernel can hand us.
+pub(super) const MAX_PACKET_LEN: usize = 65_535;
 
 /// Pause after a failed device/socket receive, so a persistent error cannot spin a core.
 const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(10);
@@ -49,30 +52,17 @@ const SEGMENTS_PER_READ: usize = 128;
 /// for later ones (each read is non-blocking after the first).
 const READS_PER_FLUSH: usize = 32;
 
-/// Messages per `recvmmsg`; each up to 64 KB (a GRO train).
-pub const UDP_BATCH: usize = 8;
-
-/// Receive and send buffer of the overlay socket, bytes.
-const SOCKET_BUFFER: usize = 4 << 20;
-
 /// Largest UDP payload of one `UDP_SEGMENT` send: the IPv4 length limit minus headers.
 const MAX_GSO_PAYLOAD: usize = 65_535 - 20 - 8;
-
-/// The kernel's cap on segments per GSO send (`UDP_MAX_SEGMENTS` is 64 on older kernels).
-const MAX_GSO_SEGMENTS: usize = 64;
-
-/// Headroom in front of packets written to the device: tun-rs puts the virtio header there.
-const WRITE_OFFSET: usize = VIRTIO_NET_HDR_LEN;
-
-/// Packets handed to one `send_multiple`: one GRO train fits. Each buffer can grow to a
-/// whole coalesced 64 KB packet in place (tun-rs never reallocates: a buffer without the
-/// capacity is written uncoalesced), so this bounds the task's memory to about 4 MB.
-const WRITE_BATCH: usize = 64;
 
 /// State shared between the data plane handle and its tasks.
 pub(super) struct Shared {
     pub(super) counters: Counters,
     pub(super) table: PublishedTable,
+    /// The IPv6 peers, when the network has IPv6 on.
+    pub(super) table6: Option<PublishedTable<PeerTable6>>,
+    /// The underlay interface's index: the scope of link-local peer addresses.
+    pub(super) underlay_index: u32,
     /// Port every peer listens on (ours too).
     pub(super) peer_port: u16,
     /// The device's MTU; follows the underlay's ([`Shared::set_mtu`]).
@@ -91,85 +81,30 @@ impl Shared {
     }
 }
 
-/// The UDP socket with the state quinn-udp keeps about it (GSO/GRO support).
-pub struct OverlaySocket {
-    pub socket: UdpSocket,
-    state: UdpSocketState,
-    /// Segments per send: 1 without UDP GSO.
-    gso_segments: usize,
-}
-
-impl OverlaySocket {
-    /// Wraps a bound socket. `offload` off keeps it plain: no GSO on send, and GRO turned
-    /// off again on receive (what a peer without offload support does).
-    pub fn new(socket: UdpSocket, offload: bool) -> std::io::Result<Self> {
-        let state = UdpSocketState::new((&socket).into())?;
-        // Room for bursts while the forwarding task is busy: the default (~200 KB) holds
-        // only a few GRO trains. Forced past rmem_max/wmem_max (we have CAP_NET_ADMIN);
-        // without the privilege the default stays, which only costs drops under load.
-        use nix::sys::socket::{setsockopt, sockopt};
-        let _ = setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER);
-        let _ = setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER);
-        if !offload {
-            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::UdpGroSegment, &false)
-                .map_err(std::io::Error::from)?;
-        }
-        let gso_segments = if offload {
-            state.max_gso_segments().min(MAX_GSO_SEGMENTS)
-        } else {
-            1
-        };
-        Ok(OverlaySocket {
-            socket,
-            state,
-            gso_segments,
-        })
-    }
-
-    /// Whether sends are batched with `UDP_SEGMENT`.
-    pub fn gso(&self) -> bool {
-        self.gso_segments > 1
-    }
-
-    async fn send(&self, transmit: &Transmit<'_>) -> std::io::Result<()> {
-        self.socket
-            .async_io(Interest::WRITABLE, || {
-                self.state.try_send((&self.socket).into(), transmit)
-            })
-            .await
-    }
-
-    pub(crate) async fn recv(
-        &self,
-        buffers: &mut [Vec<u8>],
-        metas: &mut [RecvMeta],
-    ) -> std::io::Result<usize> {
-        let count = buffers.len().min(UDP_BATCH);
-        self.socket
-            .async_io(Interest::READABLE, || {
-                let mut slices: [IoSliceMut<'_>; UDP_BATCH] =
-                    std::array::from_fn(|_| IoSliceMut::new(&mut []));
-                for (slice, buffer) in slices.iter_mut().zip(buffers.iter_mut()) {
-                    *slice = IoSliceMut::new(buffer);
-                }
-                self.state
-                    .recv((&self.socket).into(), &mut slices[..count], metas)
-            })
-            .await
-    }
-}
-
 /// Inner packets waiting to leave for one peer in one `UDP_SEGMENT` send.
 struct GsoBatch {
     buffer: Vec<u8>,
-    /// The peer and the traffic counters of its subnet.
-    peer: Option<(Ipv4Addr, Arc<PeerCounters>)>,
+    /// The peer and the traffic counters of its subnet (IPv6 peers have none of their own).
+    peer: Option<(IpAddr, Option<Arc<PeerCounters>>)>,
     /// ECN field of every queued packet, copied to the outer header (RFC 6040).
     ecn: u8,
     segment_len: usize,
     segments: usize,
     /// A shorter segment ends a batch: only the last one may be short.
     closed: bool,
+}
+
+fn same_counters(a: &Option<Arc<PeerCounters>>, b: Option<&Arc<PeerCounters>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// The ECN field of an inner packet of either family.
+fn inner_ecn(packet: &[u8]) -> u8 {
+    inner_traffic_class(packet).unwrap_or(0) & ECN_MASK
 }
 
 impl GsoBatch {
@@ -186,8 +121,8 @@ impl GsoBatch {
 
     fn accepts(
         &self,
-        peer: Ipv4Addr,
-        traffic: &Arc<PeerCounters>,
+        peer: IpAddr,
+        traffic: Option<&Arc<PeerCounters>>,
         ecn: u8,
         len: usize,
         max_segments: usize,
@@ -196,7 +131,7 @@ impl GsoBatch {
             None => true,
             Some((current, current_traffic)) => {
                 *current == peer
-                    && Arc::ptr_eq(current_traffic, traffic)
+                    && same_counters(current_traffic, traffic)
                     && self.ecn == ecn
                     && !self.closed
                     && len <= self.segment_len
@@ -206,10 +141,10 @@ impl GsoBatch {
         }
     }
 
-    fn push(&mut self, peer: Ipv4Addr, traffic: &Arc<PeerCounters>, packet: &[u8]) {
+    fn push(&mut self, peer: IpAddr, traffic: Option<&Arc<PeerCounters>>, packet: &[u8]) {
         if self.peer.is_none() {
-            self.peer = Some((peer, traffic.clone()));
-            self.ecn = packet[1] & ECN_MASK;
+            self.peer = Some((peer, traffic.cloned()));
+            self.ecn = inner_ecn(packet);
             self.segment_len = packet.len();
         } else if packet.len() < self.segment_len {
             self.closed = true;
@@ -219,24 +154,31 @@ impl GsoBatch {
     }
 
     /// Sends what is queued, counts it, and empties the batch.
-    async fn flush(&mut self, socket: &OverlaySocket, shared: &Shared, logs: &mut TaskLogs) {
+    async fn flush(&mut self, sockets: &OverlaySockets, shared: &Shared, logs: &mut TaskLogs) {
         let Some((peer, traffic)) = self.peer.take() else {
             return;
         };
         let transmit = Transmit {
-            destination: SocketAddr::V4(SocketAddrV4::new(peer, shared.peer_port)),
+            destination: peer_address(peer, shared),
             ecn: EcnCodepoint::from_bits(self.ecn),
             contents: &self.buffer,
             segment_size: (self.segments > 1).then_some(self.segment_len),
             src_ip: None,
         };
         let bytes = self.buffer.len();
-        match socket.send(&transmit).await {
+        let sent = match sockets.for_peer(peer) {
+            Some(socket) => socket.send(&transmit).await,
+            // upsert_peer refuses an IPv6 peer without an IPv6 socket: never here.
+            None => Err(std::io::ErrorKind::AddrNotAvailable.into()),
+        };
+        match sent {
             Ok(()) => {
                 shared
                     .counters
                     .add_many(Counter::Encapsulated, self.segments, bytes);
-                traffic.add_tx(self.segments, bytes);
+                if let Some(traffic) = traffic {
+                    traffic.add_tx(self.segments, bytes);
+                }
             }
             Err(error) => {
                 shared
@@ -248,6 +190,19 @@ impl GsoBatch {
         self.buffer.clear();
         self.segments = 0;
         self.closed = false;
+    }
+}
+
+/// Where a peer's datagrams go: its overlay port, a link-local address on the underlay.
+fn peer_address(peer: IpAddr, shared: &Shared) -> SocketAddr {
+    match peer {
+        IpAddr::V6(ip) if crate::packet6::is_link_local(ip) => SocketAddr::V6(SocketAddrV6::new(
+            ip,
+            shared.peer_port,
+            0,
+            shared.underlay_index,
+        )),
+        _ => SocketAddr::new(peer, shared.peer_port),
     }
 }
 
@@ -267,8 +222,26 @@ async fn write_single(
     device.send(scratch).await
 }
 
+/// What the rules made of one packet read from the device.
+enum Verdict<'a> {
+    Send {
+        len: usize,
+        peer: IpAddr,
+        traffic: Option<&'a Arc<PeerCounters>>,
+    },
+    Drop {
+        reason: Counter,
+        /// An ICMP (v4 or v6) error to write back into the device.
+        icmp: Option<&'a [u8]>,
+    },
+}
+
 /// TUN → UDP forwarding loop.
-pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, shared: Arc<Shared>) {
+pub async fn tun_to_udp(
+    device: Arc<AsyncDevice>,
+    sockets: Arc<OverlaySockets>,
+    shared: Arc<Shared>,
+) {
     let vnet_header = shared.offload;
     let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET_LEN];
     // Without offload a read returns one packet of at most the MTU, straight into slot 0.
@@ -281,9 +254,11 @@ pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
     let mut packets = vec![vec![0u8; slot_len]; slots];
     let mut sizes = vec![0usize; slots];
     let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
-    let mut scratch = Vec::with_capacity(VIRTIO_NET_HDR_LEN + ICMP_ERROR_MAX_LEN);
+    let mut icmp6 = [0u8; ICMP6_ERROR_MAX_LEN];
+    let mut scratch = Vec::with_capacity(VIRTIO_NET_HDR_LEN + ICMP6_ERROR_MAX_LEN);
     let mut batch = GsoBatch::new();
     let mut reader = shared.table.reader();
+    let mut reader6 = shared.table6.as_ref().map(PublishedTable::reader);
     let mut logs = TaskLogs::new();
     let mut icmp_limit = IcmpRateLimit::new(Instant::now());
     loop {
@@ -309,28 +284,60 @@ pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
         for read in 0..READS_PER_FLUSH {
             for (packet, &size) in packets.iter_mut().zip(&sizes).take(count) {
                 let table = reader.current(&shared.table);
-                match decide_outbound(&mut packet[..size], table, shared.mtu(), &mut icmp) {
-                    Outbound::Encapsulate { len, peer, slot } => {
-                        let traffic = table.traffic(slot);
-                        let ecn = packet[1] & ECN_MASK;
-                        if !batch.accepts(peer, traffic, ecn, len, socket.gso_segments) {
-                            batch.flush(&socket, &shared, &mut logs).await;
+                let table6 = match (&mut reader6, &shared.table6) {
+                    (Some(reader6), Some(published)) => Some(reader6.current(published)),
+                    _ => None,
+                };
+                let packet = &mut packet[..size];
+                let verdict = match (packet.first().map(|b| b >> 4), table6) {
+                    (Some(6), Some(table6)) => {
+                        let overlay = &table6.overlay;
+                        match decide_outbound6(packet, overlay, table6, shared.mtu(), &mut icmp6) {
+                            Outbound6::Encapsulate { len, peer } => Verdict::Send {
+                                len,
+                                peer,
+                                traffic: None,
+                            },
+                            Outbound6::Drop { reason, icmp_len } => Verdict::Drop {
+                                reason,
+                                icmp: icmp_len.map(|len| &icmp6[..len]),
+                            },
                         }
-                        batch.push(peer, traffic, &packet[..len]);
                     }
-                    Outbound::Drop { reason, icmp_len } => {
+                    _ => match decide_outbound(packet, table, shared.mtu(), &mut icmp) {
+                        Outbound::Encapsulate { len, peer, slot } => Verdict::Send {
+                            len,
+                            peer,
+                            traffic: Some(table.traffic(slot)),
+                        },
+                        Outbound::Drop { reason, icmp_len } => Verdict::Drop {
+                            reason,
+                            icmp: icmp_len.map(|len| &icmp[..len]),
+                        },
+                    },
+                };
+                match verdict {
+                    Verdict::Send { len, peer, traffic } => {
+                        let packet = &packet[..len];
+                        let ecn = inner_ecn(packet);
+                        let max_segments = sockets.for_peer(peer).map_or(1, |s| s.gso_segments);
+                        if !batch.accepts(peer, traffic, ecn, len, max_segments) {
+                            batch.flush(&sockets, &shared, &mut logs).await;
+                        }
+                        batch.push(peer, traffic, packet);
+                    }
+                    Verdict::Drop { reason, icmp } => {
                         shared.counters.add(reason, size);
                         logs.dropped(
                             "tun->udp",
                             reason,
                             format_args!("{size} bytes from the TUN device"),
                         );
-                        if let Some(len) = icmp_len {
+                        if let Some(icmp) = icmp {
                             if !icmp_limit.allow(Instant::now()) {
-                                shared.counters.add(Counter::IcmpRateLimited, len);
+                                shared.counters.add(Counter::IcmpRateLimited, icmp.len());
                                 continue;
                             }
-                            let icmp = &icmp[..len];
                             if let Err(error) =
                                 write_single(&device, vnet_header, icmp, &mut scratch).await
                             {
@@ -349,23 +356,19 @@ pub async fn tun_to_udp(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                 Err(_) => break,
             };
         }
-        batch.flush(&socket, &shared, &mut logs).await;
+        batch.flush(&sockets, &shared, &mut logs).await;
     }
 }
 
-/// UDP → TUN forwarding loop.
+/// UDP → TUN forwarding loop for one overlay socket (one runs per outer family).
 pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, shared: Arc<Shared>) {
     let mut received = vec![vec![0u8; MAX_PACKET_LEN]; UDP_BATCH];
     let mut metas = [RecvMeta::default(); UDP_BATCH];
-    let mut outgoing: Vec<Vec<u8>> = (0..WRITE_BATCH)
-        .map(|_| Vec::with_capacity(WRITE_OFFSET + MAX_PACKET_LEN))
-        .collect();
-    let mut gro = GROTable::default();
+    let mut writer = DeviceWriter::new(device);
     let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
-    let mut super_buf = Vec::with_capacity(WRITE_OFFSET + MAX_PACKET_LEN);
-    // A TSO packet cut into MTU-sized segments (device without offloads).
-    let mut segments: Vec<Vec<u8>> = Vec::new();
+    let mut icmp6 = [0u8; ICMP6_ERROR_MAX_LEN];
     let mut reader = shared.table.reader();
+    let mut reader6 = shared.table6.as_ref().map(PublishedTable::reader);
     let mut logs = TaskLogs::new();
     loop {
         let messages = match socket.recv(&mut received, &mut metas).await {
@@ -378,184 +381,51 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
             }
         };
         let table = reader.current(&shared.table);
-        let mut queued = 0;
+        let table6 = match (&mut reader6, &shared.table6) {
+            (Some(reader6), Some(published)) => Some(reader6.current(published)),
+            _ => None,
+        };
         for (buffer, meta) in received.iter_mut().zip(&metas).take(messages) {
             let from = meta.addr;
-            // The socket is IPv4: the overlay has no IPv6 underlay.
-            let IpAddr::V4(sender) = from.ip() else {
-                shared.counters.add(Counter::DropUnknownSender, meta.len);
-                continue;
-            };
+            let sender = from.ip().to_canonical();
             let stride = meta.stride.max(1);
             let outer_tos = meta.ecn.map_or(0, |ecn| ecn as u8);
             for datagram in buffer[..meta.len].chunks_mut(stride) {
                 let size = datagram.len();
-                // The kernel's forwarding from the device makes this host's router hop.
+                // The kernel's forwarding from the device makes this host's router hop,
+                // so the rules build no ICMP error here.
                 let hop = ReceiverHop::Kernel;
-                match decide_inbound(datagram, sender, outer_tos, table, hop, &mut icmp) {
-                    Inbound::Deliver { len, from: slot } => {
-                        let packet = &mut datagram[..len];
-                        let view = match crate::packet::parse_ipv4(packet) {
-                            Ok(view) => view,
-                            Err(_) => continue, // decide_inbound parsed it already
-                        };
-                        let super_packet =
-                            crate::packet::tcp_super_packet(packet, &view, shared.mtu());
-                        if let (false, Some((headers, mss))) = (shared.offload, super_packet) {
-                            // No virtio header to let the kernel segment it: cut it here.
-                            segments.clear();
-                            crate::packet_segment::segment_tcp(
-                                packet,
-                                &view,
-                                headers,
-                                mss,
-                                &mut segments,
-                            );
-                            for segment in &segments {
-                                if queued == WRITE_BATCH {
-                                    write_batch(
-                                        &device,
-                                        &mut gro,
-                                        &mut outgoing,
-                                        &shared,
-                                        &mut logs,
-                                    )
-                                    .await;
-                                    queued = 0;
-                                }
-                                queue_for_device(&mut outgoing[queued], segment);
-                                queued += 1;
-                            }
-                            if let Some(slot) = slot {
-                                table.traffic(slot).add_rx(1, len);
-                            }
-                            continue;
+                let delivered = match (datagram.first().map(|b| b >> 4), table6) {
+                    (Some(6), Some(table6)) => {
+                        let overlay = &table6.overlay;
+                        match decide_inbound6(
+                            datagram, sender, outer_tos, overlay, table6, hop, &mut icmp6,
+                        ) {
+                            Inbound6::Deliver { len, .. } => Ok((len, None)),
+                            Inbound6::Drop { reason, .. } => Err(reason),
                         }
-                        if shared.offload {
-                            if let Some((headers, mss)) = super_packet {
-                                // Keep order: what is queued goes first.
-                                write_batch(
-                                    &device,
-                                    &mut gro,
-                                    &mut outgoing[..queued],
-                                    &shared,
-                                    &mut logs,
-                                )
-                                .await;
-                                queued = 0;
-                                write_super_packet(
-                                    &device,
-                                    packet,
-                                    headers,
-                                    mss,
-                                    &mut super_buf,
-                                    &shared,
-                                    &mut logs,
-                                )
-                                .await;
-                                if let Some(slot) = slot {
-                                    table.traffic(slot).add_rx(1, len);
-                                }
-                                continue;
-                            }
-                        }
-                        crate::packet::complete_partial_checksum(packet, &view);
-                        if queued == WRITE_BATCH {
-                            write_batch(&device, &mut gro, &mut outgoing, &shared, &mut logs).await;
-                            queued = 0;
-                        }
-                        queue_for_device(&mut outgoing[queued], &datagram[..len]);
-                        queued += 1;
+                    }
+                    _ => match decide_inbound(datagram, sender, outer_tos, table, hop, &mut icmp) {
+                        Inbound::Deliver { len, from } => Ok((len, from)),
+                        Inbound::Drop { reason, .. } => Err(reason),
+                    },
+                };
+                match delivered {
+                    Ok((len, slot)) => {
+                        writer
+                            .deliver(&mut datagram[..len], &shared, &mut logs)
+                            .await;
                         if let Some(slot) = slot {
                             table.traffic(slot).add_rx(1, len);
                         }
                     }
-                    Inbound::Drop { reason, .. } => {
-                        // ReceiverHop::Kernel: the rules build no ICMP error here.
+                    Err(reason) => {
                         shared.counters.add(reason, size);
                         logs.dropped("udp->tun", reason, format_args!("{size} bytes from {from}"));
                     }
                 }
             }
         }
-        write_batch(
-            &device,
-            &mut gro,
-            &mut outgoing[..queued],
-            &shared,
-            &mut logs,
-        )
-        .await;
-    }
-}
-
-/// Fills a write-batch slot with `packet` after the room tun-rs needs in front of it.
-fn queue_for_device(slot: &mut Vec<u8>, packet: &[u8]) {
-    slot.clear();
-    slot.resize(WRITE_OFFSET, 0);
-    slot.extend_from_slice(packet);
-}
-
-/// Writes a sender's whole TSO packet (delivered unsegmented by a veth or virtio underlay,
-/// its checksum partial) with a virtio GSO header: the kernel segments it to `mss` and
-/// finishes each segment's checksum, as the sender's NIC would have.
-async fn write_super_packet(
-    device: &AsyncDevice,
-    packet: &[u8],
-    headers: usize,
-    mss: usize,
-    buf: &mut Vec<u8>,
-    shared: &Shared,
-    logs: &mut TaskLogs,
-) {
-    const NEEDS_CSUM: u8 = 1;
-    const GSO_TCPV4: u8 = 1;
-    const TCP_CHECKSUM_OFFSET: u16 = 16;
-    let ip_header_len = usize::from(packet[0] & 0x0f) * 4;
-    buf.clear();
-    buf.push(NEEDS_CSUM);
-    buf.push(GSO_TCPV4);
-    // Host byte order: the device is not set to a fixed virtio endianness.
-    for field in [
-        headers as u16,
-        mss as u16,
-        ip_header_len as u16,
-        TCP_CHECKSUM_OFFSET,
-    ] {
-        buf.extend_from_slice(&field.to_ne_bytes());
-    }
-    debug_assert_eq!(buf.len(), VIRTIO_NET_HDR_LEN);
-    buf.extend_from_slice(packet);
-    match device.send(buf).await {
-        Ok(_) => shared.counters.add(Counter::Decapsulated, packet.len()),
-        Err(error) => {
-            shared.counters.add(Counter::DropIoError, packet.len());
-            logs.io("writing a TSO packet into the TUN device", &error);
-        }
-    }
-}
-
-/// Writes the queued inner packets into the device, coalesced per flow, and counts them.
-async fn write_batch(
-    device: &AsyncDevice,
-    gro: &mut GROTable,
-    packets: &mut [Vec<u8>],
-    shared: &Shared,
-    logs: &mut TaskLogs,
-) {
-    if packets.is_empty() {
-        return;
-    }
-    let bytes: usize = packets.iter().map(|p| p.len() - WRITE_OFFSET).sum();
-    match device.send_multiple(gro, packets, WRITE_OFFSET).await {
-        Ok(_) => shared
-            .counters
-            .add_many(Counter::Decapsulated, packets.len(), bytes),
-        Err(error) => {
-            shared
-                .counters
-                .add_many(Counter::DropIoError, packets.len(), bytes);
-            logs.io("writing into the TUN device", &error);
-        }
+        writer.flush(&shared, &mut logs).await;
     }
 }

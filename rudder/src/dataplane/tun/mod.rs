@@ -11,12 +11,20 @@
 //! The TTL is left alone: the kernel's forwarding into the device (sender) and out of it
 //! (receiver) makes both router hops of an overlay hop, and answers a TTL that runs out.
 //!
-//! Rooms: `options` (the set-up), `device` (opening the device, netlink), `forward` (the
-//! two tasks), `log_limit`; the per-packet decisions are the overlay's userspace
-//! forwarding rules in [`crate::dataplane::forwarding`].
+//! Dual stack (issue 17): with `EnableIPv6` the device also carries the IPv6 network and
+//! each packet goes by its version nibble to the IPv4 rules or to the IPv6 ones
+//! ([`crate::dataplane::forwarding6`], over [`table6::PeerTable6`]). Peers that announce a
+//! PublicIPv6, when we do too, are reached over a second, IPv6-only UDP socket (outer
+//! IPv6, either inner family); the rest over the IPv4 socket as before. IPv4-only hosts
+//! (and flannel's udp hosts) see exactly what they saw before.
+//!
+//! Rooms: `options` (the set-up), `device` (opening the device, netlink), `socket` (the
+//! UDP sockets), `forward` (the two tasks), `deliver` (writes into the device), `table6`
+//! (the IPv6 peers), `log_limit`; the per-packet decisions are the overlay's userspace
+//! forwarding rules in [`crate::dataplane::forwarding`] and `forwarding6`.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -25,13 +33,17 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
+mod deliver;
 mod device;
 mod forward;
-pub(crate) use forward::{OverlaySocket, UDP_BATCH};
 mod log_limit;
 mod options;
+mod socket;
+mod table6;
 
-pub use options::{TunOptions, DEFAULT_DEVICE_NAME};
+pub use options::{TunIpv6, TunOptions, DEFAULT_DEVICE_NAME};
+pub use socket::bind_overlay_socket6;
+pub(crate) use socket::{OverlaySocket, UDP_BATCH};
 
 use super::counters::{Counters, PeerCounters};
 use super::forwarding::{default_device_icmp_source, ForwardingTable, IcmpSources, PublishedTable};
@@ -44,6 +56,8 @@ use device::{
 };
 use forward::Shared;
 use rudder_ebpf::Counter;
+use socket::OverlaySockets;
+use table6::{overlay6, PeerTable6};
 
 fn on_off(on: bool) -> &'static str {
     if on {
@@ -55,7 +69,7 @@ fn on_off(on: bool) -> &'static str {
 
 /// One installed peer: where it is, since when, and its traffic since then.
 struct PeerEntry {
-    public_ip: Ipv4Addr,
+    public_ip: IpAddr,
     changed: std::time::SystemTime,
     traffic: Arc<PeerCounters>,
 }
@@ -67,6 +81,9 @@ struct PeerState {
     peers: BTreeMap<Ipv4Net, PeerEntry>,
     /// The master copy of the forwarding table, updated in place; readers get clones.
     table: ForwardingTable,
+    /// The IPv6 peers (subnet → underlay address) and their table, with IPv6 on.
+    peers6: BTreeMap<Ipv6Net, IpAddr>,
+    table6: Option<PeerTable6>,
     /// In a peer batch: publish once at its end (a clone per change would be O(n^2)).
     batching: bool,
 }
@@ -80,6 +97,8 @@ pub struct TunDataplane {
     shut_down: AtomicBool,
     /// Sends are batched with `UDP_SEGMENT`.
     udp_gso: bool,
+    /// Peers can be reached over IPv6 (we have the IPv6 socket).
+    ipv6_underlay: bool,
     guard: Option<UnderlayGuard>,
 }
 
@@ -98,8 +117,24 @@ impl TunDataplane {
                 options.bind
             )
         })?;
-        let socket = forward::OverlaySocket::new(socket, options.offload)
+        let socket = OverlaySocket::new(socket, options.offload)
             .context("configuring the overlay UDP socket (GSO/GRO) failed")?;
+        // Link-local underlay addresses are scoped to the underlay interface.
+        let underlay_index = options
+            .underlay
+            .as_deref()
+            .and_then(|name| nix::net::if_::if_nametoindex(name).ok())
+            .unwrap_or(0);
+        let socket6 = match options.ipv6.as_ref().and_then(|v6| v6.bind) {
+            Some(bind) => Some(
+                OverlaySocket::new(
+                    socket::bind_overlay_socket6(bind, underlay_index)?,
+                    options.offload,
+                )
+                .context("configuring the IPv6 overlay UDP socket (GSO/GRO) failed")?,
+            ),
+            None => None,
+        };
 
         let guard = options
             .underlay
@@ -128,23 +163,44 @@ impl TunDataplane {
             icmp_sources,
             &BTreeMap::new(),
         );
+        let table6 = options
+            .ipv6
+            .as_ref()
+            .map(|v6| PeerTable6::new(overlay6(v6.network, v6.local_subnet)));
         let shared = Arc::new(Shared {
             counters: Counters::default(),
             table: PublishedTable::new(table.clone()),
+            table6: table6.clone().map(PublishedTable::new),
+            underlay_index,
             peer_port: options.bind.port(),
             mtu: usize::from(options.mtu).into(),
             offload,
         });
         let socket_gso = socket.gso();
-        let socket = Arc::new(socket);
-        let tasks = vec![
+        let sockets = Arc::new(OverlaySockets {
+            v4: Arc::new(socket),
+            v6: socket6.map(Arc::new),
+        });
+        let ipv6_underlay = sockets.v6.is_some();
+        let mut tasks = vec![
             tokio::spawn(forward::tun_to_udp(
                 device.clone(),
-                socket.clone(),
+                sockets.clone(),
                 shared.clone(),
             )),
-            tokio::spawn(forward::udp_to_tun(device, socket, shared.clone())),
+            tokio::spawn(forward::udp_to_tun(
+                device.clone(),
+                sockets.v4.clone(),
+                shared.clone(),
+            )),
         ];
+        if let Some(v6) = &sockets.v6 {
+            tasks.push(tokio::spawn(forward::udp_to_tun(
+                device,
+                v6.clone(),
+                shared.clone(),
+            )));
+        }
         tracing::info!(
             device = %options.device_name,
             subnet = %options.local_subnet,
@@ -153,6 +209,8 @@ impl TunDataplane {
             bind = %options.bind,
             device_offload = offload,
             udp_gso = socket_gso,
+            ipv6_subnet = ?options.ipv6.as_ref().map(|v6| v6.local_subnet),
+            ipv6_underlay = ?options.ipv6.as_ref().and_then(|v6| v6.bind),
             "TUN data plane started"
         );
         Ok(TunDataplane {
@@ -161,6 +219,8 @@ impl TunDataplane {
                 icmp_sources,
                 peers: BTreeMap::new(),
                 table,
+                peers6: BTreeMap::new(),
+                table6,
                 batching: false,
             }),
             options,
@@ -168,6 +228,7 @@ impl TunDataplane {
             tasks: Mutex::new(tasks),
             shut_down: AtomicBool::new(false),
             udp_gso: socket_gso,
+            ipv6_underlay,
             guard,
         })
     }
@@ -187,6 +248,38 @@ impl TunDataplane {
         &self.options
     }
 
+    /// Adds or moves an IPv4 peer subnet, reached at `public_ip` (IPv4, or IPv6 when both
+    /// ends announce a PublicIPv6).
+    pub fn upsert_peer_at(&self, subnet: Ipv4Net, public_ip: IpAddr) -> anyhow::Result<()> {
+        self.check_underlay(public_ip)?;
+        self.update(|state| {
+            let subnet = subnet.trunc();
+            let previous = state.peers.get(&subnet).map(|peer| peer.public_ip);
+            if previous == Some(public_ip) {
+                return;
+            }
+            // A new place is a new peer: its counters start from zero.
+            let entry = PeerEntry {
+                public_ip,
+                changed: std::time::SystemTime::now(),
+                traffic: Arc::default(),
+            };
+            state
+                .table
+                .upsert(subnet, public_ip, previous, entry.traffic.clone());
+            state.peers.insert(subnet, entry);
+        });
+        Ok(())
+    }
+
+    /// An IPv6 underlay address needs our IPv6 socket.
+    fn check_underlay(&self, underlay: IpAddr) -> anyhow::Result<()> {
+        if underlay.is_ipv6() && !self.ipv6_underlay {
+            bail!("peer underlay address {underlay} is IPv6, but this host has no PublicIPv6 (no IPv6 overlay socket)");
+        }
+        Ok(())
+    }
+
     /// Applies `change` to the peer state and publishes the new snapshot.
     fn update(&self, change: impl FnOnce(&mut PeerState)) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -194,6 +287,9 @@ impl TunDataplane {
         if !state.batching {
             // A clone is a few memcpys: O(n) per change, no sorting or map walks.
             self.shared.table.publish(state.table.clone());
+            if let (Some(published), Some(table6)) = (&self.shared.table6, &state.table6) {
+                published.publish(table6.clone());
+            }
         }
     }
 }
@@ -244,7 +340,12 @@ impl Dataplane for TunDataplane {
                 &BTreeMap::new(),
             );
             for (subnet, peer) in &state.peers {
-                table.upsert(*subnet, peer.public_ip, None, peer.traffic.clone());
+                table.upsert(
+                    *subnet,
+                    peer.public_ip,
+                    None::<IpAddr>,
+                    peer.traffic.clone(),
+                );
             }
             state.table = table;
         });
@@ -265,27 +366,7 @@ impl Dataplane for TunDataplane {
     }
 
     fn upsert_peer(&self, subnet: Ipv4Net, underlay: IpAddr) -> anyhow::Result<()> {
-        let IpAddr::V4(public_ip) = underlay else {
-            bail!("peer {subnet} at {underlay}: the TUN data plane does not carry IPv6 outer headers yet");
-        };
-        self.update(|state| {
-            let subnet = subnet.trunc();
-            let previous = state.peers.get(&subnet).map(|peer| peer.public_ip);
-            if previous == Some(public_ip) {
-                return;
-            }
-            // A new place is a new peer: its counters start from zero.
-            let entry = PeerEntry {
-                public_ip,
-                changed: std::time::SystemTime::now(),
-                traffic: Arc::default(),
-            };
-            state
-                .table
-                .upsert(subnet, public_ip, previous, entry.traffic.clone());
-            state.peers.insert(subnet, entry);
-        });
-        Ok(())
+        self.upsert_peer_at(subnet, underlay)
     }
 
     fn begin_peer_batch(&self) {
@@ -306,15 +387,76 @@ impl Dataplane for TunDataplane {
         Ok(())
     }
 
+    /// Moves the device's IPv6 address to the new IPv6 subnet's network address and
+    /// re-targets the IPv6 receive checks.
     fn set_local_subnet6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
-        bail!("IPv6 subnet {subnet}: the TUN data plane does not carry IPv6 yet")
+        let Some(v6) = &self.options.ipv6 else {
+            bail!("this TUN data plane was started without IPv6; restart it with the IPv6 network");
+        };
+        let network = v6.network;
+        if !network.contains(&subnet) {
+            bail!("new local IPv6 subnet {subnet} is not inside the IPv6 network {network}; refusing to use it");
+        }
+        let old = {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.table6.as_ref().map(|t| t.overlay.local_subnet)
+        };
+        if old == Some(subnet) {
+            return Ok(());
+        }
+        let name = self.options.device_name.clone();
+        run_netlink_blocking(move |handle| async move {
+            let index = link_index(&handle, &name)
+                .await?
+                .with_context(|| format!("TUN device {name:?} disappeared"))?;
+            crate::host_ipv6::add_ipv6_address(&handle, index, subnet.network(), 128).await?;
+            match old {
+                Some(old) => {
+                    crate::host_ipv6::remove_ipv6_address(&handle, index, old.network()).await
+                }
+                None => Ok(()),
+            }
+        })?;
+        self.update(|state| {
+            // Rare: rebuild, since our own subnet's exclusion from forwarding moves.
+            let mut table = PeerTable6::new(overlay6(network, subnet));
+            for (peer_subnet, underlay) in &state.peers6 {
+                table.upsert(*peer_subnet, *underlay, None);
+            }
+            state.table6 = Some(table);
+        });
+        Ok(())
     }
 
-    fn upsert_peer6(&self, subnet: Ipv6Net, _: IpAddr) -> anyhow::Result<()> {
-        bail!("IPv6 peer {subnet}: the TUN data plane does not carry IPv6 yet")
+    /// Adds or moves the IPv6 subnet of a peer reached at `underlay`.
+    fn upsert_peer6(&self, subnet: Ipv6Net, underlay: IpAddr) -> anyhow::Result<()> {
+        if self.options.ipv6.is_none() {
+            bail!("this TUN data plane was started without IPv6; an IPv6 peer cannot be added");
+        }
+        self.check_underlay(underlay)?;
+        self.update(|state| {
+            let subnet = subnet.trunc();
+            let previous = state.peers6.insert(subnet, underlay);
+            if previous == Some(underlay) {
+                return;
+            }
+            if let Some(table) = &mut state.table6 {
+                table.upsert(subnet, underlay, previous);
+            }
+        });
+        Ok(())
     }
 
-    fn remove_peer6(&self, _: Ipv6Net) -> anyhow::Result<()> {
+    /// Removes a peer's IPv6 subnet.
+    fn remove_peer6(&self, subnet: Ipv6Net) -> anyhow::Result<()> {
+        self.update(|state| {
+            let subnet = subnet.trunc();
+            if let Some(previous) = state.peers6.remove(&subnet) {
+                if let Some(table) = &mut state.table6 {
+                    table.remove(subnet, previous);
+                }
+            }
+        });
         Ok(())
     }
 
@@ -349,7 +491,7 @@ impl Dataplane for TunDataplane {
             .iter()
             .map(|(subnet, peer)| PeerStats {
                 subnet: *subnet,
-                public_ip: peer.public_ip.into(),
+                public_ip: peer.public_ip,
                 changed: peer.changed,
                 traffic: peer.traffic.snapshot(),
             })
@@ -404,5 +546,7 @@ impl Drop for TunDataplane {
     }
 }
 
+#[cfg(test)]
+mod device6_tests;
 #[cfg(test)]
 pub(crate) mod device_tests;

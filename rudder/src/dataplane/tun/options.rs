@@ -1,9 +1,9 @@
 //! How the TUN data plane is set up: [`TunOptions`], their defaults and their checks.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4, SocketAddrV6};
 
 use anyhow::bail;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rudder_ebpf::{DEFAULT_UDP_PORT, ENCAP_OVERHEAD};
 
 use crate::dataplane::forwarding::default_device_icmp_source;
@@ -42,6 +42,34 @@ pub struct TunOptions {
     /// The underlay interface: plain overlay-to-overlay packets arriving on it are dropped
     /// by an nftables rule (counted `unencapsulated`). `None`: no rule (tests).
     pub underlay: Option<String>,
+    /// The IPv6 overlay (`EnableIPv6`); `None`: IPv4 only, exactly as flannel's udp backend.
+    pub ipv6: Option<TunIpv6>,
+}
+
+/// The TUN plane's IPv6 half (dual stack).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunIpv6 {
+    /// IPv6Network: routed into the device.
+    pub network: Ipv6Net,
+    /// Our IPv6 subnet: its network address /128 goes on the device.
+    pub local_subnet: Ipv6Net,
+    /// Where the second, IPv6-only UDP socket binds (our PublicIPv6, the overlay port):
+    /// peers that announce a PublicIPv6 too are reached over IPv6. `None`: every peer is
+    /// reached over IPv4, IPv6 inner packets included.
+    pub bind: Option<SocketAddrV6>,
+}
+
+impl TunIpv6 {
+    /// From the daemon's IPv6 plane: the IPv6 socket on our PublicIPv6 and `port`.
+    pub fn from_plane(plane: &crate::dataplane::Ipv6Plane, port: u16) -> Self {
+        TunIpv6 {
+            network: plane.network,
+            local_subnet: plane.local_subnet,
+            bind: plane
+                .public_ipv6
+                .map(|ip| SocketAddrV6::new(ip, port, 0, 0)),
+        }
+    }
 }
 
 impl TunOptions {
@@ -59,6 +87,7 @@ impl TunOptions {
             device_icmp_source: default_device_icmp_source(network, local_subnet),
             offload: true,
             underlay: None,
+            ipv6: None,
         }
     }
 
@@ -91,6 +120,21 @@ impl TunOptions {
                 self.network,
                 self.local_subnet
             );
+        }
+        if let Some(v6) = &self.ipv6 {
+            if !v6.network.contains(&v6.local_subnet) {
+                bail!(
+                    "local IPv6 subnet {} is not inside the IPv6 network {}; the lease and the network config disagree",
+                    v6.local_subnet,
+                    v6.network
+                );
+            }
+            if usize::from(self.mtu) < crate::packet6::IPV6_MIN_MTU {
+                bail!(
+                    "overlay MTU {} is below IPv6's minimum of 1280; the underlay MTU is too small for an IPv6 overlay",
+                    self.mtu
+                );
+            }
         }
         if self.bind.port() == 0 {
             bail!(
