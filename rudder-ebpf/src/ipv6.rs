@@ -27,7 +27,7 @@ use crate::programs::{
     add_traffic, be16, count, drop_with, io_error, is_gso, l3_len, pass, ECN_CE, ECN_MASK,
     ECN_NOT_ECT, ETH_P_IP, IP_DF, L3_OFF, TCX_NEXT,
 };
-use crate::train_senders::{saw_train_from, sends_trains};
+use crate::train_senders::saw_train_from;
 
 pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 const IPV6_HLEN: usize = 40;
@@ -386,10 +386,8 @@ pub(crate) fn decap_ipv6_inner(
             count(Counter::ToDaemon, l3_len(ctx));
             return TCX_NEXT;
         }
-        if sends_trains(sender_v4) {
-            count(Counter::ToDaemon, l3_len(ctx));
-            return TCX_NEXT;
-        }
+        // No following the peer's trains here: TUN peers send IPv6 one datagram per packet,
+        // so no IPv6 flow is ever in a train, and the socket path takes IPv4 only.
     }
     let Some(upper) = upper_layer(ctx, inner_off, hdr[6], total_len) else {
         return drop_with(ctx, Counter::DropMalformed);

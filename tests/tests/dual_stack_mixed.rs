@@ -1,0 +1,85 @@
+//! Dual stack across the two data planes (issue 17): an eBPF host and a TUN host exchange
+//! IPv6 and IPv4 (bulk TCP with a content check, both ways) over an IPv6 outer header (both
+//! announce a PublicIPv6) and over an IPv4 one (neither has an IPv6 underlay address), with
+//! default offloads: the TUN host sends UDP GSO trains, which the eBPF host must take apart.
+//! The planes are fixed here, so `$RUDDER_TEST_DATAPLANE` does not matter.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rudder_tests::dual_stack::{add_dual_stack_host, wait_mesh6, DUAL_STACK_CONFIG};
+use rudder_tests::traffic::tcp_transfer;
+use rudder_tests::traffic6::{ping6, tcp_transfer6};
+use rudder_tests::{check, e2e, wait_mesh, Cluster, Host, HostOpts};
+
+fn on(plane: &str) -> HostOpts {
+    HostOpts {
+        dataplane: Some(plane.into()),
+        ..HostOpts::default()
+    }
+}
+
+/// A dual-stack host without an IPv6 underlay address: IPv6 is leased, peers are reached
+/// over IPv4 (PublicIPv6 null).
+fn host_without_ipv6_underlay(c: &Cluster, plane: &str) -> Result<Host> {
+    let h = c.add_host_without_daemon(HostOpts {
+        wait_ready: false,
+        ..on(plane)
+    })?;
+    h.start()?;
+    h.wait_ready_dual_stack(Duration::from_secs(30))?;
+    Ok(h)
+}
+
+fn exchange_both_families(hosts: &[Host]) -> Result<()> {
+    wait_mesh(hosts, Duration::from_secs(30))?;
+    wait_mesh6(hosts, Duration::from_secs(30))?;
+    for (a, b) in [(&hosts[0], &hosts[1]), (&hosts[1], &hosts[0])] {
+        let (a6, b6) = (a.container6()?, b.container6()?);
+        ping6(&a6.ns, b6.ip)?;
+        let t6 = tcp_transfer6(&a6, &b6, 8 << 20)
+            .with_context(|| format!("TCP/IPv6 {} -> {}", a.name(), b.name()))?;
+        let t4 = tcp_transfer(&a.container(), &b.container(), 8 << 20)
+            .with_context(|| format!("TCP/IPv4 {} -> {}", a.name(), b.name()))?;
+        eprintln!(
+            "{} -> {}: TCP/IPv6 {:.0} Mbit/s, TCP/IPv4 {:.0} Mbit/s",
+            a.name(),
+            b.name(),
+            t6.mbit_per_s(),
+            t4.mbit_per_s()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn ebpf_and_tun_hosts_carry_both_families_over_an_ipv6_underlay() {
+    e2e(|c| {
+        c.put_config(DUAL_STACK_CONFIG)?;
+        let hosts = vec![
+            add_dual_stack_host(c, on("ebpf"))?,
+            add_dual_stack_host(c, on("tun"))?,
+        ];
+        let status = hosts[0].status()?;
+        let peers = status["peers"].as_array().cloned().unwrap_or_default();
+        check!(
+            peers.iter().all(|p| p["public_ip"]
+                .as_str()
+                .is_some_and(|ip| ip.starts_with("fd00:77::"))),
+            "peers not reached over IPv6: {peers:?}"
+        );
+        exchange_both_families(&hosts)
+    });
+}
+
+#[test]
+fn ebpf_and_tun_hosts_carry_ipv6_over_an_ipv4_underlay() {
+    e2e(|c| {
+        c.put_config(DUAL_STACK_CONFIG)?;
+        let hosts = vec![
+            host_without_ipv6_underlay(c, "ebpf")?,
+            host_without_ipv6_underlay(c, "tun")?,
+        ];
+        exchange_both_families(&hosts)
+    });
+}
