@@ -537,11 +537,6 @@ async fn load_config(
         let problem = match etcd.client().get(key.as_str(), None).await {
             Ok(resp) => match resp.kvs().first() {
                 Some(kv) => match NetworkConfig::parse(kv.value()) {
-                    // The config is valid (flannel's own hosts run it), but every part of the
-                    // host setup and both data planes need an IPv4 subnet.
-                    Ok(config) if !config.enable_ipv4 => format!(
-                        "the network config at {key} is IPv6-only (EnableIPv4 false): this build of rudder carries IPv4 only, so it cannot run an IPv6-only network yet; enable IPv4 beside IPv6 (dual stack) to lease both"
-                    ),
                     Ok(config) => {
                         tracing::info!(
                             network = %config.network, subnet_len = config.subnet_len,

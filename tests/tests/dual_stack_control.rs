@@ -242,24 +242,3 @@ fn enabling_ipv6_replaces_a_v4_only_lease_and_keeps_the_ipv4_subnet() {
         Ok(())
     });
 }
-
-/// An IPv6-only config is valid flannel; this build cannot run it (no IPv6 data plane) and
-/// says so, without a lease, and keeps running.
-#[test]
-fn ipv6_only_config_is_refused_clearly_and_the_daemon_stays_up() {
-    e2e(|c| {
-        c.put_config(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/48"}"#)?;
-        let h = c.add_host(HostOpts {
-            wait_ready: false,
-            ..HostOpts::default()
-        })?;
-        wait_until("the IPv6-only refusal", Duration::from_secs(20), || {
-            h.check_alive()?;
-            let (code, body) = h.http_get("/readyz")?;
-            Ok(code == 503 && body.contains("IPv6-only (EnableIPv4 false)"))
-        })?;
-        check!(c.lease_keys(None)?.is_empty(), "{:?}", c.lease_keys(None)?);
-        h.check_alive()?;
-        Ok(())
-    });
-}

@@ -38,6 +38,13 @@ fn ipv6_only_host(c: &Cluster, with_ipv6: bool) -> Result<Host> {
             "eth0",
             "nodad",
         ])?;
+    } else {
+        // Not even a link-local address (flanneld would announce that one).
+        netns::exec_ok(
+            h.netns(),
+            "sysctl",
+            &["-qw", "net.ipv6.conf.eth0.disable_ipv6=1"],
+        )?;
     }
     h.start()?;
     Ok(h)

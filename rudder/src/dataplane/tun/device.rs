@@ -120,13 +120,18 @@ async fn configure_device(handle: &Handle, index: u32, options: &TunOptions) -> 
         None => disable_ipv6(&options.device_name)?,
         Some(_) => crate::host_ipv6::quiet_ipv6(&options.device_name)?,
     }
-    add_device_address(handle, index, options.local_subnet.network()).await?;
+    // (An IPv6-only network's IPv4 "network" is 0.0.0.0/0: nothing of it goes on the device.)
+    if options.carries_ipv4() {
+        add_device_address(handle, index, options.local_subnet.network()).await?;
+    }
     if let Some(v6) = &options.ipv6 {
         let address = v6.local_subnet.network();
         crate::host_ipv6::add_ipv6_address(handle, index, address, 128).await?;
     }
     set_link_up(handle, index, &options.device_name).await?;
-    add_network_route(handle, index, options.network).await?;
+    if options.carries_ipv4() {
+        add_network_route(handle, index, options.network).await?;
+    }
     if let Some(v6) = &options.ipv6 {
         crate::host_ipv6::replace_ipv6_route(handle, v6.network, index).await?;
     }

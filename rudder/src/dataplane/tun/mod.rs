@@ -139,6 +139,7 @@ impl TunDataplane {
         let guard = options
             .underlay
             .as_deref()
+            .filter(|_| options.carries_ipv4())
             .map(|underlay| UnderlayGuard::new(underlay, options.network));
         if let Some(guard) = &guard {
             guard.install()?;

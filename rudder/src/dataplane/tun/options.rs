@@ -73,6 +73,11 @@ impl TunIpv6 {
 }
 
 impl TunOptions {
+    /// False on an IPv6-only network, whose IPv4 network and subnet are 0.0.0.0/0.
+    pub fn carries_ipv4(&self) -> bool {
+        self.network != Ipv4Net::default()
+    }
+
     /// Defaults for a host: device `rudder0`, UDP on 0.0.0.0:8285, MTU from the underlay
     /// interface's MTU, ICMP errors to peers from the subnet's first host address and
     /// into the device from [`default_device_icmp_source`].
@@ -111,8 +116,9 @@ impl TunOptions {
                 self.network
             );
         }
-        if !self.network.contains(&self.device_icmp_source)
-            || self.local_subnet.contains(&self.device_icmp_source)
+        if self.carries_ipv4()
+            && (!self.network.contains(&self.device_icmp_source)
+                || self.local_subnet.contains(&self.device_icmp_source))
         {
             bail!(
                 "ICMP source {} for the TUN device must be inside the overlay network {} but outside our subnet {} (a local address would be dropped as martian)",
