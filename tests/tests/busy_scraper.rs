@@ -143,8 +143,10 @@ fn a_busy_scraper_does_not_delay_a_lease_reaching_the_data_plane() {
             median(busy.clone()),
             busy.iter().copied().fold(0.0, f64::max)
         );
+        // That the scraper really was busy, not how fast the machine is: paced at 100/s, it
+        // made 59/s on a loaded CI machine.
         check!(
-            rates[0].1 > 80.0,
+            rates[0].1 > 25.0,
             "the /metrics scraper managed only {:.0} requests/s",
             rates[0].1
         );
