@@ -165,21 +165,21 @@ impl Routes {
             .collect())
     }
 
-    /// Every IPv6 route with our protocol number.
+    /// Every IPv6 route with our protocol number, the others dropped as the dump streams in
+    /// (as [`Routes`]' IPv4 check: the whole table collected first is tens of MB at 65,536).
     fn ours6(&self) -> anyhow::Result<Vec<RouteMessage>> {
         let dump = RouteMessageBuilder::<Ipv6Addr>::new().build();
-        Ok(self
-            .run(
-                self.handle
-                    .route()
-                    .get(dump)
-                    .execute()
-                    .try_collect::<Vec<_>>(),
-            )
-            .context("listing IPv6 routes")?
-            .into_iter()
-            .filter(|route| route.header.protocol == RouteProtocol::Other(RTPROT_RUDDER))
-            .collect())
+        self.run(async {
+            let mut stream = self.handle.route().get(dump).execute();
+            let mut ours = Vec::new();
+            while let Some(route) = stream.try_next().await? {
+                if route.header.protocol == RouteProtocol::Other(RTPROT_RUDDER) {
+                    ours.push(route);
+                }
+            }
+            Ok::<_, rtnetlink::Error>(ours)
+        })
+        .context("listing IPv6 routes")
     }
 
     /// Deletes every IPv6 route with our protocol number, and the placeholder gateway's
