@@ -203,10 +203,15 @@ impl Routes {
             .destination_prefix(subnet.network(), subnet.prefix_len())
             .protocol(RouteProtocol::Other(RTPROT_RUDDER))
             .build();
+        self.delete_route(message)
+            .with_context(|| format!("removing route {subnet}"))
+    }
+
+    /// Deletes the route `message` names; one already gone is no error.
+    pub(super) fn delete_route(&self, message: RouteMessage) -> Result<(), rtnetlink::Error> {
         match self.run(self.handle.route().del(message).execute()) {
-            Ok(()) => Ok(()),
             Err(e) if is_no_such_route(&e) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("removing route {subnet}")),
+            other => other,
         }
     }
 
@@ -266,14 +271,8 @@ impl Routes {
                 .kind(route.kind)
                 .build();
             message.header.scope = route.scope;
-            match self.run(self.handle.route().del(message).execute()) {
-                Ok(()) => {}
-                Err(e) if is_no_such_route(&e) => {}
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("removing stale route {}", route.destination))
-                }
-            }
+            self.delete_route(message)
+                .with_context(|| format!("removing stale route {}", route.destination))?;
         }
         Ok(count)
     }
@@ -319,7 +318,7 @@ impl Drop for Routes {
     }
 }
 
-pub(super) fn is_no_such_route(error: &rtnetlink::Error) -> bool {
+fn is_no_such_route(error: &rtnetlink::Error) -> bool {
     matches!(error, rtnetlink::Error::NetlinkError(msg)
         if msg.code.map(|c| c.get()) == Some(-libc::ESRCH))
 }

@@ -18,7 +18,7 @@ use rtnetlink::{
     RouteMessageBuilder,
 };
 
-use super::routes::{is_no_such_route, Routes, RTPROT_RUDDER};
+use super::routes::{Routes, RTPROT_RUDDER};
 
 /// The IPv6 peer routes' gateway ("rudder" in its last 48 bits): never a real neighbour.
 pub(super) const NEXT_HOP6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0x7275, 0x6464, 0x6572);
@@ -126,11 +126,8 @@ impl Routes {
             .destination_prefix(subnet.network(), subnet.prefix_len())
             .protocol(RouteProtocol::Other(RTPROT_RUDDER))
             .build();
-        match self.run(self.handle.route().del(message).execute()) {
-            Ok(()) => Ok(()),
-            Err(e) if is_no_such_route(&e) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("removing route {subnet}")),
-        }
+        self.delete_route(message)
+            .with_context(|| format!("removing route {subnet}"))
     }
 
     /// `unreachable <network> proto 211`: the kernel answers "destination unreachable" for
@@ -198,11 +195,8 @@ impl Routes {
         // Absent unless IPv6 peers were installed: nothing to report then.
         let _ = self.run(self.handle.neighbours().del(neighbour).execute());
         for route in ours {
-            match self.run(self.handle.route().del(route.clone()).execute()) {
-                Ok(()) => {}
-                Err(e) if is_no_such_route(&e) => {}
-                Err(e) => return Err(e).with_context(|| format!("removing stale route {route:?}")),
-            }
+            self.delete_route(route.clone())
+                .with_context(|| format!("removing stale route {route:?}"))?;
         }
         Ok(count)
     }
