@@ -174,14 +174,12 @@ impl Ipv6Reconciler {
         if self.missing_since.len() != before {
             self.rebuild_ipv6_of_ipv4();
         }
-        let subnets: Vec<Ipv6Net> = self
+        let subnets: std::collections::BTreeSet<Ipv6Net> = self
             .installed
             .keys()
             .chain(self.desired.keys())
             .chain(self.missing_since.keys())
             .copied()
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
             .collect();
         for subnet in subnets {
             self.apply_one(subnet, dp, own);
