@@ -4,87 +4,112 @@
 //! send one subnet's traffic to whichever host the kernel's longest match picks.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::fmt::Display;
 
 use ipnet::Ipv4Net;
 
-use crate::peers::{PeerEvent, PeerMap};
-use crate::subnet_set::SubnetSet;
+use crate::subnet_set::{Block, SubnetSet};
 
-/// A lease with its public IP and etcd create revision.
-pub type Entry = (Ipv4Net, Ipv4Addr, i64);
+/// A lease (one family's subnet) with what its peer entry holds and its etcd create revision.
+pub type Entry<N, V> = (N, V, i64);
 
 /// `subnet` was refused because it overlaps the earlier lease `earlier`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Refused {
-    pub subnet: Ipv4Net,
-    pub earlier: Ipv4Net,
+pub struct Refused<N = Ipv4Net> {
+    pub subnet: N,
+    pub earlier: N,
 }
 
-#[derive(Debug, Default)]
-pub struct PeerBook {
-    accepted: BTreeMap<Ipv4Net, (Ipv4Addr, i64)>,
-    accepted_set: SubnetSet,
-    refused: BTreeMap<Ipv4Net, (Ipv4Addr, i64)>,
+/// What a lease change does to the peers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change<N, V> {
+    Upsert(N, V),
+    Remove(N),
 }
 
-impl PeerBook {
+/// The peers of one address family: IPv4 subnets → PublicIP, or the IPv6 halves.
+#[derive(Debug)]
+pub struct PeerBook<N, V> {
+    accepted: BTreeMap<N, (V, i64)>,
+    accepted_set: SubnetSet<N>,
+    refused: BTreeMap<N, (V, i64)>,
+}
+
+impl<N, V> Default for PeerBook<N, V> {
+    fn default() -> Self {
+        PeerBook {
+            accepted: BTreeMap::new(),
+            accepted_set: SubnetSet::default(),
+            refused: BTreeMap::new(),
+        }
+    }
+}
+
+impl<N: Block + Ord + Display, V: Copy> PeerBook<N, V> {
     /// Starts over from a full listing; returns the peers and the refusals.
-    pub fn reset(&mut self, mut leases: Vec<Entry>) -> (PeerMap, Vec<Refused>) {
+    pub fn reset(&mut self, mut leases: Vec<Entry<N, V>>) -> (BTreeMap<N, V>, Vec<Refused<N>>) {
         *self = PeerBook::default();
         leases.sort_by_key(|(subnet, _, revision)| (*revision, *subnet));
         let refusals = leases
             .into_iter()
-            .filter_map(|(subnet, ip, revision)| self.admit(subnet, ip, revision).err())
+            .filter_map(|(subnet, value, revision)| self.admit(subnet, value, revision).err())
             .collect();
-        let peers = self.accepted.iter().map(|(s, (ip, _))| (*s, *ip)).collect();
-        (peers, refusals)
+        (self.peers(), refusals)
     }
 
-    /// A lease written (created or changed): the event to pass on, or why it is refused.
+    /// The accepted peers.
+    pub fn peers(&self) -> BTreeMap<N, V> {
+        self.accepted.iter().map(|(s, (v, _))| (*s, *v)).collect()
+    }
+
+    pub fn get(&self, subnet: &N) -> Option<V> {
+        self.accepted.get(subnet).map(|(v, _)| *v)
+    }
+
+    /// A lease written (created or changed): the change to pass on, or why it is refused.
     pub fn upsert(
         &mut self,
-        subnet: Ipv4Net,
-        ip: Ipv4Addr,
+        subnet: N,
+        value: V,
         revision: i64,
-    ) -> Result<PeerEvent, Refused> {
+    ) -> Result<Change<N, V>, Refused<N>> {
         if let Some(entry) = self.accepted.get_mut(&subnet) {
-            entry.0 = ip;
-            return Ok(PeerEvent::Upsert(subnet, ip));
+            entry.0 = value;
+            return Ok(Change::Upsert(subnet, value));
         }
-        self.admit(subnet, ip, revision)
-            .map(|()| PeerEvent::Upsert(subnet, ip))
+        self.admit(subnet, value, revision)
+            .map(|()| Change::Upsert(subnet, value))
     }
 
     /// A lease gone: its removal (if it was a peer), then refused leases that fit now.
-    pub fn remove(&mut self, subnet: Ipv4Net) -> Vec<PeerEvent> {
+    pub fn remove(&mut self, subnet: N) -> Vec<Change<N, V>> {
         if self.refused.remove(&subnet).is_some() || self.accepted.remove(&subnet).is_none() {
             return Vec::new();
         }
         self.accepted_set.remove(subnet);
-        let mut events = vec![PeerEvent::Remove(subnet)];
-        let mut waiting: Vec<Entry> = self
+        let mut changes = vec![Change::Remove(subnet)];
+        let mut waiting: Vec<Entry<N, V>> = self
             .refused
             .iter()
-            .filter(|(s, _)| s.contains(&subnet) || subnet.contains(*s))
-            .map(|(s, (ip, revision))| (*s, *ip, *revision))
+            .filter(|(s, _)| s.overlaps(subnet))
+            .map(|(s, (value, revision))| (*s, *value, *revision))
             .collect();
         waiting.sort_by_key(|(s, _, revision)| (*revision, *s));
-        for (s, ip, revision) in waiting {
+        for (s, value, revision) in waiting {
             self.refused.remove(&s);
-            if self.admit(s, ip, revision).is_ok() {
-                events.push(PeerEvent::Upsert(s, ip));
+            if self.admit(s, value, revision).is_ok() {
+                changes.push(Change::Upsert(s, value));
             }
         }
-        events
+        changes
     }
 
-    fn admit(&mut self, subnet: Ipv4Net, ip: Ipv4Addr, revision: i64) -> Result<(), Refused> {
+    fn admit(&mut self, subnet: N, value: V, revision: i64) -> Result<(), Refused<N>> {
         if let Some(earlier) = self.accepted_set.overlapping(subnet) {
-            self.refused.insert(subnet, (ip, revision));
+            self.refused.insert(subnet, (value, revision));
             return Err(Refused { subnet, earlier });
         }
-        self.accepted.insert(subnet, (ip, revision));
+        self.accepted.insert(subnet, (value, revision));
         self.accepted_set.insert(subnet);
         Ok(())
     }
@@ -93,6 +118,8 @@ impl PeerBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::net::Ipv4Addr;
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
@@ -134,8 +161,8 @@ mod tests {
         assert_eq!(
             book.remove(net("10.5.3.0/24")),
             vec![
-                PeerEvent::Remove(net("10.5.3.0/24")),
-                PeerEvent::Upsert(net("10.5.0.0/20"), B)
+                Change::Remove(net("10.5.3.0/24")),
+                Change::Upsert(net("10.5.0.0/20"), B)
             ]
         );
         // Now the /24 is the later one.
@@ -150,7 +177,7 @@ mod tests {
         assert_eq!(book.remove(net("10.5.9.0/24")), vec![]);
         assert_eq!(
             book.upsert(net("10.5.3.0/24"), C, 5),
-            Ok(PeerEvent::Upsert(net("10.5.3.0/24"), C)),
+            Ok(Change::Upsert(net("10.5.3.0/24"), C)),
             "a peer that moves to another public IP keeps its place"
         );
     }

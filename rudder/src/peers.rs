@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::etcd::listing::Pages;
 use crate::etcd::{Backoff, Etcd};
-use crate::peer_book::{PeerBook, Refused};
+use crate::peer_book::{Change, PeerBook, Refused};
 use crate::status::State;
 use crate::subnet::{parse_lease_key, LeaseSubnets, LeaseValue};
 
@@ -138,6 +138,20 @@ fn ipv6_peer(lease: &PeerLease) -> Ipv6Peer {
     }
 }
 
+fn ipv4_event(change: Change<Ipv4Net, Ipv4Addr>) -> PeerEvent {
+    match change {
+        Change::Upsert(subnet, ip) => PeerEvent::Upsert(subnet, ip),
+        Change::Remove(subnet) => PeerEvent::Remove(subnet),
+    }
+}
+
+fn ipv6_event(change: Change<Ipv6Net, Ipv6Peer>) -> PeerEvent {
+    match change {
+        Change::Upsert(subnet, peer) => PeerEvent::Ipv6Upsert(subnet, peer),
+        Change::Remove(subnet) => PeerEvent::Ipv6Remove(subnet),
+    }
+}
+
 pub struct PeerRegistry {
     etcd: Etcd,
     subnets_prefix: String,
@@ -149,8 +163,9 @@ pub struct PeerRegistry {
     state: State,
     /// Keys of other backends' leases, logged once each (forgotten when the key goes).
     logged_other_backend: HashSet<Vec<u8>>,
-    book: PeerBook,
-    ipv6: Ipv6PeerMap,
+    book: PeerBook<Ipv4Net, Ipv4Addr>,
+    /// The IPv6 halves, refused on overlap as the IPv4 subnets are.
+    book6: PeerBook<Ipv6Net, Ipv6Peer>,
 }
 
 impl PeerRegistry {
@@ -171,34 +186,44 @@ impl PeerRegistry {
             state,
             logged_other_backend: HashSet::new(),
             book: PeerBook::default(),
-            ipv6: Ipv6PeerMap::new(),
+            book6: PeerBook::default(),
         }
     }
 
-    /// Records (or drops, `lease: None`) the IPv6 half of the lease at `subnets`; the event
+    /// Records (or drops, `lease: None`) the IPv6 half of the lease at `subnets`; the events
     /// for the reconciler when it changed.
-    fn set_ipv6(&mut self, subnets: LeaseSubnets, lease: Option<&PeerLease>) -> Option<PeerEvent> {
-        self.network6?;
-        let subnet6 = subnets.ipv6?;
-        let event = match lease {
-            Some(l) => {
-                let peer = ipv6_peer(l);
-                (self.ipv6.insert(subnet6, peer) != Some(peer))
-                    .then_some(PeerEvent::Ipv6Upsert(subnet6, peer))
-            }
-            None => self
-                .ipv6
-                .remove(&subnet6)
-                .map(|_| PeerEvent::Ipv6Remove(subnet6)),
+    fn set_ipv6(
+        &mut self,
+        subnets: LeaseSubnets,
+        lease: Option<(&PeerLease, i64)>,
+    ) -> Vec<PeerEvent> {
+        let (Some(_), Some(subnet6)) = (self.network6, subnets.ipv6) else {
+            return Vec::new();
         };
-        if event.is_some() {
+        let changes = match lease {
+            Some((lease, revision)) => {
+                let peer = ipv6_peer(lease);
+                if self.book6.get(&subnet6) == Some(peer) {
+                    return Vec::new();
+                }
+                match self.book6.upsert(subnet6, peer, revision) {
+                    Ok(change) => vec![change],
+                    Err(refused) => {
+                        self.report(refused);
+                        Vec::new()
+                    }
+                }
+            }
+            None => self.book6.remove(subnet6),
+        };
+        if !changes.is_empty() {
             self.publish_ipv6();
         }
-        event
+        changes.into_iter().map(ipv6_event).collect()
     }
 
     fn publish_ipv6(&self) {
-        let view = self.ipv6.clone();
+        let view = self.book6.peers();
         self.state.update(|s| s.ipv6_peers = view);
     }
 
@@ -230,14 +255,14 @@ impl PeerRegistry {
         // Page by page, so a big cluster's listing never sits in memory twice.
         let mut pages = Pages::new(self.etcd.client(), &self.subnets_prefix);
         let mut leases = Vec::new();
+        let mut leases6 = Vec::new();
         // Only keys that still exist stay remembered as "logged once".
         let mut still_other_backend = HashSet::new();
-        self.ipv6.clear();
         while let Some(page) = pages.next().await? {
             for kv in &page {
                 if let Some(lease) = self.accept(kv.key(), kv.value()) {
                     if let (Some(subnet6), true) = (lease.subnets.ipv6, self.network6.is_some()) {
-                        self.ipv6.insert(subnet6, ipv6_peer(&lease));
+                        leases6.push((subnet6, ipv6_peer(&lease), kv.create_revision()));
                     }
                     if let Some(subnet) = lease.subnets.ipv4 {
                         leases.push((subnet, lease.public_ip, kv.create_revision()));
@@ -248,8 +273,12 @@ impl PeerRegistry {
             }
         }
         self.logged_other_backend = still_other_backend;
-        self.publish_ipv6();
         let revision = pages.revision().unwrap_or(0);
+        let (snapshot6, refusals6) = self.book6.reset(leases6);
+        for refused in refusals6 {
+            self.report(refused);
+        }
+        self.publish_ipv6();
         let (snapshot, refusals) = self.book.reset(leases);
         for refused in refusals {
             self.report(refused);
@@ -257,7 +286,7 @@ impl PeerRegistry {
         if self.network6.is_some()
             && self
                 .events
-                .send(PeerEvent::Ipv6Snapshot(self.ipv6.clone()))
+                .send(PeerEvent::Ipv6Snapshot(snapshot6))
                 .await
                 .is_err()
         {
@@ -301,17 +330,15 @@ impl PeerRegistry {
                 let peer_events = match event.event_type() {
                     EventType::Put => match self.accept(kv.key(), kv.value()) {
                         Some(lease) => {
-                            let mut peer_events: Vec<PeerEvent> = self
-                                .set_ipv6(lease.subnets, Some(&lease))
-                                .into_iter()
-                                .collect();
+                            let mut peer_events =
+                                self.set_ipv6(lease.subnets, Some((&lease, kv.create_revision())));
                             if let Some(subnet) = lease.subnets.ipv4 {
                                 match self.book.upsert(
                                     subnet,
                                     lease.public_ip,
                                     kv.create_revision(),
                                 ) {
-                                    Ok(peer_event) => peer_events.push(peer_event),
+                                    Ok(change) => peer_events.push(ipv4_event(change)),
                                     Err(refused) => self.report(refused),
                                 }
                             }
@@ -343,9 +370,9 @@ impl PeerRegistry {
 
     /// A lease gone (or turned bad): both halves stop being peers.
     fn forget(&mut self, subnets: LeaseSubnets) -> Vec<PeerEvent> {
-        let mut events: Vec<PeerEvent> = self.set_ipv6(subnets, None).into_iter().collect();
+        let mut events = self.set_ipv6(subnets, None);
         if let Some(subnet) = subnets.ipv4 {
-            events.extend(self.book.remove(subnet));
+            events.extend(self.book.remove(subnet).into_iter().map(ipv4_event));
         }
         events
     }
@@ -355,7 +382,7 @@ impl PeerRegistry {
         parse_lease_key(std::str::from_utf8(suffix).ok()?).ok()
     }
 
-    fn report(&self, refused: Refused) {
+    fn report<N: std::fmt::Display>(&self, refused: Refused<N>) {
         tracing::error!(
             "refusing lease {}: it overlaps the earlier lease {} (leases carved with different SubnetLen or Network, or written by hand?); it becomes a peer once that one is gone",
             refused.subnet,

@@ -1,36 +1,91 @@
 //! A set of subnets of any length that answers "which member overlaps this one?", so that no
-//! two leases ever overlap, whatever `SubnetLen` each was carved with.
+//! two leases ever overlap, whatever `SubnetLen` each was carved with. One per address family.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
-#[derive(Clone, Debug, Default)]
-pub struct SubnetSet {
+/// A subnet of one address family, as the set orders it: (network address, prefix length).
+pub trait Block: Copy {
+    fn key(self) -> (u128, u8);
+    fn last(self) -> u128;
+    /// The block `len` bits long that holds this one's network address.
+    fn supernet(self, len: u8) -> Self;
+    fn from_key(key: (u128, u8)) -> Self;
+    /// The longest prefix of the family.
+    const BITS: u8;
+
+    /// One contains the other (aligned blocks overlap no other way).
+    fn overlaps(self, other: Self) -> bool {
+        let (a, b) = (self.key().0, other.key().0);
+        (a <= b && other.last() <= self.last()) || (b <= a && self.last() <= other.last())
+    }
+}
+
+impl Block for Ipv4Net {
+    fn key(self) -> (u128, u8) {
+        (u32::from(self.network()).into(), self.prefix_len())
+    }
+    fn last(self) -> u128 {
+        u32::from(self.broadcast()).into()
+    }
+    fn supernet(self, len: u8) -> Self {
+        Ipv4Net::new(self.network(), len)
+            .expect("len <= 32")
+            .trunc()
+    }
+    fn from_key((start, len): (u128, u8)) -> Self {
+        Ipv4Net::new(Ipv4Addr::from(start as u32), len).expect("stored from a valid Ipv4Net")
+    }
+    const BITS: u8 = 32;
+}
+
+impl Block for Ipv6Net {
+    fn key(self) -> (u128, u8) {
+        (u128::from(self.network()), self.prefix_len())
+    }
+    fn last(self) -> u128 {
+        u128::from(self.broadcast())
+    }
+    fn supernet(self, len: u8) -> Self {
+        Ipv6Net::new(self.network(), len)
+            .expect("len <= 128")
+            .trunc()
+    }
+    fn from_key((start, len): (u128, u8)) -> Self {
+        Ipv6Net::new(Ipv6Addr::from(start), len).expect("stored from a valid Ipv6Net")
+    }
+    const BITS: u8 = 128;
+}
+
+#[derive(Clone, Debug)]
+pub struct SubnetSet<N = Ipv4Net> {
     /// (network address, prefix length): ordered by start address.
-    members: BTreeSet<(u32, u8)>,
+    members: BTreeSet<(u128, u8)>,
+    family: std::marker::PhantomData<N>,
 }
 
-fn key(net: Ipv4Net) -> (u32, u8) {
-    (u32::from(net.network()), net.prefix_len())
+impl<N> Default for SubnetSet<N> {
+    fn default() -> Self {
+        SubnetSet {
+            members: BTreeSet::new(),
+            family: std::marker::PhantomData,
+        }
+    }
 }
 
-fn net_of((start, len): (u32, u8)) -> Ipv4Net {
-    Ipv4Net::new(Ipv4Addr::from(start), len).expect("stored from a valid Ipv4Net")
-}
-
-impl SubnetSet {
+impl<N: Block> SubnetSet<N> {
     pub fn new() -> Self {
         Self::default()
     }
 
-    pub fn insert(&mut self, net: Ipv4Net) {
-        self.members.insert(key(net.trunc()));
+    pub fn insert(&mut self, net: N) {
+        self.members.insert(net.supernet(net.key().1).key());
     }
 
-    pub fn remove(&mut self, net: Ipv4Net) {
-        self.members.remove(&key(net.trunc()));
+    pub fn remove(&mut self, net: N) {
+        self.members.remove(&net.supernet(net.key().1).key());
     }
 
     pub fn len(&self) -> usize {
@@ -43,27 +98,27 @@ impl SubnetSet {
 
     /// A member that overlaps `net` (contains it, lies inside it or equals it), if any.
     /// Subnets are aligned blocks, so two overlap exactly when one contains the other: a
-    /// member containing `net` is one of its at most 33 supernets; a member inside `net`
-    /// starts within its address range.
-    pub fn overlapping(&self, net: Ipv4Net) -> Option<Ipv4Net> {
-        let net = net.trunc();
-        let start = u32::from(net.network());
-        let end = u32::from(net.broadcast());
-        let containing = (0..=net.prefix_len()).find_map(|len| {
-            let supernet = Ipv4Net::new(net.network(), len).ok()?.trunc();
-            self.members.contains(&key(supernet)).then_some(supernet)
+    /// member containing `net` is one of its at most BITS + 1 supernets; a member inside
+    /// `net` starts within its address range.
+    pub fn overlapping(&self, net: N) -> Option<N> {
+        let (_, len) = net.key();
+        let net = net.supernet(len);
+        let (start, _) = net.key();
+        let containing = (0..=len).find_map(|len| {
+            let supernet = net.supernet(len);
+            self.members.contains(&supernet.key()).then_some(supernet)
         });
         containing.or_else(|| {
             self.members
-                .range((start, 0)..=(end, 32))
+                .range((start, 0)..=(net.last(), N::BITS))
                 .next()
-                .map(|member| net_of(*member))
+                .map(|member| N::from_key(*member))
         })
     }
 }
 
-impl FromIterator<Ipv4Net> for SubnetSet {
-    fn from_iter<I: IntoIterator<Item = Ipv4Net>>(iter: I) -> Self {
+impl<N: Block> FromIterator<N> for SubnetSet<N> {
+    fn from_iter<I: IntoIterator<Item = N>>(iter: I) -> Self {
         let mut set = SubnetSet::new();
         for net in iter {
             set.insert(net);
@@ -122,6 +177,36 @@ mod tests {
         set.remove(net("10.5.0.0/20"));
         assert!(set.is_empty());
         assert_eq!(set.overlapping(net("10.5.7.0/24")), None);
+    }
+
+    #[test]
+    fn ipv6_blocks_overlap_by_containment_too() {
+        let v6 = |s: &str| -> Ipv6Net { s.parse().unwrap() };
+        let set: SubnetSet<Ipv6Net> = [v6("fc00:0:0:22::/64"), v6("fc00:0:0:40::/60")]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            set.overlapping(v6("fc00:0:0:22::/64")),
+            Some(v6("fc00:0:0:22::/64"))
+        );
+        assert_eq!(
+            set.overlapping(v6("fc00:0:0:20::/62")),
+            Some(v6("fc00:0:0:22::/64"))
+        );
+        assert_eq!(
+            set.overlapping(v6("fc00:0:0:4f::/64")),
+            Some(v6("fc00:0:0:40::/60"))
+        );
+        assert_eq!(
+            set.overlapping(v6("fc00:0:0:4f:ffff::/80")),
+            Some(v6("fc00:0:0:40::/60"))
+        );
+        assert_eq!(set.overlapping(v6("fc00:0:0:23::/64")), None);
+        assert_eq!(set.overlapping(v6("fc00:0:0:50::/60")), None);
+        assert_eq!(
+            set.overlapping(v6("fc00::/48")),
+            Some(v6("fc00:0:0:22::/64"))
+        );
     }
 
     #[test]

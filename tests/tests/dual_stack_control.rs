@@ -242,3 +242,67 @@ fn enabling_ipv6_replaces_a_v4_only_lease_and_keeps_the_ipv4_subnet() {
         Ok(())
     });
 }
+
+/// A lease whose IPv6 half overlaps a live host's IPv6 subnet (written by hand, or carved
+/// with another IPv6SubnetLen): that half is refused and reported as an overlapping IPv4
+/// subnet is, and its IPv4 half still becomes a peer.
+#[test]
+fn an_overlapping_ipv6_half_is_refused_and_its_ipv4_half_kept() {
+    e2e(|c| {
+        c.put_config(DUAL)?;
+        let a = dual_host(c, "fd00:77::10/64", &[])?;
+        let b = dual_host(c, "fd00:77::11/64", &[])?;
+        let (_, a6, _) = file_subnets(&a)?;
+        wait_until("b to see a's IPv6 half", Duration::from_secs(20), || {
+            Ok(b.status()?["ipv6_peers"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|p| p["ipv6_subnet"] == a6.to_string())))
+        })?;
+        let invalid_before = b.status()?["invalid_leases"].as_u64().unwrap_or(0);
+        let over_a6 = Ipv6Net::new(a6.network(), 60)?.trunc();
+        let v4: Ipv4Net = "10.5.201.0/24".parse()?;
+        c.etcd_put(
+            &dual_key(v4, over_a6),
+            r#"{"PublicIP":"192.168.77.98","PublicIPv6":"fd00:77::98"}"#,
+        )?;
+        wait_until(
+            "b to refuse the overlapping IPv6 half",
+            Duration::from_secs(20),
+            || {
+                Ok(b.log().contains(&format!(
+                    "refusing lease {over_a6}: it overlaps the earlier lease {a6}"
+                )))
+            },
+        )?;
+        wait_until(
+            "the IPv4 half to become a peer",
+            Duration::from_secs(20),
+            || Ok(peer_entry(&b.status()?, v4).is_some()),
+        )?;
+        let st = b.status()?;
+        let ipv6_peers = st["ipv6_peers"].as_array().cloned().unwrap_or_default();
+        check!(
+            !ipv6_peers
+                .iter()
+                .any(|p| p["ipv6_subnet"] == over_a6.to_string()),
+            "b made the overlapping IPv6 half a peer: {st}"
+        );
+        check!(
+            ipv6_peers
+                .iter()
+                .any(|p| p["ipv6_subnet"] == a6.to_string()),
+            "a's IPv6 half is gone: {st}"
+        );
+        check!(
+            st["invalid_leases"].as_u64().unwrap_or(0) > invalid_before,
+            "the refusal was not counted: {st}"
+        );
+        // The kernel's IPv6 table holds no route for the refused block on either plane.
+        let routes = netns::exec_ok(b.netns(), "ip", &["-6", "route", "show"])?;
+        check!(
+            !routes.contains(&over_a6.to_string()),
+            "a route for the refused block:\n{routes}"
+        );
+        Ok(())
+    });
+}
