@@ -477,8 +477,9 @@ async fn ipv6_side(
     Ok((public_ipv6, mtu))
 }
 
-/// PublicIPv6: `--public-ipv6`, else the underlay interface's IPv6 address as flannel picks it;
-/// none is a warning (the lease then says null), not a stop.
+/// PublicIPv6: `--public-ipv6`, else the IPv6 address `--iface` named, else the underlay
+/// interface's IPv6 address as flannel picks it; none is a warning (the lease then says
+/// null), not a stop.
 async fn public_ipv6_of(
     netlink: &Netlink,
     underlay: &crate::underlay::Underlay,
@@ -486,6 +487,9 @@ async fn public_ipv6_of(
 ) -> Option<Ipv6Addr> {
     if flag.is_some() {
         return flag;
+    }
+    if underlay.named_ipv6.is_some() {
+        return underlay.named_ipv6;
     }
     match netlink.ipv6_candidates(underlay.index).await {
         Ok(candidates) => {

@@ -1,7 +1,7 @@
 //! Picking the underlay interface (flanneld's `--iface`, `--iface-regex`,
 //! `--iface-can-reach`, `--public-ip`) and what the data planes need to know about it.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{anyhow, bail, Context};
 use rtnetlink::packet_route::link::LinkLayerType;
@@ -22,6 +22,9 @@ pub struct Underlay {
     pub local_ip: Ipv4Addr,
     /// ARPHRD_* of the device: the eBPF programs need Ethernet frames.
     pub link_layer: LinkLayerType,
+    /// The IPv6 address `--iface` named: the PublicIPv6 unless `--public-ipv6` says
+    /// otherwise, as flanneld's.
+    pub named_ipv6: Option<Ipv6Addr>,
 }
 
 impl Underlay {
@@ -120,13 +123,22 @@ fn holding(
         .map(|(l, _)| (l.clone(), Some(ip)))
 }
 
-/// `--iface`: an IPv4 address names the interface holding it; anything else is a name.
+/// `--iface`: an IPv4 or IPv6 address names the interface holding it (`ipv6`: each
+/// interface's IPv6 addresses); anything else is a name.
 fn by_name_or_address(
     links: &[(LinkInfo, Vec<Ipv4Addr>)],
+    ipv6: &[(u32, Vec<Ipv6Addr>)],
     want: &str,
 ) -> Option<(LinkInfo, Option<Ipv4Addr>)> {
-    match want.parse::<Ipv4Addr>() {
-        Ok(ip) => holding(links, ip),
+    match want.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => holding(links, ip),
+        Ok(IpAddr::V6(ip)) => {
+            let (index, _) = ipv6.iter().find(|(_, addrs)| addrs.contains(&ip))?;
+            links
+                .iter()
+                .find(|(l, _)| l.index == *index)
+                .map(|(l, _)| (l.clone(), None))
+        }
         Err(_) => links
             .iter()
             .find(|(l, _)| l.name == want)
@@ -172,6 +184,15 @@ impl Netlink {
     /// `--public-ip` overrides the address found.
     pub async fn underlay(&self, sel: &UnderlaySelection) -> anyhow::Result<Underlay> {
         let links = self.links_with_addresses().await?;
+        // Each interface's IPv6 addresses, listed only when an `--iface` is one.
+        let mut ipv6 = Vec::new();
+        if sel.ifaces.iter().any(|i| i.parse::<Ipv6Addr>().is_ok()) {
+            for (link, _) in &links {
+                let addrs = self.ipv6_candidates(link.index).await?;
+                ipv6.push((link.index, addrs.iter().map(|c| c.addr).collect()));
+            }
+        }
+        let mut named_ipv6 = None;
         let (link, found_ip) = if sel.ifaces.is_empty()
             && sel.regexes.is_empty()
             && sel.can_reach.is_none()
@@ -191,9 +212,12 @@ impl Netlink {
         } else {
             let mut found = None;
             for want in &sel.ifaces {
-                found = by_name_or_address(&links, want);
+                found = by_name_or_address(&links, &ipv6, want);
                 match &found {
-                    Some(_) => break,
+                    Some(_) => {
+                        named_ipv6 = want.parse::<Ipv6Addr>().ok();
+                        break;
+                    }
                     None => tracing::info!("--iface {want}: no interface has that name or address"),
                 }
             }
@@ -259,6 +283,7 @@ impl Netlink {
             public_ip: sel.public_ip.unwrap_or(local_ip),
             local_ip,
             link_layer: link.link_layer,
+            named_ipv6,
         })
     }
 }
@@ -288,15 +313,26 @@ mod tests {
     #[test]
     fn iface_is_a_name_or_an_address() {
         let l = links();
-        let (link, ip) = by_name_or_address(&l, "ens4").unwrap();
+        let v6: Vec<(u32, Vec<Ipv6Addr>)> = vec![
+            (2, vec!["fd00:77::10".parse().unwrap()]),
+            (
+                3,
+                vec!["fe80::1".parse().unwrap(), "fd00:99::7".parse().unwrap()],
+            ),
+        ];
+        let (link, ip) = by_name_or_address(&l, &v6, "ens4").unwrap();
         assert_eq!((link.name.as_str(), ip), ("ens4", None));
-        let (link, ip) = by_name_or_address(&l, "10.2.0.7").unwrap();
+        let (link, ip) = by_name_or_address(&l, &v6, "10.2.0.7").unwrap();
         assert_eq!(
             (link.name.as_str(), ip),
             ("ens4", Some(Ipv4Addr::new(10, 2, 0, 7)))
         );
-        assert!(by_name_or_address(&l, "eth9").is_none());
-        assert!(by_name_or_address(&l, "10.9.9.9").is_none());
+        // An IPv6 address names its interface; the IPv4 address is then the interface's own.
+        let (link, ip) = by_name_or_address(&l, &v6, "fd00:99::7").unwrap();
+        assert_eq!((link.name.as_str(), ip), ("ens4", None));
+        assert!(by_name_or_address(&l, &v6, "eth9").is_none());
+        assert!(by_name_or_address(&l, &v6, "10.9.9.9").is_none());
+        assert!(by_name_or_address(&l, &v6, "fd00:77::99").is_none());
     }
 
     #[test]

@@ -306,3 +306,39 @@ fn an_overlapping_ipv6_half_is_refused_and_its_ipv4_half_kept() {
         Ok(())
     });
 }
+
+/// `--iface` given as an IPv6 address names the interface holding it, and that address is the
+/// PublicIPv6 (as flanneld's), not the one the interface's ranking would pick.
+#[test]
+fn iface_as_an_ipv6_address_names_the_interface_and_the_public_ipv6() {
+    e2e(|c| {
+        c.put_config(DUAL)?;
+        let h = c.add_host_without_daemon(HostOpts {
+            extra_args: vec!["--iface".into(), "fd00:77::33".into()],
+            ..HostOpts::default()
+        })?;
+        // The named address first: the kernel lists the newer one first, which is what the
+        // ranking alone would pick.
+        for address in ["fd00:77::33/64", "fd00:77::13/64"] {
+            netns::exec_ok(
+                h.netns(),
+                "ip",
+                &["-6", "addr", "add", address, "dev", "eth0", "nodad"],
+            )?;
+        }
+        h.start()?;
+        h.wait_ready(Duration::from_secs(30))?;
+        let (v4, v6, _) = file_subnets(&h)?;
+        let value = c
+            .etcd_get(&dual_key(v4, v6))?
+            .ok_or_else(|| anyhow!("no lease for {v4} {v6}: {:?}", c.lease_keys(None)))?;
+        let json: serde_json::Value = serde_json::from_str(&value)?;
+        check!(json["PublicIPv6"] == "fd00:77::33", "lease {value}");
+        check!(
+            json["PublicIP"] == h.underlay_ip().to_string(),
+            "the IPv4 PublicIP is eth0's own: {value}"
+        );
+        check!(h.status()?["iface"] == "eth0", "{}", h.status()?);
+        Ok(())
+    });
+}
