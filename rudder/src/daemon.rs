@@ -104,31 +104,40 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let (local, dp) = up
             .run(&saved.config, saved.subnet, saved.ipv6_subnet)
             .await?;
-        // Saved peers are reached at their PublicIP until etcd says more (their PublicIPv6).
-        for (subnet, ip) in &saved.peers {
-            if let Err(e) = dp.upsert_peer(*subnet, (*ip).into()) {
-                tracing::warn!(%subnet, "programming saved peer {ip} failed: {e:#}");
-            }
-        }
+        let own = crate::reconcile6::Own {
+            subnet: saved.subnet,
+            public_ip: underlay.public_ip,
+            public_ipv6,
+        };
+        let programmed =
+            crate::reconcile_saved::SavedPeers::program(&*dp, own, &saved.peers, &saved.ipv6_peers);
         state.update(|s| {
             s.network = Some(saved.config.network);
             s.subnet = Some(saved.subnet);
             s.ipv6_subnet = saved.ipv6_subnet;
         });
+        let (peers, ipv6_peers) = programmed.counts();
         tracing::info!(
-            subnet = %saved.subnet, peers = saved.peers.len(),
+            subnet = %saved.subnet, peers, ipv6_peers,
             "brought up from {} before etcd answered", state_path.display()
         );
         let refresh = follow_host_state(&dp, underlay.index, saved.config.network);
-        early = Some((local, dp, refresh));
+        early = Some(Early {
+            local,
+            dp,
+            refresh,
+            programmed,
+        });
     }
-    let stop_early =
-        |early: Option<(LocalSetup, Arc<dyn Dataplane>, tokio::task::JoinHandle<()>)>| async move {
-            if let Some((local, dp, refresh)) = early {
-                refresh.abort();
-                stop_dataplane(&*dp, &local, args.cleanup_on_exit).await;
-            }
-        };
+    let stop_early = |early: Option<Early>| async move {
+        if let Some(Early {
+            local, dp, refresh, ..
+        }) = early
+        {
+            refresh.abort();
+            stop_dataplane(&*dp, &local, args.cleanup_on_exit).await;
+        }
+    };
     let client = tokio::select! {
         client = Etcd::connect(&args.etcd) => client?,
         _ = shutdown.wait() => { stop_early(early).await; return Ok(()) },
@@ -146,7 +155,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             describe(&saved.config),
             describe(&config)
         );
-        if let Some((local, dp, refresh)) = early.take() {
+        if let Some(Early {
+            local, dp, refresh, ..
+        }) = early.take()
+        {
             refresh.abort();
             stop_dataplane(&*dp, &local, true).await;
             *state.dataplane.write().expect("dataplane lock poisoned") = None;
@@ -197,8 +209,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = shutdown.wait() => { stop_early(early).await; return Ok(()) },
     };
 
-    let (local, dp) = match early {
-        Some((local, dp, refresh)) => {
+    let (local, dp, programmed) = match early {
+        Some(Early {
+            local,
+            dp,
+            refresh,
+            programmed,
+        }) => {
             refresh.abort();
             if hint != Some(lease.subnet) {
                 tracing::error!(
@@ -216,7 +233,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     dp.set_local_subnet6(subnet6)?;
                 }
             }
-            (local, dp)
+            (local, dp, Some(programmed))
         }
         None => {
             let up = BringUp {
@@ -227,7 +244,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 netlink: &netlink,
                 state: &state,
             };
-            up.run(&config, lease.subnet, lease.ipv6_subnet).await?
+            let (local, dp) = up.run(&config, lease.subnet, lease.ipv6_subnet).await?;
+            (local, dp, None)
         }
     };
 
@@ -251,17 +269,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         peer_tx,
         state.clone(),
     );
-    // Peers a previous run left in the kernel (eBPF pins) count as installed, so the first
-    // snapshot from etcd is applied to them as a diff.
-    // (Those reached over IPv6 are programmed again from etcd's snapshot.)
-    let adopted: std::collections::BTreeMap<_, _> = dp
-        .peer_stats()
-        .iter()
-        .filter_map(|p| match p.public_ip {
-            std::net::IpAddr::V4(ip) => Some((p.subnet, ip)),
-            std::net::IpAddr::V6(_) => None,
-        })
-        .collect();
     let reconciler = Reconciler::new(
         dp.clone(),
         state.clone(),
@@ -269,8 +276,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         subnet_rx,
         lease_check.clone(),
     )
-    .with_public_ipv6(public_ipv6)
-    .with_installed(adopted);
+    .with_public_ipv6(public_ipv6);
+    // What the state file's peers programmed, or else the peers a previous run left in the
+    // kernel (eBPF pins), count as installed: etcd's first snapshot is applied as a diff.
+    // (Pinned ones reached over IPv6 name no PublicIP: etcd's snapshot programs them again.)
+    let reconciler = match programmed {
+        Some(programmed) => reconciler.with_saved(programmed),
+        None => reconciler.with_installed(
+            dp.peer_stats()
+                .iter()
+                .filter_map(|p| match p.public_ip {
+                    std::net::IpAddr::V4(ip) => Some((p.subnet, ip)),
+                    std::net::IpAddr::V6(_) => None,
+                })
+                .collect(),
+        ),
+    };
     let follower = UnderlayFollower {
         name: underlay.name.clone(),
         mtu: underlay.mtu,
@@ -510,6 +531,14 @@ async fn public_ipv6_of(
             None
         }
     }
+}
+
+/// A data plane brought up from the state file before etcd answered.
+struct Early {
+    local: LocalSetup,
+    dp: Arc<dyn Dataplane>,
+    refresh: tokio::task::JoinHandle<()>,
+    programmed: crate::reconcile_saved::SavedPeers,
 }
 
 /// Keeps the data plane's host state current: from netlink events where it has fast paths

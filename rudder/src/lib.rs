@@ -39,6 +39,7 @@ pub mod peer_book;
 pub mod peers;
 pub mod reconcile;
 pub mod reconcile6;
+pub mod reconcile_saved;
 pub mod state_file;
 pub mod status;
 pub mod status_socket;

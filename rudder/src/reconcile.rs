@@ -102,6 +102,26 @@ impl Reconciler {
         self
     }
 
+    /// Starts from what a start programmed from the state file (both halves): desired and
+    /// installed until etcd's first snapshot says otherwise.
+    pub fn with_saved(mut self, saved: crate::reconcile_saved::SavedPeers) -> Self {
+        let own = self.own();
+        self.over_ipv6 = saved
+            .peers
+            .iter()
+            .filter_map(
+                |(subnet, ip)| match saved.ipv6.underlay_of_ipv4(&own, *subnet, *ip) {
+                    IpAddr::V6(v6) => Some((*subnet, v6)),
+                    IpAddr::V4(_) => None,
+                },
+            )
+            .collect();
+        self.ipv6 = saved.ipv6;
+        let ipv6_peers = saved.ipv6_peers;
+        self.state.update(|s| s.ipv6_peers = ipv6_peers);
+        self.with_installed(saved.peers)
+    }
+
     pub async fn run(mut self, mut events: mpsc::Receiver<PeerEvent>) {
         loop {
             let next_expiry = self.next_grace_expiry();
@@ -380,7 +400,7 @@ pub(crate) mod tests {
         /// Where each IPv4 peer is reached.
         pub(crate) underlays: Mutex<BTreeMap<Ipv4Net, IpAddr>>,
         pub(crate) peers6: Mutex<BTreeMap<Ipv6Net, IpAddr>>,
-        calls: Mutex<Vec<String>>,
+        pub(crate) calls: Mutex<Vec<String>>,
         /// Whether a peer batch is open, and the calls made inside one.
         in_batch: Mutex<bool>,
         batched: Mutex<Vec<String>>,

@@ -13,6 +13,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::config::NetworkConfig;
+use crate::peers::{Ipv6Peer, Ipv6PeerMap};
 use crate::status::State;
 
 /// What a start needs before etcd answers.
@@ -23,6 +24,18 @@ pub struct SavedState {
     /// Our IPv6 subnet when the network has IPv6 on (a restart asks for it again).
     pub ipv6_subnet: Option<Ipv6Net>,
     pub peers: BTreeMap<Ipv4Net, Ipv4Addr>,
+    /// The IPv6 halves of the leases (IPv6 on): which peers are reached over IPv6.
+    pub ipv6_peers: Ipv6PeerMap,
+}
+
+/// One IPv6 half on disk.
+#[derive(Serialize, Deserialize)]
+struct DiskIpv6Peer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ipv4_subnet: Option<String>,
+    public_ip: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    public_ipv6: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -35,6 +48,9 @@ struct OnDisk {
     ipv6_subnet: Option<String>,
     /// subnet → public IP.
     peers: BTreeMap<String, String>,
+    /// IPv6 subnet → its lease's other fields; absent in files from before dual stack.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    ipv6_peers: BTreeMap<String, DiskIpv6Peer>,
 }
 
 /// `rudder-state.json` in the subnet file's directory.
@@ -74,6 +90,18 @@ impl SavedState {
                 .iter()
                 .map(|(s, ip)| (s.to_string(), ip.to_string()))
                 .collect(),
+            ipv6_peers: self
+                .ipv6_peers
+                .iter()
+                .map(|(s, p)| {
+                    let peer = DiskIpv6Peer {
+                        ipv4_subnet: p.ipv4_subnet.map(|s| s.to_string()),
+                        public_ip: p.public_ip.to_string(),
+                        public_ipv6: p.public_ipv6.map(|ip| ip.to_string()),
+                    };
+                    (s.to_string(), peer)
+                })
+                .collect(),
         };
         serde_json::to_string_pretty(&disk).expect("plain JSON") + "\n"
     }
@@ -107,11 +135,25 @@ impl SavedState {
             .map(|(s, ip)| Ok((s.parse()?, ip.parse()?)))
             .collect::<anyhow::Result<_>>()
             .context("peers")?;
+        let ipv6_peers = disk
+            .ipv6_peers
+            .iter()
+            .map(|(s, p)| {
+                let peer = Ipv6Peer {
+                    ipv4_subnet: p.ipv4_subnet.as_deref().map(str::parse).transpose()?,
+                    public_ip: p.public_ip.parse()?,
+                    public_ipv6: p.public_ipv6.as_deref().map(str::parse).transpose()?,
+                };
+                Ok((s.parse()?, peer))
+            })
+            .collect::<anyhow::Result<_>>()
+            .context("ipv6_peers")?;
         Ok(SavedState {
             config,
             subnet,
             ipv6_subnet,
             peers,
+            ipv6_peers,
         })
     }
 
@@ -169,6 +211,7 @@ pub async fn keep_written(path: PathBuf, config: NetworkConfig, state: State) {
                 subnet,
                 ipv6_subnet: s.ipv6_subnet,
                 peers: s.peers.clone(),
+                ipv6_peers: s.ipv6_peers.clone(),
             })
         };
         if now.is_none() || now == last {
@@ -198,6 +241,7 @@ mod tests {
                 Ipv4Addr::new(192, 168, 1, 9),
             )]
             .into(),
+            ipv6_peers: BTreeMap::new(),
         };
         assert_eq!(SavedState::parse(&saved.render()).unwrap(), saved);
         let outside = saved.render().replace("10.5.7.0/24", "10.6.7.0/24");
@@ -216,14 +260,44 @@ mod tests {
             config,
             subnet: "10.5.7.0/24".parse().unwrap(),
             ipv6_subnet: Some("fc00:0:0:22::/64".parse().unwrap()),
-            peers: BTreeMap::new(),
+            peers: [(
+                "10.5.9.0/24".parse().unwrap(),
+                Ipv4Addr::new(192, 168, 1, 9),
+            )]
+            .into(),
+            ipv6_peers: [
+                (
+                    "fc00:0:0:23::/64".parse().unwrap(),
+                    Ipv6Peer {
+                        ipv4_subnet: Some("10.5.9.0/24".parse().unwrap()),
+                        public_ip: Ipv4Addr::new(192, 168, 1, 9),
+                        public_ipv6: Some("fd00:77::9".parse().unwrap()),
+                    },
+                ),
+                (
+                    "fc00:0:0:ff00::/64".parse().unwrap(),
+                    Ipv6Peer {
+                        ipv4_subnet: None,
+                        public_ip: Ipv4Addr::UNSPECIFIED,
+                        public_ipv6: None,
+                    },
+                ),
+            ]
+            .into(),
         };
         let text = saved.render();
+        assert!(text.contains("\"public_ipv6\": \"fd00:77::9\""), "{text}");
         assert!(
             text.contains("\"ipv6_subnet\": \"fc00:0:0:22::/64\""),
             "{text}"
         );
         assert_eq!(SavedState::parse(&text).unwrap(), saved);
+        // A file from before the IPv6 peers were saved still loads.
+        let old: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut old = old.as_object().unwrap().clone();
+        old.remove("ipv6_peers");
+        let old = SavedState::parse(&serde_json::Value::Object(old).to_string()).unwrap();
+        assert!(old.ipv6_peers.is_empty() && old.peers == saved.peers);
         let outside = text.replace("fc00:0:0:22::/64", "fd00:0:0:22::/64");
         let err = SavedState::parse(&outside).unwrap_err();
         assert!(

@@ -198,6 +198,35 @@ pub fn wait_mesh6(hosts: &[Host], timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+/// nft: drop IPv4 UDP between the underlay addresses, counted (inside the host namespace).
+pub fn drop_ipv4_underlay_udp(h: &Host) -> Result<()> {
+    let rules = "table inet v4block {
+    chain input {
+        type filter hook input priority -300;
+        ip saddr 192.168.77.0/24 udp dport 8285 counter drop
+    }
+    chain output {
+        type filter hook output priority -300;
+        ip daddr 192.168.77.0/24 udp dport 8285 counter drop
+    }
+}
+";
+    let file = std::env::temp_dir().join(format!("v4block-{}.nft", h.netns()));
+    std::fs::write(&file, rules)?;
+    netns::exec_ok(h.netns(), "nft", &["-f", file.to_str().unwrap()])?;
+    Ok(())
+}
+
+/// Packets the v4block rules dropped in `h`.
+pub fn ipv4_underlay_drops(h: &Host) -> Result<u64> {
+    let out = netns::exec_ok(h.netns(), "nft", &["list", "table", "inet", "v4block"])?;
+    Ok(out
+        .split("packets ")
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum())
+}
+
 /// Runs `args` with `ip -6` inside namespace `ns` (a small convenience for tests).
 pub fn ip6(ns: &str, args: &[&str]) -> Result<String> {
     netns::exec_ok(ns, "ip", &[&["-6"], args].concat())

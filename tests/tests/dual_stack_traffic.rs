@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use rudder_tests::cluster::UDP_PORT;
 use rudder_tests::dual_stack::{
-    add_dual_stack_host, dual_stack_cluster, ip6, wait_mesh6, DUAL_STACK_CONFIG,
+    add_dual_stack_host, drop_ipv4_underlay_udp, dual_stack_cluster, ip6, ipv4_underlay_drops,
+    wait_mesh6, DUAL_STACK_CONFIG,
 };
 use rudder_tests::packet::{ipv6, ipv6_udp};
 use rudder_tests::traffic6::{ping6, tcp_transfer6, udp_blast, udp_echo, wait_ping6};
@@ -157,35 +158,6 @@ fn ipv6_and_ipv4_flow_between_containers_both_ways() {
         );
         Ok(())
     });
-}
-
-/// nft: drop IPv4 UDP between the underlay addresses, counted (inside the host namespace).
-fn drop_ipv4_underlay_udp(h: &Host) -> Result<()> {
-    let rules = "table inet v4block {
-    chain input {
-        type filter hook input priority -300;
-        ip saddr 192.168.77.0/24 udp dport 8285 counter drop
-    }
-    chain output {
-        type filter hook output priority -300;
-        ip daddr 192.168.77.0/24 udp dport 8285 counter drop
-    }
-}
-";
-    let file = std::env::temp_dir().join(format!("v4block-{}.nft", h.netns()));
-    std::fs::write(&file, rules)?;
-    netns::exec_ok(h.netns(), "nft", &["-f", file.to_str().unwrap()])?;
-    Ok(())
-}
-
-/// Packets the v4block rules dropped in `h`.
-fn ipv4_underlay_drops(h: &Host) -> Result<u64> {
-    let out = netns::exec_ok(h.netns(), "nft", &["list", "table", "inet", "v4block"])?;
-    Ok(out
-        .split("packets ")
-        .skip(1)
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum())
 }
 
 /// With IPv4 UDP between the hosts' underlay addresses dropped, IPv4 and IPv6 container
