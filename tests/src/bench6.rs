@@ -1,18 +1,27 @@
 //! The benchmark's IPv6 modes (issue 17): IPv6 between containers of a dual-stack 2-host
-//! cluster over rudder (IPv6 outer headers: both hosts announce a PublicIPv6), against plain
-//! IPv6 routing between the same namespaces in the same run (`route6`).
+//! cluster over rudder, with IPv6 outer headers (both hosts announce a PublicIPv6) or IPv4
+//! ones (`…6in4`: the hosts have no IPv6 underlay address), against plain IPv6 routing
+//! between the same namespaces in the same run (`route6`).
 
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use crate::dual_stack::{add_dual_stack_host, wait_mesh6, DUAL_STACK_CONFIG};
+use crate::dual_stack::{
+    add_dual_stack_host, add_ipv4_underlay_host, wait_mesh6, DUAL_STACK_CONFIG,
+};
 use crate::traffic::iperf3_between;
 use crate::traffic6::{wait_ping6, Endpoint6};
 use crate::util::{ip, percentile};
 use crate::{netns, Cluster, Host, HostOpts};
 
-pub const MODES6: [&str; 3] = ["route6", "rudder-ebpf6", "rudder-tun6"];
+pub const MODES6: [&str; 5] = [
+    "route6",
+    "rudder-ebpf6",
+    "rudder-tun6",
+    "rudder-ebpf6in4",
+    "rudder-tun6in4",
+];
 pub const METRICS6: [&str; 5] = [
     "tcp1_gbps",
     "tcp1_retransmits",
@@ -27,7 +36,7 @@ const PORT: u16 = 5202;
 pub fn run_mode6(mode: &str, secs: u32) -> Result<Vec<f64>> {
     let cluster = Cluster::new()?;
     cluster.put_config(DUAL_STACK_CONFIG)?;
-    let plane = if mode == "rudder-ebpf6" {
+    let plane = if mode.starts_with("rudder-ebpf") {
         "ebpf"
     } else {
         "tun"
@@ -36,10 +45,12 @@ pub fn run_mode6(mode: &str, secs: u32) -> Result<Vec<f64>> {
         dataplane: Some(plane.into()),
         ..HostOpts::default()
     };
-    let hosts = vec![
-        add_dual_stack_host(&cluster, opts())?,
-        add_dual_stack_host(&cluster, opts())?,
-    ];
+    let add = if mode.ends_with("6in4") {
+        add_ipv4_underlay_host
+    } else {
+        add_dual_stack_host
+    };
+    let hosts = vec![add(&cluster, opts())?, add(&cluster, opts())?];
     wait_mesh6(&hosts, Duration::from_secs(30))?;
     let (a, b) = (&hosts[0], &hosts[1]);
     let (from, to) = (a.container6()?, b.container6()?);

@@ -64,6 +64,18 @@ pub fn add_dual_stack_host(c: &Cluster, opts: HostOpts) -> Result<Host> {
     Ok(h)
 }
 
+/// Adds a dual-stack host without an IPv6 underlay address: IPv6 is leased, peers are
+/// reached over IPv4 (PublicIPv6 null); waits until ready and gives the container its IPv6.
+pub fn add_ipv4_underlay_host(c: &Cluster, opts: HostOpts) -> Result<Host> {
+    let h = c.add_host_without_daemon(HostOpts {
+        wait_ready: false,
+        ..opts
+    })?;
+    h.start()?;
+    h.wait_ready_dual_stack(Duration::from_secs(30))?;
+    Ok(h)
+}
+
 impl Host {
     /// The host's IPv6 underlay address (see [`underlay_ipv6_of`]).
     pub fn underlay_ipv6(&self) -> Ipv6Addr {

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rudder_tests::dual_stack::{add_dual_stack_host, wait_mesh6, DUAL_STACK_CONFIG};
+use rudder_tests::dual_stack::{
+    add_dual_stack_host, add_ipv4_underlay_host, wait_mesh6, DUAL_STACK_CONFIG,
+};
 use rudder_tests::traffic::tcp_transfer;
 use rudder_tests::traffic6::{ping6, tcp_transfer6};
 use rudder_tests::{check, e2e, wait_mesh, Cluster, Host, HostOpts};
@@ -19,16 +21,8 @@ fn on(plane: &str) -> HostOpts {
     }
 }
 
-/// A dual-stack host without an IPv6 underlay address: IPv6 is leased, peers are reached
-/// over IPv4 (PublicIPv6 null).
 fn host_without_ipv6_underlay(c: &Cluster, plane: &str) -> Result<Host> {
-    let h = c.add_host_without_daemon(HostOpts {
-        wait_ready: false,
-        ..on(plane)
-    })?;
-    h.start()?;
-    h.wait_ready_dual_stack(Duration::from_secs(30))?;
-    Ok(h)
+    add_ipv4_underlay_host(c, on(plane))
 }
 
 fn exchange_both_families(hosts: &[Host]) -> Result<()> {

@@ -175,7 +175,9 @@ fn real_main() -> Result<()> {
         med[mi][MAIN_METRICS..].iter().any(|x| x.is_finite())
     });
     if results6.iter().any(|m| !m[0].is_empty()) {
-        println!("\nIPv6 between containers (IPv6 outer headers), ratio to route6:");
+        println!(
+            "\nIPv6 between containers (IPv6 outer headers; `…6in4`: IPv4 ones), ratio to route6:"
+        );
         let med6: Vec<Vec<f64>> = results6
             .iter()
             .map(|m| m.iter().map(|v| median(v)).collect())
@@ -183,6 +185,9 @@ fn real_main() -> Result<()> {
         println!("\n| mode | {} |", METRICS6.join(" | "));
         println!("|---|{}", "---|".repeat(METRICS6.len()));
         for (mi, mode) in MODES6.iter().enumerate() {
+            if results6[mi][0].is_empty() {
+                continue;
+            }
             let cells: Vec<String> = (0..METRICS6.len())
                 .map(|k| format!("{:.3} ({:.2}x)", med6[mi][k], med6[mi][k] / med6[0][k]))
                 .collect();
