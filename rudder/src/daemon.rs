@@ -476,13 +476,15 @@ fn outer_family(public_ipv6: Option<Ipv6Addr>) -> crate::underlay::OuterFamily {
 }
 
 /// The IPv6 side of `config`: our PublicIPv6 (IPv6 on) and the overlay MTU the largest outer
-/// header leaves; an error when an IPv6 overlay would get less than 1280 bytes.
+/// header leaves; an error when an IPv6 overlay would get less than 1280 bytes, or when the
+/// network has IPv4 on and the underlay no IPv4 address.
 async fn ipv6_side(
     netlink: &Netlink,
     underlay: &crate::underlay::Underlay,
     flag: Option<Ipv6Addr>,
     config: &NetworkConfig,
 ) -> anyhow::Result<(Option<Ipv6Addr>, u16)> {
+    underlay.require_ipv4(config.enable_ipv4)?;
     if config.ipv6.is_none() {
         return Ok((None, crate::underlay::overlay_mtu(underlay.mtu)));
     }

@@ -100,6 +100,19 @@ impl Netlink {
         Ok(main_default_route_iface(&self.ipv4_routes().await?))
     }
 
+    /// The output interface of the IPv6 default route in the main table (an IPv6-only host).
+    pub async fn default_route_iface6(&self) -> anyhow::Result<Option<u32>> {
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .context("listing IPv6 routes")?;
+        Ok(main_default_route_iface(&routes))
+    }
+
     /// The interface's IPv4 addresses with the messages that carry them (to delete one).
     async fn ipv4_address_messages(
         &self,

@@ -28,6 +28,17 @@ pub struct Underlay {
 }
 
 impl Underlay {
+    /// A network with IPv4 on needs an IPv4 address to be reached at (the lease's PublicIP).
+    pub fn require_ipv4(&self, enable_ipv4: bool) -> anyhow::Result<()> {
+        if enable_ipv4 && self.public_ip.is_unspecified() {
+            bail!(
+                "interface {} has no IPv4 address: give it one or pass --public-ip (only an IPv6-only network, EnableIPv4 false, runs without)",
+                self.name
+            );
+        }
+        Ok(())
+    }
+
     /// Whether peers reach us through an address translation (`--public-ip` is not ours).
     pub fn behind_nat(&self) -> bool {
         self.public_ip != self.local_ip
@@ -201,10 +212,13 @@ impl Netlink {
             match holder {
                 Some(found) => found,
                 None => {
-                    let index = self.default_route_iface().await?.ok_or_else(|| {
-                        anyhow!(
-                            "no IPv4 default route to pick the underlay interface from: pass --iface"
-                        )
+                    // An IPv6-only host has only an IPv6 default route (flanneld's ipv6Stack).
+                    let index = match self.default_route_iface().await? {
+                        Some(index) => Some(index),
+                        None => self.default_route_iface6().await?,
+                    };
+                    let index = index.ok_or_else(|| {
+                        anyhow!("no default route (IPv4 or IPv6) to pick the underlay interface from: pass --iface")
                     })?;
                     (self.link_by_index(index).await?, None)
                 }
@@ -269,13 +283,9 @@ impl Netlink {
         } else {
             found_ip.or(addresses.first().copied())
         };
-        // An interface without an IPv4 address of its own: the kernel picks the source.
-        let Some(local_ip) = own.or(sel.public_ip) else {
-            bail!(
-                "interface {} has no IPv4 address: give it one or pass --public-ip",
-                link.name
-            );
-        };
+        // An interface without an IPv4 address of its own: the kernel picks the source. With
+        // none at all only an IPv6-only network can run (see [`Underlay::require_ipv4`]).
+        let local_ip = own.or(sel.public_ip).unwrap_or(Ipv4Addr::UNSPECIFIED);
         Ok(Underlay {
             name: link.name,
             index: link.index,

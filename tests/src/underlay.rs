@@ -18,6 +18,8 @@ use crate::util::{ip, run, wait_until};
 /// Underlay network: the underlay namespace has .1 (and etcd), host `i` (1-based) has .(10+i).
 pub const UNDERLAY_GW: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 pub const UNDERLAY_PREFIX_LEN: u8 = 24;
+/// The underlay namespace's IPv6 address (etcd listens there too, for hosts without IPv4).
+pub const UNDERLAY_GW6: &str = "fd00:77::1";
 pub const ETCD_CLIENT_PORT: u16 = 2379;
 /// Default overlay configuration written by [`Cluster::new`](crate::Cluster::new).
 pub const DEFAULT_NETWORK: &str = "10.5.0.0/16";
@@ -74,6 +76,17 @@ impl Underlay {
             "dev",
             UNDERLAY_BRIDGE,
         ])?;
+        ip(&[
+            "-n",
+            u,
+            "-6",
+            "addr",
+            "add",
+            &format!("{UNDERLAY_GW6}/64"),
+            "dev",
+            UNDERLAY_BRIDGE,
+            "nodad",
+        ])?;
         ip(&["-n", u, "link", "set", UNDERLAY_BRIDGE, "up"])?;
         self.start_etcd()
     }
@@ -86,6 +99,11 @@ impl Underlay {
     /// `http://192.168.77.1:2379`.
     pub fn etcd_endpoint(&self) -> String {
         format!("http://{UNDERLAY_GW}:{ETCD_CLIENT_PORT}")
+    }
+
+    /// `http://[fd00:77::1]:2379`: etcd for a host without an IPv4 address.
+    pub fn etcd_endpoint6(&self) -> String {
+        format!("http://[{UNDERLAY_GW6}]:{ETCD_CLIENT_PORT}")
     }
 
     fn etcd_log(&self) -> PathBuf {
@@ -103,7 +121,7 @@ impl Underlay {
             .create(true)
             .append(true)
             .open(self.etcd_log())?;
-        let client = self.etcd_endpoint();
+        let client = format!("{},{}", self.etcd_endpoint(), self.etcd_endpoint6());
         let data = self.dir.join("etcd-data");
         let child = netns::exec(&self.ns, "etcd")
             .args(["--name", "e2e", "--data-dir"])

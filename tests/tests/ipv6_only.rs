@@ -181,3 +181,109 @@ fn an_ipv6_only_host_without_an_ipv6_underlay_address_says_why() {
         Ok(())
     });
 }
+
+/// A host with no IPv4 address at all (an IPv6-only machine: eth0 has only an IPv6 address and
+/// an IPv6 default route, etcd is reached over IPv6) joins an IPv6-only network: the underlay
+/// comes from the IPv6 default route, the lease says PublicIP 0.0.0.0 as flanneld's, and its
+/// containers talk to another host's.
+#[test]
+fn a_host_without_any_ipv4_address_joins_an_ipv6_only_network() {
+    e2e(|c| {
+        c.put_config(IPV6_ONLY)?;
+        let a = ipv6_only_host(c, true)?;
+        let b = c.add_host_without_daemon(HostOpts {
+            wait_ready: false,
+            etcd_endpoints: Some(c.etcd_endpoint6()),
+            ..HostOpts::default()
+        })?;
+        let address = format!("{}/64", b.underlay_ipv6());
+        ip(&["-n", b.netns(), "-4", "addr", "flush", "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            b.netns(),
+            "-6",
+            "addr",
+            "add",
+            &address,
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            b.netns(),
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            rudder_tests::underlay::UNDERLAY_GW6,
+            "dev",
+            "eth0",
+        ])?;
+        b.start()?;
+        let (a6, _) = wait_ipv6_subnet(&a)?;
+        let (b6, _) = wait_ipv6_subnet(&b)?;
+        let key = format!("/coreos.com/network/subnets/0.0.0.0-0&{}-64", b6.network());
+        let value = c
+            .etcd_get(&key)?
+            .ok_or_else(|| anyhow!("no {key}: {:?}", c.lease_keys(None)))?;
+        let json: serde_json::Value = serde_json::from_str(&value)?;
+        check!(
+            json["PublicIP"] == "0.0.0.0" && json["PublicIPv6"] == b.underlay_ipv6().to_string(),
+            "{key} = {value}"
+        );
+        let (from, to) = (container6(c, &a, a6)?, container6(c, &b, b6)?);
+        wait_ping6(&from, to.ip, Duration::from_secs(20))?;
+        wait_ping6(&to, from.ip, Duration::from_secs(20))?;
+        tcp_transfer6(&to, &from, 2 << 20)?;
+        Ok(())
+    });
+}
+
+/// The same host in a network with IPv4 on cannot be reached at an IPv4 PublicIP: it stops
+/// with one line saying so.
+#[test]
+fn a_host_without_any_ipv4_address_refuses_a_dual_stack_network() {
+    e2e(|c| {
+        c.put_config(rudder_tests::dual_stack::DUAL_STACK_CONFIG)?;
+        let h = c.add_host_without_daemon(HostOpts {
+            wait_ready: false,
+            etcd_endpoints: Some(c.etcd_endpoint6()),
+            ..HostOpts::default()
+        })?;
+        let address = format!("{}/64", h.underlay_ipv6());
+        ip(&["-n", h.netns(), "-4", "addr", "flush", "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            h.netns(),
+            "-6",
+            "addr",
+            "add",
+            &address,
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&[
+            "-n",
+            h.netns(),
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            rudder_tests::underlay::UNDERLAY_GW6,
+        ])?;
+        h.start()?;
+        wait_until("the daemon to exit", Duration::from_secs(30), || {
+            Ok(h.check_alive().is_err())
+        })?;
+        let log = h.log();
+        check!(
+            log.contains("interface eth0 has no IPv4 address") && log.contains("IPv6-only"),
+            "log: {log}"
+        );
+        Ok(())
+    });
+}
