@@ -5,14 +5,14 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::dual_stack::{
     add_dual_stack_host, add_ipv4_underlay_host, wait_mesh6, DUAL_STACK_CONFIG,
 };
 use crate::traffic::iperf3_between;
 use crate::traffic6::{wait_ping6, Endpoint6};
-use crate::util::{ip, percentile};
+use crate::util::ip;
 use crate::{netns, Cluster, Host, HostOpts};
 
 pub const MODES6: [&str; 5] = [
@@ -104,22 +104,5 @@ fn plain_ipv6_routes(a: &Host, b: &Host) -> Result<()> {
 }
 
 fn rtt6(from: &Endpoint6, to: &Endpoint6) -> Result<f64> {
-    let out = crate::util::run(netns::exec(&from.ns, "ping").args([
-        "-6",
-        "-c",
-        "200",
-        "-i",
-        "0.01",
-        "-n",
-        &to.ip.to_string(),
-    ]))?;
-    let v: Vec<f64> = out
-        .lines()
-        .filter_map(|l| l.split("time=").nth(1))
-        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
-        .collect();
-    if v.is_empty() {
-        bail!("no ping -6 replies");
-    }
-    Ok(percentile(&v, 50))
+    Ok(crate::traffic::rtt_percentiles(&from.ns, to.ip.into(), 200)?.0)
 }

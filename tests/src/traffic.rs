@@ -4,7 +4,7 @@ use crate::netns;
 use crate::util::{output, wait_until};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 /// Somewhere traffic can start or end: a namespace and an address in it.
@@ -16,7 +16,14 @@ pub struct Endpoint {
 
 /// One ICMP echo from `from` to `to` (2 s timeout). Ok if a reply came back.
 pub fn ping(from: &Endpoint, to: Ipv4Addr) -> Result<()> {
-    let out = output(netns::exec(&from.ns, "ping").args([
+    ping_once(&from.ns, &from.ip.to_string(), IpAddr::V4(to))
+}
+
+/// One ICMP or ICMPv6 echo from namespace `ns` (`label` names the sender in errors) to `to`.
+pub(crate) fn ping_once(ns: &str, label: &str, to: IpAddr) -> Result<()> {
+    let family = if to.is_ipv6() { "-6" } else { "-4" };
+    let out = output(netns::exec(ns, "ping").args([
+        family,
         "-n",
         "-q",
         "-c",
@@ -27,14 +34,38 @@ pub fn ping(from: &Endpoint, to: Ipv4Addr) -> Result<()> {
     ]))?;
     if !out.status.success() {
         bail!(
-            "ping {} -> {} failed: {}{}",
-            from.ip,
-            to,
+            "ping {label} -> {to} failed: {}{}",
             String::from_utf8_lossy(&out.stdout).trim(),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(())
+}
+
+/// Median and 99th percentile of `count` echoes 10 ms apart from namespace `ns` to `to`.
+pub fn rtt_percentiles(ns: &str, to: IpAddr, count: u32) -> Result<(f64, f64)> {
+    let family = if to.is_ipv6() { "-6" } else { "-4" };
+    let out = crate::util::run(netns::exec(ns, "ping").args([
+        family,
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.01",
+        "-n",
+        &to.to_string(),
+    ]))?;
+    let v: Vec<f64> = out
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    if v.is_empty() {
+        bail!("no ping replies from {to}");
+    }
+    Ok((
+        crate::util::percentile(&v, 50),
+        crate::util::percentile(&v, 99),
+    ))
 }
 
 /// Pings until one succeeds or `timeout` passes.

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::netns;
 use crate::traffic::{pattern, transfer, Transfer};
-use crate::util::{output, wait_until};
+use crate::util::wait_until;
 
 /// An IPv6 traffic endpoint: a namespace and an address in it.
 #[derive(Clone, Debug, PartialEq)]
@@ -19,24 +19,7 @@ pub struct Endpoint6 {
 
 /// One ICMPv6 echo from namespace `from_ns` to `to` (2 s timeout). Ok if a reply came back.
 pub fn ping6(from_ns: &str, to: Ipv6Addr) -> Result<()> {
-    let out = output(netns::exec(from_ns, "ping").args([
-        "-6",
-        "-n",
-        "-q",
-        "-c",
-        "1",
-        "-W",
-        "2",
-        &to.to_string(),
-    ]))?;
-    if !out.status.success() {
-        bail!(
-            "ping -6 {from_ns} -> {to} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::traffic::ping_once(from_ns, from_ns, to.into())
 }
 
 /// Pings (IPv6) until one succeeds or `timeout` passes.

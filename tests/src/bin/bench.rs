@@ -503,20 +503,7 @@ fn run_cmd(ns: &str, prog: &str, args: &[&str]) -> Result<String> {
 }
 
 fn rtt(from: &Endpoint, to: &Endpoint) -> Result<(f64, f64)> {
-    let out = run_cmd(
-        &from.ns,
-        "ping",
-        &["-c", "200", "-i", "0.01", "-n", &to.ip.to_string()],
-    )?;
-    let v: Vec<f64> = out
-        .lines()
-        .filter_map(|l| l.split("time=").nth(1))
-        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
-        .collect();
-    if v.is_empty() {
-        bail!("no ping replies");
-    }
-    Ok((percentile(&v, 50), percentile(&v, 99)))
+    rudder_tests::traffic::rtt_percentiles(&from.ns, to.ip.into(), 200)
 }
 
 fn iperf(from: &Endpoint, to: &Endpoint, secs: u32, extra: &[&str]) -> Result<serde_json::Value> {
