@@ -92,7 +92,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut early = None;
     if let Some(saved) = &saved {
         let (public_ipv6, overlay_mtu) =
-            ipv6_side(&netlink, &underlay, public_ipv6_flag, &saved.config).await?;
+            crate::underlay_ipv6::ipv6_side(&netlink, &underlay, public_ipv6_flag, &saved.config)
+                .await?;
         let up = BringUp {
             args: &args,
             underlay: &underlay,
@@ -166,7 +167,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let (public_ipv6, overlay_mtu) =
-        ipv6_side(&netlink, &underlay, public_ipv6_flag, &config).await?;
+        crate::underlay_ipv6::ipv6_side(&netlink, &underlay, public_ipv6_flag, &config).await?;
     match &config.ipv6 {
         Some(v6) => {
             tracing::info!(
@@ -295,7 +296,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let follower = UnderlayFollower {
         name: underlay.name.clone(),
         mtu: underlay.mtu,
-        outer: outer_family(public_ipv6),
+        outer: crate::underlay_ipv6::outer_family(public_ipv6),
         carries_ipv6: config.ipv6.is_some(),
         dataplane: dp.clone(),
         state: state.clone(),
@@ -464,74 +465,6 @@ fn describe(c: &NetworkConfig) -> String {
     match &c.ipv6 {
         Some(v6) => format!("{v4}, IPv6Network {} /{}", v6.network, v6.subnet_len),
         None => format!("{v4}, IPv6 off"),
-    }
-}
-
-/// The outer header this host's largest datagrams carry.
-fn outer_family(public_ipv6: Option<Ipv6Addr>) -> crate::underlay::OuterFamily {
-    match public_ipv6 {
-        Some(_) => crate::underlay::OuterFamily::Ipv6,
-        None => crate::underlay::OuterFamily::Ipv4,
-    }
-}
-
-/// The IPv6 side of `config`: our PublicIPv6 (IPv6 on) and the overlay MTU the largest outer
-/// header leaves; an error when an IPv6 overlay would get less than 1280 bytes, or when the
-/// network has IPv4 on and the underlay no IPv4 address.
-async fn ipv6_side(
-    netlink: &Netlink,
-    underlay: &crate::underlay::Underlay,
-    flag: Option<Ipv6Addr>,
-    config: &NetworkConfig,
-) -> anyhow::Result<(Option<Ipv6Addr>, u16)> {
-    underlay.require_ipv4(config.enable_ipv4)?;
-    if config.ipv6.is_none() {
-        return Ok((None, crate::underlay::overlay_mtu(underlay.mtu)));
-    }
-    let public_ipv6 = public_ipv6_of(netlink, underlay, flag).await;
-    if !config.enable_ipv4 && public_ipv6.is_none() {
-        anyhow::bail!(
-            "the network is IPv6-only (EnableIPv4 false): peers are reached over IPv6, so this host needs a PublicIPv6; give {} an IPv6 address or pass --public-ipv6",
-            underlay.name
-        );
-    }
-    let mtu =
-        crate::underlay::ipv6_overlay_mtu(&underlay.name, underlay.mtu, outer_family(public_ipv6))?;
-    Ok((public_ipv6, mtu))
-}
-
-/// PublicIPv6: `--public-ipv6`, else the IPv6 address `--iface` named, else the underlay
-/// interface's IPv6 address as flannel picks it; none is a warning (the lease then says
-/// null), not a stop.
-async fn public_ipv6_of(
-    netlink: &Netlink,
-    underlay: &crate::underlay::Underlay,
-    flag: Option<Ipv6Addr>,
-) -> Option<Ipv6Addr> {
-    if flag.is_some() {
-        return flag;
-    }
-    if underlay.named_ipv6.is_some() {
-        return underlay.named_ipv6;
-    }
-    match netlink.ipv6_candidates(underlay.index).await {
-        Ok(candidates) => {
-            let picked = crate::underlay_ipv6::pick(&candidates);
-            if picked.is_none() {
-                tracing::warn!(
-                    "interface {} has no usable IPv6 address: PublicIPv6 stays null; give it one or pass --public-ipv6",
-                    underlay.name
-                );
-            }
-            picked
-        }
-        Err(e) => {
-            tracing::warn!(
-                "listing the IPv6 addresses of {}: {e:#}; PublicIPv6 stays null",
-                underlay.name
-            );
-            None
-        }
     }
 }
 

@@ -1,7 +1,9 @@
-//! The underlay's IPv6 address for the lease's PublicIPv6: `--public-ipv6`, else the chosen
-//! interface's best IPv6 address, picked as flannel's `GetInterfaceIP6Addrs`
+//! The underlay's IPv6 side: the lease's PublicIPv6 (`--public-ipv6`, else the address
+//! `--iface` named, else the chosen interface's best IPv6 address, picked as flannel's
+//! `GetInterfaceIP6Addrs`
 //! (pkg/ip/iface.go): global or link-local unicast, not deprecated; global before
-//! link-local, permanent (configured) before autoconfigured, non-temporary before temporary.
+//! link-local, permanent (configured) before autoconfigured, non-temporary before temporary),
+//! the outer family it implies and the overlay MTU that leaves.
 
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -9,6 +11,7 @@ use anyhow::Context;
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
 
+use crate::config::NetworkConfig;
 use crate::host::Netlink;
 
 /// One IPv6 address of an interface with the flags that rank it.
@@ -77,6 +80,74 @@ impl Netlink {
                 })
             })
             .collect())
+    }
+}
+
+/// The outer header this host's largest datagrams carry.
+pub fn outer_family(public_ipv6: Option<Ipv6Addr>) -> crate::underlay::OuterFamily {
+    match public_ipv6 {
+        Some(_) => crate::underlay::OuterFamily::Ipv6,
+        None => crate::underlay::OuterFamily::Ipv4,
+    }
+}
+
+/// The IPv6 side of `config`: our PublicIPv6 (IPv6 on) and the overlay MTU the largest outer
+/// header leaves; an error when an IPv6 overlay would get less than 1280 bytes, or when the
+/// network has IPv4 on and the underlay no IPv4 address.
+pub async fn ipv6_side(
+    netlink: &Netlink,
+    underlay: &crate::underlay::Underlay,
+    flag: Option<Ipv6Addr>,
+    config: &NetworkConfig,
+) -> anyhow::Result<(Option<Ipv6Addr>, u16)> {
+    underlay.require_ipv4(config.enable_ipv4)?;
+    if config.ipv6.is_none() {
+        return Ok((None, crate::underlay::overlay_mtu(underlay.mtu)));
+    }
+    let public_ipv6 = public_ipv6_of(netlink, underlay, flag).await;
+    if !config.enable_ipv4 && public_ipv6.is_none() {
+        anyhow::bail!(
+            "the network is IPv6-only (EnableIPv4 false): peers are reached over IPv6, so this host needs a PublicIPv6; give {} an IPv6 address or pass --public-ipv6",
+            underlay.name
+        );
+    }
+    let mtu =
+        crate::underlay::ipv6_overlay_mtu(&underlay.name, underlay.mtu, outer_family(public_ipv6))?;
+    Ok((public_ipv6, mtu))
+}
+
+/// PublicIPv6: `--public-ipv6`, else the IPv6 address `--iface` named, else the underlay
+/// interface's IPv6 address as flannel picks it; none is a warning (the lease then says
+/// null), not a stop.
+async fn public_ipv6_of(
+    netlink: &Netlink,
+    underlay: &crate::underlay::Underlay,
+    flag: Option<Ipv6Addr>,
+) -> Option<Ipv6Addr> {
+    if flag.is_some() {
+        return flag;
+    }
+    if underlay.named_ipv6.is_some() {
+        return underlay.named_ipv6;
+    }
+    match netlink.ipv6_candidates(underlay.index).await {
+        Ok(candidates) => {
+            let picked = crate::underlay_ipv6::pick(&candidates);
+            if picked.is_none() {
+                tracing::warn!(
+                    "interface {} has no usable IPv6 address: PublicIPv6 stays null; give it one or pass --public-ipv6",
+                    underlay.name
+                );
+            }
+            picked
+        }
+        Err(e) => {
+            tracing::warn!(
+                "listing the IPv6 addresses of {}: {e:#}; PublicIPv6 stays null",
+                underlay.name
+            );
+            None
+        }
     }
 }
 
