@@ -264,11 +264,27 @@ pub fn tcp_echo_via(
     dst: SocketAddrV4,
     bytes: usize,
 ) -> Result<()> {
+    tcp_echo_between(&from.ns, &to.ns, port, SocketAddr::V4(dst), bytes)
+}
+
+/// [`tcp_echo_via`] between namespaces, either family (the listener takes `dst`'s).
+pub fn tcp_echo_between(
+    from_ns: &str,
+    to_ns: &str,
+    port: u16,
+    dst: SocketAddr,
+    bytes: usize,
+) -> Result<()> {
     let data = std::sync::Arc::new(pattern(bytes, rand::random()));
     let expected = data.clone();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let server = netns::spawn_in(&to.ns, move || {
-        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).context("bind listener")?;
+    let any: IpAddr = if dst.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    let server = netns::spawn_in(to_ns, move || {
+        let l = TcpListener::bind((any, port)).context("bind listener")?;
         tx.send(()).ok();
         let mut s = accept_within(&l, Duration::from_secs(15))?;
         s.set_read_timeout(Some(Duration::from_secs(20)))?;
@@ -285,10 +301,10 @@ pub fn tcp_echo_via(
         Ok(())
     });
     rx.recv_timeout(Duration::from_secs(10))
-        .map_err(|_| anyhow!("listener in {} did not start", to.ns))?;
+        .map_err(|_| anyhow!("listener in {to_ns} did not start"))?;
     let sent = data.clone();
-    let client = netns::spawn_in(&from.ns, move || {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::V4(dst), Duration::from_secs(10))
+    let client = netns::spawn_in(from_ns, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(10))
             .with_context(|| format!("connect to {dst}"))?;
         s.set_write_timeout(Some(Duration::from_secs(20)))?;
         s.set_read_timeout(Some(Duration::from_secs(20)))?;
@@ -307,11 +323,11 @@ pub fn tcp_echo_via(
         Ok(())
     });
     let client = client.join().map_err(|_| anyhow!("client panicked"))?;
-    client.with_context(|| format!("tcp echo {} -> {dst}", from.ip))?;
+    client.with_context(|| format!("tcp echo {from_ns} -> {dst}"))?;
     server
         .join()
         .map_err(|_| anyhow!("server panicked"))?
-        .with_context(|| format!("tcp echo server in {}", to.ns))
+        .with_context(|| format!("tcp echo server in {to_ns}"))
 }
 
 /// The first connection on `l` within `limit`.
