@@ -57,7 +57,7 @@ use device::{
 use forward::Shared;
 use rudder_ebpf::Counter;
 use socket::OverlaySockets;
-use table6::{overlay6, PeerTable6};
+pub(crate) use table6::{overlay6, PeerTable6};
 
 fn on_off(on: bool) -> &'static str {
     if on {
