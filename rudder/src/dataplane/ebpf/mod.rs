@@ -88,6 +88,8 @@ mod kernel_tests_full_tables;
 mod kernel_tests_outer6;
 #[cfg(test)]
 mod kernel_tests_stack_flows;
+#[cfg(test)]
+mod kernel_tests_trains;
 mod peer_stats;
 mod peers6;
 mod pins;
