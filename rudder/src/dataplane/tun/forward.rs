@@ -320,14 +320,9 @@ pub async fn tun_to_udp(
                     Verdict::Send { len, peer, traffic } => {
                         let packet = &packet[..len];
                         let ecn = inner_ecn(packet);
-                        // IPv4 inner over IPv4 outer only: an eBPF peer hands a UDP GSO train
-                        // to its socket path, which splits IPv4-over-IPv4 datagrams only, so
-                        // IPv6 (inner or outer) leaves one datagram per packet.
-                        let max_segments = if peer.is_ipv6() || packet[0] >> 4 == 6 {
-                            1
-                        } else {
-                            sockets.for_peer(peer).map_or(1, |s| s.gso_segments)
-                        };
+                        // Either family, inner and outer: an eBPF peer hands a train it
+                        // cannot split to its socket path, which takes all four.
+                        let max_segments = sockets.for_peer(peer).map_or(1, |s| s.gso_segments);
                         if !batch.accepts(peer, traffic, ecn, len, max_segments) {
                             batch.flush(&sockets, &shared, &mut logs).await;
                         }
