@@ -38,6 +38,7 @@ mod device;
 mod forward;
 mod log_limit;
 mod options;
+mod outer6;
 mod socket;
 mod table6;
 
@@ -551,3 +552,5 @@ impl Drop for TunDataplane {
 mod device6_tests;
 #[cfg(test)]
 pub(crate) mod device_tests;
+#[cfg(test)]
+mod outer6_tests;
