@@ -46,9 +46,12 @@ fn capture_ipv6() -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The overlay datagrams to the peer seen so far: inner source port → the set of (outer
-/// traffic class, flow label) they carried, and how many there were.
-fn outer_headers(capture: &OwnedFd, seen: &mut BTreeMap<u16, (Vec<(u8, u32)>, usize)>) {
+/// Per inner source port: the distinct (outer traffic class, flow label) pairs seen, and
+/// how many datagrams there were.
+type Seen = BTreeMap<u16, (Vec<(u8, u32)>, usize)>;
+
+/// Adds the overlay datagrams to the peer captured so far to `seen`.
+fn outer_headers(capture: &OwnedFd, seen: &mut Seen) {
     let mut buf = [0u8; 2048];
     loop {
         // SAFETY: a valid descriptor and buffer.
@@ -115,7 +118,7 @@ fn each_inner_flow_gets_its_flow_label_and_its_traffic_class() {
                 socket.send_to(&[7; 200], (container, 9000))?;
             }
         }
-        let mut seen = BTreeMap::new();
+        let mut seen = Seen::new();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             outer_headers(&capture, &mut seen);
