@@ -27,7 +27,7 @@ use crate::programs::{
     add_traffic, be16, count, drop_with, io_error, is_gso, l3_len, pass, ECN_CE, ECN_MASK,
     ECN_NOT_ECT, ETH_P_IP, IP_DF, L3_OFF, TCX_NEXT,
 };
-use crate::train_senders::saw_train_from;
+use crate::train_senders::to_socket_path;
 
 pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 const IPV6_HLEN: usize = 40;
@@ -379,15 +379,9 @@ pub(crate) fn decap_ipv6_inner(
     if total_len > payload_len {
         return drop_with(ctx, Counter::DropTruncated);
     }
-    if let Some(sender_v4) = mapped_ipv4(sender) {
-        if is_gso(ctx) && total_len < payload_len {
-            // A UDP GSO train, which only the daemon's socket can split.
-            saw_train_from(sender_v4);
-            count(Counter::ToDaemon, l3_len(ctx));
-            return TCX_NEXT;
-        }
-        // No following the peer's trains here: TUN peers send IPv6 one datagram per packet,
-        // so no IPv6 flow is ever in a train, and the socket path takes IPv4 only.
+    // A UDP GSO train, which only the daemon's socket can split, or a datagram behind one.
+    if to_socket_path(ctx, sender, is_gso(ctx) && total_len < payload_len) {
+        return TCX_NEXT;
     }
     let Some(upper) = upper_layer(ctx, inner_off, hdr[6], total_len) else {
         return drop_with(ctx, Counter::DropMalformed);

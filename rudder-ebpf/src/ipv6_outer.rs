@@ -31,6 +31,7 @@ use crate::programs::{
     addr, be16, count, drop_with, io_error, is_gso, l3_len, pass, ECN_CE, ECN_MASK, ECN_NOT_ECT,
     ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, L3_OFF, SRC_PORT_BASE, SRC_PORT_MASK, TCX_NEXT, UDP_HLEN,
 };
+use crate::train_senders::to_socket_path;
 
 const IPV6_HLEN: usize = 40;
 /// Where the inner packet starts behind an outer IPv6 + UDP header.
@@ -221,9 +222,8 @@ fn decap_ipv4_inner(
     if total_len > payload_len {
         return drop_with(ctx, Counter::DropTruncated);
     }
-    if is_gso(ctx) && total_len < payload_len {
-        // A UDP GSO train: only a socket splits those, and the socket path is IPv4-only.
-        count(Counter::ToDaemon, l3_len(ctx));
+    // A UDP GSO train, which only the daemon's socket can split, or a datagram behind one.
+    if to_socket_path(ctx, sender, is_gso(ctx) && total_len < payload_len) {
         return TCX_NEXT;
     }
     if !header_checksum_ok(ctx, INNER_OFF6, &inner, header_len) {

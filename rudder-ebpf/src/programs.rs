@@ -19,7 +19,7 @@ use rudder_ebpf::{
 use crate::ipv4_headers::{decrement_ttl, encapsulate, header_checksum_ok, set_tos};
 use crate::ipv6::ETH_P_IPV6;
 use crate::stack_flows::{remember_stack_flow, reply_to_stack_flow};
-use crate::train_senders::{saw_train_from, sends_trains};
+use crate::train_senders::to_socket_path;
 
 const ETH_HLEN: usize = 14;
 pub(crate) const ETH_P_IP: u16 = 0x0800;
@@ -413,16 +413,11 @@ fn ingress_ipv4_outer(ctx: &TcContext, cfg: &DataplaneConfig) -> i32 {
     if total_len > payload_len {
         return drop_with(ctx, Counter::DropTruncated);
     }
-    if is_gso(ctx) && total_len < payload_len {
-        // A UDP GSO train: several datagrams back to back, which only a socket can split.
-        // (An encapsulated TCP GSO packet is one inner packet: its lengths match.)
-        saw_train_from(outer_src);
-        count(Counter::ToDaemon, l3_len(ctx));
-        return TCX_NEXT;
-    }
-    if sends_trains(outer_src) {
-        // Behind its trains, in order (see `train_senders`).
-        count(Counter::ToDaemon, l3_len(ctx));
+    // A UDP GSO train: several datagrams back to back, which only a socket can split (an
+    // encapsulated TCP GSO packet is one inner packet: its lengths match); and the peer's
+    // datagrams behind its trains, in order (see `train_senders`).
+    let is_train = is_gso(ctx) && total_len < payload_len;
+    if to_socket_path(ctx, &ipv4_mapped(outer_src), is_train) {
         return TCX_NEXT;
     }
     if !header_checksum_ok(ctx, INNER_OFF, &inner, header_len) {

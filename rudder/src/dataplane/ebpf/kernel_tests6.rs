@@ -18,8 +18,8 @@ use crate::packet6::tests::{icmp6, ipv6_packet, udp6};
 const NETWORK6: &str = "fd00:5::/32";
 const LOCAL6: &str = "fd00:5:1::/64";
 const PEER6: &str = "fd00:5:2::/64";
-const LOCAL_HOST6: &str = "fd00:5:1::10";
-const PEER_HOST6: &str = "fd00:5:2::20";
+pub(super) const LOCAL_HOST6: &str = "fd00:5:1::10";
+pub(super) const PEER_HOST6: &str = "fd00:5:2::20";
 /// Traffic id of the IPv6 peer entry.
 const PEER6_TRAFFIC: u32 = 7;
 

@@ -18,11 +18,11 @@ pub(super) const OUR_PUBLIC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0,
 pub(super) const PEER_PUBLIC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 3);
 pub(super) const STRANGER_PUBLIC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 99);
 /// The peer at PEER_PUBLIC6 holds 10.5.3.0/24 and fd00:5:3::/64.
-const PEER3_CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 5, 3, 30);
-const PEER3_HOST6: &str = "fd00:5:3::30";
+pub(super) const PEER3_CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 5, 3, 30);
+pub(super) const PEER3_HOST6: &str = "fd00:5:3::30";
 const LOCAL_HOST6: &str = "fd00:5:1::10";
 
-fn fixture_outer6() -> Kernel {
+pub(super) fn fixture_outer6() -> Kernel {
     let mut kernel = fixture();
     let plane = Ipv6Plane {
         network: "fd00:5::/32".parse().unwrap(),

@@ -88,6 +88,8 @@ mod kernel_tests_full_tables;
 mod kernel_tests_outer6;
 #[cfg(test)]
 mod kernel_tests_stack_flows;
+#[cfg(test)]
+mod kernel_tests_trains;
 mod peer_stats;
 mod peers6;
 mod pins;
@@ -308,16 +310,29 @@ impl EbpfDataplane {
     /// Binds the overlay port for the datagrams the ingress program passes up (see
     /// [`socket_path`]). Must run inside tokio.
     pub async fn start_socket_path(&self) -> anyhow::Result<()> {
-        let (local, local_subnet, network, peers) = {
+        let (config, peers, peers_over6, peers6) = {
             let state = self.lock();
+            let config = socket_path::SocketPathConfig {
+                local: std::net::SocketAddrV4::new(state.opts.local_ip, state.opts.udp_port),
+                local_subnet: state.opts.local_subnet,
+                network: state.opts.network,
+                ipv6: state.opts.ipv6,
+                underlay_index: state.opts.underlay_ifindex,
+            };
             (
-                std::net::SocketAddrV4::new(state.opts.local_ip, state.opts.udp_port),
-                state.opts.local_subnet,
-                state.opts.network,
+                config,
                 state.peers.clone(),
+                state.peers_over6_underlays(),
+                state.peers6_underlays(),
             )
         };
-        let path = socket_path::SocketPath::start(local, local_subnet, network, &peers).await?;
+        let path = socket_path::SocketPath::start(config, &peers).await?;
+        for (subnet, underlay) in peers_over6 {
+            path.upsert_peer(subnet, underlay, None);
+        }
+        for (subnet, underlay) in peers6 {
+            path.upsert_peer6(subnet, underlay, None);
+        }
         *self.socket_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
         Ok(())
     }
@@ -442,7 +457,8 @@ impl Dataplane for EbpfDataplane {
             routes.add_peer(*peer_subnet, *public_ip, mtu, src)?;
         }
         if let Some(path) = self.socket_path() {
-            path.set_local_subnet(subnet, state.opts.network, &state.peers);
+            let over6 = state.peers_over6_underlays();
+            path.set_local_subnet(subnet, state.opts.network, &state.peers, over6);
         }
         Ok(())
     }
@@ -493,7 +509,7 @@ impl Dataplane for EbpfDataplane {
         }
         let previous = state.insert_peer(subnet, public_ip);
         if let Some(path) = self.socket_path() {
-            path.upsert_peer(subnet, public_ip, previous);
+            path.upsert_peer(subnet, public_ip.into(), previous.map(IpAddr::from));
         }
         if !unchanged {
             state
@@ -634,7 +650,7 @@ impl EbpfDataplane {
         }
         if let Some(public_ip) = state.remove_peer_entry(subnet) {
             if let Some(path) = self.socket_path() {
-                path.remove_peer(subnet, public_ip);
+                path.remove_peer(subnet, public_ip.into());
             }
             state.sync_sender(public_ip)?;
         }

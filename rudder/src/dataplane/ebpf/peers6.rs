@@ -47,6 +47,17 @@ pub(super) fn config6_of(plane: Option<&Ipv6Plane>) -> DataplaneConfig6 {
 }
 
 impl State {
+    /// The IPv6 peer subnets and their underlay addresses (for the socket path's table).
+    pub(super) fn peers6_underlays(&self) -> Vec<(Ipv6Net, IpAddr)> {
+        self.peers6.iter().map(|(s, (ip, _))| (*s, *ip)).collect()
+    }
+
+    /// The IPv4 peer subnets reached over IPv6 and their PublicIPv6.
+    pub(super) fn peers_over6_underlays(&self) -> Vec<(Ipv4Net, IpAddr)> {
+        let over6 = self.peers_over6.iter();
+        over6.map(|(s, (ip, _, _))| (*s, IpAddr::V6(*ip))).collect()
+    }
+
     fn ipv6_plane(&self) -> anyhow::Result<Ipv6Plane> {
         self.opts
             .ipv6
@@ -150,7 +161,11 @@ impl EbpfDataplane {
         plane.local_subnet = subnet.trunc();
         state.opts.ipv6 = Some(plane);
         let config = config6_of(Some(&plane));
-        state.kernel_mut()?.set_config6(&config)
+        state.kernel_mut()?.set_config6(&config)?;
+        if let Some(path) = self.socket_path() {
+            path.set_local_subnet6(plane, state.peers6_underlays());
+        }
+        Ok(())
     }
 
     pub(super) fn upsert_peer6_impl(
@@ -192,6 +207,9 @@ impl EbpfDataplane {
             let _ = kernel.peer_traffic.remove(&stale);
         }
         state.peers6.insert(subnet, (underlay, traffic_id));
+        if let Some(path) = self.socket_path() {
+            path.upsert_peer6(subnet, underlay, existing.map(|(old, _)| old));
+        }
         state.sync_sender6(underlay)?;
         if let Some((old, _)) = existing.filter(|(old, _)| *old != underlay) {
             state.sync_sender6(old)?;
@@ -207,6 +225,9 @@ impl EbpfDataplane {
         ignore_missing(state.kernel_mut()?.peers6.remove(&key6(subnet)))
             .with_context(|| format!("removing IPv6 peer {subnet} from the BPF LPM trie"))?;
         if let Some((underlay, traffic_id)) = state.peers6.remove(&subnet) {
+            if let Some(path) = self.socket_path() {
+                path.remove_peer6(subnet, underlay);
+            }
             let _ = state.kernel_mut()?.peer_traffic.remove(&traffic_id);
             state.sync_sender6(underlay)?;
         }
@@ -258,6 +279,10 @@ impl EbpfDataplane {
         state
             .peers_over6
             .insert(subnet, (underlay, traffic_id, changed));
+        if let Some(path) = self.socket_path() {
+            let previous = existing.map(|(old, _, _)| IpAddr::V6(old));
+            path.upsert_peer(subnet, IpAddr::V6(underlay), previous);
+        }
         state.sync_sender6(IpAddr::V6(underlay))?;
         if let Some((old, _, _)) = existing.filter(|(old, _, _)| *old != underlay) {
             state.sync_sender6(IpAddr::V6(old))?;
@@ -279,6 +304,9 @@ impl EbpfDataplane {
         ignore_missing(kernel.peers46.remove(&key))
             .with_context(|| format!("removing peer {subnet} from the BPF LPM trie"))?;
         let _ = kernel.peer_traffic.remove(&traffic_id);
+        if let Some(path) = self.socket_path() {
+            path.remove_peer(subnet, IpAddr::V6(underlay));
+        }
         state.sync_sender6(IpAddr::V6(underlay))
     }
 }

@@ -6,89 +6,144 @@
 //! buffer, and no BPF helper can split it. The ingress program passes such trains up the
 //! stack (counted `to_daemon`) to a plain UDP socket on the overlay port, where the kernel
 //! splits them; here each datagram gets the same checks as on the TUN path
-//! ([`decide_inbound`]) and its inner packet re-enters the stack through a raw IP socket,
+//! ([`decide_inbound`](crate::dataplane::forwarding::decide_inbound) or
+//! [`decide_inbound6`](crate::dataplane::forwarding6::decide_inbound6), by the inner
+//! version) and its inner packet re-enters the stack through a raw IP socket of its family,
 //! which routes it to the container. Slower than the BPF path, but nothing is lost.
+//!
+//! Both outer families: one socket on our IPv4 address and, on a host with a PublicIPv6,
+//! a second IPv6-only one on it (as the TUN plane's sockets). Either carries either inner
+//! family. The receive loop is `socket_path_receive.rs`.
 
 use std::collections::BTreeMap;
-use std::io::IoSlice;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::Context;
-use ipnet::Ipv4Net;
-use nix::sys::socket::{
-    sendmmsg, socket, AddressFamily, MsgFlags, MultiHeaders, SockFlag, SockProtocol, SockType,
-    SockaddrIn,
-};
-use rudder_ebpf::Counter;
+use ipnet::{Ipv4Net, Ipv6Net};
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockProtocol, SockType};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
 use crate::dataplane::counters::{CounterSnapshot, Counters, PeerTraffic};
-use crate::dataplane::forwarding::{
-    decide_inbound, default_device_icmp_source, ForwardingTable, IcmpRateLimit, IcmpSources,
-    Inbound, ReceiverHop,
-};
-use crate::dataplane::tun::{OverlaySocket, UDP_BATCH};
-use crate::packet::ICMP_ERROR_MAX_LEN;
+use crate::dataplane::forwarding::{default_device_icmp_source, ForwardingTable, IcmpSources};
+use crate::dataplane::tun::{bind_overlay_socket6, overlay6, OverlaySocket, PeerTable6};
+use crate::dataplane::Ipv6Plane;
 use crate::subnet::gateway;
+
+#[path = "socket_path_receive.rs"]
+mod receive;
+
+/// Where the socket path listens and what it forwards for.
+#[derive(Clone, Copy, Debug)]
+pub struct SocketPathConfig {
+    /// Our underlay IPv4 address and the overlay port.
+    pub local: SocketAddrV4,
+    pub local_subnet: Ipv4Net,
+    pub network: Ipv4Net,
+    /// The overlay's IPv6 side, when the network has it on.
+    pub ipv6: Option<Ipv6Plane>,
+    /// The underlay interface: the scope of a link-local PublicIPv6.
+    pub underlay_index: u32,
+}
 
 /// What the socket path shares with the data plane handle.
 pub struct SocketPath {
     table: Mutex<ForwardingTable>,
+    /// `None` while the network has IPv6 off: IPv6 inner packets are then dropped.
+    table6: Mutex<Option<PeerTable6>>,
     counters: Counters,
-    task: Mutex<Option<JoinHandle<()>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The raw sockets decapsulated packets re-enter the stack through (the header included:
+/// `IPPROTO_RAW` sets `IP_HDRINCL`, and on AF_INET6 the kernel's `hdrincl` as well).
+pub(super) struct Reinjection {
+    v4: OwnedFd,
+    v6: Option<OwnedFd>,
+}
+
+fn raw_socket(family: AddressFamily) -> anyhow::Result<OwnedFd> {
+    socket(
+        family,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        SockProtocol::Raw,
+    )
+    .with_context(|| {
+        format!("opening a raw {family:?} socket (to re-inject decapsulated packets) failed")
+    })
 }
 
 impl SocketPath {
-    /// Binds the overlay port and starts the receive task with `peers` installed. Must
-    /// run inside tokio.
+    /// Binds the overlay port (per outer family) and starts a receive task per socket with
+    /// `peers` installed. Must run inside tokio.
     pub async fn start(
-        local: SocketAddrV4,
-        local_subnet: Ipv4Net,
-        network: Ipv4Net,
+        config: SocketPathConfig,
         peers: &BTreeMap<Ipv4Net, Ipv4Addr>,
     ) -> anyhow::Result<Arc<Self>> {
+        let local = config.local;
         // Our own address, as the TUN path: what it sends (ICMP errors) leaves from it.
         let udp = UdpSocket::bind(local).await.with_context(|| {
             format!("binding the overlay UDP socket to {local} failed; is another flanneld/rudder using the port?")
         })?;
-        let raw = socket(
-            AddressFamily::Inet,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            SockProtocol::Raw,
-        )
-        .context("opening a raw IP socket (to re-inject decapsulated packets) failed")?;
+        let udp6 = match config.ipv6.and_then(|plane| plane.public_ipv6) {
+            Some(ip) => Some(bind_overlay_socket6(
+                SocketAddrV6::new(ip, local.port(), 0, 0),
+                config.underlay_index,
+            )?),
+            None => None,
+        };
+        let reinjection = Arc::new(Reinjection {
+            v4: raw_socket(AddressFamily::Inet)?,
+            v6: match config.ipv6 {
+                Some(_) => Some(raw_socket(AddressFamily::Inet6)?),
+                None => None,
+            },
+        });
         let path = Arc::new(SocketPath {
             table: Mutex::new(ForwardingTable::new(
-                local_subnet,
-                network,
-                icmp_sources(local_subnet, network),
+                config.local_subnet,
+                config.network,
+                icmp_sources(config.local_subnet, config.network),
                 peers,
             )),
+            table6: Mutex::new(
+                config
+                    .ipv6
+                    .map(|plane| PeerTable6::new(overlay6(plane.network, plane.local_subnet))),
+            ),
             counters: Counters::default(),
-            task: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
         });
-        // quinn-udp's receive reports the outer ECN field (IP_RECVTOS); no GRO here: the
-        // kernel splits trains for this socket.
-        let udp = OverlaySocket::new(udp, false)
-            .context("setting up the overlay UDP socket of the socket path failed")?;
-        let task = tokio::spawn(receive(udp, local.port(), raw, path.clone()));
-        *path.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        let mut tasks = Vec::new();
+        for udp in std::iter::once(udp).chain(udp6) {
+            // quinn-udp's receive reports the outer ECN field (IP_RECVTOS/IPV6_RECVTCLASS);
+            // no GRO here: the kernel splits trains for this socket.
+            let udp = OverlaySocket::new(udp, false)
+                .context("setting up an overlay UDP socket of the socket path failed")?;
+            tasks.push(tokio::spawn(receive::receive(
+                udp,
+                local.port(),
+                reinjection.clone(),
+                path.clone(),
+            )));
+        }
+        *path.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
         Ok(path)
     }
 
-    pub fn upsert_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr, previous: Option<Ipv4Addr>) {
+    /// An IPv4 subnet at `public_ip` (either family: an IPv4 subnet may be reached over
+    /// IPv6), replacing the entry that had it at `previous`.
+    pub fn upsert_peer(&self, subnet: Ipv4Net, public_ip: IpAddr, previous: Option<IpAddr>) {
         if previous != Some(public_ip) {
             self.table()
                 .upsert(subnet, public_ip, previous, Arc::default());
         }
     }
 
-    pub fn remove_peer(&self, subnet: Ipv4Net, public_ip: Ipv4Addr) {
+    pub fn remove_peer(&self, subnet: Ipv4Net, public_ip: IpAddr) {
         self.table().remove(subnet, public_ip);
     }
 
@@ -98,13 +153,48 @@ impl SocketPath {
         local_subnet: Ipv4Net,
         network: Ipv4Net,
         peers: &BTreeMap<Ipv4Net, Ipv4Addr>,
+        peers_over6: impl IntoIterator<Item = (Ipv4Net, IpAddr)>,
     ) {
-        *self.table() = ForwardingTable::new(
+        let mut table = ForwardingTable::new(
             local_subnet,
             network,
             icmp_sources(local_subnet, network),
             peers,
         );
+        for (subnet, underlay) in peers_over6 {
+            table.upsert(subnet, underlay, None::<IpAddr>, Arc::default());
+        }
+        *self.table() = table;
+    }
+
+    /// An IPv6 subnet at `underlay` (either family), replacing the entry at `previous`.
+    pub fn upsert_peer6(&self, subnet: Ipv6Net, underlay: IpAddr, previous: Option<IpAddr>) {
+        if previous == Some(underlay) {
+            return;
+        }
+        if let Some(table) = self.table6().as_mut() {
+            table.upsert(subnet, underlay, previous);
+        }
+    }
+
+    pub fn remove_peer6(&self, subnet: Ipv6Net, underlay: IpAddr) {
+        if let Some(table) = self.table6().as_mut() {
+            table.remove(subnet, underlay);
+        }
+    }
+
+    /// Rebuilds the IPv6 table around a new own IPv6 subnet (rare: our own subnet's
+    /// exclusion from the routes moves).
+    pub fn set_local_subnet6(
+        &self,
+        plane: Ipv6Plane,
+        peers6: impl IntoIterator<Item = (Ipv6Net, IpAddr)>,
+    ) {
+        let mut table = PeerTable6::new(overlay6(plane.network, plane.local_subnet));
+        for (subnet, underlay) in peers6 {
+            table.upsert(subnet, underlay, None);
+        }
+        *self.table6() = Some(table);
     }
 
     /// Traffic received from `subnet` on this path.
@@ -125,13 +215,22 @@ impl SocketPath {
     }
 
     pub fn stop(&self) {
-        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             task.abort();
         }
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, ForwardingTable> {
+    fn table(&self) -> MutexGuard<'_, ForwardingTable> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn table6(&self) -> MutexGuard<'_, Option<PeerTable6>> {
+        self.table6.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -148,119 +247,10 @@ fn icmp_sources(local_subnet: Ipv4Net, network: Ipv4Net) -> IcmpSources {
     }
 }
 
-async fn receive(socket: OverlaySocket, peer_port: u16, raw: OwnedFd, path: Arc<SocketPath>) {
-    // Up to UDP_BATCH datagrams per `recvmmsg`, their inner packets re-injected with one
-    // `sendmmsg`: a TUN peer's trains arrive here split, one datagram per packet.
-    let mut buffers = vec![vec![0u8; 65_535]; UDP_BATCH];
-    let mut metas = [quinn_udp::RecvMeta::default(); UDP_BATCH];
-    let mut icmp = [0u8; ICMP_ERROR_MAX_LEN];
-    let mut icmp_limit = IcmpRateLimit::new(Instant::now());
-    loop {
-        let messages = match socket.recv(&mut buffers, &mut metas).await {
-            Ok(messages) => messages,
-            Err(error) => {
-                path.counters.add(Counter::DropIoError, 0);
-                tracing::debug!("overlay socket receive failed: {error}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        // (buffer index, inner packet length) of each packet to re-inject, in order.
-        let mut deliver = [(0usize, 0usize); UDP_BATCH];
-        let mut delivering = 0;
-        for (index, (buf, meta)) in buffers.iter_mut().zip(&metas).take(messages).enumerate() {
-            let (n, from) = (meta.len, meta.addr);
-            let outer_tos = meta.ecn.map_or(0, |ecn| ecn as u8);
-            let IpAddr::V4(sender) = from.ip() else {
-                path.counters.add(Counter::DropUnknownSender, n);
-                continue;
-            };
-            let verdict = {
-                let table = path.table();
-                // The raw socket's output is not forwarded, so the rules make this host's hop.
-                let hop = ReceiverHop::Rules;
-                let verdict =
-                    decide_inbound(&mut buf[..n], sender, outer_tos, &table, hop, &mut icmp);
-                if let Inbound::Deliver {
-                    len,
-                    from: Some(slot),
-                } = verdict
-                {
-                    table.traffic(slot).add_rx(1, len);
-                }
-                verdict
-            };
-            match verdict {
-                Inbound::Deliver { len, .. } => {
-                    // Re-injected through a raw socket: the kernel will not finish a checksum
-                    // the sender's kernel left partial.
-                    if let Ok(view) = crate::packet::parse_ipv4(&buf[..len]) {
-                        crate::packet::complete_partial_checksum(&mut buf[..len], &view);
-                    }
-                    deliver[delivering] = (index, len);
-                    delivering += 1;
-                }
-                Inbound::Drop { reason, icmp_len } => {
-                    path.counters.add(reason, n);
-                    let Some(len) = icmp_len else { continue };
-                    if !icmp_limit.allow(Instant::now()) {
-                        path.counters.add(Counter::IcmpRateLimited, len);
-                        continue;
-                    }
-                    // To the peer's overlay port: an eBPF peer sends from a flow-hash port.
-                    let to = SocketAddrV4::new(sender, peer_port);
-                    if let Err(error) = socket.socket.send_to(&icmp[..len], to).await {
-                        tracing::debug!(%to, "sending an ICMP error to a peer failed: {error}");
-                    }
-                }
-            }
-        }
-        let packets = deliver[..delivering]
-            .iter()
-            .map(|&(index, len)| &buffers[index][..len]);
-        reinject(&raw, packets, &path.counters);
-    }
-}
-
-/// Sends decapsulated IPv4 packets into the stack through the raw socket, all in one
-/// `sendmmsg`; each is counted `decapsulated`, or `io_error` when the kernel refused it.
-fn reinject<'a>(raw: &OwnedFd, packets: impl Iterator<Item = &'a [u8]>, counters: &Counters) {
-    // Not kept across batches: it holds raw pointers, and the receive task must be `Send`.
-    let mut headers = MultiHeaders::<SockaddrIn>::preallocate(UDP_BATCH, None);
-    let mut slices = Vec::with_capacity(UDP_BATCH);
-    let mut destinations = Vec::with_capacity(UDP_BATCH);
-    for packet in packets {
-        let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
-        destinations.push(Some(SockaddrIn::from(SocketAddrV4::new(dst, 0))));
-        slices.push([IoSlice::new(packet)]);
-    }
-    if slices.is_empty() {
-        return;
-    }
-    let sent = match sendmmsg(
-        raw.as_raw_fd(),
-        &mut headers,
-        &slices,
-        &destinations,
-        [],
-        MsgFlags::empty(),
-    ) {
-        Ok(results) => results.count(),
-        Err(error) => {
-            tracing::debug!("re-injecting decapsulated packets failed: {error}");
-            0
-        }
-    };
-    for (index, [slice]) in slices.iter().enumerate() {
-        let len = slice.len();
-        if index < sent {
-            counters.add(Counter::Decapsulated, len);
-        } else {
-            counters.add(Counter::DropIoError, len);
-        }
-    }
-}
-
 #[cfg(test)]
 #[path = "socket_path_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "socket_path_tests6.rs"]
+mod tests6;

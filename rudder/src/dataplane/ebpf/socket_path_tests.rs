@@ -14,6 +14,7 @@ use tokio::net::UdpSocket;
 
 use super::*;
 use crate::dataplane::tun::device_tests::{in_private_netns, udp_packet};
+use rudder_ebpf::Counter;
 
 const OURS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 const PEER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -23,16 +24,17 @@ const FLOW_HASH_PORT: u16 = 51234;
 
 async fn start() -> anyhow::Result<Arc<SocketPath>> {
     let peers = [("10.5.2.0/24".parse()?, PEER)].into();
-    SocketPath::start(
-        std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
-        "10.5.1.0/24".parse()?,
-        "10.5.0.0/16".parse()?,
-        &peers,
-    )
-    .await
+    let config = SocketPathConfig {
+        local: std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+        local_subnet: "10.5.1.0/24".parse()?,
+        network: "10.5.0.0/16".parse()?,
+        ipv6: None,
+        underlay_index: 1,
+    };
+    SocketPath::start(config, &peers).await
 }
 
-async fn wait_for(path: &SocketPath, counter: Counter, expected: u64) -> u64 {
+pub(super) async fn wait_for(path: &SocketPath, counter: Counter, expected: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let now = path.packets()[counter.index()];

@@ -27,6 +27,7 @@ use tun_rs::{AsyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::deliver::DeviceWriter;
 use super::log_limit::TaskLogs;
+use super::outer6::OuterFlow6;
 use super::socket::{OverlaySocket, OverlaySockets, UDP_BATCH};
 use super::table6::PeerTable6;
 use crate::dataplane::counters::{Counters, PeerCounters};
@@ -88,6 +89,8 @@ struct GsoBatch {
     peer: Option<(IpAddr, Option<Arc<PeerCounters>>)>,
     /// ECN field of every queued packet, copied to the outer header (RFC 6040).
     ecn: u8,
+    /// To an IPv6 peer: the outer traffic class and flow label of every queued packet.
+    outer6: Option<OuterFlow6>,
     segment_len: usize,
     segments: usize,
     /// A shorter segment ends a batch: only the last one may be short.
@@ -113,6 +116,7 @@ impl GsoBatch {
             buffer: Vec::with_capacity(MAX_GSO_PAYLOAD),
             peer: None,
             ecn: 0,
+            outer6: None,
             segment_len: 0,
             segments: 0,
             closed: false,
@@ -124,6 +128,7 @@ impl GsoBatch {
         peer: IpAddr,
         traffic: Option<&Arc<PeerCounters>>,
         ecn: u8,
+        outer6: Option<OuterFlow6>,
         len: usize,
         max_segments: usize,
     ) -> bool {
@@ -133,6 +138,7 @@ impl GsoBatch {
                 *current == peer
                     && same_counters(current_traffic, traffic)
                     && self.ecn == ecn
+                    && self.outer6 == outer6
                     && !self.closed
                     && len <= self.segment_len
                     && self.segments < max_segments
@@ -141,10 +147,17 @@ impl GsoBatch {
         }
     }
 
-    fn push(&mut self, peer: IpAddr, traffic: Option<&Arc<PeerCounters>>, packet: &[u8]) {
+    fn push(
+        &mut self,
+        peer: IpAddr,
+        traffic: Option<&Arc<PeerCounters>>,
+        outer6: Option<OuterFlow6>,
+        packet: &[u8],
+    ) {
         if self.peer.is_none() {
             self.peer = Some((peer, traffic.cloned()));
             self.ecn = inner_ecn(packet);
+            self.outer6 = outer6;
             self.segment_len = packet.len();
         } else if packet.len() < self.segment_len {
             self.closed = true;
@@ -158,18 +171,27 @@ impl GsoBatch {
         let Some((peer, traffic)) = self.peer.take() else {
             return;
         };
-        let transmit = Transmit {
-            destination: peer_address(peer, shared),
-            ecn: EcnCodepoint::from_bits(self.ecn),
-            contents: &self.buffer,
-            segment_size: (self.segments > 1).then_some(self.segment_len),
-            src_ip: None,
-        };
+        let segment_size = (self.segments > 1).then_some(self.segment_len);
         let bytes = self.buffer.len();
-        let sent = match sockets.for_peer(peer) {
-            Some(socket) => socket.send(&transmit).await,
+        let sent = match (sockets.for_peer(peer), peer_address(peer, shared)) {
+            (Some(socket), SocketAddr::V6(mut to)) => {
+                let outer = self.outer6.unwrap_or_else(|| OuterFlow6::of(&self.buffer));
+                to.set_flowinfo(outer.flow_label);
+                let class = outer.traffic_class;
+                socket.send6(&self.buffer, to, class, segment_size).await
+            }
+            (Some(socket), destination) => {
+                let transmit = Transmit {
+                    destination,
+                    ecn: EcnCodepoint::from_bits(self.ecn),
+                    contents: &self.buffer,
+                    segment_size,
+                    src_ip: None,
+                };
+                socket.send(&transmit).await
+            }
             // upsert_peer refuses an IPv6 peer without an IPv6 socket: never here.
-            None => Err(std::io::ErrorKind::AddrNotAvailable.into()),
+            (None, _) => Err(std::io::ErrorKind::AddrNotAvailable.into()),
         };
         match sent {
             Ok(()) => {
@@ -320,18 +342,15 @@ pub async fn tun_to_udp(
                     Verdict::Send { len, peer, traffic } => {
                         let packet = &packet[..len];
                         let ecn = inner_ecn(packet);
-                        // IPv4 inner over IPv4 outer only: an eBPF peer hands a UDP GSO train
-                        // to its socket path, which splits IPv4-over-IPv4 datagrams only, so
-                        // IPv6 (inner or outer) leaves one datagram per packet.
-                        let max_segments = if peer.is_ipv6() || packet[0] >> 4 == 6 {
-                            1
-                        } else {
-                            sockets.for_peer(peer).map_or(1, |s| s.gso_segments)
-                        };
-                        if !batch.accepts(peer, traffic, ecn, len, max_segments) {
+                        // Either family, inner and outer: an eBPF peer hands a train it
+                        // cannot split to its socket path, which takes all four.
+                        let max_segments = sockets.for_peer(peer).map_or(1, |s| s.gso_segments);
+                        // A train leaves with one outer header: one flow label, one class.
+                        let outer6 = peer.is_ipv6().then(|| OuterFlow6::of(packet));
+                        if !batch.accepts(peer, traffic, ecn, outer6, len, max_segments) {
                             batch.flush(&sockets, &shared, &mut logs).await;
                         }
-                        batch.push(peer, traffic, packet);
+                        batch.push(peer, traffic, outer6, packet);
                     }
                     Verdict::Drop { reason, icmp } => {
                         shared.counters.add(reason, size);

@@ -38,6 +38,7 @@ mod device;
 mod forward;
 mod log_limit;
 mod options;
+mod outer6;
 mod socket;
 mod table6;
 
@@ -57,7 +58,7 @@ use device::{
 use forward::Shared;
 use rudder_ebpf::Counter;
 use socket::OverlaySockets;
-use table6::{overlay6, PeerTable6};
+pub(crate) use table6::{overlay6, PeerTable6};
 
 fn on_off(on: bool) -> &'static str {
     if on {
@@ -551,3 +552,5 @@ impl Drop for TunDataplane {
 mod device6_tests;
 #[cfg(test)]
 pub(crate) mod device_tests;
+#[cfg(test)]
+mod outer6_tests;

@@ -65,6 +65,41 @@ impl OverlaySocket {
         self.gso_segments > 1
     }
 
+    /// Sends `contents` to an IPv6 peer with the outer traffic class `traffic_class` and
+    /// the flow label `destination.flowinfo()` (the socket has `IPV6_FLOWINFO_SEND`; see
+    /// `outer6.rs`), as a train of `segment_size` datagrams when set.
+    pub(super) async fn send6(
+        &self,
+        contents: &[u8],
+        destination: SocketAddrV6,
+        traffic_class: u8,
+        segment_size: Option<usize>,
+    ) -> std::io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn6};
+        let to = SockaddrIn6::from(destination);
+        let class = libc::c_int::from(traffic_class);
+        // `segment_size` is at most an MTU (a u16).
+        let segment = segment_size.map_or(0, |size| size as u16);
+        self.socket
+            .async_io(Interest::WRITABLE, || {
+                let iov = [std::io::IoSlice::new(contents)];
+                let with_gso = [
+                    ControlMessage::Ipv6TClass(&class),
+                    ControlMessage::UdpGsoSegments(&segment),
+                ];
+                let cmsgs = if segment_size.is_some() {
+                    &with_gso[..]
+                } else {
+                    &with_gso[..1]
+                };
+                let fd = self.socket.as_raw_fd();
+                sendmsg(fd, &iov, cmsgs, MsgFlags::empty(), Some(&to))
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            })
+            .await
+    }
+
     pub(super) async fn send(&self, transmit: &Transmit<'_>) -> std::io::Result<()> {
         self.socket
             .async_io(Interest::WRITABLE, || {
@@ -146,6 +181,9 @@ pub fn bind_overlay_socket6(bind: SocketAddrV6, scope_id: u32) -> anyhow::Result
             })
         }
     };
+    // The outer flow label is ours (per inner flow) from each send's sin6_flowinfo.
+    set_int_option(&socket, libc::IPPROTO_IPV6, libc::IPV6_FLOWINFO_SEND, 1)
+        .context("setting IPV6_FLOWINFO_SEND on the IPv6 overlay socket")?;
     set_int_option(&socket, libc::SOL_UDP, libc::UDP_NO_CHECK6_RX, 1)
         .context("setting UDP_NO_CHECK6_RX on the IPv6 overlay socket")?;
     set_int_option(
