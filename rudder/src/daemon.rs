@@ -119,7 +119,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             subnet = %saved.subnet, peers = saved.peers.len(),
             "brought up from {} before etcd answered", state_path.display()
         );
-        let refresh = follow_host_state(&dp, underlay.index, saved.config.network);
+        let refresh = follow_host_state(&dp, underlay.index, &saved.config);
         early = Some((local, dp, refresh));
     }
     let stop_early =
@@ -294,7 +294,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         state: state.clone(),
     };
 
-    let refresh_task = follow_host_state(&dp, underlay.index, config.network);
+    let refresh_task = follow_host_state(&dp, underlay.index, &config);
     let state_file_task = tokio::spawn(crate::state_file::keep_written(
         state_path.clone(),
         config.clone(),
@@ -513,12 +513,16 @@ async fn public_ipv6_of(
 fn follow_host_state(
     dp: &Arc<dyn Dataplane>,
     underlay: u32,
-    network: ipnet::Ipv4Net,
+    config: &crate::config::NetworkConfig,
 ) -> tokio::task::JoinHandle<()> {
+    let networks = crate::endpoint_watch::Networks {
+        v4: config.network,
+        v6: config.ipv6.as_ref().map(|v6| v6.network),
+    };
     let events = dp
         .fast_path()
         .is_some()
-        .then(|| crate::endpoint_watch::watch(underlay, network));
+        .then(|| crate::endpoint_watch::watch(underlay, networks));
     tokio::spawn(crate::endpoint_watch::follow_host_state(dp.clone(), events))
 }
 

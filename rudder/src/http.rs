@@ -119,11 +119,12 @@ pub fn status_table(status: &serde_json::Value) -> String {
     if status["fast_path"].is_object() {
         let fast = &status["fast_path"];
         out += &format!(
-            "fast path:  bridge {}, {} local containers\n",
+            "fast path:  bridge {}, {} local containers ({} by IPv6)\n",
             fast["bridge"]
                 .as_str()
                 .unwrap_or("none (no bridge holds the gateway address)"),
-            fast["local_endpoints"]
+            fast["local_endpoints"],
+            fast["local_endpoints6"]
         );
     }
     if let Some(expires) = status["lease_expires_unix"].as_u64() {
@@ -265,10 +266,13 @@ pub fn status_json(state: &State) -> serde_json::Value {
         .into_iter()
         .map(|(name, v)| (name.to_string(), v.into()))
         .collect();
-    let fast_path = state
-        .dataplane()
-        .and_then(|dp| dp.fast_path())
-        .map(|f| json!({"bridge": f.bridge, "local_endpoints": f.local_endpoints}));
+    let fast_path = state.dataplane().and_then(|dp| dp.fast_path()).map(|f| {
+        json!({
+            "bridge": f.bridge,
+            "local_endpoints": f.local_endpoints,
+            "local_endpoints6": f.local_endpoints6,
+        })
+    });
     let m = &state.metrics;
     json!({
         "ready": state.is_ready(),

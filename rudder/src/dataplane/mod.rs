@@ -64,6 +64,8 @@ pub struct FastPath {
     pub bridge: Option<String>,
     /// Containers behind it that decapsulated packets are redirected into directly.
     pub local_endpoints: usize,
+    /// Containers it serves by their IPv6 address (a dual-stack network), counted apart.
+    pub local_endpoints6: usize,
 }
 
 /// What every data plane does. Methods are idempotent: applying the same peer twice, or

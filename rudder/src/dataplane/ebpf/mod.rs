@@ -83,6 +83,8 @@ mod kernel_tests;
 #[cfg(test)]
 mod kernel_tests6;
 #[cfg(test)]
+mod kernel_tests_fast6;
+#[cfg(test)]
 mod kernel_tests_full_tables;
 #[cfg(test)]
 mod kernel_tests_outer6;
@@ -171,6 +173,8 @@ struct State {
     next_traffic_id: u32,
     /// Endpoints installed by `refresh_local_endpoints` (container IP → entry).
     discovered: BTreeMap<Ipv4Addr, LocalEndpoint>,
+    /// The same for containers' IPv6 addresses.
+    discovered6: BTreeMap<std::net::Ipv6Addr, LocalEndpoint>,
     /// The bridge `rudder_br_in` is attached to.
     bridge: Option<AdoptedBridge>,
     /// The bridgeless container veths it is attached to as well.
@@ -293,6 +297,7 @@ impl EbpfDataplane {
                 peer_entries,
                 next_traffic_id,
                 discovered: BTreeMap::new(),
+                discovered6: BTreeMap::new(),
                 bridge: None,
                 routed_veths: Default::default(),
                 gateway_local: false,
@@ -424,6 +429,7 @@ impl Dataplane for EbpfDataplane {
                 .filter(|b| b.link.is_some())
                 .map(|b| b.name.clone()),
             local_endpoints: state.discovered.len(),
+            local_endpoints6: state.discovered6.len(),
         })
     }
 
@@ -590,6 +596,7 @@ impl Dataplane for EbpfDataplane {
         state.subnets_per_sender.clear();
         state.peer_entries.clear();
         state.discovered.clear();
+        state.discovered6.clear();
         if let Some(routes) = state.routes.take() {
             routes
                 .remove_stale()
