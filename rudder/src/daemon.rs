@@ -257,9 +257,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let adopted: std::collections::BTreeMap<_, _> = dp
         .peer_stats()
         .iter()
-        .filter_map(|p| match p.public_ip {
-            std::net::IpAddr::V4(ip) => Some((p.subnet, ip)),
-            std::net::IpAddr::V6(_) => None,
+        .filter_map(|p| match (p.subnet, p.public_ip) {
+            (ipnet::IpNet::V4(subnet), std::net::IpAddr::V4(ip)) => Some((subnet, ip)),
+            _ => None,
         })
         .collect();
     let reconciler = Reconciler::new(

@@ -169,6 +169,55 @@ impl Collector for DataplaneCollector {
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
-        Ok(())
+        encode_peer_traffic(&mut encoder, &dataplane, &self.0)
     }
+}
+
+/// A peer's (tx, rx) figure of one metric family.
+type TxRx = fn(&crate::dataplane::PeerStats) -> (u64, u64);
+
+/// One line per peer subnet (IPv4 and IPv6) and direction: `rudder_peer_packets_total` and
+/// `rudder_peer_bytes_total` with labels `dataplane`, `subnet`, `direction` (tx/rx).
+fn encode_peer_traffic(
+    encoder: &mut DescriptorEncoder,
+    dataplane: &str,
+    state: &State,
+) -> Result<(), std::fmt::Error> {
+    let stats = state
+        .dataplane()
+        .map(|d| d.peer_stats())
+        .unwrap_or_default();
+    let families: [(&str, &str, TxRx); 2] = [
+        (
+            "peer_packets",
+            "Inner packets sent to (tx) and received from (rx) each peer subnet since its entry was installed",
+            |p| (p.traffic.tx_packets, p.traffic.rx_packets),
+        ),
+        (
+            "peer_bytes",
+            "Inner bytes sent to (tx) and received from (rx) each peer subnet since its entry was installed",
+            |p| (p.traffic.tx_bytes, p.traffic.rx_bytes),
+        ),
+    ];
+    for (name, help, values) in families {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for p in &stats {
+            let subnet = p.subnet.to_string();
+            let (tx, rx) = values(p);
+            for (direction, value) in [("tx", tx), ("rx", rx)] {
+                let labels = [
+                    ("dataplane", dataplane),
+                    ("subnet", subnet.as_str()),
+                    ("direction", direction),
+                ];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -160,6 +160,8 @@ struct State {
     peers: BTreeMap<Ipv4Net, Ipv4Addr>,
     /// IPv6 peer subnets → (underlay address, traffic id), as in the IPv6 trie (`peers6`).
     peers6: BTreeMap<Ipv6Net, (IpAddr, u32)>,
+    /// When each IPv6 peer entry was installed or moved: its traffic counts from then.
+    peer6_changed: BTreeMap<Ipv6Net, std::time::SystemTime>,
     /// IPv4 peer subnets reached at a PublicIPv6 → (it, traffic id, installed at): in the
     /// `peers46` trie, never in `peers`.
     peers_over6: BTreeMap<Ipv4Net, (std::net::Ipv6Addr, u32, std::time::SystemTime)>,
@@ -276,6 +278,10 @@ impl EbpfDataplane {
         } else {
             BTreeMap::new()
         };
+        let peer6_changed = peers6
+            .keys()
+            .map(|subnet| (*subnet, std::time::SystemTime::now()))
+            .collect();
         let next_traffic_id = adopted
             .values()
             .map(|(_, id)| *id)
@@ -292,6 +298,7 @@ impl EbpfDataplane {
                 routes: Some(routes),
                 peers,
                 peers6,
+                peer6_changed,
                 peers_over6: BTreeMap::new(),
                 subnets_per_sender,
                 peer_entries,
@@ -592,6 +599,7 @@ impl Dataplane for EbpfDataplane {
         drop(state.kernel.take());
         state.peers.clear();
         state.peers6.clear();
+        state.peer6_changed.clear();
         state.peers_over6.clear();
         state.subnets_per_sender.clear();
         state.peer_entries.clear();
