@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::outside_bridge::{add_container, OUTSIDE_BRIDGE};
+use crate::outside_bridge::{add_container, add_routed_container, OUTSIDE_BRIDGE};
 use crate::traffic6::{ping6, Endpoint6};
 use crate::util::{ip, output, wait_until};
 use crate::{netns, Endpoint, Host};
@@ -57,6 +57,69 @@ pub fn add_dual_stack_container(host: &Host, n: u8) -> Result<(Endpoint, Endpoin
     Ok((ctr, ctr6))
 }
 
+/// The host veth's address a routed container's default IPv6 route points at.
+const ROUTED_GATEWAY6: &str = "fe80::1";
+
+/// Routed container `n` ([`add_routed_container`]) with an IPv6 address too: the IPv6
+/// subnet's address 30+n/128, the host route `<address>/128 dev rv<n>`, and a default IPv6
+/// route via fe80::1, which the host veth holds.
+pub fn add_routed_dual_stack_container(host: &Host, n: u8) -> Result<(Endpoint, Endpoint6)> {
+    let ctr = add_routed_container(host, n)?;
+    let veth = format!("rv{n}");
+    let subnet = host.ipv6_subnet()?;
+    let addr = Ipv6Addr::from(u128::from(subnet.network()) + 30 + u128::from(n));
+    let ns = host.netns();
+    ip(&[
+        "-n",
+        ns,
+        "-6",
+        "addr",
+        "add",
+        &format!("{ROUTED_GATEWAY6}/64"),
+        "dev",
+        &veth,
+        "nodad",
+    ])?;
+    ip(&[
+        "-n",
+        &ctr.ns,
+        "-6",
+        "addr",
+        "add",
+        &format!("{addr}/128"),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    ip(&[
+        "-n",
+        &ctr.ns,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        ROUTED_GATEWAY6,
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "-6",
+        "route",
+        "add",
+        &format!("{addr}/128"),
+        "dev",
+        &veth,
+    ])?;
+    let ctr6 = Endpoint6 {
+        ns: ctr.ns.clone(),
+        ip: addr,
+    };
+    Ok((ctr, ctr6))
+}
+
 /// How many local containers the daemon serves by IPv6 address on the fast path.
 pub fn fast_path_endpoints6(host: &Host) -> Result<u64> {
     host.status()?["fast_path"]["local_endpoints6"]
@@ -64,11 +127,11 @@ pub fn fast_path_endpoints6(host: &Host) -> Result<u64> {
         .context("/status has no fast_path.local_endpoints6")
 }
 
-/// Has `ctr` ping its IPv6 gateway (the host learns its neighbour entry) and waits until
-/// the daemon serves it by IPv6 address.
+/// Has the host ping `ctr` (it learns the container's neighbour entry) and waits until the
+/// daemon serves it by IPv6 address.
 pub fn wait_fast_path6(host: &Host, ctr: &Endpoint6) -> Result<()> {
     let before = fast_path_endpoints6(host)?;
-    ping6(&ctr.ns, host.gateway_ip6()?)?;
+    ping6(host.netns(), ctr.ip)?;
     wait_until(
         &format!("{} on {}'s IPv6 fast path", ctr.ip, host.name()),
         Duration::from_secs(10),
