@@ -4,7 +4,7 @@
 //! `rudder_ingress` decapsulates overlay datagrams carrying IPv6 and hands them to the stack,
 //! whose forwarding makes the router hop (hop limit, "time exceeded"). The checks are the
 //! TUN rules of `rudder/src/packet6.rs` and `dataplane/forwarding6.rs`, in the same order.
-//! The bridge fast path and the direct delivery into containers stay IPv4-only.
+//! The IPv6 bridge fast path and the direct delivery into containers: `ipv6_fast.rs`.
 
 use aya_ebpf::{
     bindings::{
@@ -54,6 +54,14 @@ static PEERS6: LpmTrie<[u8; 16], PeerValue6> = LpmTrie::with_max_entries(MAX_PEE
 #[map(name = "RUDDER_SENDERS6")]
 pub(crate) static SENDERS6: HashMap<UnderlayAddr, Senders6> =
     HashMap::with_max_entries(MAX_PEERS, 0);
+
+/// The peer entry holding `dst`: (its underlay address, its traffic id).
+#[inline(always)]
+pub(crate) fn peer6(dst: &[u8; 16]) -> Option<(UnderlayAddr, u32)> {
+    PEERS6
+        .get(Key::new(128, *dst))
+        .map(|peer| (peer.underlay, peer.traffic_id))
+}
 
 #[inline(always)]
 pub(crate) fn config6() -> Option<&'static DataplaneConfig6> {
@@ -230,7 +238,7 @@ fn out_of_overlay_scope(
 /// Outer IPv4 + UDP around the IPv6 packet at `L3_OFF`, DF set: routers never fragment
 /// IPv6, so neither may the underlay fragment its carrier.
 #[inline(never)]
-fn encapsulate_ipv6_in_ipv4(
+pub(crate) fn encapsulate_ipv6_in_ipv4(
     ctx: &TcContext,
     cfg: &DataplaneConfig,
     total_len: u32,
@@ -255,7 +263,7 @@ pub(crate) const OK: u32 = u32::MAX;
 /// The walk and the scope rule for the IPv6 packet at `L3_OFF`: [`OK`], or the counter.
 // Out of line: the walk's state lives in this frame, not in `egress6`'s.
 #[inline(never)]
-fn egress_checks(ctx: &TcContext, next: u8, total_len: u32) -> u32 {
+pub(crate) fn egress_checks(ctx: &TcContext, next: u8, total_len: u32) -> u32 {
     let Some(upper) = upper_layer(ctx, L3_OFF, next, total_len) else {
         return Counter::DropMalformed as u32;
     };
@@ -438,8 +446,14 @@ pub(crate) fn decap_ipv6_inner(
         return drop_with(ctx, Counter::DropIoError);
     }
     let inner_bytes = l3_len(ctx);
-    // Up the stack: the kernel's forwarding makes the hop (hop limit, "time exceeded").
+    let Ok(endpoint) = crate::ipv6_fast::prepare_delivery6(ctx, hdr[7]) else {
+        return drop_with(ctx, Counter::DropIoError);
+    };
     count(Counter::Decapsulated, inner_bytes);
     add_traffic_of(traffic_id, true, inner_bytes);
-    TC_ACT_OK as i32
+    match endpoint {
+        Some(host_ifindex) => crate::ipv6_fast::redirect_peer(host_ifindex),
+        // Up the stack: the kernel's forwarding makes the hop (hop limit, "time exceeded").
+        None => TC_ACT_OK as i32,
+    }
 }

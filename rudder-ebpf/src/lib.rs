@@ -15,6 +15,7 @@ pub mod names {
     pub const MAP_PEERS: &str = "RUDDER_PEERS";
     pub const MAP_SENDERS: &str = "RUDDER_SENDERS";
     pub const MAP_ENDPOINTS: &str = "RUDDER_ENDPTS";
+    pub const MAP_ENDPOINTS6: &str = "RUDDER_ENDPTS6";
     pub const MAP_COUNTERS: &str = "RUDDER_COUNTERS";
     pub const MAP_BYTES: &str = "RUDDER_BYTES";
     pub const MAP_PEER_TRAFFIC: &str = "RUDDER_PEER_TRAF";
@@ -221,8 +222,8 @@ impl PeerTraffic {
     };
 }
 
-/// Value of the local endpoint map, keyed by a container's IPv4 address (network byte
-/// order): where the ingress program hands a decapsulated packet with `bpf_redirect_peer`.
+/// Value of the local endpoint maps, keyed by a container's IPv4 address (network byte
+/// order) or IPv6 address: where the ingress program hands a decapsulated packet with `bpf_redirect_peer`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalEndpoint {

@@ -37,6 +37,8 @@ mod ipv4_headers;
 #[cfg(target_arch = "bpf")]
 mod ipv6;
 #[cfg(target_arch = "bpf")]
+mod ipv6_fast;
+#[cfg(target_arch = "bpf")]
 mod ipv6_outer;
 #[cfg(target_arch = "bpf")]
 mod programs;

@@ -241,7 +241,7 @@ pub(crate) fn is_gso(ctx: &TcContext) -> bool {
 }
 
 #[inline(always)]
-fn gso_size(ctx: &TcContext) -> u16 {
+pub(crate) fn gso_size(ctx: &TcContext) -> u16 {
     // SAFETY: the context pointer is valid for the whole program run.
     unsafe { (*ctx.skb.skb).gso_size as u16 }
 }
@@ -280,7 +280,13 @@ fn bridge_ingress(ctx: &TcContext) -> i32 {
     let Some(cfg) = config() else {
         return TCX_NEXT;
     };
-    if cfg.underlay_ifindex == 0 || ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
+    if cfg.underlay_ifindex == 0 {
+        return TCX_NEXT;
+    }
+    if ctx.skb.protocol() == u32::from(ETH_P_IPV6.to_be()) {
+        return crate::ipv6_fast::bridge_ingress6(ctx, &cfg);
+    }
+    if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
         return TCX_NEXT;
     }
     // A NAT'd connection (marked by rudder's nftables rule, after a bridge-level DNAT): only

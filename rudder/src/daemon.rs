@@ -122,7 +122,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             subnet = %saved.subnet, peers, ipv6_peers,
             "brought up from {} before etcd answered", state_path.display()
         );
-        let refresh = follow_host_state(&dp, underlay.index, saved.config.network);
+        let refresh = follow_host_state(&dp, underlay.index, &saved.config);
         early = Some(Early {
             local,
             dp,
@@ -286,9 +286,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => reconciler.with_installed(
             dp.peer_stats()
                 .iter()
-                .filter_map(|p| match p.public_ip {
-                    std::net::IpAddr::V4(ip) => Some((p.subnet, ip)),
-                    std::net::IpAddr::V6(_) => None,
+                .filter_map(|p| match (p.subnet, p.public_ip) {
+                    (ipnet::IpNet::V4(subnet), std::net::IpAddr::V4(ip)) => Some((subnet, ip)),
+                    _ => None,
                 })
                 .collect(),
         ),
@@ -316,7 +316,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         state: state.clone(),
     };
 
-    let refresh_task = follow_host_state(&dp, underlay.index, config.network);
+    let refresh_task = follow_host_state(&dp, underlay.index, &config);
     let state_file_task = tokio::spawn(crate::state_file::keep_written(
         state_path.clone(),
         config.clone(),
@@ -481,12 +481,16 @@ struct Early {
 fn follow_host_state(
     dp: &Arc<dyn Dataplane>,
     underlay: u32,
-    network: ipnet::Ipv4Net,
+    config: &crate::config::NetworkConfig,
 ) -> tokio::task::JoinHandle<()> {
+    let networks = crate::endpoint_watch::Networks {
+        v4: config.network,
+        v6: config.ipv6.as_ref().map(|v6| v6.network),
+    };
     let events = dp
         .fast_path()
         .is_some()
-        .then(|| crate::endpoint_watch::watch(underlay, network));
+        .then(|| crate::endpoint_watch::watch(underlay, networks));
     tokio::spawn(crate::endpoint_watch::follow_host_state(dp.clone(), events))
 }
 

@@ -1,17 +1,17 @@
 //! Follows the host's local containers for the eBPF fast paths: links (a bridge or veth
 //! appearing, moving, going), IPv4 addresses (the gateway address landing on a bridge),
-//! neighbours (a container's IPv4 entry; AF_BRIDGE FDB entries come in the same group) and
-//! /32 routes into the overlay (CNI ptp style veths). One rtnetlink multicast subscription;
+//! neighbours (a container's IPv4 or IPv6 entry; AF_BRIDGE FDB entries come in the same
+//! group) and /32 (/128) routes into the overlay (CNI ptp style veths). One rtnetlink multicast subscription;
 //! events flow one way: [`watch`] → [`follow_host_state`] (a daemon task) → data plane,
 //! which then re-reads the local endpoints at once instead of at its next periodic resync.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
@@ -30,11 +30,28 @@ const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 /// The safety net: everything (bridge, endpoints, lost routes) is re-read this often.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(2);
 
+/// The overlay networks whose neighbours and host routes can be local containers.
+#[derive(Clone, Copy, Debug)]
+pub struct Networks {
+    pub v4: Ipv4Net,
+    /// `None` while the network has no IPv6.
+    pub v6: Option<Ipv6Net>,
+}
+
+impl Networks {
+    fn contains(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(ip) => self.v4.contains(&ip),
+            IpAddr::V6(ip) => self.v6.is_some_and(|net| net.contains(&ip)),
+        }
+    }
+}
+
 /// Watches the host for changes to its local containers (the underlay's own interface
 /// `underlay` excluded; neighbours and routes only inside `network`) until the receiver is
 /// dropped. A message on the channel means "re-read the local endpoints"; one pending is
 /// enough, so the channel holds one. A (re)subscription or lost events send one too.
-pub fn watch(underlay: u32, network: Ipv4Net) -> mpsc::Receiver<()> {
+pub fn watch(underlay: u32, network: Networks) -> mpsc::Receiver<()> {
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         loop {
@@ -52,7 +69,7 @@ pub fn watch(underlay: u32, network: Ipv4Net) -> mpsc::Receiver<()> {
 
 async fn subscription(
     underlay: u32,
-    network: Ipv4Net,
+    network: Networks,
     tx: &mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
     let (connection, _, mut messages) = rtnetlink::new_multicast_connection(&[
@@ -60,6 +77,7 @@ async fn subscription(
         MulticastGroup::Ipv4Ifaddr,
         MulticastGroup::Neigh,
         MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
     ])?;
     let driver = tokio::spawn(connection);
     let _stop_driver = AbortOnDrop(driver);
@@ -113,11 +131,11 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 /// Decides which messages can change the local endpoints.
 struct Filter {
     underlay: u32,
-    network: Ipv4Net,
-    /// IPv4 neighbours in the network as last seen: (ifindex, IP) → (MAC, usable). A
+    network: Networks,
+    /// Neighbours in the networks as last seen: (ifindex, IP) → (MAC, usable). A
     /// container's entry cycles reachable → stale → delay → reachable under traffic; only a
     /// change of MAC or usability matters.
-    neighbours: HashMap<(u32, Ipv4Addr), NeighbourSeen>,
+    neighbours: HashMap<(u32, IpAddr), NeighbourSeen>,
 }
 
 /// A neighbour entry's MAC and whether its state is usable.
@@ -130,16 +148,22 @@ impl Filter {
                 link.header.index != self.underlay
             }
             RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
-                address_of(a).is_some_and(|ip| self.network.contains(&ip))
+                address_of(a).is_some_and(|ip| self.network.v4.contains(&ip))
             }
             RouteNetlinkMessage::NewNeighbour(n) => self.neighbour(n, true),
             RouteNetlinkMessage::DelNeighbour(n) => self.neighbour(n, false),
             RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
-                r.header.destination_prefix_length == 32
-                    && r.header.protocol != RouteProtocol::Other(RTPROT_RUDDER)
-                    && r.attributes.iter().any(|a| {
-                        matches!(a, RouteAttribute::Destination(RouteAddress::Inet(ip))
-                            if self.network.contains(ip))
+                r.header.protocol != RouteProtocol::Other(RTPROT_RUDDER)
+                    && r.attributes.iter().any(|a| match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                            r.header.destination_prefix_length == 32
+                                && self.network.contains(IpAddr::V4(*ip))
+                        }
+                        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
+                            r.header.destination_prefix_length == 128
+                                && self.network.contains(IpAddr::V6(*ip))
+                        }
+                        _ => false,
                     })
             }
             _ => false,
@@ -156,14 +180,19 @@ impl Filter {
                 .attributes
                 .iter()
                 .any(|a| matches!(a, NeighbourAttribute::Controller(_))),
-            AddressFamily::Inet => {
+            AddressFamily::Inet | AddressFamily::Inet6 => {
                 let Some(ip) = n.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                        Some(IpAddr::V4(*ip))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                        Some(IpAddr::V6(*ip))
+                    }
                     _ => None,
                 }) else {
                     return false;
                 };
-                if !self.network.contains(&ip) {
+                if !self.network.contains(ip) {
                     return false;
                 }
                 let key = (n.header.ifindex, ip);
@@ -183,7 +212,7 @@ impl Filter {
     }
 }
 
-fn address_of(message: &AddressMessage) -> Option<Ipv4Addr> {
+fn address_of(message: &AddressMessage) -> Option<std::net::Ipv4Addr> {
     message.attributes.iter().find_map(|a| match a {
         AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
             Some(*ip)
@@ -259,18 +288,29 @@ mod tests {
     fn filter() -> Filter {
         Filter {
             underlay: 2,
-            network: "10.5.0.0/16".parse().unwrap(),
+            network: Networks {
+                v4: "10.5.0.0/16".parse().unwrap(),
+                v6: Some("fc00::/48".parse().unwrap()),
+            },
             neighbours: HashMap::new(),
         }
     }
 
-    fn neighbour(ifindex: u32, ip: Ipv4Addr, state: NeighbourState) -> RouteNetlinkMessage {
+    fn neighbour(
+        ifindex: u32,
+        ip: impl Into<IpAddr>,
+        state: NeighbourState,
+    ) -> RouteNetlinkMessage {
+        let ip = ip.into();
         let mut n = NeighbourMessage::default();
-        n.header.family = AddressFamily::Inet;
         n.header.ifindex = ifindex;
         n.header.state = state;
-        n.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        let (family, address) = match ip {
+            IpAddr::V4(ip) => (AddressFamily::Inet, NeighbourAddress::Inet(ip)),
+            IpAddr::V6(ip) => (AddressFamily::Inet6, NeighbourAddress::Inet6(ip)),
+        };
+        n.header.family = family;
+        n.attributes.push(NeighbourAttribute::Destination(address));
         n.attributes
             .push(NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 1]));
         RouteNetlinkMessage::NewNeighbour(n)
@@ -279,7 +319,7 @@ mod tests {
     #[test]
     fn a_container_neighbour_counts_once_until_its_usability_changes() {
         let mut f = filter();
-        let ip = Ipv4Addr::new(10, 5, 1, 2);
+        let ip = std::net::Ipv4Addr::new(10, 5, 1, 2);
         assert!(f.relevant(&neighbour(7, ip, NeighbourState::Reachable)));
         // Reachable → stale → reachable: the same container.
         assert!(!f.relevant(&neighbour(7, ip, NeighbourState::Stale)));
@@ -288,14 +328,40 @@ mod tests {
         // Outside the network, or on the underlay: not a container.
         assert!(!f.relevant(&neighbour(
             7,
-            Ipv4Addr::new(192, 168, 1, 1),
+            std::net::Ipv4Addr::new(192, 168, 1, 1),
             NeighbourState::Reachable
         )));
         assert!(!f.relevant(&neighbour(
             2,
-            Ipv4Addr::new(10, 5, 9, 9),
+            std::net::Ipv4Addr::new(10, 5, 9, 9),
             NeighbourState::Reachable
         )));
+    }
+
+    #[test]
+    fn ipv6_container_neighbours_and_host_routes_in_the_ipv6_network_count() {
+        use rtnetlink::packet_route::route::RouteMessage;
+        let mut f = filter();
+        let ip: std::net::Ipv6Addr = "fc00:0:0:3::2".parse().unwrap();
+        assert!(f.relevant(&neighbour(7, ip, NeighbourState::Reachable)));
+        assert!(!f.relevant(&neighbour(7, ip, NeighbourState::Stale)));
+        // The underlay's own IPv6 neighbours are not containers.
+        let underlay_ip: std::net::Ipv6Addr = "fd00:77::11".parse().unwrap();
+        assert!(!f.relevant(&neighbour(7, underlay_ip, NeighbourState::Reachable)));
+        let route = |len: u8, dst: std::net::Ipv6Addr| {
+            let mut r = RouteMessage::default();
+            r.header.destination_prefix_length = len;
+            r.attributes
+                .push(RouteAttribute::Destination(RouteAddress::Inet6(dst)));
+            RouteNetlinkMessage::NewRoute(r)
+        };
+        assert!(f.relevant(&route(128, ip)));
+        assert!(!f.relevant(&route(64, ip)));
+        assert!(!f.relevant(&route(128, underlay_ip)));
+        // Without IPv6 in the network, none of them matter.
+        f.network.v6 = None;
+        assert!(!f.relevant(&route(128, ip)));
+        assert!(!f.relevant(&neighbour(8, ip, NeighbourState::Reachable)));
     }
 
     #[test]

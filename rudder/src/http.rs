@@ -119,11 +119,12 @@ pub fn status_table(status: &serde_json::Value) -> String {
     if status["fast_path"].is_object() {
         let fast = &status["fast_path"];
         out += &format!(
-            "fast path:  bridge {}, {} local containers\n",
+            "fast path:  bridge {}, {} local containers ({} by IPv6)\n",
             fast["bridge"]
                 .as_str()
                 .unwrap_or("none (no bridge holds the gateway address)"),
-            fast["local_endpoints"]
+            fast["local_endpoints"],
+            fast["local_endpoints6"]
         );
     }
     if let Some(expires) = status["lease_expires_unix"].as_u64() {
@@ -148,6 +149,14 @@ pub fn status_table(status: &serde_json::Value) -> String {
     }
     out += "\n";
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
+    // The IPv6 subnets the data plane carries, in the same table.
+    let peers6: Vec<_> = status["ipv6_peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["tx_packets"].is_u64())
+        .cloned()
+        .collect();
     out += &format!(
         "peers ({}):\n  {:<18} {:<15} {:>10} {:>10} {:>10} {:>10}  {}\n",
         peers.len(),
@@ -164,14 +173,18 @@ pub fn status_table(status: &serde_json::Value) -> String {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let number = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
-    for p in peers {
+    let rows = peers
+        .iter()
+        .map(|p| (p, &p["subnet"]))
+        .chain(peers6.iter().map(|p| (p, &p["ipv6_subnet"])));
+    for (p, subnet) in rows {
         let changed = p["changed_unix"].as_u64().map_or("-".to_string(), |at| {
             let ago = std::time::Duration::from_secs(now.saturating_sub(at));
             format!("{} ago", humantime::format_duration(ago))
         });
         out += &format!(
             "  {:<18} {:<15} {:>10} {:>10} {:>10} {:>10}  {}\n",
-            p["subnet"].as_str().unwrap_or("-"),
+            subnet.as_str().unwrap_or("-"),
             p["public_ip"].as_str().unwrap_or("-"),
             number(&p["tx_packets"]),
             number(&p["tx_bytes"]),
@@ -201,17 +214,28 @@ async fn readyz(AxumState(state): AxumState<State>) -> impl IntoResponse {
 /// Everything `rudder status` shows, as JSON.
 pub fn status_json(state: &State) -> serde_json::Value {
     let info = state.snapshot();
-    // Other hosts' IPv6 halves; a peer without one (a flannel udp host) gets nulls.
+    let stats = state.dataplane().map(|dataplane| dataplane.peer_stats());
+    let stats_of = |subnet: ipnet::IpNet| {
+        stats
+            .as_ref()
+            .and_then(|all| all.iter().find(|p| p.subnet == subnet))
+    };
+    // Other hosts' IPv6 halves; a peer without one (a flannel udp host) gets nulls. With a
+    // data plane, each also gets its traffic (where its datagrams go: `public_ip`).
     let ipv6_peers: Vec<_> = info
         .ipv6_peers
         .iter()
         .filter(|(subnet6, _)| Some(**subnet6) != info.ipv6_subnet)
         .map(|(subnet6, p)| {
-            json!({
+            let mut entry = json!({
                 "ipv6_subnet": subnet6.to_string(),
                 "subnet": p.ipv4_subnet.map(|s| s.to_string()),
                 "public_ipv6": p.public_ipv6.map(|ip| ip.to_string()),
-            })
+            });
+            if let Some(stats) = stats_of((*subnet6).into()) {
+                add_traffic(&mut entry, stats);
+            }
+            entry
         })
         .collect();
     let ipv6_of = |subnet: ipnet::Ipv4Net| {
@@ -220,28 +244,22 @@ pub fn status_json(state: &State) -> serde_json::Value {
             .find(|(_, p)| p.ipv4_subnet == Some(subnet))
             .map(|(subnet6, p)| (subnet6.to_string(), p.public_ipv6.map(|ip| ip.to_string())))
     };
-    let peers: Vec<_> = match state.dataplane() {
-        Some(dataplane) => dataplane
-            .peer_stats()
+    let peers: Vec<_> = match &stats {
+        Some(stats) => stats
             .iter()
-            .map(|p| {
-                let changed = p
-                    .changed
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                let (ipv6_subnet, public_ipv6) = ipv6_of(p.subnet).unzip();
-                json!({
-                    "subnet": p.subnet.to_string(),
-                    "public_ip": p.public_ip.to_string(),
+            .filter_map(|p| {
+                // IPv6 subnets are listed in `ipv6_peers`, with their traffic.
+                let ipnet::IpNet::V4(subnet) = p.subnet else {
+                    return None;
+                };
+                let (ipv6_subnet, public_ipv6) = ipv6_of(subnet).unzip();
+                let mut entry = json!({
+                    "subnet": subnet.to_string(),
                     "ipv6_subnet": ipv6_subnet,
                     "public_ipv6": public_ipv6.flatten(),
-                    "changed_unix": changed,
-                    "tx_packets": p.traffic.tx_packets,
-                    "tx_bytes": p.traffic.tx_bytes,
-                    "rx_packets": p.traffic.rx_packets,
-                    "rx_bytes": p.traffic.rx_bytes,
-                })
+                });
+                add_traffic(&mut entry, p);
+                Some(entry)
             })
             .collect(),
         // No data plane yet: what the control plane knows.
@@ -265,10 +283,13 @@ pub fn status_json(state: &State) -> serde_json::Value {
         .into_iter()
         .map(|(name, v)| (name.to_string(), v.into()))
         .collect();
-    let fast_path = state
-        .dataplane()
-        .and_then(|dp| dp.fast_path())
-        .map(|f| json!({"bridge": f.bridge, "local_endpoints": f.local_endpoints}));
+    let fast_path = state.dataplane().and_then(|dp| dp.fast_path()).map(|f| {
+        json!({
+            "bridge": f.bridge,
+            "local_endpoints": f.local_endpoints,
+            "local_endpoints6": f.local_endpoints6,
+        })
+    });
     let m = &state.metrics;
     json!({
         "ready": state.is_ready(),
@@ -296,6 +317,25 @@ pub fn status_json(state: &State) -> serde_json::Value {
         "etcd_reconnects": m.etcd_reconnects.get(),
         "invalid_leases": m.invalid_leases.get(),
     })
+}
+
+/// A data plane entry's place and traffic, as the `peers` and `ipv6_peers` rows show them.
+fn add_traffic(entry: &mut serde_json::Value, p: &crate::dataplane::PeerStats) {
+    let changed = p
+        .changed
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for (key, value) in [
+        ("public_ip", json!(p.public_ip.to_string())),
+        ("changed_unix", json!(changed)),
+        ("tx_packets", json!(p.traffic.tx_packets)),
+        ("tx_bytes", json!(p.traffic.tx_bytes)),
+        ("rx_packets", json!(p.traffic.rx_packets)),
+        ("rx_bytes", json!(p.traffic.rx_bytes)),
+    ] {
+        entry[key] = value;
+    }
 }
 
 async fn status(AxumState(state): AxumState<State>) -> impl IntoResponse {
@@ -360,6 +400,130 @@ mod tests {
             metrics.contains("rudder_packets_total{dataplane=\"\",result=\"spoofed_source\"} 0"),
             "{metrics}"
         );
+    }
+
+    /// A data plane that only reports fixed per-peer traffic.
+    struct FixedStats(Vec<crate::dataplane::PeerStats>);
+
+    impl crate::dataplane::Dataplane for FixedStats {
+        fn kind(&self) -> crate::dataplane::DataplaneKind {
+            crate::dataplane::DataplaneKind::Tun
+        }
+        fn set_local_subnet(&self, _: ipnet::Ipv4Net) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn set_overlay_mtu(&self, _: u16) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn upsert_peer(&self, _: ipnet::Ipv4Net, _: std::net::IpAddr) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn remove_peer(&self, _: ipnet::Ipv4Net) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn set_local_subnet6(&self, _: ipnet::Ipv6Net) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn upsert_peer6(&self, _: ipnet::Ipv6Net, _: std::net::IpAddr) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn remove_peer6(&self, _: ipnet::Ipv6Net) -> anyhow::Result<()> {
+            Ok(())
+        }
+        fn counters(&self) -> crate::dataplane::CounterSnapshot {
+            [0; rudder_ebpf::Counter::COUNT]
+        }
+        fn byte_counters(&self) -> crate::dataplane::CounterSnapshot {
+            [0; rudder_ebpf::Counter::COUNT]
+        }
+        fn peer_stats(&self) -> Vec<crate::dataplane::PeerStats> {
+            self.0.clone()
+        }
+        fn shutdown(&self) -> anyhow::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn ipv6_peer_subnets_show_their_traffic_in_status_and_metrics() {
+        use crate::dataplane::{PeerStats, PeerTraffic};
+        let traffic = |tx_packets, rx_packets| PeerTraffic {
+            tx_packets,
+            tx_bytes: tx_packets * 100,
+            rx_packets,
+            rx_bytes: rx_packets * 100,
+        };
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        let subnet6: ipnet::Ipv6Net = "fc00:0:0:8::/64".parse().unwrap();
+        let state = State::default();
+        state.update(|s| {
+            s.subnet = Some("10.5.7.0/24".parse().unwrap());
+            s.peers.insert(
+                "10.5.8.0/24".parse().unwrap(),
+                "192.168.77.12".parse().unwrap(),
+            );
+            s.ipv6_peers.insert(
+                subnet6,
+                crate::peers::Ipv6Peer {
+                    ipv4_subnet: Some("10.5.8.0/24".parse().unwrap()),
+                    public_ip: "192.168.77.12".parse().unwrap(),
+                    public_ipv6: Some("fd00:77::12".parse().unwrap()),
+                },
+            );
+        });
+        let stats = vec![
+            PeerStats {
+                subnet: "10.5.8.0/24".parse().unwrap(),
+                public_ip: "192.168.77.12".parse().unwrap(),
+                changed: at,
+                traffic: traffic(3, 4),
+            },
+            PeerStats {
+                subnet: ipnet::IpNet::V6(subnet6),
+                public_ip: "fd00:77::12".parse().unwrap(),
+                changed: at,
+                traffic: traffic(5, 6),
+            },
+        ];
+        *state.dataplane.write().unwrap() = Some(std::sync::Arc::new(FixedStats(stats)));
+
+        let status = status_json(&state);
+        assert_eq!(status["peers"].as_array().unwrap().len(), 1, "{status}");
+        assert_eq!(status["peers"][0]["tx_packets"], 3);
+        let peer6 = &status["ipv6_peers"][0];
+        assert_eq!(peer6["ipv6_subnet"], "fc00:0:0:8::/64");
+        assert_eq!(peer6["public_ip"], "fd00:77::12");
+        assert_eq!(
+            (
+                &peer6["tx_packets"],
+                &peer6["rx_packets"],
+                &peer6["rx_bytes"]
+            ),
+            (&json!(5), &json!(6), &json!(600)),
+            "{peer6}"
+        );
+        let table = status_table(&status);
+        let row6 = table
+            .lines()
+            .find(|l| l.trim_start().starts_with("fc00:0:0:8::/64"))
+            .unwrap_or_else(|| panic!("no IPv6 peer row in\n{table}"));
+        let columns: Vec<&str> = row6.split_whitespace().collect();
+        assert_eq!(
+            columns[1..6],
+            ["fd00:77::12", "5", "500", "6", "600"],
+            "{row6}"
+        );
+
+        let mut metrics = String::new();
+        prometheus_client::encoding::text::encode(&mut metrics, &state.registry()).unwrap();
+        for line in [
+            "rudder_peer_packets_total{dataplane=\"\",subnet=\"10.5.8.0/24\",direction=\"tx\"} 3",
+            "rudder_peer_packets_total{dataplane=\"\",subnet=\"fc00:0:0:8::/64\",direction=\"tx\"} 5",
+            "rudder_peer_packets_total{dataplane=\"\",subnet=\"fc00:0:0:8::/64\",direction=\"rx\"} 6",
+            "rudder_peer_bytes_total{dataplane=\"\",subnet=\"fc00:0:0:8::/64\",direction=\"rx\"} 600",
+        ] {
+            assert!(metrics.contains(line), "no {line} in\n{metrics}");
+        }
     }
 
     #[tokio::test]

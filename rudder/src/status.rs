@@ -2,7 +2,8 @@
 //! and the Prometheus registry over it.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use prometheus_client::collector::Collector;
@@ -12,7 +13,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use rudder_ebpf::Counter as PacketCounter;
 
-use crate::dataplane::Dataplane;
+use crate::dataplane::{Dataplane, PeerStats};
 use crate::metrics::Metrics;
 use crate::peers::{Ipv6PeerMap, PeerMap};
 
@@ -49,7 +50,16 @@ pub struct State {
     pub metrics: Metrics,
     pub status: Arc<RwLock<StatusInfo>>,
     pub dataplane: Arc<RwLock<Option<Arc<dyn Dataplane>>>>,
+    /// The per-peer traffic `/metrics` showed last, and when it was read.
+    metrics_peer_stats: Arc<Mutex<Option<ReadAt>>>,
 }
+
+/// Per-peer traffic and when it was read.
+type ReadAt = (Instant, Arc<Vec<PeerStats>>);
+
+/// How old the per-peer traffic in `/metrics` may be: reading it costs a BPF map lookup per
+/// peer, and a scraper polling many times a second must not make the daemon do that each time.
+const METRICS_PEER_STATS_MAX_AGE: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,6 +74,22 @@ impl State {
 
     pub fn snapshot(&self) -> StatusInfo {
         self.status.read().expect("status lock poisoned").clone()
+    }
+
+    /// The data plane's per-peer traffic, at most [`METRICS_PEER_STATS_MAX_AGE`] old.
+    fn metrics_peer_stats(&self) -> Arc<Vec<PeerStats>> {
+        let mut cached = self
+            .metrics_peer_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((at, stats)) = cached.as_ref() {
+            if at.elapsed() < METRICS_PEER_STATS_MAX_AGE {
+                return stats.clone();
+            }
+        }
+        let stats = Arc::new(self.dataplane().map(|d| d.peer_stats()).unwrap_or_default());
+        *cached = Some((Instant::now(), stats.clone()));
+        stats
     }
 
     pub fn dataplane(&self) -> Option<Arc<dyn Dataplane>> {
@@ -169,6 +195,52 @@ impl Collector for DataplaneCollector {
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
-        Ok(())
+        encode_peer_traffic(&mut encoder, &dataplane, &self.0)
     }
+}
+
+/// A peer's (tx, rx) figure of one metric family.
+type TxRx = fn(&crate::dataplane::PeerStats) -> (u64, u64);
+
+/// One line per peer subnet (IPv4 and IPv6) and direction: `rudder_peer_packets_total` and
+/// `rudder_peer_bytes_total` with labels `dataplane`, `subnet`, `direction` (tx/rx).
+fn encode_peer_traffic(
+    encoder: &mut DescriptorEncoder,
+    dataplane: &str,
+    state: &State,
+) -> Result<(), std::fmt::Error> {
+    let stats = state.metrics_peer_stats();
+    let families: [(&str, &str, TxRx); 2] = [
+        (
+            "peer_packets",
+            "Inner packets sent to (tx) and received from (rx) each peer subnet since its entry was installed",
+            |p| (p.traffic.tx_packets, p.traffic.rx_packets),
+        ),
+        (
+            "peer_bytes",
+            "Inner bytes sent to (tx) and received from (rx) each peer subnet since its entry was installed",
+            |p| (p.traffic.tx_bytes, p.traffic.rx_bytes),
+        ),
+    ];
+    for (name, help, values) in families {
+        let mut family = encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for p in stats.iter() {
+            let subnet = p.subnet.to_string();
+            let (tx, rx) = values(p);
+            for (direction, value) in [("tx", tx), ("rx", rx)] {
+                let labels = [
+                    ("dataplane", dataplane),
+                    ("subnet", subnet.as_str()),
+                    ("direction", direction),
+                ];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -32,6 +32,7 @@ pub mod flanneld;
 pub mod host;
 pub mod netns;
 pub mod outside_bridge;
+pub mod outside_bridge6;
 pub mod packet;
 pub mod process;
 pub mod router;

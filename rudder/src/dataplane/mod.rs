@@ -19,7 +19,7 @@ pub mod tun;
 
 use std::net::IpAddr;
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 pub use counters::{CounterSnapshot, PeerTraffic};
 pub use create::{create, DataplaneOptions, Ipv6Plane};
@@ -48,7 +48,8 @@ impl DataplaneKind {
 /// One installed peer as the data plane sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerStats {
-    pub subnet: Ipv4Net,
+    /// An IPv4 peer subnet, or (on a dual-stack network) an IPv6 one.
+    pub subnet: IpNet,
     /// Where its datagrams go: its PublicIP, or its PublicIPv6 (see [`Dataplane::upsert_peer`]).
     pub public_ip: IpAddr,
     /// When the entry was installed or last pointed at another public IP; `traffic`
@@ -64,6 +65,8 @@ pub struct FastPath {
     pub bridge: Option<String>,
     /// Containers behind it that decapsulated packets are redirected into directly.
     pub local_endpoints: usize,
+    /// Containers it serves by their IPv6 address (a dual-stack network), counted apart.
+    pub local_endpoints6: usize,
 }
 
 /// What every data plane does. Methods are idempotent: applying the same peer twice, or

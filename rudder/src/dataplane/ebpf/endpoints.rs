@@ -1,14 +1,15 @@
 //! Local endpoints: the bridge the containers sit behind (rudder's own with `--bridge`, else
 //! whichever interface holds the subnet's gateway address: docker0, cni0, a hand-made one),
 //! and the containers behind it that get the fast delivery path, found from the bridge's IPv4
-//! neighbours and FDB; plus bridgeless veths with a /32 route (`routed_endpoints`).
+//! (and IPv6) neighbours and FDB; plus bridgeless veths with a /32 (/128) route
+//! (`routed_endpoints`).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rudder_ebpf::LocalEndpoint;
 
 use super::kernel::ignore_missing;
@@ -42,24 +43,28 @@ impl EbpfDataplane {
             })
     }
 
-    /// Finds the local containers and installs them as local endpoints, removing those that
-    /// vanished since the last call; returns how many there are. A container is an IPv4
-    /// neighbour inside the local subnet either of the adopted bridge, whose MAC the
-    /// bridge's FDB places on a veth port, or of a veth a /32 route points at. Call it on
-    /// netlink events (`endpoint_watch`) and periodically; endpoints added with
-    /// [`Self::upsert_local_endpoint`] for the same IP are overwritten.
+    /// Finds the local containers and installs them as local endpoints (IPv4 and, on a
+    /// dual-stack network, IPv6), removing those that vanished since the last call; returns
+    /// how many IPv4 ones there are. A container is a neighbour inside a local subnet either
+    /// of the adopted bridge, whose MAC the bridge's FDB places on a veth port, or of a veth
+    /// a /32 (/128) route points at. Call it on netlink events (`endpoint_watch`) and
+    /// periodically; endpoints added with [`Self::upsert_local_endpoint`] for the same IP
+    /// are overwritten.
     pub fn refresh_local_endpoints(&self) -> anyhow::Result<usize> {
         let mut state = self.lock();
-        let subnet = state.opts.local_subnet;
-        let mut found: BTreeMap<Ipv4Addr, LocalEndpoint> = match &state.bridge {
+        let subnets = LocalSubnets {
+            v4: state.opts.local_subnet,
+            v6: state.opts.ipv6.as_ref().map(|plane| plane.local_subnet),
+        };
+        let mut found: BTreeMap<IpAddr, LocalEndpoint> = match &state.bridge {
             Some(bridge) => state
                 .routes()?
-                .discover_endpoints(&bridge.name, subnet)?
+                .discover_endpoints(&bridge.name, &subnets)?
                 .into_iter()
                 .collect(),
             None => BTreeMap::new(),
         };
-        let routed = state.routes()?.discover_routed_endpoints(subnet)?;
+        let routed = state.routes()?.discover_routed_endpoints(&subnets)?;
         let veths = routed
             .iter()
             .map(|(_, endpoint, name)| (endpoint.host_ifindex, name.clone()))
@@ -67,29 +72,27 @@ impl EbpfDataplane {
         for (ip, endpoint, _) in routed {
             found.entry(ip).or_insert(endpoint);
         }
+        let (mut found4, mut found6) = (BTreeMap::new(), BTreeMap::new());
+        for (ip, endpoint) in found {
+            match ip {
+                IpAddr::V4(ip) => found4.insert(ip, endpoint),
+                IpAddr::V6(ip) => found6.insert(ip, endpoint),
+            };
+        }
         let State {
             kernel,
             discovered,
+            discovered6,
             routed_veths,
             ..
         } = &mut *state;
         let kernel = kernel.as_mut().context("eBPF data plane is shut down")?;
         routed_veths.follow(kernel, veths);
-        for (ip, endpoint) in &found {
-            if discovered.get(ip) != Some(endpoint) {
-                kernel
-                    .endpoints
-                    .insert(ip.octets(), *endpoint, 0)
-                    .with_context(|| format!("adding local endpoint {ip} to the BPF map"))?;
-            }
-        }
-        for ip in discovered.keys().filter(|ip| !found.contains_key(ip)) {
-            ignore_missing(kernel.endpoints.remove(&ip.octets()))
-                .with_context(|| format!("removing vanished local endpoint {ip}"))?;
-        }
-        let count = found.len();
-        *discovered = found;
-        Ok(count)
+        sync_endpoints(&mut kernel.endpoints, discovered, found4, Ipv4Addr::octets)?;
+        sync_endpoints(&mut kernel.endpoints6, discovered6, found6, |ip| {
+            ip.octets()
+        })?;
+        Ok(discovered.len())
     }
 
     /// Forgets a local container; absent ones are not an error.
@@ -99,6 +102,43 @@ impl EbpfDataplane {
         ignore_missing(kernel.endpoints.remove(&ip.octets()))
             .with_context(|| format!("removing local endpoint {ip} from the BPF map"))
     }
+}
+
+/// The local subnets containers are looked for in.
+pub(super) struct LocalSubnets {
+    pub(super) v4: Ipv4Net,
+    /// `None` while the network has no IPv6.
+    pub(super) v6: Option<Ipv6Net>,
+}
+
+impl LocalSubnets {
+    pub(super) fn contains(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(ip) => self.v4.contains(&ip),
+            IpAddr::V6(ip) => self.v6.is_some_and(|subnet| subnet.contains(&ip)),
+        }
+    }
+}
+
+/// Makes `map` hold `found`, writing only what changed since `installed` (then `found`).
+fn sync_endpoints<A: Ord + Copy + std::fmt::Display, K: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, LocalEndpoint>,
+    installed: &mut BTreeMap<A, LocalEndpoint>,
+    found: BTreeMap<A, LocalEndpoint>,
+    key: impl Fn(&A) -> K,
+) -> anyhow::Result<()> {
+    for (ip, endpoint) in &found {
+        if installed.get(ip) != Some(endpoint) {
+            map.insert(key(ip), *endpoint, 0)
+                .with_context(|| format!("adding local endpoint {ip} to the BPF map"))?;
+        }
+    }
+    for ip in installed.keys().filter(|ip| !found.contains_key(ip)) {
+        ignore_missing(map.remove(&key(ip)))
+            .with_context(|| format!("removing vanished local endpoint {ip}"))?;
+    }
+    *installed = found;
+    Ok(())
 }
 
 impl Routes {
@@ -129,18 +169,35 @@ impl Routes {
         }
     }
 
-    /// Every IPv4 neighbour entry of the host (both endpoint discoveries read them).
-    pub(super) async fn ipv4_neighbours(
+    /// Every IPv4 neighbour entry of the host, and with `ipv6` every IPv6 one (both
+    /// endpoint discoveries read them).
+    pub(super) async fn neighbours(
         &self,
+        ipv6: bool,
     ) -> anyhow::Result<Vec<rtnetlink::packet_route::neighbour::NeighbourMessage>> {
-        self.handle
+        use rtnetlink::packet_route::AddressFamily;
+        let mut all: Vec<_> = self
+            .handle
             .neighbours()
             .get()
-            .set_address_family(rtnetlink::packet_route::AddressFamily::Inet)
+            .set_address_family(AddressFamily::Inet)
             .execute()
             .try_collect()
             .await
-            .context("dumping IPv4 neighbours")
+            .context("dumping IPv4 neighbours")?;
+        if ipv6 {
+            let v6: Vec<_> = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(AddressFamily::Inet6)
+                .execute()
+                .try_collect()
+                .await
+                .context("dumping IPv6 neighbours")?;
+            all.extend(v6);
+        }
+        Ok(all)
     }
 
     /// The ifindex of interface `name`, if it exists.
@@ -179,13 +236,13 @@ impl Routes {
         .with_context(|| format!("looking up interface {index}"))
     }
 
-    /// Containers behind `bridge` with an address in `subnet`; see
+    /// Containers behind `bridge` with an address in `subnets`; see
     /// `EbpfDataplane::refresh_local_endpoints`.
     pub(super) fn discover_endpoints(
         &self,
         bridge: &str,
-        subnet: Ipv4Net,
-    ) -> anyhow::Result<Vec<(Ipv4Addr, LocalEndpoint)>> {
+        subnets: &LocalSubnets,
+    ) -> anyhow::Result<Vec<(IpAddr, LocalEndpoint)>> {
         use rtnetlink::packet_route::{
             link::{InfoKind, LinkAttribute, LinkInfo},
             neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
@@ -234,19 +291,24 @@ impl Routes {
                 .filter_map(|entry| Some((lladdr(entry)?, entry.header.ifindex)))
                 .collect();
 
-            let neighbours: Vec<NeighbourMessage> = self.ipv4_neighbours().await?;
+            let neighbours: Vec<NeighbourMessage> = self.neighbours(subnets.v6.is_some()).await?;
             let mut found = Vec::new();
             for neighbour in neighbours
                 .iter()
                 .filter(|n| n.header.ifindex == bridge_index && usable(n.header.state))
             {
                 let Some(ip) = neighbour.attributes.iter().find_map(|attr| match attr {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                        Some(IpAddr::V4(*ip))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)) => {
+                        Some(IpAddr::V6(*ip))
+                    }
                     _ => None,
                 }) else {
                     continue;
                 };
-                let (Some(mac), true) = (lladdr(neighbour), subnet.contains(&ip)) else {
+                let (Some(mac), true) = (lladdr(neighbour), subnets.contains(ip)) else {
                     continue;
                 };
                 let Some(&port) = port_of_mac.get(&mac) else {

@@ -92,7 +92,7 @@ pub(super) fn overlay_frame6(
 }
 
 /// The outer IPv6 + UDP header the programs must have written around `inner`.
-fn assert_outer6(out: &[u8], inner: &[u8], traffic_class: u8) {
+pub(super) fn assert_outer6(out: &[u8], inner: &[u8], traffic_class: u8) {
     assert_eq!(out[12..14], [0x86, 0xdd], "EtherType IPv6");
     let ip = &out[14..54];
     let first = u32::from_be_bytes([ip[0], ip[1], ip[2], ip[3]]);

@@ -83,6 +83,8 @@ mod kernel_tests;
 #[cfg(test)]
 mod kernel_tests6;
 #[cfg(test)]
+mod kernel_tests_fast6;
+#[cfg(test)]
 mod kernel_tests_full_tables;
 #[cfg(test)]
 mod kernel_tests_outer6;
@@ -160,6 +162,8 @@ struct State {
     peers: BTreeMap<Ipv4Net, Ipv4Addr>,
     /// IPv6 peer subnets → (underlay address, traffic id), as in the IPv6 trie (`peers6`).
     peers6: BTreeMap<Ipv6Net, (IpAddr, u32)>,
+    /// When each IPv6 peer entry was installed or moved: its traffic counts from then.
+    peer6_changed: BTreeMap<Ipv6Net, std::time::SystemTime>,
     /// IPv4 peer subnets reached at a PublicIPv6 → (it, traffic id, installed at): in the
     /// `peers46` trie, never in `peers`.
     peers_over6: BTreeMap<Ipv4Net, (std::net::Ipv6Addr, u32, std::time::SystemTime)>,
@@ -173,6 +177,8 @@ struct State {
     next_traffic_id: u32,
     /// Endpoints installed by `refresh_local_endpoints` (container IP → entry).
     discovered: BTreeMap<Ipv4Addr, LocalEndpoint>,
+    /// The same for containers' IPv6 addresses.
+    discovered6: BTreeMap<std::net::Ipv6Addr, LocalEndpoint>,
     /// The bridge `rudder_br_in` is attached to.
     bridge: Option<AdoptedBridge>,
     /// The bridgeless container veths it is attached to as well.
@@ -274,6 +280,10 @@ impl EbpfDataplane {
         } else {
             BTreeMap::new()
         };
+        let peer6_changed = peers6
+            .keys()
+            .map(|subnet| (*subnet, std::time::SystemTime::now()))
+            .collect();
         let next_traffic_id = adopted
             .values()
             .map(|(_, id)| *id)
@@ -290,11 +300,13 @@ impl EbpfDataplane {
                 routes: Some(routes),
                 peers,
                 peers6,
+                peer6_changed,
                 peers_over6: BTreeMap::new(),
                 subnets_per_sender,
                 peer_entries,
                 next_traffic_id,
                 discovered: BTreeMap::new(),
+                discovered6: BTreeMap::new(),
                 bridge: None,
                 routed_veths: Default::default(),
                 gateway_local: false,
@@ -439,6 +451,7 @@ impl Dataplane for EbpfDataplane {
                 .filter(|b| b.link.is_some())
                 .map(|b| b.name.clone()),
             local_endpoints: state.discovered.len(),
+            local_endpoints6: state.discovered6.len(),
         })
     }
 
@@ -602,10 +615,12 @@ impl Dataplane for EbpfDataplane {
         drop(state.kernel.take());
         state.peers.clear();
         state.peers6.clear();
+        state.peer6_changed.clear();
         state.peers_over6.clear();
         state.subnets_per_sender.clear();
         state.peer_entries.clear();
         state.discovered.clear();
+        state.discovered6.clear();
         if let Some(routes) = state.routes.take() {
             routes
                 .remove_stale()

@@ -1,5 +1,5 @@
 //! Per-peer traffic for status output: the IPv4 subnets reached over IPv4 (with what the
-//! socket path decapsulated for them) and those reached over IPv6.
+//! socket path decapsulated for them), those reached over IPv6, and the IPv6 subnets.
 
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
@@ -8,7 +8,8 @@ use super::EbpfDataplane;
 use crate::dataplane::PeerStats;
 
 impl EbpfDataplane {
-    /// Every peer entry (IPv4 subnets over either outer family) with its traffic.
+    /// Every peer entry (IPv4 subnets over either outer family, IPv6 subnets) with its
+    /// traffic.
     pub(super) fn peer_stats_of_all(&self) -> Vec<PeerStats> {
         let socket_path = self.socket_path();
         // The peers first, then one map read per lock: a status scraper never holds the lock
@@ -34,9 +35,30 @@ impl EbpfDataplane {
                 .peers_over6
                 .iter()
                 .map(|(subnet, (ip, traffic_id, changed))| PeerStats {
-                    subnet: *subnet,
+                    subnet: (*subnet).into(),
                     public_ip: (*ip).into(),
                     changed: *changed,
+                    traffic: state
+                        .kernel
+                        .as_ref()
+                        .map(|k| k.peer_traffic(*traffic_id))
+                        .unwrap_or_default(),
+                })
+                .collect()
+        };
+        let ipv6: Vec<PeerStats> = {
+            let state = self.lock();
+            state
+                .peers6
+                .iter()
+                .map(|(subnet, (underlay, traffic_id))| PeerStats {
+                    subnet: (*subnet).into(),
+                    public_ip: *underlay,
+                    changed: state
+                        .peer6_changed
+                        .get(subnet)
+                        .copied()
+                        .unwrap_or(std::time::UNIX_EPOCH),
                     traffic: state
                         .kernel
                         .as_ref()
@@ -61,13 +83,14 @@ impl EbpfDataplane {
                     traffic.rx_bytes += socket.rx_bytes;
                 }
                 PeerStats {
-                    subnet,
+                    subnet: subnet.into(),
                     public_ip: public_ip.into(),
                     changed,
                     traffic,
                 }
             })
             .chain(over6)
+            .chain(ipv6)
             .collect()
     }
 }

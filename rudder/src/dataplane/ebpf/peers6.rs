@@ -210,6 +210,11 @@ impl EbpfDataplane {
         if let Some(path) = self.socket_path() {
             path.upsert_peer6(subnet, underlay, existing.map(|(old, _)| old));
         }
+        if existing.is_none_or(|(_, id)| id != traffic_id) {
+            state
+                .peer6_changed
+                .insert(subnet, std::time::SystemTime::now());
+        }
         state.sync_sender6(underlay)?;
         if let Some((old, _)) = existing.filter(|(old, _)| *old != underlay) {
             state.sync_sender6(old)?;
@@ -224,6 +229,7 @@ impl EbpfDataplane {
         state.routes()?.remove_peer6(subnet)?;
         ignore_missing(state.kernel_mut()?.peers6.remove(&key6(subnet)))
             .with_context(|| format!("removing IPv6 peer {subnet} from the BPF LPM trie"))?;
+        state.peer6_changed.remove(&subnet);
         if let Some((underlay, traffic_id)) = state.peers6.remove(&subnet) {
             if let Some(path) = self.socket_path() {
                 path.remove_peer6(subnet, underlay);

@@ -17,11 +17,12 @@ use rudder_ebpf::names;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Every map the programs share, pinned by name.
-pub(super) const PINNED_MAPS: [&str; 13] = [
+pub(super) const PINNED_MAPS: [&str; 14] = [
     names::MAP_CONFIG,
     names::MAP_PEERS,
     names::MAP_SENDERS,
     names::MAP_ENDPOINTS,
+    names::MAP_ENDPOINTS6,
     names::MAP_COUNTERS,
     names::MAP_BYTES,
     names::MAP_PEER_TRAFFIC,

@@ -1,16 +1,15 @@
 //! Local containers without a bridge (CNI ptp or Calico style): a host-side veth with a /32
-//! route `<container IP> dev vethX` and the container's IPv4 neighbour on it. The fast
+//! (IPv6: /128) route `<container IP> dev vethX` and the container's neighbour on it. The fast
 //! delivery path redirects into vethX's peer with the veth's own MAC as the source, and
 //! `rudder_br_in` sits on vethX's ingress as it does on a bridge's (container → peer).
 //! Without the latter the container's packets would pass the host's forwarding, which makes
 //! `rudder_egress` send their replies up the stack too (`stack_flows`).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
-use ipnet::Ipv4Net;
 use rtnetlink::packet_route::{
     link::{InfoKind, LinkAttribute, LinkInfo},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
@@ -22,6 +21,7 @@ use rtnetlink::packet_route::{
 use rtnetlink::RouteMessageBuilder;
 use rudder_ebpf::LocalEndpoint;
 
+use super::endpoints::LocalSubnets;
 use super::kernel::{Kernel, SchedClassifierLinkId};
 use super::routes::{Routes, RTPROT_RUDDER};
 
@@ -60,13 +60,17 @@ impl RoutedVeths {
     }
 }
 
-/// The container and veth of a /32 link route of the main table into `subnet` (not ours,
-/// not through a next hop).
-fn routed_container(r: &RouteMessage, subnet: Ipv4Net) -> Option<(Ipv4Addr, u32)> {
-    if r.header.destination_prefix_length != 32
+/// The container and veth of a host route of the main table into `subnets` (not ours, not
+/// through a next hop): /32 of link scope, or /128 (IPv6 routes have no link scope).
+fn routed_container(r: &RouteMessage, subnets: &LocalSubnets) -> Option<(IpAddr, u32)> {
+    let host_route = match r.header.destination_prefix_length {
+        32 => r.header.scope == RouteScope::Link,
+        128 => true,
+        _ => false,
+    };
+    if !host_route
         || r.header.table != RouteHeader::RT_TABLE_MAIN
         || r.header.kind != RouteType::Unicast
-        || r.header.scope != RouteScope::Link
         || r.header.protocol == RouteProtocol::Other(RTPROT_RUDDER)
     {
         return None;
@@ -75,24 +79,33 @@ fn routed_container(r: &RouteMessage, subnet: Ipv4Net) -> Option<(Ipv4Addr, u32)
     let mut oif = None;
     for attr in &r.attributes {
         match attr {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => destination = Some(*ip),
+            RouteAttribute::Destination(RouteAddress::Inet(ip))
+                if r.header.destination_prefix_length == 32 =>
+            {
+                destination = Some(IpAddr::V4(*ip))
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(ip))
+                if r.header.destination_prefix_length == 128 =>
+            {
+                destination = Some(IpAddr::V6(*ip))
+            }
             RouteAttribute::Oif(index) => oif = Some(*index),
             // Through a next hop: not a directly attached container.
             RouteAttribute::Gateway(_) => return None,
             _ => {}
         }
     }
-    Some((destination.filter(|ip| subnet.contains(ip))?, oif?))
+    Some((destination.filter(|ip| subnets.contains(*ip))?, oif?))
 }
 
 impl Routes {
-    /// Containers inside `subnet` reached by a /32 link route of the main table over a veth
+    /// Containers inside `subnets` reached by a host route of the main table over a veth
     /// whose neighbour entry for them is usable (see the module documentation), with the
     /// veth's name.
     pub(super) fn discover_routed_endpoints(
         &self,
-        subnet: Ipv4Net,
-    ) -> anyhow::Result<Vec<(Ipv4Addr, LocalEndpoint, String)>> {
+        subnets: &LocalSubnets,
+    ) -> anyhow::Result<Vec<(IpAddr, LocalEndpoint, String)>> {
         self.run(async {
             // Filtered as the dump streams in: with 65,536 peer routes, collecting the whole
             // dump first was tens of MB every resync.
@@ -101,21 +114,35 @@ impl Routes {
                 .route()
                 .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
                 .execute();
-            let mut routed: Vec<(Ipv4Addr, u32)> = Vec::new();
+            let mut routed: Vec<(IpAddr, u32)> = Vec::new();
             while let Some(r) = stream.try_next().await.context("listing IPv4 routes")? {
-                routed.extend(routed_container(&r, subnet));
+                routed.extend(routed_container(&r, subnets));
+            }
+            if subnets.v6.is_some() {
+                let mut stream = self
+                    .handle
+                    .route()
+                    .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+                    .execute();
+                while let Some(r) = stream.try_next().await.context("listing IPv6 routes")? {
+                    routed.extend(routed_container(&r, subnets));
+                }
             }
             if routed.is_empty() {
                 return Ok(Vec::new());
             }
-            let neighbours: Vec<_> = self.ipv4_neighbours().await?;
+            let neighbours: Vec<_> = self.neighbours(subnets.v6.is_some()).await?;
             let mut found = Vec::new();
             for (ip, oif) in routed {
+                let destination = match ip {
+                    IpAddr::V4(ip) => NeighbourAddress::Inet(ip),
+                    IpAddr::V6(ip) => NeighbourAddress::Inet6(ip),
+                };
+                let destination = NeighbourAttribute::Destination(destination);
                 let container_mac = neighbours.iter().find_map(|n| {
                     let on_route = n.header.ifindex == oif
                         && usable(n.header.state)
-                        && n.attributes
-                            .contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+                        && n.attributes.contains(&destination);
                     on_route.then(|| lladdr(&n.attributes)).flatten()
                 });
                 let Some(container_mac) = container_mac else {

@@ -173,7 +173,8 @@ impl SocketPath {
             return;
         }
         if let Some(table) = self.table6().as_mut() {
-            table.upsert(subnet, underlay, previous);
+            // (What this path decapsulates for IPv6 peers is not in their per-peer traffic.)
+            table.upsert(subnet, underlay, previous, Arc::default());
         }
     }
 
@@ -192,7 +193,7 @@ impl SocketPath {
     ) {
         let mut table = PeerTable6::new(overlay6(plane.network, plane.local_subnet));
         for (subnet, underlay) in peers6 {
-            table.upsert(subnet, underlay, None);
+            table.upsert(subnet, underlay, None, Arc::default());
         }
         *self.table6() = Some(table);
     }

@@ -246,7 +246,7 @@ fn device_forwards_both_ways_and_counts_drops() {
         assert_eq!(stats.len(), 1);
         assert_eq!(
             (stats[0].subnet, stats[0].public_ip),
-            (net(PEER_SUBNET), PEER.into())
+            (net(PEER_SUBNET).into(), PEER.into())
         );
         assert_eq!(
             stats[0].traffic,

@@ -85,7 +85,7 @@ impl Shared {
 /// Inner packets waiting to leave for one peer in one `UDP_SEGMENT` send.
 struct GsoBatch {
     buffer: Vec<u8>,
-    /// The peer and the traffic counters of its subnet (IPv6 peers have none of their own).
+    /// The peer and the traffic counters of its subnet.
     peer: Option<(IpAddr, Option<Arc<PeerCounters>>)>,
     /// ECN field of every queued packet, copied to the outer header (RFC 6040).
     ecn: u8,
@@ -317,8 +317,8 @@ pub async fn tun_to_udp(
                         match decide_outbound6(packet, overlay, table6, shared.mtu(), &mut icmp6) {
                             Outbound6::Encapsulate { len, peer } => Verdict::Send {
                                 len,
-                                peer,
-                                traffic: None,
+                                peer: peer.underlay,
+                                traffic: Some(table6.traffic(peer)),
                             },
                             Outbound6::Drop { reason, icmp_len } => Verdict::Drop {
                                 reason,
@@ -427,7 +427,12 @@ pub async fn udp_to_tun(device: Arc<AsyncDevice>, socket: Arc<OverlaySocket>, sh
                         match decide_inbound6(
                             datagram, sender, outer_tos, overlay, table6, hop, &mut icmp6,
                         ) {
-                            Inbound6::Deliver { len, .. } => Ok((len, None)),
+                            Inbound6::Deliver { len, from } => {
+                                if let Some(from) = from {
+                                    table6.traffic(from).add_rx(1, len);
+                                }
+                                Ok((len, None))
+                            }
                             Inbound6::Drop { reason, .. } => Err(reason),
                         }
                     }

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
@@ -82,8 +82,8 @@ struct PeerState {
     peers: BTreeMap<Ipv4Net, PeerEntry>,
     /// The master copy of the forwarding table, updated in place; readers get clones.
     table: ForwardingTable,
-    /// The IPv6 peers (subnet → underlay address) and their table, with IPv6 on.
-    peers6: BTreeMap<Ipv6Net, IpAddr>,
+    /// The IPv6 peers (subnet → underlay address and traffic) and their table, with IPv6 on.
+    peers6: BTreeMap<Ipv6Net, PeerEntry>,
     table6: Option<PeerTable6>,
     /// In a peer batch: publish once at its end (a clone per change would be O(n^2)).
     batching: bool,
@@ -422,8 +422,8 @@ impl Dataplane for TunDataplane {
         self.update(|state| {
             // Rare: rebuild, since our own subnet's exclusion from forwarding moves.
             let mut table = PeerTable6::new(overlay6(network, subnet));
-            for (peer_subnet, underlay) in &state.peers6 {
-                table.upsert(*peer_subnet, *underlay, None);
+            for (peer_subnet, peer) in &state.peers6 {
+                table.upsert(*peer_subnet, peer.public_ip, None, peer.traffic.clone());
             }
             state.table6 = Some(table);
         });
@@ -438,13 +438,20 @@ impl Dataplane for TunDataplane {
         self.check_underlay(underlay)?;
         self.update(|state| {
             let subnet = subnet.trunc();
-            let previous = state.peers6.insert(subnet, underlay);
+            let previous = state.peers6.get(&subnet).map(|peer| peer.public_ip);
             if previous == Some(underlay) {
                 return;
             }
+            // A new place is a new peer: its counters start from zero (as for IPv4).
+            let entry = PeerEntry {
+                public_ip: underlay,
+                changed: std::time::SystemTime::now(),
+                traffic: Arc::default(),
+            };
             if let Some(table) = &mut state.table6 {
-                table.upsert(subnet, underlay, previous);
+                table.upsert(subnet, underlay, previous, entry.traffic.clone());
             }
+            state.peers6.insert(subnet, entry);
         });
         Ok(())
     }
@@ -455,7 +462,7 @@ impl Dataplane for TunDataplane {
             let subnet = subnet.trunc();
             if let Some(previous) = state.peers6.remove(&subnet) {
                 if let Some(table) = &mut state.table6 {
-                    table.remove(subnet, previous);
+                    table.remove(subnet, previous.public_ip);
                 }
             }
         });
@@ -488,16 +495,15 @@ impl Dataplane for TunDataplane {
 
     fn peer_stats(&self) -> Vec<PeerStats> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state
-            .peers
-            .iter()
-            .map(|(subnet, peer)| PeerStats {
-                subnet: *subnet,
-                public_ip: peer.public_ip,
-                changed: peer.changed,
-                traffic: peer.traffic.snapshot(),
-            })
-            .collect()
+        let stats = |subnet: IpNet, peer: &PeerEntry| PeerStats {
+            subnet,
+            public_ip: peer.public_ip,
+            changed: peer.changed,
+            traffic: peer.traffic.snapshot(),
+        };
+        let ipv4 = state.peers.iter().map(|(s, p)| stats((*s).into(), p));
+        let ipv6 = state.peers6.iter().map(|(s, p)| stats((*s).into(), p));
+        ipv4.chain(ipv6).collect()
     }
 
     /// Stops both tasks and deletes the device, which takes its address and route with

@@ -6,9 +6,11 @@
 //! a master copy updated in place, clones published to the forwarding tasks.
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 
 use ipnet::Ipv6Net;
 
+use crate::dataplane::counters::PeerCounters;
 use crate::dataplane::forwarding6::{Overlay6, PeerRoutes6};
 use crate::subnet::gateway6;
 
@@ -40,6 +42,16 @@ struct PrefixBucket6 {
     prefix_len: u8,
     /// (subnet network address, peer underlay address), sorted by network address.
     entries: Vec<(u128, IpAddr)>,
+    /// The traffic counters of `entries[i]`.
+    traffic: Vec<Arc<PeerCounters>>,
+}
+
+/// Where a route leads: the peer's underlay address, and where its entry is in this
+/// snapshot of the table ([`PeerTable6::traffic`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Route6 {
+    pub(crate) underlay: IpAddr,
+    slot: (u16, u32),
 }
 
 /// See the module documentation.
@@ -69,8 +81,15 @@ impl PeerTable6 {
         }
     }
 
-    /// Adds `subnet` at `underlay`, replacing the entry that had it at `previous`.
-    pub(crate) fn upsert(&mut self, subnet: Ipv6Net, underlay: IpAddr, previous: Option<IpAddr>) {
+    /// Adds `subnet` at `underlay` counting into `traffic`, replacing the entry that had it
+    /// at `previous`.
+    pub(crate) fn upsert(
+        &mut self,
+        subnet: Ipv6Net,
+        underlay: IpAddr,
+        previous: Option<IpAddr>,
+        traffic: Arc<PeerCounters>,
+    ) {
         if let Some(previous) = previous {
             self.remove_sender(previous, subnet);
         }
@@ -89,16 +108,23 @@ impl PeerTable6 {
                 let bucket = PrefixBucket6 {
                     prefix_len: len,
                     entries: Vec::new(),
+                    traffic: Vec::new(),
                 };
                 self.by_prefix.insert(at, bucket);
                 at
             }
         };
-        let entries = &mut self.by_prefix[bucket_at].entries;
+        let bucket = &mut self.by_prefix[bucket_at];
         let key = u128::from(subnet.network());
-        match entries.binary_search_by_key(&key, |(net, _)| *net) {
-            Ok(i) => entries[i].1 = underlay,
-            Err(i) => entries.insert(i, (key, underlay)),
+        match bucket.entries.binary_search_by_key(&key, |(net, _)| *net) {
+            Ok(i) => {
+                bucket.entries[i].1 = underlay;
+                bucket.traffic[i] = traffic;
+            }
+            Err(i) => {
+                bucket.entries.insert(i, (key, underlay));
+                bucket.traffic.insert(i, traffic);
+            }
         }
     }
 
@@ -107,12 +133,13 @@ impl PeerTable6 {
         self.remove_sender(underlay, subnet);
         let len = subnet.prefix_len();
         if let Ok(at) = self.by_prefix.binary_search_by(|b| len.cmp(&b.prefix_len)) {
-            let entries = &mut self.by_prefix[at].entries;
+            let bucket = &mut self.by_prefix[at];
             let key = u128::from(subnet.network());
-            if let Ok(i) = entries.binary_search_by_key(&key, |(net, _)| *net) {
-                entries.remove(i);
+            if let Ok(i) = bucket.entries.binary_search_by_key(&key, |(net, _)| *net) {
+                bucket.entries.remove(i);
+                bucket.traffic.remove(i);
             }
-            if entries.is_empty() {
+            if bucket.entries.is_empty() {
                 self.by_prefix.remove(at);
             }
         }
@@ -139,17 +166,31 @@ impl PeerTable6 {
     }
 }
 
-impl PeerRoutes6 for PeerTable6 {
-    type Peer = IpAddr;
+impl PeerTable6 {
+    /// The traffic counters of the entry `route` (from this snapshot) leads to.
+    pub(crate) fn traffic(&self, route: Route6) -> &Arc<PeerCounters> {
+        &self.by_prefix[usize::from(route.slot.0)].traffic[route.slot.1 as usize]
+    }
+}
 
-    fn route(&self, dst: Ipv6Addr) -> Option<IpAddr> {
+impl PeerRoutes6 for PeerTable6 {
+    type Peer = Route6;
+
+    fn route(&self, dst: Ipv6Addr) -> Option<Route6> {
         let dst = u128::from(dst);
-        self.by_prefix.iter().find_map(|bucket| {
-            let key = dst & mask(bucket.prefix_len);
-            let entries = &bucket.entries;
-            let i = entries.binary_search_by_key(&key, |(net, _)| *net).ok()?;
-            Some(entries[i].1)
-        })
+        self.by_prefix
+            .iter()
+            .enumerate()
+            .find_map(|(bucket_at, bucket)| {
+                let key = dst & mask(bucket.prefix_len);
+                let entries = &bucket.entries;
+                let i = entries.binary_search_by_key(&key, |(net, _)| *net).ok()?;
+                Some(Route6 {
+                    underlay: entries[i].1,
+                    // At most 129 prefix lengths; entries are far below 2^32.
+                    slot: (bucket_at as u16, i as u32),
+                })
+            })
     }
 
     fn subnets_of(&self, sender: IpAddr) -> &[Ipv6Net] {
@@ -171,28 +212,47 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// Where `dst` is routed to (the underlay address).
+    fn underlay_of(t: &PeerTable6, dst: &str) -> Option<IpAddr> {
+        t.route(dst.parse().unwrap()).map(|r| r.underlay)
+    }
+
     #[test]
     fn routes_by_longest_prefix_and_knows_each_senders_subnets() {
         let mut t = PeerTable6::new(overlay6(net("fc00::/48"), net("fc00:0:0:1::/64")));
-        t.upsert(net("fc00:0:0:2::/64"), ip("fd00:77::12"), None);
-        t.upsert(net("fc00:0:0:3::/64"), ip("192.168.77.13"), None);
-        t.upsert(net("fc00:0:0:3:8000::/65"), ip("fd00:77::14"), None);
+        t.upsert(
+            net("fc00:0:0:2::/64"),
+            ip("fd00:77::12"),
+            None,
+            Arc::default(),
+        );
+        t.upsert(
+            net("fc00:0:0:3::/64"),
+            ip("192.168.77.13"),
+            None,
+            Arc::default(),
+        );
+        t.upsert(
+            net("fc00:0:0:3:8000::/65"),
+            ip("fd00:77::14"),
+            None,
+            Arc::default(),
+        );
         // Our own lease is no route, but is known as ours.
-        t.upsert(net("fc00:0:0:1::/64"), ip("fd00:77::11"), None);
-        assert_eq!(
-            t.route("fc00:0:0:2::9".parse().unwrap()),
-            Some(ip("fd00:77::12"))
+        t.upsert(
+            net("fc00:0:0:1::/64"),
+            ip("fd00:77::11"),
+            None,
+            Arc::default(),
         );
+        assert_eq!(underlay_of(&t, "fc00:0:0:2::9"), Some(ip("fd00:77::12")));
+        assert_eq!(underlay_of(&t, "fc00:0:0:3::9"), Some(ip("192.168.77.13")));
         assert_eq!(
-            t.route("fc00:0:0:3::9".parse().unwrap()),
-            Some(ip("192.168.77.13"))
-        );
-        assert_eq!(
-            t.route("fc00:0:0:3:8000::9".parse().unwrap()),
+            underlay_of(&t, "fc00:0:0:3:8000::9"),
             Some(ip("fd00:77::14"))
         );
-        assert_eq!(t.route("fc00:0:0:1::2".parse().unwrap()), None);
-        assert_eq!(t.route("fc00:0:0:9::2".parse().unwrap()), None);
+        assert_eq!(underlay_of(&t, "fc00:0:0:1::2"), None);
+        assert_eq!(underlay_of(&t, "fc00:0:0:9::2"), None);
         assert_eq!(t.subnets_of(ip("fd00:77::12")), &[net("fc00:0:0:2::/64")]);
         assert_eq!(t.subnets_of(ip("192.168.77.13")), &[net("fc00:0:0:3::/64")]);
         assert!(t.subnets_of(ip("fd00:77::99")).is_empty());
@@ -202,15 +262,44 @@ mod tests {
             net("fc00:0:0:2::/64"),
             ip("fd00:77::22"),
             Some(ip("fd00:77::12")),
+            Arc::default(),
         );
         assert!(t.subnets_of(ip("fd00:77::12")).is_empty());
-        assert_eq!(
-            t.route("fc00:0:0:2::9".parse().unwrap()),
-            Some(ip("fd00:77::22"))
-        );
+        assert_eq!(underlay_of(&t, "fc00:0:0:2::9"), Some(ip("fd00:77::22")));
         t.remove(net("fc00:0:0:2::/64"), ip("fd00:77::22"));
-        assert_eq!(t.route("fc00:0:0:2::9".parse().unwrap()), None);
+        assert_eq!(underlay_of(&t, "fc00:0:0:2::9"), None);
         assert!(t.subnets_of(ip("fd00:77::22")).is_empty());
+    }
+
+    #[test]
+    fn each_route_leads_to_its_subnets_counters() {
+        let mut t = PeerTable6::new(overlay6(net("fc00::/48"), net("fc00:0:0:1::/64")));
+        let (two, three): (Arc<PeerCounters>, Arc<PeerCounters>) = Default::default();
+        t.upsert(net("fc00:0:0:2::/64"), ip("fd00:77::12"), None, two.clone());
+        t.upsert(
+            net("fc00:0:0:3::/64"),
+            ip("fd00:77::13"),
+            None,
+            three.clone(),
+        );
+        t.upsert(
+            net("fc00:0:0:3:8000::/65"),
+            ip("fd00:77::14"),
+            None,
+            Arc::default(),
+        );
+        let route = t.route("fc00:0:0:3::9".parse().unwrap()).unwrap();
+        t.traffic(route).add_tx(1, 100);
+        let route = t.route("fc00:0:0:2::9".parse().unwrap()).unwrap();
+        t.traffic(route).add_rx(2, 300);
+        assert_eq!(
+            (three.snapshot().tx_packets, three.snapshot().rx_packets),
+            (1, 0)
+        );
+        assert_eq!(
+            (two.snapshot().tx_packets, two.snapshot().rx_bytes),
+            (0, 300)
+        );
     }
 
     #[test]
