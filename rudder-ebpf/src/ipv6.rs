@@ -446,7 +446,14 @@ pub(crate) fn decap_ipv6_inner(
         return drop_with(ctx, Counter::DropIoError);
     }
     let inner_bytes = l3_len(ctx);
-    let Ok(endpoint) = crate::ipv6_fast::prepare_delivery6(ctx, hdr[7]) else {
+    // A reply of a flow the stack forwarded (maybe NAT'd) goes up for conntrack. (Checked
+    // here, not in `prepare_delivery6`: one call deeper would overflow the BPF stack.)
+    let endpoint = if crate::stack_flows::reply_to_stack_flow6(ctx) {
+        Ok(None)
+    } else {
+        crate::ipv6_fast::prepare_delivery6(ctx, hdr[7])
+    };
+    let Ok(endpoint) = endpoint else {
         return drop_with(ctx, Counter::DropIoError);
     };
     count(Counter::Decapsulated, inner_bytes);

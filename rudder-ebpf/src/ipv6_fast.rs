@@ -62,8 +62,7 @@ pub(crate) fn bridge_ingress6(ctx: &TcContext, cfg: &DataplaneConfig) -> i32 {
     if config6().is_none() {
         return TCX_NEXT;
     }
-    // A NAT'd connection: only the stack completes its conntrack entry (as for IPv4; the
-    // daemon's mark rule is IPv4-only so far, see the README).
+    // A NAT'd connection: only the stack completes its conntrack entry (as for IPv4).
     // SAFETY: the context pointer is valid for the whole program run.
     if unsafe { (*ctx.skb.skb).mark } & STACK_MARK != 0 {
         return TCX_NEXT;

@@ -20,6 +20,7 @@ pub mod names {
     pub const MAP_BYTES: &str = "RUDDER_BYTES";
     pub const MAP_PEER_TRAFFIC: &str = "RUDDER_PEER_TRAF";
     pub const MAP_STACK_FLOWS: &str = "RUDDER_STK_FLOWS";
+    pub const MAP_STACK_FLOWS6: &str = "RUDDER_STK_FLOWS6";
     pub const MAP_TRAIN_SENDERS: &str = "RUDDER_TRAIN_SRC";
     pub const MAP_CONFIG6: &str = "RUDDER_CONFIG6";
     pub const MAP_PEERS6: &str = "RUDDER_PEERS6";
@@ -238,21 +239,25 @@ pub struct LocalEndpoint {
 /// Key of the stack-flow map: one direction of a flow (ports 0 for protocols without them).
 /// `rudder_egress` stores the reversed tuple of what the host's stack forwarded to a peer, so
 /// `rudder_ingress` recognises the replies and hands them to the stack (conntrack un-NATs them).
+/// `N` is the address length: 4 (`RUDDER_STK_FLOWS`) or 16 ([`FlowKey6`], `RUDDER_STK_FLOWS6`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlowKey {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+pub struct FlowKey<const N: usize = 4> {
+    pub src: [u8; N],
+    pub dst: [u8; N],
     pub src_port: u16,
     pub dst_port: u16,
     pub protocol: u8,
     pub pad: [u8; 3],
 }
 
-impl FlowKey {
+/// An IPv6 flow of the stack-flow map (upper layer right after the fixed header).
+pub type FlowKey6 = FlowKey<16>;
+
+impl<const N: usize> FlowKey<N> {
     pub const fn new(
-        src: [u8; 4],
-        dst: [u8; 4],
+        src: [u8; N],
+        dst: [u8; N],
         src_port: u16,
         dst_port: u16,
         protocol: u8,
@@ -372,6 +377,7 @@ mod user {
     unsafe impl aya::Pod for super::LocalEndpoint {}
     unsafe impl aya::Pod for super::DataplaneConfig {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKey6 {}
     unsafe impl aya::Pod for super::PeerValue6 {}
     unsafe impl aya::Pod for super::Senders6 {}
     unsafe impl aya::Pod for super::DataplaneConfig6 {}

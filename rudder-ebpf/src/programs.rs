@@ -184,7 +184,13 @@ fn egress(ctx: &TcContext) -> i32 {
         return TCX_NEXT;
     };
     if ctx.skb.protocol() == u32::from(ETH_P_IPV6.to_be()) {
-        return crate::ipv6::egress6(ctx, &cfg);
+        let verdict = crate::ipv6::egress6(ctx, &cfg);
+        // Encapsulated: the stack forwarded it (maybe NAT'd), so its replies must come back
+        // through the stack. Here, not in `egress6`: its stack frame has no room left.
+        if verdict == aya_ebpf::bindings::TC_ACT_REDIRECT as i32 {
+            crate::stack_flows::remember_stack_flow6(ctx);
+        }
+        return verdict;
     }
     if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
         return pass(ctx);

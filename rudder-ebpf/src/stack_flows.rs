@@ -3,15 +3,24 @@
 //! stack, where conntrack un-NATs them, instead of redirecting them into the container.
 
 use aya_ebpf::{macros::map, maps::LruHashMap, programs::TcContext};
-use rudder_ebpf::{FlowKey, MAX_STACK_FLOWS};
+use rudder_ebpf::{FlowKey, FlowKey6, MAX_STACK_FLOWS};
 
-use crate::programs::{addr, be16, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IP_FRAG_MASK, L3_OFF};
+use crate::programs::{
+    addr, be16, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IP_FRAG_MASK, L3_OFF, UDP_HLEN,
+};
 
 /// Replies of flows the host's stack sent to peers (stored reversed by `rudder_egress`): the
 /// stack may have NAT'd them, so their replies go back through it (conntrack), never through
 /// `bpf_redirect_peer`. LRU: idle flows age out as new ones come.
 #[map(name = "RUDDER_STK_FLOWS")]
 static STACK_FLOWS: LruHashMap<FlowKey, u8> = LruHashMap::with_max_entries(MAX_STACK_FLOWS, 0);
+
+/// The same for IPv6 flows.
+#[map(name = "RUDDER_STK_FLOWS6")]
+static STACK_FLOWS6: LruHashMap<FlowKey6, u8> = LruHashMap::with_max_entries(MAX_STACK_FLOWS, 0);
+
+const IPV6_HLEN: usize = 40;
+const IPPROTO_ICMPV6: u8 = 58;
 
 #[inline(always)]
 fn is_fragment(hdr: &[u8; IPV4_HLEN]) -> bool {
@@ -61,4 +70,64 @@ pub(crate) fn reply_to_stack_flow(
     }
     let flow = flow_of(ctx, L3_OFF, inner, header_len as usize);
     STACK_FLOWS.get_ptr(flow).is_some()
+}
+
+/// The flow of the IPv6 packet at `l3_off` (`reversed`: of its replies) when its upper layer
+/// (TCP, UDP or ICMPv6) follows the fixed header; `None` for anything else (extension headers,
+/// fragments).
+#[inline(always)]
+fn flow_of6(ctx: &TcContext, l3_off: usize, reversed: bool) -> Option<FlowKey6> {
+    let protocol = ctx.load::<u8>(l3_off + 6).ok()?;
+    let mut key = FlowKey::new([0; 16], [0; 16], 0, 0, protocol);
+    match protocol {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let ports = ctx.load::<[u8; 4]>(l3_off + IPV6_HLEN).ok()?;
+            key.src_port = be16(&ports, 0);
+            key.dst_port = be16(&ports, 2);
+        }
+        IPPROTO_ICMPV6 => {}
+        _ => return None,
+    }
+    let (first, second) = if reversed {
+        (&mut key.dst, &mut key.src)
+    } else {
+        (&mut key.src, &mut key.dst)
+    };
+    *first = ctx.load::<[u8; 16]>(l3_off + 8).ok()?;
+    *second = ctx.load::<[u8; 16]>(l3_off + 24).ok()?;
+    if reversed {
+        core::mem::swap(&mut key.src_port, &mut key.dst_port);
+    }
+    Some(key)
+}
+
+/// [`remember_stack_flow`] for an IPv6 packet the stack forwarded to a peer, just
+/// encapsulated: it follows the outer header (IPv4 or IPv6) and its UDP header.
+#[inline(never)]
+pub(crate) fn remember_stack_flow6(ctx: &TcContext) {
+    let Ok(version) = ctx.load::<u8>(L3_OFF) else {
+        return;
+    };
+    let inner_off = if version >> 4 == 6 {
+        L3_OFF + IPV6_HLEN + UDP_HLEN
+    } else {
+        L3_OFF + IPV4_HLEN + UDP_HLEN
+    };
+    // Without a flow, its replies are not redirected anyway (see `reply_to_stack_flow6`).
+    if let Some(reply) = flow_of6(ctx, inner_off, true) {
+        if STACK_FLOWS6.get_ptr(&reply).is_none() {
+            let _ = STACK_FLOWS6.insert(&reply, &0, 0);
+        }
+    }
+}
+
+/// True for a decapsulated IPv6 packet (at `L3_OFF`) that must take the stack: a reply of a
+/// flow the stack forwarded out, or one whose flow cannot be told (extension headers,
+/// fragments: conntrack sees them whole).
+#[inline(never)]
+pub(crate) fn reply_to_stack_flow6(ctx: &TcContext) -> bool {
+    match flow_of6(ctx, L3_OFF, false) {
+        Some(flow) => STACK_FLOWS6.get_ptr(&flow).is_some(),
+        None => true,
+    }
 }

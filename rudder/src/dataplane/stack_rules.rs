@@ -1,5 +1,5 @@
 //! nftables tables that carry a data plane's rule where the kernel's stack must apply it:
-//! - eBPF: `rudder_fastpath` marks packets of NAT'd connections ([`STACK_MARK`]) so that
+//! - eBPF: `rudder_fastpath` (`ip` and `ip6`) marks packets of NAT'd connections ([`STACK_MARK`]) so that
 //!   `rudder_br_in` leaves them to the stack (with `br_netfilter` the bridge DNATs before the
 //!   program runs, so the destination alone does not show it);
 //! - TUN: `rudder_guard` drops plain overlay-to-overlay packets arriving on the underlay, the
@@ -22,25 +22,37 @@ pub const GUARD_TABLE: &str = "rudder_guard";
 const GUARD_COUNTER: &str = "unencapsulated";
 
 fn replace_table(name: &str, body: &str) -> String {
-    format!("table ip {name}\ndelete table ip {name}\ntable ip {name} {{\n{body}}}\n")
+    replace_table_of("ip", name, body)
 }
 
-/// After DNAT (priority dstnat): every packet of a NAT'd connection, either direction.
+fn replace_table_of(family: &str, name: &str, body: &str) -> String {
+    format!(
+        "table {family} {name}\ndelete table {family} {name}\ntable {family} {name} {{\n{body}}}\n"
+    )
+}
+
+/// After DNAT (priority dstnat): every packet of a NAT'd connection, either direction, of
+/// either family (one table each: an `ip` one from older versions is replaced in place).
 pub fn nat_mark_ruleset() -> String {
-    replace_table(
-        FAST_PATH_TABLE,
-        &format!(
-            "  chain prerouting {{
+    let body = format!(
+        "  chain prerouting {{
     type filter hook prerouting priority dstnat + 10; policy accept;
     ct status snat,dnat meta mark set meta mark | {STACK_MARK:#010x}
   }}
 "
-        ),
-    )
+    );
+    replace_table_of("ip", FAST_PATH_TABLE, &body)
+        + &replace_table_of("ip6", FAST_PATH_TABLE, &body)
 }
 
 pub fn install_nat_mark() -> anyhow::Result<()> {
     nft(&nat_mark_ruleset()).context("installing the NAT'd-flow mark rule (nftables)")
+}
+
+pub fn remove_nat_mark() -> anyhow::Result<()> {
+    nft(&format!(
+        "table ip {FAST_PATH_TABLE}\ndelete table ip {FAST_PATH_TABLE}\ntable ip6 {FAST_PATH_TABLE}\ndelete table ip6 {FAST_PATH_TABLE}\n"
+    ))
 }
 
 pub fn remove_table(name: &str) -> anyhow::Result<()> {
@@ -182,8 +194,16 @@ mod tests {
     #[test]
     fn nat_mark_covers_both_nat_kinds() {
         let rules = nat_mark_ruleset();
+        assert_eq!(
+            rules
+                .matches("ct status snat,dnat meta mark set meta mark | 0x01000000")
+                .count(),
+            2,
+            "{rules}"
+        );
         assert!(
-            rules.contains("ct status snat,dnat meta mark set meta mark | 0x01000000"),
+            rules.contains("table ip rudder_fastpath {")
+                && rules.contains("table ip6 rudder_fastpath {"),
             "{rules}"
         );
     }

@@ -14,9 +14,9 @@ use super::kernel_tests6::{ethernet6, fixture6};
 use super::kernel_tests_outer6::{assert_outer6, fixture_outer6, overlay_frame6, PEER_PUBLIC6};
 use crate::packet6::tests::{icmp6, ipv6_packet, udp6};
 
-const LOCAL_HOST6: &str = "fd00:5:1::10";
+pub(super) const LOCAL_HOST6: &str = "fd00:5:1::10";
 /// In the peer subnet of [`fixture6`] (reached over IPv4).
-const PEER_HOST6: &str = "fd00:5:2::20";
+pub(super) const PEER_HOST6: &str = "fd00:5:2::20";
 /// In the peer subnet of [`fixture_outer6`] (reached over IPv6).
 const PEER3_HOST6: &str = "fd00:5:3::30";
 /// Traffic ids of those peer entries in the fixtures.
@@ -168,7 +168,7 @@ fn bridge_fast_path6_needs_the_ipv6_overlay() {
     assert_eq!(kernel.packet_counts(), before);
 }
 
-fn with_local_endpoint6(mut kernel: Kernel) -> Kernel {
+pub(super) fn with_local_endpoint6(mut kernel: Kernel) -> Kernel {
     let ip: Ipv6Addr = LOCAL_HOST6.parse().unwrap();
     kernel
         .endpoints6

@@ -91,6 +91,8 @@ mod kernel_tests_outer6;
 #[cfg(test)]
 mod kernel_tests_stack_flows;
 #[cfg(test)]
+mod kernel_tests_stack_flows6;
+#[cfg(test)]
 mod kernel_tests_trains;
 mod peer_stats;
 mod peers6;
@@ -626,7 +628,7 @@ impl Dataplane for EbpfDataplane {
                 .remove_stale()
                 .context("removing rudder's routes at shutdown")?;
         }
-        if let Err(e) = super::stack_rules::remove_table(super::stack_rules::FAST_PATH_TABLE) {
+        if let Err(e) = super::stack_rules::remove_nat_mark() {
             tracing::warn!("removing the NAT'd-flow mark rule at shutdown: {e:#}");
         }
         Ok(())

@@ -17,7 +17,7 @@ use rudder_ebpf::names;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Every map the programs share, pinned by name.
-pub(super) const PINNED_MAPS: [&str; 14] = [
+pub(super) const PINNED_MAPS: [&str; 15] = [
     names::MAP_CONFIG,
     names::MAP_PEERS,
     names::MAP_SENDERS,
@@ -27,6 +27,7 @@ pub(super) const PINNED_MAPS: [&str; 14] = [
     names::MAP_BYTES,
     names::MAP_PEER_TRAFFIC,
     names::MAP_STACK_FLOWS,
+    names::MAP_STACK_FLOWS6,
     names::MAP_TRAIN_SENDERS,
     names::MAP_CONFIG6,
     names::MAP_PEERS6,
