@@ -330,6 +330,45 @@ pub fn tcp_echo_between(
         .with_context(|| format!("tcp echo server in {to_ns}"))
 }
 
+/// One datagram from `client_ns` to `service` (DNATed to `backend_port` in `backend_ns`),
+/// echoed by the backend: the answer must come back from the service address (un-NATed),
+/// with the same bytes. Either family.
+pub fn udp_echo_via(
+    client_ns: &str,
+    backend_ns: &str,
+    backend_port: u16,
+    service: SocketAddr,
+) -> Result<()> {
+    let any: IpAddr = if service.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    let echo = netns::spawn_in(backend_ns, move || {
+        let s = UdpSocket::bind((any, backend_port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = [0u8; 2048];
+        let (n, from) = s.recv_from(&mut buf)?;
+        s.send_to(&buf[..n], from)?;
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let answer = netns::run_in(client_ns, move || {
+        let s = UdpSocket::bind((any, 0))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.send_to(b"service request", service)?;
+        let mut buf = [0u8; 2048];
+        let (n, from) = s.recv_from(&mut buf)?;
+        Ok((buf[..n].to_vec(), from))
+    })
+    .with_context(|| format!("UDP answer through the service address {service}"))?;
+    echo.join().map_err(|_| anyhow!("echo panicked"))??;
+    if answer != (b"service request".to_vec(), service) {
+        bail!("UDP answer {answer:?}, expected the request back from {service}");
+    }
+    Ok(())
+}
+
 /// The first connection on `l` within `limit`.
 fn accept_within(l: &TcpListener, limit: Duration) -> Result<TcpStream> {
     l.set_nonblocking(true)?;

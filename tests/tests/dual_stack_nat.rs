@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rudder_tests::dual_stack::{dual_stack_cluster, wait_mesh6};
 use rudder_tests::netns::{self, exec_ok};
-use rudder_tests::traffic::tcp_echo_between;
+use rudder_tests::traffic::{tcp_echo_between, udp_echo_via};
 use rudder_tests::traffic6::{tcp_transfer6, Endpoint6};
 use rudder_tests::{check, e2e};
 
@@ -35,7 +35,12 @@ fn ipv6_dnat_to_a_container_on_another_host_works_both_ways_tcp_and_udp() {
         exec_ok(a.netns(), "nft", &["-f", rules.to_str().unwrap()])?;
         let service = SocketAddrV6::new(SERVICE6, SERVICE_PORT, 0, 0);
         let client = a.container6()?;
-        udp_echo_via6(&client, &backend, service)?;
+        udp_echo_via(
+            &client.ns,
+            &backend.ns,
+            BACKEND_PORT,
+            SocketAddr::V6(service),
+        )?;
         tcp_echo_between(
             &client.ns,
             &backend.ns,
@@ -48,38 +53,4 @@ fn ipv6_dnat_to_a_container_on_another_host_works_both_ways_tcp_and_udp() {
         tcp_transfer6(&backend, &client, 4 << 20)?;
         Ok(())
     });
-}
-
-/// One datagram to `service` (DNATed to `backend`'s port), echoed by `backend`: the answer
-/// must come back from the service address (un-NATed), with the same bytes.
-fn udp_echo_via6(
-    client: &Endpoint6,
-    backend: &Endpoint6,
-    service: SocketAddrV6,
-) -> anyhow::Result<()> {
-    let echo = netns::spawn_in(&backend.ns, || {
-        let s = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, BACKEND_PORT))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut buf = [0u8; 2048];
-        let (n, from) = s.recv_from(&mut buf)?;
-        s.send_to(&buf[..n], from)?;
-        Ok(())
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    let answer = netns::run_in(&client.ns, move || {
-        let s = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.send_to(b"service request", service)?;
-        let mut buf = [0u8; 2048];
-        let (n, from) = s.recv_from(&mut buf)?;
-        Ok((buf[..n].to_vec(), from))
-    })
-    .context("UDP answer through the IPv6 service address")?;
-    echo.join()
-        .map_err(|_| anyhow::anyhow!("echo panicked"))??;
-    check!(
-        answer == (b"service request".to_vec(), SocketAddr::V6(service)),
-        "UDP answer {answer:?}, expected the request back from {service}"
-    );
-    Ok(())
 }

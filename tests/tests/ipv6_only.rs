@@ -182,6 +182,33 @@ fn an_ipv6_only_host_without_an_ipv6_underlay_address_says_why() {
     });
 }
 
+/// Starts a host whose eth0 has only its IPv6 underlay address and an IPv6 default route (no
+/// IPv4 address at all), reaching etcd over IPv6.
+fn host_without_ipv4(c: &Cluster) -> Result<Host> {
+    let h = c.add_host_without_daemon(HostOpts {
+        wait_ready: false,
+        etcd_endpoints: Some(c.etcd_endpoint6()),
+        ..HostOpts::default()
+    })?;
+    let address = format!("{}/64", h.underlay_ipv6());
+    ip(&["-n", h.netns(), "-4", "addr", "flush", "dev", "eth0"])?;
+    ip6(h.netns(), &["addr", "add", &address, "dev", "eth0", "nodad"])?;
+    ip6(
+        h.netns(),
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            rudder_tests::underlay::UNDERLAY_GW6,
+            "dev",
+            "eth0",
+        ],
+    )?;
+    h.start()?;
+    Ok(h)
+}
+
 /// A host with no IPv4 address at all (an IPv6-only machine: eth0 has only an IPv6 address and
 /// an IPv6 default route, etcd is reached over IPv6) joins an IPv6-only network: the underlay
 /// comes from the IPv6 default route, the lease says PublicIP 0.0.0.0 as flanneld's, and its
@@ -191,37 +218,7 @@ fn a_host_without_any_ipv4_address_joins_an_ipv6_only_network() {
     e2e(|c| {
         c.put_config(IPV6_ONLY)?;
         let a = ipv6_only_host(c, true)?;
-        let b = c.add_host_without_daemon(HostOpts {
-            wait_ready: false,
-            etcd_endpoints: Some(c.etcd_endpoint6()),
-            ..HostOpts::default()
-        })?;
-        let address = format!("{}/64", b.underlay_ipv6());
-        ip(&["-n", b.netns(), "-4", "addr", "flush", "dev", "eth0"])?;
-        ip(&[
-            "-n",
-            b.netns(),
-            "-6",
-            "addr",
-            "add",
-            &address,
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&[
-            "-n",
-            b.netns(),
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            rudder_tests::underlay::UNDERLAY_GW6,
-            "dev",
-            "eth0",
-        ])?;
-        b.start()?;
+        let b = host_without_ipv4(c)?;
         let (a6, _) = wait_ipv6_subnet(&a)?;
         let (b6, _) = wait_ipv6_subnet(&b)?;
         let key = format!("/coreos.com/network/subnets/0.0.0.0-0&{}-64", b6.network());
@@ -247,35 +244,7 @@ fn a_host_without_any_ipv4_address_joins_an_ipv6_only_network() {
 fn a_host_without_any_ipv4_address_refuses_a_dual_stack_network() {
     e2e(|c| {
         c.put_config(rudder_tests::dual_stack::DUAL_STACK_CONFIG)?;
-        let h = c.add_host_without_daemon(HostOpts {
-            wait_ready: false,
-            etcd_endpoints: Some(c.etcd_endpoint6()),
-            ..HostOpts::default()
-        })?;
-        let address = format!("{}/64", h.underlay_ipv6());
-        ip(&["-n", h.netns(), "-4", "addr", "flush", "dev", "eth0"])?;
-        ip(&[
-            "-n",
-            h.netns(),
-            "-6",
-            "addr",
-            "add",
-            &address,
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&[
-            "-n",
-            h.netns(),
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            rudder_tests::underlay::UNDERLAY_GW6,
-        ])?;
-        h.start()?;
+        let h = host_without_ipv4(c)?;
         wait_until("the daemon to exit", Duration::from_secs(30), || {
             Ok(h.check_alive().is_err())
         })?;

@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use std::time::Duration;
 
 use rudder_tests::netns::{self, exec_ok};
+use rudder_tests::traffic::udp_echo_via;
 use rudder_tests::util::ip;
 use rudder_tests::{
     add_hosts, check, e2e, send_udp_from, tcp_echo_via, tcp_transfer, wait_mesh, wait_until,
@@ -44,47 +45,18 @@ fn dnat_to_a_container_on_another_host_works_both_ways_tcp_and_udp() {
         exec_ok(a.netns(), "nft", &["-f", rules.to_str().unwrap()])?;
         let service = SocketAddrV4::new(SERVICE, SERVICE_PORT);
         const BYTES: usize = 4 << 20;
-        udp_echo_via(&a.container(), &b.container(), service)?;
+        udp_echo_via(
+            &a.container().ns,
+            &b.container().ns,
+            BACKEND_PORT,
+            SocketAddr::V4(service),
+        )?;
         tcp_echo_via(&a.container(), &b.container(), BACKEND_PORT, service, BYTES)?;
         // Plain container-to-container traffic is unaffected.
         tcp_transfer(&a.container(), &b.container(), BYTES)?;
         tcp_transfer(&b.container(), &a.container(), BYTES)?;
         Ok(())
     });
-}
-
-/// One datagram to `service` (DNATed to `backend`'s port), echoed by `backend`: the answer
-/// must come back from the service address (un-NATed), with the same bytes.
-fn udp_echo_via(
-    client: &Endpoint,
-    backend: &Endpoint,
-    service: SocketAddrV4,
-) -> anyhow::Result<()> {
-    let echo = netns::spawn_in(&backend.ns, || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, BACKEND_PORT))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut buf = [0u8; 2048];
-        let (n, from) = s.recv_from(&mut buf)?;
-        s.send_to(&buf[..n], from)?;
-        Ok(())
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    let answer = netns::run_in(&client.ns, move || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.send_to(b"service request", service)?;
-        let mut buf = [0u8; 2048];
-        let (n, from) = s.recv_from(&mut buf)?;
-        Ok((buf[..n].to_vec(), from))
-    })
-    .context("UDP answer through the service address")?;
-    echo.join()
-        .map_err(|_| anyhow::anyhow!("echo panicked"))??;
-    check!(
-        answer == (b"service request".to_vec(), SocketAddr::V4(service)),
-        "UDP answer {answer:?}, expected the request back from {service}"
-    );
-    Ok(())
 }
 
 #[test]
