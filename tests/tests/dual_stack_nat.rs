@@ -2,15 +2,14 @@
 //! container on another host: their replies are un-NATed by conntrack, on either plane (the
 //! eBPF IPv6 fast paths must leave such flows to the host's stack), TCP and UDP.
 
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use rudder_tests::dual_stack::{dual_stack_cluster, wait_mesh6};
-use rudder_tests::netns::{self, exec_ok};
+use rudder_tests::e2e;
+use rudder_tests::netns::exec_ok;
 use rudder_tests::traffic::{tcp_echo_between, udp_echo_via};
-use rudder_tests::traffic6::{tcp_transfer6, Endpoint6};
-use rudder_tests::{check, e2e};
+use rudder_tests::traffic6::tcp_transfer6;
 
 const SERVICE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 const SERVICE_PORT: u16 = 80;

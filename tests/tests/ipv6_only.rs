@@ -192,7 +192,10 @@ fn host_without_ipv4(c: &Cluster) -> Result<Host> {
     })?;
     let address = format!("{}/64", h.underlay_ipv6());
     ip(&["-n", h.netns(), "-4", "addr", "flush", "dev", "eth0"])?;
-    ip6(h.netns(), &["addr", "add", &address, "dev", "eth0", "nodad"])?;
+    ip6(
+        h.netns(),
+        &["addr", "add", &address, "dev", "eth0", "nodad"],
+    )?;
     ip6(
         h.netns(),
         &[

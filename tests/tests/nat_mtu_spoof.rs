@@ -6,17 +6,15 @@
 //! - plain (unencapsulated) packets that claim an overlay source, sent from the underlay to
 //!   a container: dropped and counted (`unencapsulated`).
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-
-use anyhow::Context as _;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
-use rudder_tests::netns::{self, exec_ok};
+use rudder_tests::netns::exec_ok;
 use rudder_tests::traffic::udp_echo_via;
 use rudder_tests::util::ip;
 use rudder_tests::{
     add_hosts, check, e2e, send_udp_from, tcp_echo_via, tcp_transfer, wait_mesh, wait_until,
-    Endpoint, UdpProbe,
+    UdpProbe,
 };
 
 const SERVICE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
