@@ -12,6 +12,7 @@ use crate::dataplane::Dataplane;
 use crate::etcd::Backoff;
 use crate::lease::{renew_after, AcquireError, Lease, LeaseManager, Renewal};
 use crate::local_setup::LocalSetup;
+use crate::reconcile::sleep_until_opt;
 use crate::status::State;
 
 /// Acquires until it succeeds: exhaustion and etcd errors are logged and retried with back-off.
@@ -77,8 +78,11 @@ impl LeaseKeeper {
     pub(crate) async fn run(mut self, mut stop: oneshot::Receiver<()>) -> Self {
         let mut next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
         let mut backoff = Backoff::default();
+        // A check that could not reach etcd is asked again: nothing else would ask.
+        let mut recheck: Option<Instant> = None;
+        let mut recheck_backoff = Backoff::default();
         loop {
-            tokio::select! {
+            let check_now = tokio::select! {
                 _ = &mut stop => return self,
                 _ = tokio::time::sleep_until(next_renewal.into()) => {
                     match self.leases.renew(&self.lease).await {
@@ -103,21 +107,28 @@ impl LeaseKeeper {
                             next_renewal = Instant::now() + wait;
                         }
                     }
+                    false
                 }
-                _ = self.check.notified() => {
-                    match self.leases.holds(&self.lease).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::warn!(subnet = %self.lease.subnet, "our lease key is gone from etcd (expired or deleted); re-acquiring");
-                            self.reacquire().await;
-                            next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
-                        }
-                        // etcd unreachable: the next snapshot after it returns asks again.
-                        Err(e) => {
-                            tracing::warn!("checking our lease failed: {e}");
-                            self.leases.etcd().failed().await;
-                        }
-                    }
+                _ = self.check.notified() => true,
+                _ = sleep_until_opt(recheck.map(Into::into)) => true,
+            };
+            if !check_now {
+                continue;
+            }
+            recheck = None;
+            match self.leases.holds(&self.lease).await {
+                Ok(true) => recheck_backoff.reset(),
+                Ok(false) => {
+                    recheck_backoff.reset();
+                    tracing::warn!(subnet = %self.lease.subnet, "our lease key is gone from etcd (expired or deleted); re-acquiring");
+                    self.reacquire().await;
+                    next_renewal = Instant::now() + renew_after(self.lease.ttl, self.renew_margin);
+                }
+                Err(e) => {
+                    self.leases.etcd().failed().await;
+                    let wait = recheck_backoff.next_delay();
+                    tracing::warn!("checking our lease failed: {e}; asking again in {wait:?}");
+                    recheck = Some(Instant::now() + wait);
                 }
             }
         }

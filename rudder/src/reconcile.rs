@@ -22,7 +22,7 @@ use crate::status::State;
 /// stays installed: longer than the peers' own reconnect back-off plus a re-acquisition.
 pub const RESYNC_GRACE: Duration = Duration::from_secs(30);
 
-async fn sleep_until_opt(deadline: Option<Instant>) {
+pub(crate) async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,

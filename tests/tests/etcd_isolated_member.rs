@@ -3,6 +3,10 @@
 //! in turn (the watch is on one of them), and each time a lease written on the majority must
 //! reach the daemon within seconds (printed). (Before: watches were opened without
 //! `require_leader`, so the daemon kept listening to the isolated member and heard nothing.)
+//! Then the daemon's own lease key is deleted on the majority: it must get its subnet back
+//! while the member is still cut off. (Before: the isolated member answers "no leader" at
+//! once, the client's balancer favours the fast answer, and the re-acquisition kept failing
+//! there with growing back-off, 15 s and more.)
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -40,14 +44,13 @@ fn heal(etcd: &EtcdMembers, k: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `etcdctl put` through the members other than `k` only.
-fn put_on_majority(
+/// `etcdctl ARGS` through the members other than `k` only.
+fn on_majority(
     etcd: &EtcdMembers,
     c: &rudder_tests::Cluster,
     k: usize,
-    key: &str,
-    value: &str,
-) -> anyhow::Result<()> {
+    args: &[&str],
+) -> anyhow::Result<String> {
     let endpoints: Vec<String> = etcd
         .members
         .iter()
@@ -58,8 +61,16 @@ fn put_on_majority(
     run(netns::exec(c.underlay_ns(), "etcdctl")
         .env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={}", endpoints.join(",")))
-        .args(["--command-timeout=5s", "put", key, value]))?;
-    Ok(())
+        .arg("--command-timeout=5s")
+        .args(args))
+}
+
+fn subnet_key(subnet: ipnet::Ipv4Net) -> String {
+    format!(
+        "{DEFAULT_PREFIX}/subnets/{}-{}",
+        subnet.network(),
+        subnet.prefix_len()
+    )
 }
 
 #[test]
@@ -75,19 +86,25 @@ fn a_lease_written_on_the_majority_reaches_a_daemon_whose_member_is_isolated() {
         let b = c.add_host(opts)?;
         wait_mesh(&[a.clone(), b.clone()], Duration::from_secs(30))?;
 
+        // Leases of our own, on subnets neither daemon holds.
+        let mut free = (240..=255u8)
+            .map(|third| ipnet::Ipv4Net::new(Ipv4Addr::new(10, 5, third, 0), 24).unwrap())
+            .filter(|s| *s != a.subnet() && *s != b.subnet());
+        let own_key = subnet_key(a.subnet());
         let mut seconds = Vec::new();
+        let mut reacquired = Vec::new();
         for k in 0..etcd.members.len() {
             isolate(&etcd, k)?;
             let isolated = Instant::now();
-            let subnet: ipnet::Ipv4Net = format!("10.5.{}.0/24", 240 + k).parse()?;
+            let subnet = free.next().expect("16 subnets minus two");
             let public = Ipv4Addr::new(192, 168, 77, 90 + k as u8);
-            let key = format!("{DEFAULT_PREFIX}/subnets/10.5.{}.0-24", 240 + k);
+            let key = subnet_key(subnet);
             let value = format!(r#"{{"PublicIP":"{public}","BackendType":"udp"}}"#);
             // Isolating the leader makes the other two elect one first.
             wait_until(
                 "the majority to accept a write",
                 Duration::from_secs(30),
-                || Ok(put_on_majority(&etcd, c, k, &key, &value).is_ok()),
+                || Ok(on_majority(&etcd, c, k, &["put", &key, &value]).is_ok()),
             )?;
             let written = Instant::now();
             wait_until(
@@ -105,13 +122,32 @@ fn a_lease_written_on_the_majority_reaches_a_daemon_whose_member_is_isolated() {
                 isolated.elapsed().as_secs_f64()
             );
             seconds.push(took);
+
+            // Our lease lost while the member is still cut off: a must win it back.
+            on_majority(&etcd, c, k, &["del", &own_key])?;
+            let deleted = Instant::now();
+            wait_until(
+                &format!(
+                    "a to re-acquire {} while member {} is isolated",
+                    a.subnet(),
+                    etcd.members[k].name
+                ),
+                Duration::from_secs(20),
+                || {
+                    let held = on_majority(&etcd, c, k, &["get", &own_key, "--print-value-only"]);
+                    Ok(held.is_ok_and(|v| v.contains(&a.underlay_ip().to_string())))
+                },
+            )?;
+            reacquired.push(deleted.elapsed().as_secs_f64());
             heal(&etcd, k)?;
             etcd.wait_healthy(3)?;
         }
         a.check_alive()?;
         b.check_alive()?;
         check!(a.sees_peer(&b)?, "a lost b");
-        eprintln!("seconds per isolated member: {seconds:.1?}");
+        eprintln!(
+            "seconds per isolated member: {seconds:.1?}; lease re-acquired after {reacquired:.1?}"
+        );
         Ok(())
     });
 }

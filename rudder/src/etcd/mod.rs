@@ -102,7 +102,7 @@ impl Etcd {
         let opts = connect_options(args)?;
         let mut backoff = Backoff::default();
         loop {
-            let live = live_endpoints(&args.etcd_endpoints).await;
+            let live = live_endpoints(&args.etcd_endpoints, &opts).await;
             let endpoints = if live.is_empty() {
                 args.etcd_endpoints.clone()
             } else {
@@ -142,7 +142,7 @@ impl Etcd {
     /// rebuild the client over them. Bounded time (one probe round), so a caller can keep
     /// honouring shutdown.
     pub async fn failed(&self) {
-        let live = live_endpoints(&self.inner.endpoints).await;
+        let live = live_endpoints(&self.inner.endpoints, &self.inner.opts).await;
         if live.is_empty() || live == self.lock().1 {
             return;
         }
@@ -163,20 +163,46 @@ impl Etcd {
     }
 }
 
-/// The endpoints whose host:port accepts a TCP connection within a short timeout, probed
-/// together, in the order given.
-async fn live_endpoints(endpoints: &[String]) -> Vec<String> {
+/// The endpoints that accept a TCP connection within a short timeout and do not say they
+/// have no leader, probed together, in the order given. A member cut from the others still
+/// accepts connections and answers every request at once with "no leader"; the client's
+/// balancer favours such a fast answer, so it must be left out by name.
+async fn live_endpoints(endpoints: &[String], opts: &ConnectOptions) -> Vec<String> {
     let probes = endpoints.iter().map(|endpoint| async move {
-        let reachable = diagnose::probe(endpoint, Duration::from_millis(500))
-            .await
-            .is_ok();
-        reachable.then(|| endpoint.clone())
+        let live = accepts_connections(endpoint).await && !without_leader(endpoint, opts).await;
+        live.then(|| endpoint.clone())
     });
     futures::future::join_all(probes)
         .await
         .into_iter()
         .flatten()
         .collect()
+}
+
+async fn accepts_connections(endpoint: &str) -> bool {
+    diagnose::probe(endpoint, Duration::from_millis(500))
+        .await
+        .is_ok()
+}
+
+/// True only when the member answers that it has no leader (or its status names none); a
+/// slow or odd answer is no proof, so it keeps the member.
+async fn without_leader(endpoint: &str, opts: &ConnectOptions) -> bool {
+    let ask = async {
+        let mut client = Client::connect([endpoint], Some(opts.clone())).await?;
+        client.status().await
+    };
+    match tokio::time::timeout(Duration::from_secs(2), ask).await {
+        Ok(Ok(status)) => status.leader() == 0,
+        Ok(Err(e)) => says_no_leader(&e),
+        Err(_) => false,
+    }
+}
+
+/// etcd's answer from a member outside the quorum (`require_leader` requests, raft requests).
+fn says_no_leader(err: &etcd_client::Error) -> bool {
+    matches!(err, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::Unavailable && status.message().contains("no leader"))
 }
 
 /// Capped exponential back-off with jitter: no busy loop while etcd is down.
@@ -240,9 +266,21 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             format!("http://{}", l.local_addr().unwrap())
         };
-        let live = live_endpoints(&[closed.clone(), open.clone()]).await;
+        // `open` never answers gRPC: no proof that it lacks a leader, so it stays.
+        let opts = ConnectOptions::new();
+        let live = live_endpoints(&[closed.clone(), open.clone()], &opts).await;
         assert_eq!(live, vec![open]);
-        assert!(live_endpoints(&[closed]).await.is_empty());
+        assert!(live_endpoints(&[closed], &opts).await.is_empty());
+    }
+
+    #[test]
+    fn only_etcds_no_leader_answer_counts_as_leaderless() {
+        let no_leader = tonic::Status::unavailable("etcdserver: no leader");
+        assert!(says_no_leader(&etcd_client::Error::GRpcStatus(no_leader)));
+        let refused = tonic::Status::unavailable("tcp connect error");
+        assert!(!says_no_leader(&etcd_client::Error::GRpcStatus(refused)));
+        let other = tonic::Status::internal("etcdserver: no leader");
+        assert!(!says_no_leader(&etcd_client::Error::GRpcStatus(other)));
     }
 
     #[test]
