@@ -132,6 +132,19 @@ pub fn add_hosts(cluster: &Cluster, n: usize) -> anyhow::Result<Vec<Host>> {
         .collect()
 }
 
+/// `n` /24s of 10.5.0.0/16 from 10.5.200.0 up that none of `hosts` holds: for leases a test
+/// writes after the daemons picked their (random) subnets.
+pub fn unleased_subnets(hosts: &[&Host], n: usize) -> Vec<ipnet::Ipv4Net> {
+    let held: Vec<ipnet::Ipv4Net> = hosts.iter().map(|h| h.subnet()).collect();
+    let free: Vec<ipnet::Ipv4Net> = (200..=255u8)
+        .map(|third| ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 5, third, 0), 24).unwrap())
+        .filter(|s| !held.contains(s))
+        .take(n)
+        .collect();
+    assert_eq!(free.len(), n, "fewer than {n} /24s free above 10.5.200.0");
+    free
+}
+
 /// `anyhow::ensure!` with a shorter name for tests.
 #[macro_export]
 macro_rules! check {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use ipnet::{Ipv4Net, Ipv6Net};
-use rudder_tests::{check, e2e, netns, wait_until, Cluster, Host, HostOpts};
+use rudder_tests::{check, e2e, netns, unleased_subnets, wait_until, Cluster, Host, HostOpts};
 
 const PREFIX: &str = "/coreos.com/network";
 const DUAL: &str = r#"{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","Backend":{"Type":"udp"}}"#;
@@ -260,7 +260,7 @@ fn an_overlapping_ipv6_half_is_refused_and_its_ipv4_half_kept() {
         })?;
         let invalid_before = b.status()?["invalid_leases"].as_u64().unwrap_or(0);
         let over_a6 = Ipv6Net::new(a6.network(), 60)?.trunc();
-        let v4: Ipv4Net = "10.5.201.0/24".parse()?;
+        let v4: Ipv4Net = unleased_subnets(&[&a, &b], 1)[0];
         c.etcd_put(
             &dual_key(v4, over_a6),
             r#"{"PublicIP":"192.168.77.98","PublicIPv6":"fd00:77::98"}"#,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rudder_tests::cluster::{DEFAULT_CONFIG, DEFAULT_PREFIX};
 use rudder_tests::etcd_members::EtcdMembers;
 use rudder_tests::util::run;
-use rudder_tests::{check, e2e, netns, wait_mesh, wait_until, HostOpts};
+use rudder_tests::{check, e2e, netns, unleased_subnets, wait_mesh, wait_until, HostOpts};
 
 fn isolate(etcd: &EtcdMembers, k: usize) -> anyhow::Result<()> {
     let others: Vec<String> = etcd
@@ -87,16 +87,14 @@ fn a_lease_written_on_the_majority_reaches_a_daemon_whose_member_is_isolated() {
         wait_mesh(&[a.clone(), b.clone()], Duration::from_secs(30))?;
 
         // Leases of our own, on subnets neither daemon holds.
-        let mut free = (240..=255u8)
-            .map(|third| ipnet::Ipv4Net::new(Ipv4Addr::new(10, 5, third, 0), 24).unwrap())
-            .filter(|s| *s != a.subnet() && *s != b.subnet());
+        let mut free = unleased_subnets(&[&a, &b], etcd.members.len()).into_iter();
         let own_key = subnet_key(a.subnet());
         let mut seconds = Vec::new();
         let mut reacquired = Vec::new();
         for k in 0..etcd.members.len() {
             isolate(&etcd, k)?;
             let isolated = Instant::now();
-            let subnet = free.next().expect("16 subnets minus two");
+            let subnet = free.next().expect("one per member");
             let public = Ipv4Addr::new(192, 168, 77, 90 + k as u8);
             let key = subnet_key(subnet);
             let value = format!(r#"{{"PublicIP":"{public}","BackendType":"udp"}}"#);

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use rudder_tests::cluster::DEFAULT_PREFIX;
-use rudder_tests::{add_hosts, check, e2e, ping, tcp_transfer, wait_mesh, wait_until};
+use rudder_tests::{
+    add_hosts, check, e2e, ping, tcp_transfer, unleased_subnets, wait_mesh, wait_until,
+};
 
 #[test]
 fn junk_in_etcd_is_skipped_and_named_while_traffic_flows() {
@@ -15,6 +17,11 @@ fn junk_in_etcd_is_skipped_and_named_while_traffic_flows() {
         let (a, b) = (&hosts[0], &hosts[1]);
         wait_mesh(&hosts, Duration::from_secs(30))?;
         let subnets = format!("{DEFAULT_PREFIX}/subnets/");
+        // Junk on keys the daemons' own leases do not use.
+        let keys: Vec<String> = unleased_subnets(&[a, b], 4)
+            .iter()
+            .map(|s| format!("{subnets}{}-24", s.network()))
+            .collect();
         let huge = format!(
             r#"{{"PublicIP":"192.168.77.50","Pad":"{}"}}"#,
             "x".repeat(100_000)
@@ -24,21 +31,18 @@ fn junk_in_etcd_is_skipped_and_named_while_traffic_flows() {
                 format!("{subnets}garbage"),
                 r#"{"PublicIP":"192.168.77.51"}"#.into(),
             ),
-            (format!("{subnets}10.5.200.0-24"), "not json at all".into()),
-            (
-                format!("{subnets}10.5.201.0-24"),
-                r#"{"PublicIP":5}"#.into(),
-            ),
+            (keys[0].clone(), "not json at all".into()),
+            (keys[1].clone(), r#"{"PublicIP":5}"#.into()),
             (
                 format!("{subnets}10.9.1.0-24"),
                 r#"{"PublicIP":"192.168.77.52"}"#.into(),
             ),
-            (format!("{subnets}10.5.202.0-24"), huge),
+            (keys[2].clone(), huge),
         ];
         for (key, value) in &junk {
             c.etcd_put(key, value)?;
         }
-        let vxlan_key = format!("{subnets}10.5.203.0-24");
+        let vxlan_key = keys[3].clone();
         c.etcd_put(
             &vxlan_key,
             r#"{"PublicIP":"192.168.77.53","BackendType":"vxlan","BackendData":{"VNI":1}}"#,

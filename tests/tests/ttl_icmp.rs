@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use rudder_tests::traffic::Endpoint;
 use rudder_tests::util::output;
-use rudder_tests::{add_hosts, check, e2e, netns, wait_mesh, Cluster, Host, HostOpts};
+use rudder_tests::{
+    add_hosts, check, e2e, netns, unleased_subnets, wait_mesh, Cluster, Host, HostOpts,
+};
 
 fn host(c: &Cluster, dataplane: &str) -> anyhow::Result<Host> {
     c.add_host(HostOpts {
@@ -122,9 +124,7 @@ fn mixed_ebpf_and_tun_hosts_agree_on_ttl_and_answer_an_expiring_ttl() {
 fn tun_icmp_errors_are_rate_limited() {
     e2e(|c| {
         let a = host(c, "tun")?;
-        // The last /24 of 10.5.0.0/16: not leased by the single host.
-        let unleased = Ipv4Addr::new(10, 5, 255, 7);
-        check!(!a.subnet().contains(&unleased), "{unleased} is ours");
+        let unleased = unleased_subnets(&[&a], 1)[0].hosts().nth(6).unwrap();
         wait_ping_reaches_daemon(&a)?;
         const FLOOD: u64 = 5000;
         let no_route_before = a.counter("no_route")?;
