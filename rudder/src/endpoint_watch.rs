@@ -72,13 +72,14 @@ async fn subscription(
     network: Networks,
     tx: &mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
-    let (connection, _, mut messages) = rtnetlink::new_multicast_connection(&[
+    let (mut connection, _, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
         MulticastGroup::Neigh,
         MulticastGroup::Ipv4Route,
         MulticastGroup::Ipv6Route,
     ])?;
+    crate::route_event_filter::drop_own_route_events(&mut connection)?;
     let driver = tokio::spawn(connection);
     let _stop_driver = AbortOnDrop(driver);
     // Subscribed first, then re-read: a change from before is seen by that read.

@@ -40,6 +40,7 @@ pub mod peers;
 pub mod reconcile;
 pub mod reconcile6;
 pub mod reconcile_saved;
+pub mod route_event_filter;
 pub mod state_file;
 pub mod status;
 pub mod status_socket;

@@ -64,11 +64,12 @@ async fn subscription(
     known_mtu: &mut u32,
     tx: &mpsc::Sender<UnderlayEvent>,
 ) -> anyhow::Result<()> {
-    let (connection, _, mut messages) = rtnetlink::new_multicast_connection(&[
+    let (mut connection, _, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Route,
         MulticastGroup::Neigh,
     ])?;
+    crate::route_event_filter::drop_own_route_events(&mut connection)?;
     let driver = tokio::spawn(connection);
     let _stop_driver = AbortOnDrop(driver);
     // Subscribed first, then read: a change from before is seen here, one after as an event.
