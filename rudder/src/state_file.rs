@@ -218,9 +218,18 @@ pub async fn keep_written(path: PathBuf, config: NetworkConfig, state: State) {
             continue;
         }
         let saved = now.expect("checked");
-        match saved.write(&path) {
-            Ok(()) => last = Some(saved),
-            Err(e) => tracing::warn!("{e:#}"),
+        // Off the async workers: rendering 65,536 peers takes long enough to hold up the
+        // peer watch and the reconciler sharing a worker with it.
+        let target = path.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let result = saved.write(&target);
+            (saved, result)
+        })
+        .await;
+        match written {
+            Ok((saved, Ok(()))) => last = Some(saved),
+            Ok((_, Err(e))) => tracing::warn!("{e:#}"),
+            Err(e) => tracing::warn!("writing the state file: {e}"),
         }
     }
 }

@@ -426,6 +426,15 @@ fn run_case(n: usize, dp: &str, changes: usize) -> Result<Row> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    // When the slow ones came: right after the start, or spread out.
+    let mut slowest: Vec<(usize, f64)> = delays.iter().copied().enumerate().collect();
+    slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let slowest: Vec<String> = slowest
+        .iter()
+        .take(5)
+        .map(|(k, ms)| format!("#{k} {ms:.1} ms"))
+        .collect();
+    println!("slowest changes (of {changes}): {}", slowest.join(", "));
     let deletes = if balanced {
         changes.div_ceil(2)
     } else {

@@ -51,20 +51,25 @@ impl EbpfDataplane {
     /// periodically; endpoints added with [`Self::upsert_local_endpoint`] for the same IP
     /// are overwritten.
     pub fn refresh_local_endpoints(&self) -> anyhow::Result<usize> {
-        let mut state = self.lock();
-        let subnets = LocalSubnets {
-            v4: state.opts.local_subnet,
-            v6: state.opts.ipv6.as_ref().map(|plane| plane.local_subnet),
+        // Read without the lock (the route dump is long at 65,536 peers); a change meanwhile
+        // brings its own event and another refresh.
+        let (routes, subnets, bridge) = {
+            let state = self.lock();
+            let subnets = LocalSubnets {
+                v4: state.opts.local_subnet,
+                v6: state.opts.ipv6.as_ref().map(|plane| plane.local_subnet),
+            };
+            let bridge = state.bridge.as_ref().map(|b| b.name.clone());
+            (state.routes_for_check()?.1, subnets, bridge)
         };
-        let mut found: BTreeMap<IpAddr, LocalEndpoint> = match &state.bridge {
-            Some(bridge) => state
-                .routes()?
-                .discover_endpoints(&bridge.name, &subnets)?
+        let mut found: BTreeMap<IpAddr, LocalEndpoint> = match &bridge {
+            Some(bridge) => routes
+                .discover_endpoints(bridge, &subnets)?
                 .into_iter()
                 .collect(),
             None => BTreeMap::new(),
         };
-        let routed = state.routes()?.discover_routed_endpoints(&subnets)?;
+        let routed = routes.discover_routed_endpoints(&subnets)?;
         let veths = routed
             .iter()
             .map(|(_, endpoint, name)| (endpoint.host_ifindex, name.clone()))
@@ -79,6 +84,7 @@ impl EbpfDataplane {
                 IpAddr::V6(ip) => found6.insert(ip, endpoint),
             };
         }
+        let mut state = self.lock();
         let State {
             kernel,
             discovered,

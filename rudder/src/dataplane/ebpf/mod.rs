@@ -160,7 +160,11 @@ struct State {
     opts: EbpfOptions,
     /// `None` after `shutdown`.
     kernel: Option<Kernel>,
-    routes: Option<Routes>,
+    /// Route writes; shared so that a check can compare its write count without the lock.
+    routes: Option<Arc<Routes>>,
+    /// The periodic checks' dumps, on a socket of their own: on the writes' socket a
+    /// 65,536-route dump held up every peer change behind it.
+    check_routes: Arc<Routes>,
     peers: BTreeMap<Ipv4Net, Ipv4Addr>,
     /// IPv6 peer subnets → (underlay address, traffic id), as in the IPv6 trie (`peers6`).
     peers6: BTreeMap<Ipv6Net, (IpAddr, u32)>,
@@ -228,6 +232,7 @@ impl EbpfDataplane {
             Err(e) => return Err(e),
         };
         let routes = Routes::connect(opts.underlay_ifindex)?;
+        let check_routes = Arc::new(Routes::connect(opts.underlay_ifindex)?);
         if !adopting {
             // Before touching any route: a running instance must keep its state.
             Kernel::ensure_not_attached(&opts.underlay_ifname)?;
@@ -299,7 +304,8 @@ impl EbpfDataplane {
             state: Mutex::new(State {
                 opts,
                 kernel: Some(kernel),
-                routes: Some(routes),
+                routes: Some(Arc::new(routes)),
+                check_routes,
                 peers,
                 peers6,
                 peer6_changed,
@@ -402,7 +408,16 @@ impl State {
     }
 
     fn routes(&self) -> anyhow::Result<&Routes> {
+        Ok(self.shared_routes()?)
+    }
+
+    fn shared_routes(&self) -> anyhow::Result<&Arc<Routes>> {
         self.routes.as_ref().context("eBPF data plane is shut down")
+    }
+
+    /// (writes, the checks' own connection for reading), while not shut down.
+    fn routes_for_check(&self) -> anyhow::Result<(Arc<Routes>, Arc<Routes>)> {
+        Ok((self.shared_routes()?.clone(), self.check_routes.clone()))
     }
 
     /// Preferred source for peer routes: the local subnet's gateway address, while it is on

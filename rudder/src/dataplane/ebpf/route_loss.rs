@@ -125,15 +125,28 @@ impl EbpfDataplane {
     /// removed them: without them the peers would stay unreachable until the peer set
     /// changed.
     pub(super) fn restore_lost_routes(&self) -> anyhow::Result<usize> {
+        // The dumps run without the lock: at 65,536 peers they take a few hundred ms, and
+        // every peer change waited for them.
+        let ((routes, reader), gateway, underlay_ifindex) = {
+            let state = self.lock();
+            let gateway = gateway(state.opts.local_subnet);
+            (
+                state.routes_for_check()?,
+                gateway,
+                state.opts.underlay_ifindex,
+            )
+        };
+        let writes = routes.writes();
+        let now = reader.route_events(underlay_ifindex, gateway)?;
+        let present = reader.installed_destinations()?;
         let mut state = self.lock();
-        let gateway = gateway(state.opts.local_subnet);
-        let underlay_ifindex = state.opts.underlay_ifindex;
-        let now = state.routes()?.route_events(underlay_ifindex, gateway)?;
+        if routes.writes() != writes || gateway != crate::subnet::gateway(state.opts.local_subnet) {
+            // Routes were written meanwhile: the dump may miss them. The next check decides.
+            return Ok(0);
+        }
         // Recorded only once the routes are back: a check that fails (the link still down)
         // must not hide the change from the next one.
         let before = state.route_events;
-        let routes = state.routes()?;
-        let present = routes.installed_destinations()?;
         let mut unreachable_restored = false;
         if state.opts.carries_ipv4() && !present.contains(&state.opts.network) {
             routes.add_unreachable(state.opts.network)?;

@@ -25,6 +25,9 @@ pub(super) struct Routes {
     runtime: Option<tokio::runtime::Runtime>,
     pub(super) handle: rtnetlink::Handle,
     pub(super) underlay_ifindex: u32,
+    /// IPv4 route writes completed: a check that dumps without the data plane's lock
+    /// compares it before and after to know whether its dump can be trusted.
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl Routes {
@@ -45,7 +48,20 @@ impl Routes {
             runtime: Some(runtime),
             handle,
             underlay_ifindex,
+            writes: Default::default(),
         })
+    }
+
+    /// IPv4 route writes completed so far (successful or not).
+    pub(super) fn writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Counted once the request is answered: a dump that began after it sees its effect.
+    fn wrote<T>(&self, result: T) -> T {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        result
     }
 
     pub(super) fn run<F>(&self, future: F) -> F::Output
@@ -82,7 +98,7 @@ impl Routes {
         overlay_mtu: u16,
         pref_source: Option<Ipv4Addr>,
     ) -> anyhow::Result<()> {
-        self.run(self.add_peer_async(subnet, public_ip, overlay_mtu, pref_source))
+        self.wrote(self.run(self.add_peer_async(subnet, public_ip, overlay_mtu, pref_source)))
     }
 
     /// [`Self::add_peer`] for many peers with up to [`ROUTES_IN_FLIGHT`] requests in flight:
@@ -94,18 +110,23 @@ impl Routes {
         pref_source: Option<Ipv4Addr>,
     ) -> Vec<(Ipv4Net, anyhow::Error)> {
         use futures::StreamExt as _;
-        self.run(
-            futures::stream::iter(peers)
-                .map(|&(subnet, ip)| async move {
-                    (
-                        subnet,
-                        self.add_peer_async(subnet, ip, overlay_mtu, pref_source)
-                            .await,
-                    )
-                })
-                .buffer_unordered(ROUTES_IN_FLIGHT)
-                .filter_map(|(subnet, result)| async move { result.err().map(|e| (subnet, e)) })
-                .collect(),
+        if peers.is_empty() {
+            return Vec::new();
+        }
+        self.wrote(
+            self.run(
+                futures::stream::iter(peers)
+                    .map(|&(subnet, ip)| async move {
+                        (
+                            subnet,
+                            self.add_peer_async(subnet, ip, overlay_mtu, pref_source)
+                                .await,
+                        )
+                    })
+                    .buffer_unordered(ROUTES_IN_FLIGHT)
+                    .filter_map(|(subnet, result)| async move { result.err().map(|e| (subnet, e)) })
+                    .collect(),
+            ),
         )
     }
 
@@ -209,7 +230,7 @@ impl Routes {
 
     /// Deletes the route `message` names; one already gone is no error.
     pub(super) fn delete_route(&self, message: RouteMessage) -> Result<(), rtnetlink::Error> {
-        match self.run(self.handle.route().del(message).execute()) {
+        match self.wrote(self.run(self.handle.route().del(message).execute())) {
             Err(e) if is_no_such_route(&e) => Ok(()),
             other => other,
         }
@@ -222,7 +243,7 @@ impl Routes {
             .kind(RouteType::Unreachable)
             .build();
         message.header.scope = rtnetlink::packet_route::route::RouteScope::Universe;
-        Ok(self.run(self.handle.route().add(message).replace().execute())?)
+        Ok(self.wrote(self.run(self.handle.route().add(message).replace().execute()))?)
     }
 
     /// Every IPv4 route with our protocol number, reduced to what the checks need while the
