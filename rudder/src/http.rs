@@ -484,11 +484,18 @@ mod tests {
                 changed: at,
                 traffic: traffic(5, 6),
             },
+            PeerStats {
+                subnet: "10.5.9.0/24".parse().unwrap(),
+                public_ip: "192.168.77.13".parse().unwrap(),
+                changed: at,
+                traffic: traffic(0, 0),
+            },
         ];
         *state.dataplane.write().unwrap() = Some(std::sync::Arc::new(FixedStats(stats)));
 
         let status = status_json(&state);
-        assert_eq!(status["peers"].as_array().unwrap().len(), 1, "{status}");
+        // /status lists idle peers too.
+        assert_eq!(status["peers"].as_array().unwrap().len(), 2, "{status}");
         assert_eq!(status["peers"][0]["tx_packets"], 3);
         let peer6 = &status["ipv6_peers"][0];
         assert_eq!(peer6["ipv6_subnet"], "fc00:0:0:8::/64");
@@ -524,6 +531,11 @@ mod tests {
         ] {
             assert!(metrics.contains(line), "no {line} in\n{metrics}");
         }
+        // An idle peer: no lines (65,536 of them made every scrape ~25 MB).
+        assert!(
+            !metrics.contains("10.5.9.0/24"),
+            "idle peer exported:\n{metrics}"
+        );
     }
 
     #[tokio::test]
