@@ -281,17 +281,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // What the state file's peers programmed, or else the peers a previous run left in the
     // kernel (eBPF pins), count as installed: etcd's first snapshot is applied as a diff.
     // (Pinned ones reached over IPv6 name no PublicIP: etcd's snapshot programs them again.)
+    let pinned: crate::peers::PeerMap = dp
+        .peer_stats()
+        .iter()
+        .filter_map(|p| match (p.subnet, p.public_ip) {
+            (ipnet::IpNet::V4(subnet), std::net::IpAddr::V4(ip)) => Some((subnet, ip)),
+            _ => None,
+        })
+        .collect();
     let reconciler = match programmed {
-        Some(programmed) => reconciler.with_saved(programmed),
-        None => reconciler.with_installed(
-            dp.peer_stats()
-                .iter()
-                .filter_map(|p| match (p.subnet, p.public_ip) {
-                    (ipnet::IpNet::V4(subnet), std::net::IpAddr::V4(ip)) => Some((subnet, ip)),
-                    _ => None,
-                })
-                .collect(),
-        ),
+        Some(programmed) => reconciler.with_saved(programmed.with_pinned(pinned)),
+        None => reconciler.with_installed(pinned),
     };
     let follower = UnderlayFollower {
         name: underlay.name.clone(),

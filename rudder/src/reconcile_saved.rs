@@ -51,6 +51,16 @@ impl SavedPeers {
         }
     }
 
+    /// Peers a previous run left in the kernel (eBPF pins, IPv4 over IPv4) that the state
+    /// file lacks (it is written up to 250 ms after a change): counted as installed too, so
+    /// etcd's first snapshot removes them if their leases are gone. The saved address wins.
+    pub fn with_pinned(mut self, pinned: PeerMap) -> Self {
+        for (subnet, ip) in pinned {
+            self.peers.entry(subnet).or_insert(ip);
+        }
+        self
+    }
+
     /// How many IPv4 and IPv6 peers were programmed.
     pub fn counts(&self) -> (usize, usize) {
         (self.peers.len(), self.ipv6.installed().len())
@@ -153,5 +163,38 @@ mod tests {
             .unwrap()
             .contains_key(&net6("fc00:0:0:3::/64")));
         assert!(!dp.peers.lock().unwrap().contains_key(&net("10.5.3.0/24")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pinned_peer_the_state_file_lacks_is_removed_when_etcd_no_longer_lists_it() {
+        let (r, dp, _, _tx) = setup();
+        let own = Own {
+            subnet: net("10.5.1.0/24"),
+            public_ip: ME,
+            public_ipv6: None,
+        };
+        let saved_peers: PeerMap = [(net("10.5.2.0/24"), PEER)].into();
+        let saved = SavedPeers::program(&*dp, own, &saved_peers, &Ipv6PeerMap::new());
+        // The previous run had 10.5.4.0/24 in the kernel, not yet in its state file; its
+        // pinned copy of 10.5.2.0/24 names an older address.
+        dp.upsert_peer(net("10.5.4.0/24"), IpAddr::V4(GONE))
+            .unwrap();
+        let pinned: PeerMap = [(net("10.5.2.0/24"), GONE), (net("10.5.4.0/24"), GONE)].into();
+        let saved = saved.with_pinned(pinned);
+        assert_eq!(
+            saved.peers[&net("10.5.2.0/24")],
+            PEER,
+            "the saved address wins"
+        );
+        let mut r = r.with_saved(saved);
+        r.handle(PeerEvent::Snapshot([(net("10.5.2.0/24"), PEER)].into()));
+        tokio::time::advance(crate::reconcile::RESYNC_GRACE).await;
+        r.apply();
+        let left: Vec<_> = dp.peers.lock().unwrap().keys().copied().collect();
+        assert_eq!(
+            left,
+            vec![net("10.5.2.0/24")],
+            "the stale pinned peer stayed"
+        );
     }
 }
