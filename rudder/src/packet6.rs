@@ -220,27 +220,40 @@ pub fn inner_traffic_class(packet: &[u8]) -> Option<u8> {
     }
 }
 
+/// FNV-1a over the bytes fed to it: tiny, and good enough to spread flows.
+pub(crate) struct FlowHasher(u32);
+
+impl FlowHasher {
+    pub(crate) fn new() -> Self {
+        FlowHasher(0x811c_9dc5)
+    }
+
+    pub(crate) fn eat(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+    }
+
+    pub(crate) fn finish(self) -> u32 {
+        self.0
+    }
+}
+
 /// A hash of the inner flow (addresses, flow label, protocol, and ports unless fragmented):
 /// one flow always gets the same value, so the underlay's ECMP keeps it on one path (RFC 6438).
 pub fn flow_hash6(packet: &[u8], view: &Ipv6View) -> u32 {
-    // FNV-1a: tiny, and good enough to spread flows.
-    let mut hash: u32 = 0x811c_9dc5;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
-        }
-    };
-    eat(&view.src.octets());
-    eat(&view.dst.octets());
-    eat(&view.flow_label.to_be_bytes());
-    eat(&[view.protocol]);
+    let mut hash = FlowHasher::new();
+    hash.eat(&view.src.octets());
+    hash.eat(&view.dst.octets());
+    hash.eat(&view.flow_label.to_be_bytes());
+    hash.eat(&[view.protocol]);
     // Only the first fragment shows the ports: every fragment of a flow must hash alike.
     if matches!(view.protocol, PROTO_TCP | PROTO_UDP) && !view.is_fragment() {
         if let Some(ports) = view.l4(packet).and_then(|l4| l4.get(..4)) {
-            eat(ports);
+            hash.eat(ports);
         }
     }
-    hash
+    hash.finish()
 }
 
 /// The outer header's 20-bit flow label from an inner flow hash; never 0, which would mean

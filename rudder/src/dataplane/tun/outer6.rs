@@ -6,7 +6,7 @@
 //! with `IPV6_FLOWINFO_SEND`, the class through an `IPV6_TCLASS` control message.
 
 use crate::packet::{parse_ipv4, PROTO_TCP, PROTO_UDP};
-use crate::packet6::{flow_hash6, inner_traffic_class, outer_flow_label, parse_ipv6};
+use crate::packet6::{flow_hash6, inner_traffic_class, outer_flow_label, parse_ipv6, FlowHasher};
 
 /// The outer traffic class and flow label for an inner packet (either family).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,22 +34,17 @@ fn inner_flow_hash(packet: &[u8]) -> u32 {
     let Ok(view) = parse_ipv4(packet) else {
         return 0;
     };
-    let mut hash: u32 = 0x811c_9dc5;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
-        }
-    };
-    eat(&view.src.octets());
-    eat(&view.dst.octets());
-    eat(&[view.protocol]);
+    let mut hash = FlowHasher::new();
+    hash.eat(&view.src.octets());
+    hash.eat(&view.dst.octets());
+    hash.eat(&[view.protocol]);
     // Every fragment of a flow must hash alike: only unfragmented packets show ports.
     if matches!(view.protocol, PROTO_TCP | PROTO_UDP) && !view.is_fragment() {
         if let Some(ports) = packet.get(view.header_len..view.header_len + 4) {
-            eat(ports);
+            hash.eat(ports);
         }
     }
-    hash
+    hash.finish()
 }
 
 #[cfg(test)]
